@@ -1,0 +1,108 @@
+"""The one error hierarchy of turnlog.
+
+Every error the service raises on purpose derives from `TurnlogError`. Each
+class names a stable UPPER_SNAKE `reason` (sent to clients in
+`google.rpc.ErrorInfo`) and says whether retrying may succeed. Adapters
+translate library errors into these with `raise ... from e`; only the gRPC
+adapter maps them to status codes, from one table.
+
+`metadata` carries lowerCamel keys safe to show a client (for example
+`actualVersion`); the exception message is for logs and may be shown too, so
+never put internal details (SQL, stack traces, DSNs) in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+ERROR_DOMAIN = "turnlog.dev"
+
+
+class TurnlogError(Exception):
+    """Base class of every deliberate turnlog error."""
+
+    reason: ClassVar[str] = "INTERNAL"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class InvalidArgumentError(TurnlogError):
+    """A request or event is malformed; retrying the same input cannot succeed."""
+
+    reason = "INVALID_ARGUMENT"
+
+
+class NotFoundError(TurnlogError):
+    """The named resource (stream, conversation, turn, request) does not exist."""
+
+    reason = "NOT_FOUND"
+
+
+class AlreadyExistsError(TurnlogError):
+    """The resource to create exists already (and this is not an idempotent retry)."""
+
+    reason = "ALREADY_EXISTS"
+
+
+class VersionConflictError(TurnlogError):
+    """An append named an expected stream version that is not the actual one."""
+
+    reason = "VERSION_CONFLICT"
+
+    def __init__(self, stream_id: str, expected_version: int | None, actual_version: int) -> None:
+        super().__init__(
+            f"stream {stream_id!r} is at version {actual_version}, "
+            f"not the expected {expected_version}",
+            metadata={
+                "streamId": stream_id,
+                "expectedVersion": "any" if expected_version is None else str(expected_version),
+                "actualVersion": str(actual_version),
+            },
+        )
+        self.stream_id = stream_id
+        self.expected_version = expected_version
+        self.actual_version = actual_version
+
+
+class DuplicateEventError(TurnlogError):
+    """An event id is stored already with different content, or in another stream."""
+
+    reason = "DUPLICATE_EVENT"
+
+
+class IntegrityError(TurnlogError):
+    """Stored history fails verification (hash chain broken, version gap)."""
+
+    reason = "INTEGRITY_VIOLATION"
+
+
+class StorageUnavailableError(TurnlogError):
+    """The database cannot be reached or refused the operation for a transient cause."""
+
+    reason = "STORAGE_UNAVAILABLE"
+    retryable = True
+
+
+class EngineUnavailableError(TurnlogError):
+    """No engine worker can take the request right now."""
+
+    reason = "ENGINE_UNAVAILABLE"
+    retryable = True
+
+
+class OperationCancelledError(TurnlogError):
+    """The operation was cancelled by its caller."""
+
+    reason = "CANCELLED"
+
+
+class DeadlineExceededError(TurnlogError):
+    """The operation ran past its deadline."""
+
+    reason = "DEADLINE_EXCEEDED"
+    retryable = True
