@@ -25,7 +25,9 @@ def _add_service_commands(subparsers: argparse._SubParsersAction[argparse.Argume
         description="Run the conversation service. With no TURNLOG_DATABASE_URL it starts an "
         "embedded PostgreSQL server in TURNLOG_DATA_DIR (default ~/.local/share/turnlog).",
     )
-    serve.add_argument("--listen", help="host:port to bind (default $TURNLOG_LISTEN or 127.0.0.1:50051)")
+    serve.add_argument(
+        "--listen", help="host:port to bind (default $TURNLOG_LISTEN or 127.0.0.1:50051)"
+    )
     serve.add_argument(
         "--worker",
         action="append",
@@ -40,8 +42,8 @@ def _add_service_commands(subparsers: argparse._SubParsersAction[argparse.Argume
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from turnlog.conversation.server import run_server
     from turnlog.config import Settings
+    from turnlog.conversation.server import run_server
 
     settings = Settings.from_env()
     return asyncio.run(run_server(settings, listen=args.listen, worker_addresses=args.worker))

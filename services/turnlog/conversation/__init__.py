@@ -1,0 +1,1 @@
+"""The conversation service: the `turnlog serve` process."""

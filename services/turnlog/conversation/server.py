@@ -1,0 +1,74 @@
+"""Start and stop the `turnlog serve` process.
+
+The process opens the event log (the embedded PostgreSQL server unless
+`TURNLOG_DATABASE_URL` names one), applies migrations, and serves gRPC on
+one port: standard health checking and server reflection, plus the
+conversation API as it is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from turnlog.config import Settings
+from turnlog.storage import open_event_store
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+async def migrate_only(settings: Settings) -> int:
+    """Open the event log (which applies pending migrations) and close it again."""
+    async with open_event_store(settings) as opened:
+        print(f"event log migrated: {opened.description}", flush=True)
+    return 0
+
+
+async def run_server(
+    settings: Settings,
+    *,
+    listen: str | None = None,
+    worker_addresses: list[str] | None = None,
+) -> int:
+    """Serve until SIGINT or SIGTERM; returns the process exit code."""
+    address = listen or settings.listen
+    async with open_event_store(settings) as opened:
+        server = grpc.aio.server()
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        service_names = [
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(service_names, server)
+        port = server.add_insecure_port(address)
+        if port == 0:
+            log.error("cannot bind %s", address)
+            return 2
+        await server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        host = address.rsplit(":", 1)[0]
+        print(
+            f"turnlog serving gRPC on {host}:{port} (event log: {opened.description})", flush=True
+        )
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(SHUTDOWN_GRACE_SECONDS)
+        with contextlib.suppress(NotImplementedError):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    return 0

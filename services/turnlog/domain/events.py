@@ -1,0 +1,293 @@
+"""The events of a conversation stream.
+
+Events are facts, named in the past tense, and never change once written.
+Each is a frozen dataclass; `turnlog.domain.codec` turns them into the
+`(type, data)` pairs the event log stores. Adding an optional field with a
+default is backwards compatible; any other change of shape needs an upcaster
+in the codec, so that old logs keep replaying.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class Role(enum.StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    TOOL_CALLS = "tool_calls"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class GuardrailStage(enum.StrEnum):
+    REQUEST_INTERCEPT = "request_intercept"
+    SANITIZE_REQUEST = "sanitize_request"
+    CONDITIONAL_EXECUTION = "conditional_execution"
+    EXECUTION_INTERCEPT = "execution_intercept"
+    SANITIZE_RESPONSE = "sanitize_response"
+
+
+class Verdict(enum.StrEnum):
+    ALLOW = "allow"
+    MODIFY = "modify"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolDefinition:
+    name: str
+    description: str = ""
+    parameters_json_schema: str = "{}"
+    client_side: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingParams:
+    """Sampling settings; None means "not set here, inherit"."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def overridden_by(self, other: SamplingParams) -> SamplingParams:
+        """Return these params with every field that `other` sets replaced."""
+        return SamplingParams(
+            temperature=_pick(other.temperature, self.temperature),
+            top_p=_pick(other.top_p, self.top_p),
+            top_k=_pick(other.top_k, self.top_k),
+            max_tokens=_pick(other.max_tokens, self.max_tokens),
+            seed=_pick(other.seed, self.seed),
+            stop=other.stop or self.stop,
+        )
+
+
+def _pick(preferred: T | None, fallback: T | None) -> T | None:
+    return fallback if preferred is None else preferred
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCall:
+    call_id: str
+    name: str
+    arguments_json: str
+
+
+# --- conversation lifecycle -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationCreated:
+    conversation_id: str
+    created_at_us: int
+    system_prompt: str = ""
+    model: str = ""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    tools: tuple[ToolDefinition, ...] = ()
+    guardrail_profile: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationForked:
+    """First event of a fork: the new stream starts as a copy of the source's prefix."""
+
+    conversation_id: str
+    source_conversation_id: str
+    source_version: int
+    forked_at_us: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationArchived:
+    archived_at_us: int
+    reason: str = ""
+
+
+# --- messages and turns -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageAppended:
+    message_id: str
+    role: Role
+    content: str
+    turn_id: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnStarted:
+    turn_id: str
+    request_id: str
+    started_at_us: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tool_round_trips: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationStarted:
+    turn_id: str
+    generation_id: str
+    worker: str
+    model: str
+    sampling: SamplingParams
+    prompt_token_count: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationCompleted:
+    turn_id: str
+    generation_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    usage: Usage
+    model: str
+    sampling: SamplingParams
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCallRequested:
+    turn_id: str
+    call: ToolCall
+    client_side: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCallCompleted:
+    turn_id: str
+    call_id: str
+    result: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCallFailed:
+    turn_id: str
+    call_id: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolRoundLimitReached:
+    turn_id: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuardrailDecided:
+    turn_id: str
+    stage: GuardrailStage
+    guardrail: str
+    guardrail_version: str
+    verdict: Verdict
+    reason: str = ""
+    before_digest: str = ""
+    after_digest: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnCompleted:
+    turn_id: str
+    completed_at_us: int
+    finish_reason: FinishReason
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnFailed:
+    turn_id: str
+    failed_at_us: int
+    error_kind: str
+    phase: str
+    retryable: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnCancelled:
+    turn_id: str
+    cancelled_at_us: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnBlocked:
+    """A guardrail blocked the turn: a recorded outcome, not a server error."""
+
+    turn_id: str
+    blocked_at_us: int
+    stage: GuardrailStage
+    guardrail: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnInterrupted:
+    """Written at start-up for a turn found without an end (the process died mid-turn)."""
+
+    turn_id: str
+    detected_at_us: int
+
+
+Event = (
+    ConversationCreated
+    | ConversationForked
+    | ConversationArchived
+    | MessageAppended
+    | TurnStarted
+    | GenerationStarted
+    | GenerationCompleted
+    | ToolCallRequested
+    | ToolCallCompleted
+    | ToolCallFailed
+    | ToolRoundLimitReached
+    | GuardrailDecided
+    | TurnCompleted
+    | TurnFailed
+    | TurnCancelled
+    | TurnBlocked
+    | TurnInterrupted
+)
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    ConversationCreated,
+    ConversationForked,
+    ConversationArchived,
+    MessageAppended,
+    TurnStarted,
+    GenerationStarted,
+    GenerationCompleted,
+    ToolCallRequested,
+    ToolCallCompleted,
+    ToolCallFailed,
+    ToolRoundLimitReached,
+    GuardrailDecided,
+    TurnCompleted,
+    TurnFailed,
+    TurnCancelled,
+    TurnBlocked,
+    TurnInterrupted,
+)
