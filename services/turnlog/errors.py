@@ -106,3 +106,21 @@ class DeadlineExceededError(TurnlogError):
 
     reason = "DEADLINE_EXCEEDED"
     retryable = True
+
+
+class ContextLengthExceededError(InvalidArgumentError):
+    """Prompt plus requested output tokens do not fit the model's context."""
+
+    reason = "CONTEXT_LENGTH_EXCEEDED"
+
+
+class UnsupportedByModelError(TurnlogError):
+    """The served model cannot do this (for example, embeddings from a generative model)."""
+
+    reason = "UNSUPPORTED_BY_MODEL"
+
+
+class EngineInternalError(TurnlogError):
+    """The engine failed a request for a cause internal to the worker."""
+
+    reason = "ENGINE_INTERNAL"

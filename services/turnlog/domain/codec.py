@@ -1,0 +1,105 @@
+"""Events to and from the `(type, data)` pairs stored in the event log.
+
+`data` is plain JSON (str, int, float, bool, None, lists, objects): enums as
+their values, nested dataclasses as objects, tuples as lists. The type name
+is the event class name. `SCHEMA_VERSION` names the shape of each type's
+data; when a shape changes, its version goes up and an upcaster registered
+in `UPCASTERS` turns older data into the current shape before decoding, so
+that logs written by older releases still replay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Callable, Mapping
+from functools import cache
+from typing import Any
+
+from turnlog.domain import events as ev
+
+JSON = Any
+Upcaster = Callable[[dict[str, JSON]], dict[str, JSON]]
+
+EVENT_CLASSES: dict[str, type[ev.Event]] = {cls.__name__: cls for cls in ev.EVENT_TYPES}
+
+# The current data shape of each event type. Bump one when its shape changes
+# incompatibly, and register an upcaster from the old version.
+SCHEMA_VERSION: dict[str, int] = dict.fromkeys(EVENT_CLASSES, 1)
+
+# (type name, version) -> function turning data of that version into version + 1.
+UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+class UnknownEventTypeError(Exception):
+    """The log holds an event type this code does not know."""
+
+
+def encode(event: ev.Event) -> tuple[str, dict[str, JSON]]:
+    """Return the stored type name and JSON data of `event`."""
+    data = _to_json(event)
+    assert isinstance(data, dict)
+    return type(event).__name__, data
+
+
+def decode(type_name: str, data: Mapping[str, JSON], schema_version: int | None = None) -> ev.Event:
+    """Rebuild an event from its stored form, upcasting older shapes first.
+
+    Args:
+        type_name: the stored event type.
+        data: the stored payload.
+        schema_version: the shape version the payload was written with; None
+            means the current one.
+    """
+    cls = EVENT_CLASSES.get(type_name)
+    if cls is None:
+        raise UnknownEventTypeError(type_name)
+    current = SCHEMA_VERSION[type_name]
+    version = current if schema_version is None else schema_version
+    payload = dict(data)
+    while version < current:
+        payload = UPCASTERS[(type_name, version)](payload)
+        version += 1
+    value = _from_json(cls, payload)
+    return typing.cast(ev.Event, value)
+
+
+def _to_json(value: object) -> JSON:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_to_json(v) for v in value]
+    return value
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _from_json(tp: Any, value: JSON) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _from_json(inner, value)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_json(args[0], v) for v in value)
+        return tuple(_from_json(a, v) for a, v in zip(args, value, strict=True))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(value)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        hints = _hints(tp)
+        known = {f.name for f in dataclasses.fields(tp)}
+        kwargs = {k: _from_json(hints[k], v) for k, v in value.items() if k in known}
+        return tp(**kwargs)
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value
