@@ -1,0 +1,284 @@
+"""Event store throughput, with baselines measured in the same run on the same server.
+
+Run: .venv/bin/python bench/event_store.py [--dsn URL] [--events N] [--reps R] [--json PATH]
+
+Without --dsn it starts an embedded PostgreSQL in a temporary folder (default
+durability: fsync and synchronous_commit on). Every figure is the median of
+R repetitions over N events. Baselines: plain autocommit INSERTs of the same
+rows with no guarantees (psycopg async pool, like the store), and the
+`eventsourcing` library's PostgreSQL application recorder (16 threads: it is
+synchronous). The JSON output has a top-level `ratios` object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool
+
+from turnlog.errors import VersionConflictError
+from turnlog.storage.embedded import EmbeddedPostgres
+from turnlog.storage.migrations import migrate
+from turnlog.storage.port import START_POSITION, NewEvent
+from turnlog.storage.postgres import PostgresEventStore
+
+PAYLOAD = {"role": "user", "text": "x" * 240, "n": 0}  # about 300 bytes, as in NOTES
+
+
+def event(n: int) -> NewEvent:
+    return NewEvent(event_id=uuid.uuid4(), type="MessageAppended", data={**PAYLOAD, "n": n})
+
+
+async def timed(run: Callable[[], Awaitable[int]]) -> float:
+    """Events per second of one run (`run` returns how many events it handled)."""
+    start = time.perf_counter()
+    count = await run()
+    return count / (time.perf_counter() - start)
+
+
+async def append_distinct(store: PostgresEventStore, writers: int, total: int, batch: int) -> int:
+    tag = uuid.uuid4().hex[:8]
+    per_writer = total // writers // batch
+
+    async def writer(w: int) -> None:
+        version = 0
+        for i in range(per_writer):
+            events = [event(i * batch + k) for k in range(batch)]
+            result = await store.append(f"{tag}-{w}", events, expected_version=version)
+            version = result.last_version
+
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    return per_writer * writers * batch
+
+
+async def append_contended(store: PostgresEventStore, writers: int, total: int) -> int:
+    stream = f"hot-{uuid.uuid4().hex[:8]}"
+    written = 0
+
+    async def writer() -> None:
+        nonlocal written
+        version = 0
+        while written < total:
+            try:
+                result = await store.append(stream, [event(written)], expected_version=version)
+                version = result.last_version
+                written += 1
+            except VersionConflictError as e:
+                version = e.actual_version
+
+    await asyncio.gather(*(writer() for _ in range(writers)))
+    return written
+
+
+async def plain_inserts(pool: AsyncConnectionPool[Any], writers: int, total: int) -> int:
+    tag = uuid.uuid4().hex[:8]
+    per_writer = total // writers
+    metadata = json.dumps({})
+
+    async def writer(w: int) -> None:
+        for i in range(per_writer):
+            async with pool.connection() as conn:
+                await conn.execute(
+                    "INSERT INTO plain_events (stream_id, stream_version, event_id, type, data,"
+                    " metadata) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+                    (
+                        f"{tag}-{w}",
+                        i + 1,
+                        uuid.uuid4(),
+                        "MessageAppended",
+                        json.dumps({**PAYLOAD, "n": i}),
+                        metadata,
+                    ),
+                )
+
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    return per_writer * writers
+
+
+def eventsourcing_recorder(dsn: str) -> Any:
+    from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+
+    params = conninfo_to_dict(dsn)
+    datastore = PostgresDatastore(
+        dbname=str(params["dbname"]),
+        host=str(params.get("host", "localhost")),
+        port=str(params.get("port", 5432)),
+        user=str(params.get("user", "postgres")),
+        password=str(params.get("password", "")),
+        pool_size=16,
+    )
+    recorder = PostgresApplicationRecorder(datastore, events_table_name="es_stored_events")
+    recorder.create_table()
+    return recorder
+
+
+async def eventsourcing_appends(recorder: Any, writers: int, total: int) -> int:
+    from eventsourcing.persistence import StoredEvent
+
+    per_writer = total // writers
+
+    def writer(w: int) -> None:
+        originator = uuid.uuid4()
+        for i in range(per_writer):
+            state = json.dumps({**PAYLOAD, "n": i}).encode()
+            recorder.insert_events(
+                [
+                    StoredEvent(
+                        originator_id=originator,
+                        originator_version=i + 1,
+                        topic="MessageAppended",
+                        state=state,
+                    )
+                ]
+            )
+
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(writers) as executor:
+        await asyncio.gather(*(loop.run_in_executor(executor, writer, w) for w in range(writers)))
+    return per_writer * writers
+
+
+async def read_one_stream(store: PostgresEventStore, stream: str, decode: bool) -> int:
+    count, version = 0, 1
+    while True:
+        events = await store.read_stream(stream, from_version=version, limit=1000)
+        for e in events:
+            if decode:
+                e.data  # noqa: B018 - decoding is what is measured
+        count += len(events)
+        if len(events) < 1000:
+            return count
+        version = events[-1].stream_version + 1
+
+
+async def read_all_streams(store: PostgresEventStore) -> int:
+    count, position = 0, START_POSITION
+    while True:
+        page = await store.read_all(after=position, limit=1000)
+        count += len(page.events)
+        position = page.next_position
+        if page.reached_end:
+            return count
+
+
+async def bench(dsn: str, events: int, reps: int) -> dict[str, Any]:
+    await migrate(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS plain_events (id bigserial PRIMARY KEY,"
+            " stream_id text NOT NULL, stream_version bigint NOT NULL, event_id uuid NOT NULL,"
+            " type text NOT NULL, data json NOT NULL, metadata json NOT NULL,"
+            " recorded_at timestamptz NOT NULL DEFAULT now())"
+        )
+    store = await PostgresEventStore.open(dsn, min_size=17, max_size=20)
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        dsn, min_size=17, max_size=20, kwargs={"autocommit": True}, open=False
+    )
+    await pool.open(wait=True)
+    recorder = eventsourcing_recorder(dsn)
+
+    scenarios: dict[str, Callable[[], Awaitable[int]]] = {
+        "append_1": lambda: append_distinct(store, 1, events // 2, 1),
+        "append_4": lambda: append_distinct(store, 4, events, 1),
+        "append_16": lambda: append_distinct(store, 16, events, 1),
+        "plain_insert_16": lambda: plain_inserts(pool, 16, events),
+        "eventsourcing_16": lambda: eventsourcing_appends(recorder, 16, events // 2),
+        "append_16_one_stream": lambda: append_contended(store, 16, events // 2),
+        "append_16_batch10": lambda: append_distinct(store, 16, events * 2, 10),
+    }
+    results: dict[str, list[float]] = {name: [] for name in scenarios}
+    # Interleave repetitions so drift (table growth, checkpoints) hits all alike.
+    for _ in range(reps):
+        for name, run in scenarios.items():
+            results[name].append(await timed(run))
+
+    read_stream = f"read-{uuid.uuid4().hex[:8]}"
+    for start in range(0, events, 100):
+        await store.append(
+            read_stream, [event(start + k) for k in range(100)], expected_version=start
+        )
+    reads: dict[str, Callable[[], Awaitable[int]]] = {
+        "read_one_stream_raw": lambda: read_one_stream(store, read_stream, decode=False),
+        "read_one_stream_decoded": lambda: read_one_stream(store, read_stream, decode=True),
+        "read_all_streams_raw": lambda: read_all_streams(store),
+    }
+    for name in reads:
+        results[name] = []
+    for _ in range(reps):
+        for name, run in reads.items():
+            results[name].append(await timed(run))
+
+    await store.close()
+    await pool.close()
+    recorder.datastore.close()
+    medians = {name: statistics.median(values) for name, values in results.items()}
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*), current_setting('server_version') FROM turnlog.events"
+        ).fetchone()
+    assert row is not None
+    return {
+        "events_per_run": events,
+        "repetitions": reps,
+        "server_version": row[1],
+        "events_in_log_at_read_time": row[0],
+        "events_per_second": {name: round(v) for name, v in medians.items()},
+        "runs": {name: [round(v) for v in values] for name, values in results.items()},
+        "ratios": {
+            "append_16_vs_plain_insert": round(
+                medians["append_16"] / medians["plain_insert_16"], 3
+            ),
+            "append_16_vs_eventsourcing": round(
+                medians["append_16"] / medians["eventsourcing_16"], 3
+            ),
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", help="use this database instead of an embedded server")
+    parser.add_argument("--events", type=int, default=3200, help="events per run (default 3200)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    args = parser.parse_args()
+
+    server: EmbeddedPostgres | None = None
+    dsn = args.dsn
+    if dsn is None:
+        server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="turnlog-bench-")) / "pg")
+        dsn = server.start()
+    try:
+        figures = asyncio.run(bench(dsn, args.events, args.reps))
+    finally:
+        if server is not None:
+            server.stop()
+
+    print(
+        f"PostgreSQL {figures['server_version']}, {args.events} events/run, median of {args.reps}"
+    )
+    print(f"{'scenario':<28}{'events/s':>12}   runs")
+    for name, value in figures["events_per_second"].items():
+        print(f"{name:<28}{value:>12,}   {figures['runs'][name]}")
+    for name, value in figures["ratios"].items():
+        print(f"ratio {name:<36}{value:>8}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The event log: the `EventStore` port and its PostgreSQL adapter.
+
+The conversation service opens a store with `open_event_store(settings)`
+and uses only the `EventStore` protocol and the dataclasses of `port`.
+docs/event-log.md describes the schema and guarantees.
+"""
+
+from turnlog.storage.connect import OpenedStore, open_event_store
+from turnlog.storage.embedded import EmbeddedPostgres
+from turnlog.storage.hashchain import event_hash, verify_chain
+from turnlog.storage.migrations import migrate
+from turnlog.storage.port import (
+    ANY_VERSION,
+    NO_STREAM,
+    START_POSITION,
+    AppendResult,
+    Direction,
+    EventFilter,
+    EventMetadata,
+    EventPage,
+    EventStore,
+    NewEvent,
+    Position,
+    RawJson,
+    RecordedEvent,
+    Snapshot,
+    VerificationReport,
+)
+from turnlog.storage.postgres import PostgresEventStore
+
+__all__ = [
+    "ANY_VERSION",
+    "NO_STREAM",
+    "START_POSITION",
+    "AppendResult",
+    "Direction",
+    "EmbeddedPostgres",
+    "EventFilter",
+    "EventMetadata",
+    "EventPage",
+    "EventStore",
+    "NewEvent",
+    "OpenedStore",
+    "Position",
+    "PostgresEventStore",
+    "RawJson",
+    "RecordedEvent",
+    "Snapshot",
+    "VerificationReport",
+    "event_hash",
+    "migrate",
+    "open_event_store",
+    "verify_chain",
+]

@@ -1,0 +1,423 @@
+"""The event store port: what the application layer needs from an event log.
+
+Adapters (`turnlog.storage.postgres.PostgresEventStore`, and any later one)
+implement `EventStore`; `tests/storage/contract.py` is the contract suite every
+adapter must pass. All types here are plain frozen dataclasses, free of any
+database library.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final, Protocol
+from uuid import UUID
+
+from turnlog.errors import InvalidArgumentError
+
+#: `expected_version` for "append at the end, whatever the version".
+ANY_VERSION: Final = None
+#: `expected_version` for "the stream must not exist yet".
+NO_STREAM: Final = 0
+
+#: The longest stream id or event type accepted (characters).
+MAX_NAME_LENGTH: Final = 512
+
+
+class Direction(enum.Enum):
+    """Which way `EventStore.read_stream` walks a stream."""
+
+    FORWARDS = "forwards"
+    BACKWARDS = "backwards"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RawJson:
+    """A JSON document already serialized, stored and hashed byte for byte.
+
+    Use it to pass payloads through without decoding them. The store checks
+    that the text is valid JSON (the whole batch fails if not).
+    """
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventMetadata:
+    """Who and what caused an event; every field is optional.
+
+    Attributes:
+        correlation_id: ties together every event of one user-visible operation.
+        causation_id: the id of the event or request that caused this one.
+        trace_id: the distributed-tracing trace id (W3C, 32 hex digits).
+        tenant: the tenant the stream belongs to.
+        actor: who acted (a user id, "system", a worker id).
+    """
+
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    trace_id: str | None = None
+    tenant: str | None = None
+    actor: str | None = None
+
+    def to_json(self) -> str:
+        """The stored form: a compact JSON object of the fields that are set, keys sorted."""
+        fields = {
+            "actor": self.actor,
+            "causation_id": self.causation_id,
+            "correlation_id": self.correlation_id,
+            "tenant": self.tenant,
+            "trace_id": self.trace_id,
+        }
+        return encode_json({k: v for k, v in fields.items() if v is not None})
+
+    @classmethod
+    def from_json(cls, text: str) -> EventMetadata:
+        """Parses the stored form; unknown keys (from a later version) are ignored."""
+        raw = json.loads(text)
+        known = ("correlation_id", "causation_id", "trace_id", "tenant", "actor")
+        return cls(**{k: raw[k] for k in known if isinstance(raw.get(k), str)})
+
+
+def encode_json(value: Any) -> str:
+    """Serializes a payload the way the store does: compact, keys sorted, UTF-8 safe.
+
+    Raises:
+        InvalidArgumentError: the value is not JSON (NaN, infinities, other
+            types, lone surrogates).
+    """
+    try:
+        text = json.dumps(
+            value, ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
+        )
+        text.encode("utf-8")
+    except (TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
+        raise InvalidArgumentError(f"event payload is not JSON-serializable: {e}") from e
+    return text
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewEvent:
+    """An event to append.
+
+    Attributes:
+        event_id: the idempotency key, unique across the whole log. Pass it in
+            (never generate it inside a retry loop): re-appending the same id
+            with the same content is a no-op that returns the original result.
+        type: the event type name, e.g. "MessageAppended".
+        data: the payload, a JSON object (serialized with sorted keys), or
+            `RawJson` to store given text verbatim.
+        metadata: correlation/causation ids, trace id, tenant, actor.
+    """
+
+    event_id: UUID
+    type: str
+    data: Mapping[str, Any] | RawJson
+    metadata: EventMetadata = field(default_factory=EventMetadata)
+
+    def data_json(self) -> str:
+        """The payload text that will be stored (and hashed)."""
+        if isinstance(self.data, RawJson):
+            return self.data.text
+        return encode_json(self.data)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A checkpoint in the all-streams order.
+
+    All-stream reads are ordered by (transaction_id, global_position), not by
+    global_position alone: see docs/event-log.md, "No skipped events". Resume
+    with the position of the last event handled; `START_POSITION` is before
+    every event. `str()` gives an opaque token that `parse` reads back.
+    """
+
+    transaction_id: int
+    global_position: int
+
+    def __str__(self) -> str:
+        return f"{self.transaction_id}-{self.global_position}"
+
+    @classmethod
+    def parse(cls, token: str) -> Position:
+        """Reads a token made by `str(position)`.
+
+        Raises:
+            InvalidArgumentError: the token is malformed.
+        """
+        tx, sep, pos = token.partition("-")
+        if not sep or not tx.isdigit() or not pos.isdigit():
+            raise InvalidArgumentError("malformed event log position token")
+        return cls(int(tx), int(pos))
+
+
+#: The checkpoint before every event.
+START_POSITION: Final = Position(0, 0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordedEvent:
+    """An event as stored.
+
+    `data_json` and `metadata_json` are the stored JSON text, exactly as
+    hashed; `data` and `metadata` decode it on each access, so code that only
+    forwards events never pays for decoding.
+    """
+
+    global_position: int
+    transaction_id: int
+    stream_id: str
+    stream_version: int
+    event_id: UUID
+    type: str
+    data_json: str
+    metadata_json: str
+    recorded_at: datetime
+    prev_hash: bytes
+    hash: bytes
+
+    @property
+    def data(self) -> Any:
+        """The payload, decoded (a new object on every access)."""
+        return json.loads(self.data_json)
+
+    @property
+    def metadata(self) -> EventMetadata:
+        """The metadata, decoded."""
+        return EventMetadata.from_json(self.metadata_json)
+
+    @property
+    def position(self) -> Position:
+        """This event's checkpoint in the all-streams order."""
+        return Position(self.transaction_id, self.global_position)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppendResult:
+    """What an append wrote (or, for an idempotent retry, had written).
+
+    Attributes:
+        stream_id: the stream appended to.
+        first_version: the stream version of the batch's first event.
+        last_version: the stream version of its last event: pass it as the
+            next `expected_version`.
+        positions: the global positions of the events, in batch order.
+        recorded_at: the time recorded on every event of the batch.
+    """
+
+    stream_id: str
+    first_version: int
+    last_version: int
+    positions: tuple[int, ...]
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventFilter:
+    """Selects events in all-stream reads and subscriptions; None matches all.
+
+    Attributes:
+        types: only events of these types.
+        stream_prefix: only streams whose id starts with this text.
+    """
+
+    types: frozenset[str] | None = None
+    stream_prefix: str | None = None
+
+    def matches(self, stream_id: str, event_type: str) -> bool:
+        """Whether an event passes this filter (adapters may filter in the database)."""
+        if self.types is not None and event_type not in self.types:
+            return False
+        return self.stream_prefix is None or stream_id.startswith(self.stream_prefix)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventPage:
+    """One page of an all-stream read.
+
+    Attributes:
+        events: the matching events, in (transaction_id, global_position) order.
+        next_position: where to continue; past every event scanned, including
+            those the filter dropped, so a sparse filter still makes progress.
+        reached_end: True when no more events are readable right now.
+    """
+
+    events: tuple[RecordedEvent, ...]
+    next_position: Position
+    reached_end: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Snapshot:
+    """Derived state of a stream at a version ("loading = latest snapshot + tail").
+
+    Attributes:
+        stream_id: the stream.
+        kind: the state's schema name and version, e.g. "conversation.v1".
+        stream_version: the version of the last event folded into `state`.
+        state: the serialized state, opaque to the store.
+        recorded_at: when the snapshot was saved.
+    """
+
+    stream_id: str
+    kind: str
+    stream_version: int
+    state: bytes
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerificationReport:
+    """The outcome of checking a stream's hash chain and version sequence.
+
+    Attributes:
+        stream_id: the stream checked.
+        events_checked: how many stored events were read.
+        last_version: the highest version found (0 for an empty stream).
+        broken_at_version: the version of the first event that fails, or None.
+        problem: what is wrong there ("hash mismatch", "version gap: ..."), or None.
+    """
+
+    stream_id: str
+    events_checked: int
+    last_version: int
+    broken_at_version: int | None = None
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the whole chain verifies."""
+        return self.broken_at_version is None
+
+
+class EventStore(Protocol):
+    """An append-only log of streams of events.
+
+    Guarantees every adapter gives (the contract suite checks each): appends
+    are atomic, versioned optimistically and idempotent by event id; stream
+    versions are gapless from 1; each stream is a hash chain; all-stream reads
+    and subscriptions never skip a committed event and never repeat one.
+    Errors are `turnlog.errors` classes; `StorageUnavailableError` is
+    retryable, and retrying an append after it is safe (idempotency).
+    """
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None,
+    ) -> AppendResult:
+        """Appends a batch to a stream, all or nothing.
+
+        Args:
+            stream_id: the stream (created by its first append).
+            events: one or more events; their ids must be new, or the whole
+                batch must be an exact retry of an earlier append.
+            expected_version: the version the stream must be at: `NO_STREAM`
+                (0) for a new stream, or `ANY_VERSION` (None) for no check.
+
+        Returns:
+            The versions and positions written; for a retry, those of the
+            original append.
+
+        Raises:
+            VersionConflictError: the stream is at another version (its
+                `actual_version` says which); nothing was written.
+            DuplicateEventError: an event id is stored with other content or
+                in another stream; nothing was written.
+            InvalidArgumentError: empty batch, bad name, invalid JSON.
+            StorageUnavailableError: the database is unreachable.
+        """
+        ...
+
+    async def read_stream(
+        self,
+        stream_id: str,
+        *,
+        from_version: int | None = None,
+        direction: Direction = Direction.FORWARDS,
+        limit: int | None = None,
+    ) -> tuple[RecordedEvent, ...]:
+        """Reads one stream in version order.
+
+        Args:
+            stream_id: the stream; a missing stream reads as empty.
+            from_version: the first version returned (inclusive). None means
+                the first event forwards, the last event backwards.
+            direction: forwards (ascending versions) or backwards.
+            limit: at most this many events; None for all.
+        """
+        ...
+
+    async def read_all(
+        self,
+        *,
+        after: Position = ...,
+        limit: int = 1000,
+        filter: EventFilter | None = None,
+    ) -> EventPage:
+        """Reads events of all streams after a checkpoint, never skipping one.
+
+        Args:
+            after: the checkpoint (`START_POSITION` to read from the beginning).
+            limit: the most events scanned for this page (at least 1).
+            filter: types and stream prefix to keep; None keeps all.
+        """
+        ...
+
+    def subscribe_all(
+        self,
+        *,
+        after: Position = ...,
+        filter: EventFilter | None = None,
+    ) -> AsyncGenerator[RecordedEvent, None]:
+        """Yields every event after `after` (catch-up), then new ones as they commit.
+
+        Never ends by itself; never skips or repeats an event, also across
+        lost database connections (it reconnects and resumes). Cancel the
+        iterating task, or close the iterator, to stop.
+        """
+        ...
+
+    def subscribe_stream(
+        self, stream_id: str, *, after_version: int = 0
+    ) -> AsyncGenerator[RecordedEvent, None]:
+        """Yields a stream's events with version > `after_version`, then live ones."""
+        ...
+
+    async def stream_version(self, stream_id: str) -> int:
+        """The stream's current version; 0 when it does not exist."""
+        ...
+
+    async def save_snapshot(
+        self, stream_id: str, *, kind: str, stream_version: int, state: bytes
+    ) -> None:
+        """Stores derived state at a version (replacing one of the same kind and version).
+
+        Raises:
+            InvalidArgumentError: the stream has no event at `stream_version`.
+        """
+        ...
+
+    async def load_snapshot(
+        self, stream_id: str, *, kind: str, max_version: int | None = None
+    ) -> Snapshot | None:
+        """The latest snapshot of `kind` at or below `max_version`, or None.
+
+        Load state as this snapshot plus `read_stream(from_version=
+        snapshot.stream_version + 1)`.
+        """
+        ...
+
+    async def verify(self, stream_id: str) -> VerificationReport:
+        """Recomputes a stream's hash chain and reports the first broken link.
+
+        Detects edited and deleted events (a deleted event shows as a version
+        gap or a broken link). Truncating a stream's tail is only detectable
+        against a version or hash recorded elsewhere.
+        """
+        ...

@@ -1,0 +1,95 @@
+"""Database fixtures: a real PostgreSQL server, one fresh database per test.
+
+With TURNLOG_TEST_DATABASE_URL set, tests use that server (the role needs
+CREATEDB); otherwise one embedded server is started per test session in a
+temporary folder. Never the machine's own server on port 5432.
+
+Isolation: a template database is migrated once per session; each test gets
+`CREATE DATABASE ... TEMPLATE` of it (tens of milliseconds) and it is dropped
+afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from turnlog.storage.embedded import EmbeddedPostgres
+from turnlog.storage.migrations import migrate
+from turnlog.storage.postgres import PostgresEventStore
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A URL on the test server from which databases can be created."""
+    url = os.environ.get("TURNLOG_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedPostgres(Path(tmp_path_factory.mktemp("embedded-pg")) / "data")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def _create_database(admin_url: str, name: str, template: str = "template0") -> str:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {} ENCODING 'UTF8'").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        )
+    return make_conninfo(admin_url, dbname=name)
+
+
+def _drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+async def migrated_template(pg_admin_url: str) -> AsyncIterator[str]:
+    """The name of a migrated database to copy for each test."""
+    name = f"turnlog_template_{uuid.uuid4().hex[:12]}"
+    url = _create_database(pg_admin_url, name)
+    await migrate(url)
+    yield name
+    _drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def fresh_database_url(pg_admin_url: str) -> Iterator[str]:
+    """An empty database (no turnlog schema), dropped after the test."""
+    name = f"turnlog_test_{uuid.uuid4().hex[:12]}"
+    url = _create_database(pg_admin_url, name)
+    yield url
+    _drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def database_url(pg_admin_url: str, migrated_template: str) -> Iterator[str]:
+    """A migrated database of this test's own, dropped after it."""
+    name = f"turnlog_test_{uuid.uuid4().hex[:12]}"
+    url = _create_database(pg_admin_url, name, template=migrated_template)
+    yield url
+    _drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[PostgresEventStore]:
+    """A PostgresEventStore on this test's database; subscribers poll every 0.2 s."""
+    opened = await PostgresEventStore.open(database_url, max_size=24, poll_interval=0.2)
+    try:
+        yield opened
+    finally:
+        await opened.close()

@@ -1,0 +1,254 @@
+"""The EventStore contract: tests every adapter must pass, through the port only.
+
+An adapter's test module subclasses `EventStoreContract` and provides a
+`store` fixture yielding a fresh, empty store (see test_postgres_contract.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from turnlog.errors import DuplicateEventError, InvalidArgumentError, VersionConflictError
+from turnlog.storage.port import (
+    ANY_VERSION,
+    NO_STREAM,
+    START_POSITION,
+    Direction,
+    EventFilter,
+    EventMetadata,
+    EventStore,
+    NewEvent,
+    Position,
+    RawJson,
+    RecordedEvent,
+)
+
+
+def new_event(event_type: str = "Happened", **data: Any) -> NewEvent:
+    return NewEvent(event_id=uuid.uuid4(), type=event_type, data=data or {"n": 0})
+
+
+async def take(iterator: AsyncIterator[RecordedEvent], count: int) -> list[RecordedEvent]:
+    """The next `count` events of a subscription (bounded by the test timeout)."""
+    return [await anext(iterator) for _ in range(count)]
+
+
+class EventStoreContract:
+    """Behaviour every EventStore adapter guarantees."""
+
+    async def test_append_and_read_back(self, store: EventStore) -> None:
+        meta = EventMetadata(correlation_id="c1", causation_id="x", trace_id="t", actor="u")
+        events = [
+            NewEvent(event_id=uuid.uuid4(), type="Created", data={"title": "héllo"}),
+            NewEvent(event_id=uuid.uuid4(), type="Said", data={"text": "hi"}, metadata=meta),
+        ]
+        result = await store.append("conv-1", events, expected_version=NO_STREAM)
+        assert (result.first_version, result.last_version) == (1, 2)
+        assert len(result.positions) == 2
+        assert result.positions[0] < result.positions[1]
+
+        read = await store.read_stream("conv-1")
+        assert [e.event_id for e in read] == [e.event_id for e in events]
+        assert [e.stream_version for e in read] == [1, 2]
+        assert [e.global_position for e in read] == list(result.positions)
+        assert read[0].data == {"title": "héllo"}
+        assert read[1].metadata == meta
+        assert read[0].metadata == EventMetadata()
+        assert read[1].recorded_at == result.recorded_at
+        assert read[1].prev_hash == read[0].hash
+        assert await store.stream_version("conv-1") == 2
+        assert await store.stream_version("missing") == 0
+        assert await store.read_stream("missing") == ()
+
+    async def test_expected_version_must_match_and_conflict_writes_nothing(
+        self, store: EventStore
+    ) -> None:
+        await store.append("s", [new_event(), new_event()], expected_version=NO_STREAM)
+        for wrong in (0, 1, 3):
+            with pytest.raises(VersionConflictError) as caught:
+                await store.append("s", [new_event()], expected_version=wrong)
+            assert caught.value.actual_version == 2
+            assert caught.value.expected_version == wrong
+        assert await store.stream_version("s") == 2
+        result = await store.append("s", [new_event()], expected_version=2)
+        assert result.first_version == 3
+        result = await store.append("s", [new_event()], expected_version=ANY_VERSION)
+        assert result.first_version == 4
+        assert [e.stream_version for e in await store.read_stream("s")] == [1, 2, 3, 4]
+
+    async def test_idempotent_retry_returns_original_and_writes_nothing(
+        self, store: EventStore
+    ) -> None:
+        batch = [new_event(n=1), new_event(n=2)]
+        first = await store.append("s", batch, expected_version=NO_STREAM)
+        await store.append("s", [new_event()], expected_version=2)
+        # The retry names the same (now stale) expected version: still a no-op.
+        again = await store.append("s", batch, expected_version=NO_STREAM)
+        assert again == first
+        assert await store.stream_version("s") == 3
+
+    async def test_reused_event_id_with_other_content_or_stream_is_a_duplicate(
+        self, store: EventStore
+    ) -> None:
+        event = new_event(n=1)
+        await store.append("s", [event], expected_version=NO_STREAM)
+        changed = NewEvent(event_id=event.event_id, type=event.type, data={"n": 2})
+        with pytest.raises(DuplicateEventError):
+            await store.append("s", [changed], expected_version=ANY_VERSION)
+        with pytest.raises(DuplicateEventError):
+            await store.append("other", [event], expected_version=ANY_VERSION)
+        # Partly new batch: all or nothing.
+        with pytest.raises(DuplicateEventError):
+            await store.append("s", [new_event(), event], expected_version=ANY_VERSION)
+        assert await store.stream_version("s") == 1
+        assert await store.stream_version("other") == 0
+
+    async def test_batch_with_invalid_last_event_writes_nothing(self, store: EventStore) -> None:
+        await store.append("s", [new_event()], expected_version=NO_STREAM)
+        bad = NewEvent(event_id=uuid.uuid4(), type="Bad", data=RawJson(text='{"unclosed": '))
+        with pytest.raises(InvalidArgumentError):
+            await store.append("s", [new_event(), new_event(), bad], expected_version=1)
+        assert await store.stream_version("s") == 1
+        page = await store.read_all()
+        assert len(page.events) == 1
+
+    async def test_invalid_inputs_are_rejected(self, store: EventStore) -> None:
+        with pytest.raises(InvalidArgumentError):
+            await store.append("s", [], expected_version=ANY_VERSION)
+        with pytest.raises(InvalidArgumentError):
+            await store.append("", [new_event()], expected_version=ANY_VERSION)
+        with pytest.raises(InvalidArgumentError):
+            await store.append("s", [new_event(x=float("nan"))], expected_version=ANY_VERSION)
+        with pytest.raises(InvalidArgumentError):
+            await store.append("s", [new_event("")], expected_version=ANY_VERSION)
+        event = new_event()
+        with pytest.raises(InvalidArgumentError):
+            await store.append("s", [event, event], expected_version=ANY_VERSION)
+        assert await store.stream_version("s") == 0
+
+    async def test_raw_json_is_stored_verbatim(self, store: EventStore) -> None:
+        text = '{ "b": 1,\n "a": [1.50, 1e400, 12345678901234567890123] }'
+        await store.append(
+            "s",
+            [NewEvent(event_id=uuid.uuid4(), type="T", data=RawJson(text=text))],
+            expected_version=0,
+        )
+        (event,) = await store.read_stream("s")
+        assert event.data_json == text
+
+    async def test_read_stream_ranges_and_directions(self, store: EventStore) -> None:
+        await store.append("s", [new_event(n=i) for i in range(1, 11)], expected_version=0)
+
+        def versions(events: tuple[RecordedEvent, ...]) -> list[int]:
+            return [e.stream_version for e in events]
+
+        assert versions(await store.read_stream("s", from_version=4, limit=3)) == [4, 5, 6]
+        assert versions(await store.read_stream("s", direction=Direction.BACKWARDS, limit=2)) == [
+            10,
+            9,
+        ]
+        assert versions(
+            await store.read_stream("s", from_version=3, direction=Direction.BACKWARDS)
+        ) == [3, 2, 1]
+        assert versions(await store.read_stream("s", from_version=11)) == []
+        assert [e.data["n"] for e in await store.read_stream("s", limit=2)] == [1, 2]
+
+    async def test_read_all_pages_with_checkpoints_and_filters(self, store: EventStore) -> None:
+        await store.append("conv-a", [new_event("X"), new_event("Y")], expected_version=0)
+        await store.append("tool-b", [new_event("X")], expected_version=0)
+        await store.append("conv-c", [new_event("Y")], expected_version=0)
+
+        seen: list[RecordedEvent] = []
+        position = START_POSITION
+        while True:
+            page = await store.read_all(after=position, limit=1)
+            seen.extend(page.events)
+            assert page.next_position > position or page.reached_end
+            position = page.next_position
+            if page.reached_end:
+                break
+        assert [(e.stream_id, e.stream_version) for e in seen] == [
+            ("conv-a", 1),
+            ("conv-a", 2),
+            ("tool-b", 1),
+            ("conv-c", 1),
+        ]
+        assert Position.parse(str(seen[2].position)) == seen[2].position
+
+        after_first = await store.read_all(after=seen[0].position)
+        assert [e.event_id for e in after_first.events] == [e.event_id for e in seen[1:]]
+
+        only_x = await store.read_all(filter=EventFilter(types=frozenset({"X"})))
+        assert [e.stream_id for e in only_x.events] == ["conv-a", "tool-b"]
+        convs = await store.read_all(filter=EventFilter(stream_prefix="conv-"))
+        assert [e.stream_id for e in convs.events] == ["conv-a", "conv-a", "conv-c"]
+        # A filter that drops everything still moves the checkpoint on.
+        none = await store.read_all(filter=EventFilter(types=frozenset({"Nope"})))
+        assert none.events == ()
+        assert none.next_position == seen[-1].position
+
+    async def test_snapshots_latest_at_or_below_a_version(self, store: EventStore) -> None:
+        await store.append("s", [new_event() for _ in range(5)], expected_version=0)
+        assert await store.load_snapshot("s", kind="k.v1") is None
+        await store.save_snapshot("s", kind="k.v1", stream_version=2, state=b"two")
+        await store.save_snapshot("s", kind="k.v1", stream_version=4, state=b"four")
+        await store.save_snapshot("s", kind="k.v2", stream_version=5, state=b"other kind")
+        latest = await store.load_snapshot("s", kind="k.v1")
+        assert latest is not None
+        assert (latest.stream_version, latest.state) == (4, b"four")
+        older = await store.load_snapshot("s", kind="k.v1", max_version=3)
+        assert older is not None
+        assert (older.stream_version, older.state) == (2, b"two")
+        await store.save_snapshot("s", kind="k.v1", stream_version=4, state=b"FOUR")
+        replaced = await store.load_snapshot("s", kind="k.v1")
+        assert replaced is not None
+        assert replaced.state == b"FOUR"
+        with pytest.raises(InvalidArgumentError):
+            await store.save_snapshot("s", kind="k.v1", stream_version=6, state=b"future")
+        tail = await store.read_stream("s", from_version=replaced.stream_version + 1)
+        assert [e.stream_version for e in tail] == [5]
+
+    async def test_verify_accepts_an_untouched_stream(self, store: EventStore) -> None:
+        for i in range(3):
+            await store.append("s", [new_event(n=i), new_event(n=-i)], expected_version=2 * i)
+        report = await store.verify("s")
+        assert report.ok
+        assert (report.events_checked, report.last_version) == (6, 6)
+        assert (await store.verify("empty")).ok
+
+    async def test_subscribe_stream_catches_up_then_goes_live(self, store: EventStore) -> None:
+        await store.append("s", [new_event(n=1), new_event(n=2)], expected_version=0)
+        await store.append("noise", [new_event()], expected_version=0)
+        subscription = store.subscribe_stream("s", after_version=1)
+        try:
+            (caught_up,) = await take(subscription, 1)
+            assert caught_up.stream_version == 2
+            pending = asyncio.ensure_future(take(subscription, 2))
+            await asyncio.sleep(0.05)
+            assert not pending.done()
+            await store.append("s", [new_event(n=3), new_event(n=4)], expected_version=2)
+            live = await asyncio.wait_for(pending, 5)
+            assert [e.stream_version for e in live] == [3, 4]
+        finally:
+            await subscription.aclose()
+
+    async def test_subscribe_all_catches_up_then_goes_live(self, store: EventStore) -> None:
+        await store.append("a", [new_event()], expected_version=0)
+        await store.append("b", [new_event("Skip")], expected_version=0)
+        subscription = store.subscribe_all(filter=EventFilter(types=frozenset({"Happened"})))
+        try:
+            (first,) = await take(subscription, 1)
+            assert first.stream_id == "a"
+            pending = asyncio.ensure_future(take(subscription, 2))
+            await store.append("b", [new_event("Skip")], expected_version=1)
+            await store.append("c", [new_event()], expected_version=0)
+            await store.append("a", [new_event()], expected_version=1)
+            live = await asyncio.wait_for(pending, 5)
+            assert [(e.stream_id, e.stream_version) for e in live] == [("c", 1), ("a", 2)]
+        finally:
+            await subscription.aclose()
