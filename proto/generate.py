@@ -35,6 +35,13 @@ def _include_dirs() -> list[Path]:
     return [PROTO_DIR, googleapis_root, wkt_root]
 
 
+def _plugin(name: str) -> Path:
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise SystemExit(f"{name} not found beside {sys.executable}: install the dev extra")
+    return path
+
+
 def _proto_files() -> list[Path]:
     return sorted(p.relative_to(PROTO_DIR) for p in (PROTO_DIR / "turnlog").rglob("*.proto"))
 
@@ -53,6 +60,10 @@ def generate(out_dir: Path) -> None:
     _protoc(
         [
             *includes,
+            # mypy-protobuf's plugins sit beside this interpreter (the venv's
+            # bin/), which need not be on PATH.
+            f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
+            f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
             f"--python_out={out_dir}",
             f"--grpc_python_out={out_dir}",
             f"--mypy_out={out_dir}",
