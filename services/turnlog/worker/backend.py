@@ -191,7 +191,9 @@ def output_budget(start: engine_pb2.StartGeneration, prompt_tokens: int, max_con
     return left
 
 
-def chat_to_openai(chat: engine_pb2.ChatPrompt) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+def chat_to_openai(
+    chat: engine_pb2.ChatPrompt,
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     """Messages and tools of a ChatPrompt in the OpenAI chat format chat templates expect."""
     roles = {
         engine_pb2.CHAT_ROLE_SYSTEM: "system",

@@ -8,9 +8,11 @@ ErrorInfo reason, or by the status code when the reason is unknown.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 from turnlog import errors
 from turnlog.engine.v1 import engine_pb2
@@ -66,7 +68,7 @@ def code_for(error: BaseException) -> int:
     for cls, code in _CODE_BY_ERROR:
         if isinstance(error, cls):
             return code
-    return code_pb2.INTERNAL
+    return int(code_pb2.INTERNAL)
 
 
 def error_info_for(error: BaseException) -> error_details_pb2.ErrorInfo:
@@ -95,7 +97,7 @@ def generation_error(request_id: str, error: BaseException) -> engine_pb2.Genera
     """A per-request GenerationError message for an error."""
     return engine_pb2.GenerationError(
         request_id=request_id,
-        code=code_for(error),  # type: ignore[arg-type]
+        code=code_for(error),
         message=public_message(error),
         error_info=error_info_for(error),
     )
@@ -112,7 +114,9 @@ def rich_status(error: BaseException) -> tuple[grpc.StatusCode, str, bytes]:
     return grpc_code, message, status.SerializeToString()
 
 
-def error_from(code: int, message: str, info: error_details_pb2.ErrorInfo | None) -> errors.TurnlogError:
+def error_from(
+    code: int, message: str, info: error_details_pb2.ErrorInfo | None
+) -> errors.TurnlogError:
     """Rebuild the TurnlogError a worker reported (by reason, else by status code)."""
     metadata = dict(info.metadata) if info is not None else {}
     metadata.pop("retryable", None)
@@ -127,7 +131,8 @@ def error_from(code: int, message: str, info: error_details_pb2.ErrorInfo | None
 def error_from_rpc(error: grpc.aio.AioRpcError) -> errors.TurnlogError:
     """Rebuild a TurnlogError from a failed RPC, reading ErrorInfo from the rich status."""
     info: error_details_pb2.ErrorInfo | None = None
-    for key, value in error.trailing_metadata() or ():
+    metadata: Any = error.trailing_metadata() or ()
+    for key, value in metadata:
         if key == "grpc-status-details-bin" and isinstance(value, bytes):
             status = status_pb2.Status.FromString(value)
             for detail in status.details:

@@ -165,6 +165,7 @@ class GenerateResponse(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    DELTA_BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def delta(self) -> Global___GenerationDelta:
         """New tokens of a request."""
@@ -177,22 +178,53 @@ class GenerateResponse(_message.Message):
     def error(self) -> Global___GenerationError:
         """The request failed (the last message about it)."""
 
+    @_builtins.property
+    def delta_batch(self) -> Global___GenerationDeltaBatch:
+        """New tokens of several requests at once (the worker batches deltas
+        queued at the same time, to spend fewer messages under load).
+        """
+
     def __init__(
         self,
         *,
         delta: Global___GenerationDelta | None = ...,
         done: Global___GenerationDone | None = ...,
         error: Global___GenerationError | None = ...,
+        delta_batch: Global___GenerationDeltaBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "done", b"done", "error", b"error", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "delta_batch", b"delta_batch", "done", b"done", "error", b"error", "kind", b"kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "done", b"done", "error", b"error", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "delta_batch", b"delta_batch", "done", b"done", "error", b"error", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["delta", "done", "error"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["delta", "done", "error", "delta_batch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class GenerationDeltaBatch(_message.Message):
+    """GenerationDeltaBatch carries deltas of several requests, at most one each."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELTAS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deltas(self) -> _containers.RepeatedCompositeFieldContainer[Global___GenerationDelta]:
+        """The deltas, in no particular order across requests."""
+
+    def __init__(
+        self,
+        *,
+        deltas: _abc.Iterable[Global___GenerationDelta] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deltas", b"deltas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerationDeltaBatch: _TypeAlias = GenerationDeltaBatch  # noqa: Y015
 
 @_typing.final
 class StartGeneration(_message.Message):

@@ -1,0 +1,123 @@
+"""CLI commands of the engine worker: `turnlog worker` and `turnlog dev tiny-model`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from turnlog.worker.backend import EngineBackend
+
+
+def add_worker_commands(subparsers: Any) -> None:
+    """Register `worker` and `dev tiny-model` on an argparse subparsers object.
+
+    Each registered parser sets `func(args) -> int` as its default.
+    """
+    worker = subparsers.add_parser(
+        "worker",
+        help="run an engine worker (EngineService over gRPC)",
+        description=(
+            "Serve turnlog.engine.v1.EngineService. The vLLM backend needs --model; the "
+            "scripted backend (tests and demos only) needs --backend scripted --script FILE."
+        ),
+    )
+    worker.add_argument("--backend", choices=("vllm", "scripted"), default="vllm")
+    worker.add_argument("--model", help="model folder or name (vLLM backend)")
+    worker.add_argument("--script", type=Path, help="reply script (scripted backend only)")
+    worker.add_argument("--listen", default="127.0.0.1:50061", help="host:port to bind")
+    worker.add_argument(
+        "--grace", type=float, default=30.0, help="seconds in-flight requests get on shutdown"
+    )
+    vllm = worker.add_argument_group("vLLM engine options")
+    vllm.add_argument("--dtype", default="auto")
+    vllm.add_argument("--max-model-len", type=int, default=None)
+    vllm.add_argument(
+        "--kv-cache-bytes", type=int, default=None, help="KV cache size in bytes (default: vLLM's)"
+    )
+    vllm.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse KV blocks of shared prompt prefixes (default on)",
+    )
+    vllm.add_argument("--block-size", type=int, default=None)
+    vllm.add_argument("--tensor-parallel-size", type=int, default=1)
+    vllm.add_argument("--tool-call-parser", default=None, help="vLLM tool parser name, e.g. hermes")
+    vllm.add_argument("--seed", type=int, default=0, help="engine seed")
+    vllm.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="skip graph capture/compilation (faster start; use on CPU)",
+    )
+    worker.set_defaults(func=_run_worker)
+
+    dev = subparsers.add_parser("dev", help="developer tools")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True)
+    tiny = dev_sub.add_parser(
+        "tiny-model", help="build a tiny random-weight Llama + tokenizer (no network)"
+    )
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_run_tiny_model)
+
+
+def _check_worker_args(args: argparse.Namespace) -> str | None:
+    if args.backend == "scripted":
+        if args.model:
+            return "--model serves a real model; the scripted backend takes only --script"
+        if args.script is None:
+            return "--backend scripted needs --script FILE"
+    else:
+        if args.script is not None:
+            return "--script is for --backend scripted only; a model worker never runs a script"
+        if not args.model:
+            return "--model is required for the vLLM backend"
+    return None
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    problem = _check_worker_args(args)
+    if problem:
+        raise SystemExit(f"turnlog worker: {problem}")
+    logging.basicConfig(
+        level=os.environ.get("TURNLOG_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from turnlog.worker.server import serve
+
+    async def make_backend() -> EngineBackend:
+        if args.backend == "scripted":
+            from turnlog.worker.scripted import Script, ScriptedEngine
+
+            return ScriptedEngine(Script.load(args.script))
+        from turnlog.worker.vllm_engine import VllmEngine, VllmOptions
+
+        return await VllmEngine.start(
+            VllmOptions(
+                model=args.model,
+                dtype=args.dtype,
+                max_model_len=args.max_model_len,
+                kv_cache_bytes=args.kv_cache_bytes,
+                enable_prefix_caching=args.prefix_caching,
+                block_size=args.block_size,
+                tensor_parallel_size=args.tensor_parallel_size,
+                tool_call_parser=args.tool_call_parser,
+                seed=args.seed,
+                enforce_eager=args.enforce_eager,
+            )
+        )
+
+    asyncio.run(serve(make_backend, listen=args.listen, grace_s=args.grace))
+    return 0
+
+
+def _run_tiny_model(args: argparse.Namespace) -> int:
+    from turnlog.worker.tiny_model import build_tiny_model
+
+    path = build_tiny_model(args.dir, seed=args.seed)
+    print(path)
+    return 0

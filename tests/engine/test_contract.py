@@ -1,0 +1,261 @@
+"""The EngineService contract, run against every backend through a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+from engine_helpers import Backend, RawStream, wait_idle
+from google.rpc import code_pb2
+
+from turnlog import errors
+from turnlog.engine.v1 import engine_pb2 as pb
+from turnlog.engine.v1 import engine_pb2_grpc
+from turnlog.worker.client import WorkerConnection
+
+Stub = engine_pb2_grpc.EngineServiceStub
+
+
+def long_request(rid: str, tokens: int = 300) -> pb.StartGeneration:
+    return pb.StartGeneration(
+        request_id=rid,
+        prompt_text="slow: tell me a long story",
+        sampling=pb.SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0),
+    )
+
+
+async def test_model_info_names_the_backend(backend: Backend, stub: Stub) -> None:
+    info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+    expected = pb.BACKEND_VLLM if backend.kind == "vllm" else pb.BACKEND_SCRIPTED
+    assert info.backend == expected
+    assert info.max_context_tokens == 512
+    assert info.tokenizer.vocab_size > 0
+    assert info.tokenizer.HasField("eos_token_id")
+    assert info.tokenizer.has_chat_template
+
+
+async def test_stream_deltas_then_done_with_exact_usage(backend: Backend, stub: Stub) -> None:
+    conn = WorkerConnection(backend.target)
+    try:
+        start = pb.StartGeneration(
+            prompt_text="Hello",
+            sampling=pb.SamplingParams(max_tokens=24, ignore_eos=True, temperature=0),
+        )
+        deltas: list[pb.GenerationDelta] = []
+        done: pb.GenerationDone | None = None
+        async for event in conn.generate(start):
+            assert done is None, "nothing may follow done"
+            if isinstance(event, pb.GenerationDelta):
+                deltas.append(event)
+            else:
+                done = event
+        assert done is not None
+        assert done.finish_reason == pb.FINISH_REASON_LENGTH
+        ids = [t for d in deltas for t in d.token_ids]
+        assert len(ids) == 24 == done.usage.completion_tokens
+        assert done.usage.prompt_tokens > 0
+        assert done.timings.total.ToNanoseconds() > 0
+        text = "".join(d.text for d in deltas)
+        detok = await stub.Detokenize(pb.DetokenizeRequest(token_ids=ids))
+        assert text == detok.text
+    finally:
+        await conn.close()
+
+
+async def test_tokenize_detokenize_round_trip(stub: Stub) -> None:
+    text = "def main():\n    return 'héllo wörld'\n"
+    tokens = await stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=False))
+    assert len(tokens.token_ids) > 0
+    back = await stub.Detokenize(pb.DetokenizeRequest(token_ids=tokens.token_ids))
+    assert back.text == text
+
+
+async def test_render_chat_with_tools(stub: Stub) -> None:
+    chat = pb.ChatPrompt(
+        messages=[
+            pb.ChatMessage(role=pb.CHAT_ROLE_SYSTEM, content="Be brief."),
+            pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="What is the weather in Oslo?"),
+        ],
+        tools=[
+            pb.ToolDefinition(
+                name="get_weather",
+                description="Current weather for a city",
+                parameters_json_schema=json.dumps(
+                    {"type": "object", "properties": {"city": {"type": "string"}}}
+                ),
+            )
+        ],
+    )
+    rendered = await stub.RenderChat(pb.RenderChatRequest(chat=chat))
+    assert "get_weather" in rendered.prompt_text
+    assert "What is the weather in Oslo?" in rendered.prompt_text
+    assert "Be brief." in rendered.prompt_text
+    assert rendered.prompt_text.rstrip().endswith("assistant")
+    again = await stub.Tokenize(
+        pb.TokenizeRequest(text=rendered.prompt_text, add_special_tokens=False)
+    )
+    assert list(again.token_ids) == list(rendered.prompt_token_ids)
+
+
+async def test_render_chat_rejects_empty_chat_with_status(stub: Stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.RenderChat(pb.RenderChatRequest(chat=pb.ChatPrompt()))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_cancel_one_request_leaves_others_intact(stub: Stub) -> None:
+    stream = RawStream(stub)
+    for rid in ("a", "b", "c"):
+        await stream.start(long_request(rid, tokens=120))
+    # Wait for a first token of "b", then cancel it.
+    seen: dict[str, list[pb.GenerateResponse]] = {"a": [], "b": [], "c": []}
+    while not seen["b"]:
+        message = await stream.read()
+        seen[getattr(message, message.WhichOneof("kind")).request_id].append(message)
+    await stream.cancel("b")
+    rest = await stream.collect(
+        {"a", "b", "c"}
+        - {r for r, m in seen.items() if any(x.WhichOneof("kind") in ("done", "error") for x in m)}
+    )
+    for rid, messages in rest.items():
+        seen[rid].extend(messages)
+    final = {rid: seen[rid][-1] for rid in seen}
+    assert final["b"].done.finish_reason == pb.FINISH_REASON_CANCELLED
+    b_tokens = sum(len(m.delta.token_ids) for m in seen["b"] if m.HasField("delta"))
+    assert b_tokens < 120
+    for rid in ("a", "c"):
+        assert final[rid].done.finish_reason == pb.FINISH_REASON_LENGTH
+        assert final[rid].done.usage.completion_tokens == 120
+    await wait_idle(stub, timeout_s=2)
+    stream.call.cancel()
+
+
+async def test_closing_the_stream_aborts_all_its_requests(stub: Stub) -> None:
+    stream = RawStream(stub)
+    for rid in ("x", "y", "z"):
+        await stream.start(long_request(rid, tokens=400))
+    await stream.read()  # generation is under way
+    load = await stub.GetLoad(pb.GetLoadRequest())
+    assert load.running_requests + load.waiting_requests >= 1
+    stream.call.cancel()
+    await wait_idle(stub, timeout_s=3)
+
+
+async def test_bad_requests_get_per_request_errors_and_the_stream_survives(
+    stub: Stub,
+) -> None:
+    stream = RawStream(stub)
+    await stream.start(long_request("running", tokens=100))
+    await stream.start(long_request("running", tokens=5))  # duplicate id
+    await stream.cancel("no-such-request")
+    await stream.start(pb.StartGeneration(request_id="empty", prompt_text=""))
+    await stream.start(
+        pb.StartGeneration(
+            request_id="too-long", prompt_text="hi", sampling=pb.SamplingParams(max_tokens=100_000)
+        )
+    )
+    await stream.start(
+        pb.StartGeneration(
+            request_id="bad-schema",
+            prompt_text="hi",
+            sampling=pb.SamplingParams(
+                max_tokens=5, structured_output=pb.StructuredOutput(json_schema="{not json")
+            ),
+        )
+    )
+    errors_by_id: dict[str, pb.GenerationError] = {}
+    running_done: pb.GenerationDone | None = None
+    while running_done is None or len(errors_by_id) < 5:
+        message = await stream.read()
+        if message.HasField("error"):
+            key = message.error.request_id
+            if key == "running":
+                key = "duplicate"
+            errors_by_id[key] = message.error
+        elif message.HasField("done"):
+            assert message.done.request_id == "running"
+            running_done = message.done
+    assert running_done.finish_reason == pb.FINISH_REASON_LENGTH
+    assert running_done.usage.completion_tokens == 100
+    expected = {
+        "duplicate": (code_pb2.ALREADY_EXISTS, "ALREADY_EXISTS"),
+        "no-such-request": (code_pb2.NOT_FOUND, "NOT_FOUND"),
+        "empty": (code_pb2.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        "too-long": (code_pb2.INVALID_ARGUMENT, "CONTEXT_LENGTH_EXCEEDED"),
+        "bad-schema": (code_pb2.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    }
+    for rid, (code, reason) in expected.items():
+        error = errors_by_id[rid]
+        assert error.code == code, rid
+        assert error.error_info.reason == reason, rid
+        assert error.error_info.domain == errors.ERROR_DOMAIN
+        assert error.message
+    assert errors_by_id["bad-schema"].error_info.metadata["field"].endswith("json_schema")
+    # The same stream still serves requests.
+    await stream.start(long_request("after", tokens=3))
+    after = await stream.collect({"after"})
+    assert after["after"][-1].done.usage.completion_tokens == 3
+    await stream.call.done_writing()
+    assert await stream.call.read() is grpc.aio.EOF  # ends cleanly once idle
+
+
+async def test_client_maps_request_errors_to_turnlog_errors(backend: Backend) -> None:
+    conn = WorkerConnection(backend.target)
+    try:
+        with pytest.raises(errors.ContextLengthExceededError) as caught:
+            async for _ in conn.generate(
+                pb.StartGeneration(prompt_text="hi", sampling=pb.SamplingParams(max_tokens=9999))
+            ):
+                pass
+        assert caught.value.metadata["maxContextTokens"] == "512"
+        with pytest.raises(errors.InvalidArgumentError):
+            async for _ in conn.generate(pb.StartGeneration(prompt_text="")):
+                pass
+    finally:
+        await conn.close()
+
+
+async def test_cancelling_the_consumer_task_cancels_the_request(
+    backend: Backend, stub: Stub
+) -> None:
+    conn = WorkerConnection(backend.target)
+    first_token = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in conn.generate(long_request("", tokens=400)):
+            first_token.set()
+
+    try:
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(first_token.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_idle(stub, timeout_s=3)
+        assert conn.in_flight == 0
+    finally:
+        await conn.close()
+
+
+async def test_many_requests_share_one_stream(backend: Backend) -> None:
+    conn = WorkerConnection(backend.target)
+
+    async def run(n: int) -> pb.GenerationDone:
+        start = pb.StartGeneration(
+            request_id=f"req-{n}",
+            prompt_text=f"request number {n}",
+            sampling=pb.SamplingParams(max_tokens=16 + n, ignore_eos=True, temperature=0),
+        )
+        async for event in conn.generate(start):
+            if isinstance(event, pb.GenerationDone):
+                return event
+        raise AssertionError("no done")
+
+    try:
+        dones = await asyncio.gather(*(run(n) for n in range(8)))
+        assert [d.usage.completion_tokens for d in dones] == [16 + n for n in range(8)]
+        assert [d.request_id for d in dones] == [f"req-{n}" for n in range(8)]
+    finally:
+        await conn.close()

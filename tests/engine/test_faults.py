@@ -1,0 +1,137 @@
+"""Fault tests: kill workers mid-stream, restart them, drain them, retry before first token."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from engine_helpers import SCRIPT
+
+from turnlog import errors
+from turnlog.engine.v1 import engine_pb2 as pb
+from turnlog.worker.client import EngineClient, WorkerConnection
+
+
+def slow(tokens: int = 300) -> pb.StartGeneration:
+    return pb.StartGeneration(
+        prompt_text="slow please", sampling=pb.SamplingParams(max_tokens=tokens, ignore_eos=True)
+    )
+
+
+async def collect(stream: Any) -> list[Any]:
+    return [event async for event in stream]
+
+
+async def test_killed_worker_fails_in_flight_requests_and_client_recovers(
+    make_scripted_worker: Any,
+) -> None:
+    worker = make_scripted_worker()
+    conn = WorkerConnection(worker.target)
+    started = asyncio.Event()
+    counts = [0, 0, 0]
+
+    async def consume(n: int) -> None:
+        async for _ in conn.generate(slow()):
+            counts[n] += 1
+            started.set()
+
+    try:
+        tasks = [asyncio.create_task(consume(n)) for n in range(3)]
+        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.sleep(0.1)
+        worker.kill()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        assert all(isinstance(r, errors.EngineUnavailableError) for r in results), results
+        assert all(c > 0 for c in counts)
+        assert conn.in_flight == 0
+        assert not conn.healthy
+
+        make_scripted_worker(port=worker.port)  # back on the same port
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                events = await collect(conn.generate(pb.StartGeneration(prompt_text="hello")))
+                break
+            except errors.EngineUnavailableError:
+                assert time.monotonic() < deadline, "client did not recover"
+                await asyncio.sleep(0.2)
+        assert isinstance(events[-1], pb.GenerationDone)
+        assert events[-1].finish_reason == pb.FINISH_REASON_STOP
+    finally:
+        await conn.close()
+
+
+async def test_pool_client_retries_transparently_after_restart(make_scripted_worker: Any) -> None:
+    worker = make_scripted_worker()
+    async with EngineClient([worker.target], retries=5, retry_backoff_s=0.2) as client:
+        await collect(client.generate(pb.StartGeneration(prompt_text="hello")))
+        worker.kill()
+        restart = asyncio.get_running_loop().run_in_executor(
+            None, lambda: make_scripted_worker(port=worker.port)
+        )
+        events = await collect(client.generate(pb.StartGeneration(prompt_text="hello")))
+        await restart
+        assert isinstance(events[-1], pb.GenerationDone)
+
+
+async def test_retry_before_first_token_goes_to_another_worker(make_scripted_worker: Any) -> None:
+    failing = make_scripted_worker(
+        {"default": {"text": "never", "fail_at_token": 0, "fail_reason": "ENGINE_UNAVAILABLE"}}
+    )
+    healthy = make_scripted_worker({"default": {"text": "from the healthy worker"}})
+    async with EngineClient(
+        [failing.target, healthy.target], load_poll_interval_s=0, retry_backoff_s=0.01
+    ) as client:
+        events = await collect(client.generate(pb.StartGeneration(prompt_text="hi")))
+        text = "".join(e.text for e in events if isinstance(e, pb.GenerationDelta))
+        assert text == "from the healthy worker"
+
+
+async def test_no_retry_after_the_first_token(make_scripted_worker: Any) -> None:
+    worker = make_scripted_worker(
+        {
+            "default": {
+                "text": "partial output",
+                "fail_at_token": 3,
+                "fail_reason": "ENGINE_UNAVAILABLE",
+            }
+        }
+    )
+    async with EngineClient([worker.target], load_poll_interval_s=0, retries=3) as client:
+        seen: list[int] = []
+
+        async def consume() -> None:
+            async for event in client.generate(pb.StartGeneration(prompt_text="hi")):
+                seen.extend(event.token_ids if isinstance(event, pb.GenerationDelta) else [])
+
+        with pytest.raises(errors.EngineUnavailableError):
+            await consume()
+        assert len(seen) == 3
+
+
+async def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
+    make_scripted_worker: Any,
+) -> None:
+    worker = make_scripted_worker()
+    conn = WorkerConnection(worker.target)
+    try:
+        stream = conn.generate(slow(tokens=100))  # ~0.5 s of output
+        first = await anext(stream)
+        assert isinstance(first, pb.GenerationDelta)
+        assert worker.proc is not None
+        worker.proc.send_signal(15)
+        await asyncio.sleep(0.2)
+        with pytest.raises(errors.EngineUnavailableError):
+            await collect(conn.generate(pb.StartGeneration(prompt_text="hello")))
+        rest = await collect(stream)
+        assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert rest[-1].usage.completion_tokens == 100
+        assert await asyncio.get_running_loop().run_in_executor(None, worker.proc.wait, 20) == 0
+    finally:
+        await conn.close()
+
+
+def test_script_keys_used_by_tests_exist() -> None:
+    assert any(r["match"] == "slow" for r in SCRIPT["replies"])
