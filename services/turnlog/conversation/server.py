@@ -25,10 +25,18 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_SECONDS = 5.0
 
 
+def describe_event_log(settings: Settings) -> str:
+    """Where the event log lives, for humans; never prints credentials."""
+    if settings.database_url is None:
+        return f"embedded PostgreSQL in {settings.data_dir / 'postgres'}"
+    return "PostgreSQL from TURNLOG_DATABASE_URL"
+
+
 async def migrate_only(settings: Settings) -> int:
     """Open the event log (which applies pending migrations) and close it again."""
     async with open_event_store(settings) as opened:
-        print(f"event log migrated: {opened.description}", flush=True)
+        applied = ", ".join(opened.applied_migrations) or "none pending"
+        print(f"event log migrated ({describe_event_log(settings)}): {applied}", flush=True)
     return 0
 
 
@@ -40,7 +48,7 @@ async def run_server(
 ) -> int:
     """Serve until SIGINT or SIGTERM; returns the process exit code."""
     address = listen or settings.listen
-    async with open_event_store(settings) as opened:
+    async with open_event_store(settings):
         server = grpc.aio.server()
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -57,7 +65,8 @@ async def run_server(
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         host = address.rsplit(":", 1)[0]
         print(
-            f"turnlog serving gRPC on {host}:{port} (event log: {opened.description})", flush=True
+            f"turnlog serving gRPC on {host}:{port} (event log: {describe_event_log(settings)})",
+            flush=True,
         )
 
         stop = asyncio.Event()
