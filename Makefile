@@ -46,8 +46,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Directories, not `-p turnlog`: for a namespace package spread over several
+# roots, `-p` checks only part of it.
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy -p turnlog
+	$(VENV)/bin/mypy services/turnlog storage/turnlog
 
 check: buf-lint lint typecheck
 

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -37,11 +36,6 @@ def _start(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
     pytest.fail("turnlog serve exited without listening:\n" + "".join(seen))
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path / "turnlog-data"
-
-
 def _health(address: str) -> int:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -55,7 +49,8 @@ def _stop(proc: subprocess.Popen[str]) -> int:
     return proc.returncode
 
 
-def test_serve_starts_embedded_postgres_reports_healthy_and_stops_cleanly(data_dir: Path) -> None:
+def test_serve_starts_embedded_postgres_reports_healthy_and_stops_cleanly(tmp_path: Path) -> None:
+    data_dir = tmp_path / "turnlog-data"
     proc, address = _start(data_dir)
     try:
         assert _health(address) == health_pb2.HealthCheckResponse.SERVING
