@@ -92,6 +92,9 @@ def turn_events(draw: st.DrawFn, turn_id: str) -> list[ev.Event]:
                 max_size=2,
             )
         )
+        pieces = tuple(draw(st.lists(texts, max_size=3)))
+        if pieces:
+            events.append(ev.TextStreamed(turn_id=turn_id, generation_id=gen_id, pieces=pieces))
         events.append(
             ev.GenerationCompleted(
                 turn_id=turn_id,

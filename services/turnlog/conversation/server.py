@@ -18,7 +18,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from turnlog.config import Settings
+from turnlog.conversation.application import ConversationApplication, wall_clock_us
+from turnlog.conversation.servicer import ConversationServicer
+from turnlog.conversation.tools import builtin_tools
 from turnlog.storage import open_event_store
+from turnlog.v1 import conversation_service_pb2, conversation_service_pb2_grpc
+from turnlog.worker.client import EngineClient
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +53,29 @@ async def run_server(
 ) -> int:
     """Serve until SIGINT or SIGTERM; returns the process exit code."""
     address = listen or settings.listen
-    async with open_event_store(settings):
+    async with contextlib.AsyncExitStack() as stack:
+        opened = await stack.enter_async_context(open_event_store(settings))
+        engine = None
+        if worker_addresses:
+            engine = await stack.enter_async_context(EngineClient(worker_addresses))
+        else:
+            log.warning("no --worker given: conversations can be managed, turns fail UNAVAILABLE")
+        app = ConversationApplication(opened.store, engine, tools=builtin_tools(wall_clock_us))
+        # Before serving: turns left open by a process that died are closed.
+        closed = await app.close_interrupted_turns()
+        if closed:
+            log.warning("closed %d interrupted turn(s)", len(closed))
+        stack.push_async_callback(app.shutdown)
         server = grpc.aio.server()
-        health_servicer = health.aio.HealthServicer()
+        conversation_service_pb2_grpc.add_ConversationServiceServicer_to_server(
+            ConversationServicer(app), server
+        )
+        # grpc_health re-exports its asyncio servicer as `health.aio` without
+        # declaring it, which strict mypy reads as a private import.
+        health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         service_names = [
+            conversation_service_pb2.DESCRIPTOR.services_by_name["ConversationService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ]

@@ -19,11 +19,16 @@ from functools import cache
 from typing import Any
 
 from turnlog.domain import events as ev
+from turnlog.domain.state import ConversationState
 
 JSON = Any
 Upcaster = Callable[[dict[str, JSON]], dict[str, JSON]]
 
 EVENT_CLASSES: dict[str, type[ev.Event]] = {cls.__name__: cls for cls in ev.EVENT_TYPES}
+
+#: The snapshot kind of `ConversationState` in its current shape; bump it when
+#: the state's shape changes, and old snapshots are simply ignored.
+STATE_KIND = "conversation.v1"
 
 # The current data shape of each event type. Bump one when its shape changes
 # incompatibly, and register an upcaster from the old version.
@@ -64,6 +69,20 @@ def decode(type_name: str, data: Mapping[str, JSON], schema_version: int | None 
         version += 1
     value = _from_json(cls, payload)
     return typing.cast(ev.Event, value)
+
+
+def state_to_json(state: ConversationState) -> dict[str, JSON]:
+    """The JSON form of a folded state, for snapshots (see `STATE_KIND`)."""
+    data = _to_json(state)
+    assert isinstance(data, dict)
+    return data
+
+
+def state_from_json(data: Mapping[str, JSON]) -> ConversationState:
+    """Rebuild a state stored by `state_to_json` under the current `STATE_KIND`."""
+    value = _from_json(ConversationState, dict(data))
+    assert isinstance(value, ConversationState)
+    return value
 
 
 def _to_json(value: object) -> JSON:

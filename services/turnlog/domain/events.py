@@ -109,6 +109,7 @@ class ConversationCreated:
     guardrail_profile: str = ""
     labels: tuple[tuple[str, str], ...] = ()
     request_id: str = ""
+    max_tool_round_trips: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -168,6 +169,37 @@ class GenerationCompleted:
     model: str
     sampling: SamplingParams
     tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TextStreamed:
+    """Response text exactly as it was streamed to clients, coalesced.
+
+    One event holds the pieces of text sent live since the previous one
+    (a few events per second of generation, not one per token). Keeping the
+    pieces, not their concatenation, lets any replica re-derive the live
+    stream's numbering: each piece was one `TextDelta` with its own sequence.
+    The text is what the response guardrails released (redacted), never the
+    raw model output.
+    """
+
+    turn_id: str
+    generation_id: str
+    pieces: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TextRetracted:
+    """Streamed text of a generation was withdrawn (a response guardrail blocked it).
+
+    `start` and `end` count code points of the generation's streamed text.
+    """
+
+    turn_id: str
+    generation_id: str
+    start: int
+    end: int
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -260,6 +292,8 @@ Event = (
     | TurnStarted
     | GenerationStarted
     | GenerationCompleted
+    | TextStreamed
+    | TextRetracted
     | ToolCallRequested
     | ToolCallCompleted
     | ToolCallFailed
@@ -280,6 +314,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     TurnStarted,
     GenerationStarted,
     GenerationCompleted,
+    TextStreamed,
+    TextRetracted,
     ToolCallRequested,
     ToolCallCompleted,
     ToolCallFailed,

@@ -46,6 +46,8 @@ class Turn:
     generations: int = 0
     tool_round_limit_reached: bool = False
     outcome_reason: str = ""
+    start_version: int = 0
+    """The stream version of the turn's `TurnStarted` event."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +73,8 @@ class ConversationState:
     messages: tuple[Message, ...] = ()
     turns: tuple[Turn, ...] = ()
     pending_tool_calls: tuple[ev.ToolCall, ...] = ()
+    create_request_id: str = ""
+    max_tool_round_trips: int | None = None
 
     @property
     def open_turn(self) -> Turn | None:
@@ -80,8 +84,16 @@ class ConversationState:
         return None
 
     def turn(self, turn_id: str) -> Turn | None:
+        """The turn with this id, if any."""
         for t in reversed(self.turns):
             if t.turn_id == turn_id:
+                return t
+        return None
+
+    def turn_for_request(self, request_id: str) -> Turn | None:
+        """The turn a request id started, if any (the idempotency lookup)."""
+        for t in reversed(self.turns):
+            if t.request_id == request_id:
                 return t
         return None
 
@@ -134,6 +146,8 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
                 tools=event.tools,
                 guardrail_profile=event.guardrail_profile,
                 labels=event.labels,
+                create_request_id=event.request_id,
+                max_tool_round_trips=event.max_tool_round_trips,
             )
         case ev.ConversationForked():
             if state.exists:
@@ -162,6 +176,7 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
                 request_id=event.request_id,
                 status=TurnStatus.RUNNING,
                 started_at_us=event.started_at_us,
+                start_version=state.version + 1,
             )
             return replace(state, turns=(*state.turns, turn))
         case ev.GenerationStarted():
@@ -202,7 +217,9 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
         case ev.ToolRoundLimitReached():
             _require_open(state, event.turn_id)
             return _replace_open_turn(state, event.turn_id, tool_round_limit_reached=True)
-        case ev.GuardrailDecided():
+        case ev.GuardrailDecided() | ev.TextStreamed() | ev.TextRetracted():
+            # Audit and stream-resume records: they change no conversation state
+            # (the completed generation carries the final text).
             _require_open(state, event.turn_id)
             return state
         case ev.TurnCompleted():

@@ -1,0 +1,180 @@
+"""What clients see of a turn: its events as numbered updates, derived from the log.
+
+`TurnProjector` maps the domain events of one turn, in stream order, to
+`TurnUpdate`s numbered 1, 2, 3 … The numbering is a pure function of the
+turn's events, so the live stream and a resume read back from the log on any
+replica number every update the same way: a client resuming after sequence
+n gets exactly the updates after n, nothing lost or repeated.
+
+Mapping (events not listed produce nothing):
+
+| event | updates |
+|---|---|
+| `TurnStarted` | one `TurnStarted` |
+| `GuardrailDecided` | one decision |
+| `TextStreamed(pieces)` | one `TextPiece` per piece (each was one live delta) |
+| `TextRetracted` | one retraction |
+| `GenerationCompleted` | one assistant message |
+| `ToolCallRequested` | one `ToolStarted` |
+| `ToolCallCompleted` / `ToolCallFailed` | one `ToolFinished` |
+| `ToolRoundLimitReached` | one limit notice |
+| terminal (`TurnCompleted` … `TurnInterrupted`) | one `TurnEnded`, the last |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from turnlog.domain import events as ev
+from turnlog.domain.state import ConversationState, Turn
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TextPiece:
+    """Text streamed to clients (already through the response guardrails)."""
+
+    generation_id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolStarted:
+    """A tool call is executed by the service, or awaited from the client."""
+
+    call: ev.ToolCall
+    client_side: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolFinished:
+    """A tool call's outcome: `result`, or `error` when it failed."""
+
+    call: ev.ToolCall
+    result: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnEnded:
+    """The turn ended; always the last update of a turn."""
+
+    turn: Turn
+    conversation_version: int
+
+
+UpdatePayload = (
+    ev.TurnStarted
+    | ev.GuardrailDecided
+    | TextPiece
+    | ev.TextRetracted
+    | ev.GenerationCompleted
+    | ToolStarted
+    | ToolFinished
+    | ev.ToolRoundLimitReached
+    | TurnEnded
+)
+
+TERMINAL_EVENTS = (
+    ev.TurnCompleted,
+    ev.TurnFailed,
+    ev.TurnCancelled,
+    ev.TurnBlocked,
+    ev.TurnInterrupted,
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnUpdate:
+    """One numbered step of a turn, as streamed to clients.
+
+    Attributes:
+        conversation_id: The conversation.
+        turn_id: The turn.
+        sequence: 1, 2, 3 … within the turn, gapless.
+        payload: What happened.
+    """
+
+    conversation_id: str
+    turn_id: str
+    sequence: int
+    payload: UpdatePayload
+
+    @property
+    def is_last(self) -> bool:
+        """True for the turn's final update."""
+        return isinstance(self.payload, TurnEnded)
+
+
+def turn_id_of(event: ev.Event) -> str | None:
+    """The turn an event belongs to, or None for conversation-level events."""
+    turn_id = getattr(event, "turn_id", None)
+    return turn_id if isinstance(turn_id, str) and turn_id else None
+
+
+class TurnProjector:
+    """Numbers one turn's updates; feed it the turn's events in stream order.
+
+    Args:
+        conversation_id: The conversation.
+        turn_id: The turn.
+        text_already_published: When True, `TextStreamed` produces nothing
+            (the live orchestrator published each piece as it was emitted and
+            only counts them here).
+    """
+
+    def __init__(
+        self, conversation_id: str, turn_id: str, *, text_already_published: bool = False
+    ) -> None:
+        self.conversation_id = conversation_id
+        self.turn_id = turn_id
+        self.sequence = 0
+        self._live_text = text_already_published
+        self._calls: dict[str, ev.ToolCall] = {}
+
+    def _next(self, payload: UpdatePayload) -> TurnUpdate:
+        self.sequence += 1
+        return TurnUpdate(
+            conversation_id=self.conversation_id,
+            turn_id=self.turn_id,
+            sequence=self.sequence,
+            payload=payload,
+        )
+
+    def text(self, generation_id: str, text: str) -> TurnUpdate:
+        """Number a live text piece (live orchestrator only)."""
+        return self._next(TextPiece(generation_id=generation_id, text=text))
+
+    def apply(self, event: ev.Event, state_after: ConversationState) -> list[TurnUpdate]:
+        """The updates `event` produces; `state_after` is the state folded through it."""
+        if turn_id_of(event) != self.turn_id:
+            return []
+        match event:
+            case ev.TurnStarted() | ev.GuardrailDecided() | ev.TextRetracted():
+                return [self._next(event)]
+            case ev.GenerationCompleted() | ev.ToolRoundLimitReached():
+                return [self._next(event)]
+            case ev.TextStreamed():
+                if self._live_text:
+                    return []
+                return [
+                    self._next(TextPiece(generation_id=event.generation_id, text=p))
+                    for p in event.pieces
+                ]
+            case ev.ToolCallRequested():
+                self._calls[event.call.call_id] = event.call
+                return [self._next(ToolStarted(call=event.call, client_side=event.client_side))]
+            case ev.ToolCallCompleted():
+                return [
+                    self._next(ToolFinished(call=self._call(event.call_id), result=event.result))
+                ]
+            case ev.ToolCallFailed():
+                return [self._next(ToolFinished(call=self._call(event.call_id), error=event.error))]
+            case _ if isinstance(event, TERMINAL_EVENTS):
+                turn = state_after.turn(self.turn_id)
+                assert turn is not None
+                ended = TurnEnded(turn=turn, conversation_version=state_after.version)
+                return [self._next(ended)]
+        return []
+
+    def _call(self, call_id: str) -> ev.ToolCall:
+        return self._calls.get(call_id) or ev.ToolCall(call_id=call_id, name="", arguments_json="")
