@@ -192,6 +192,33 @@ class EventStoreContract:
         assert none.events == ()
         assert none.next_position == seen[-1].position
 
+    async def test_latest_events_of_types_per_stream(self, store: EventStore) -> None:
+        # conv-a: started, ended, started again (open); conv-b: started, ended;
+        # conv-c: started (open); tool-d: started, outside the prefix.
+        a = [new_event("Start"), new_event("Noise"), new_event("End"), new_event("Start")]
+        await store.append("conv-a", [*a, new_event("Noise")], expected_version=0)
+        await store.append("conv-b", [new_event("Start"), new_event("End")], expected_version=0)
+        await store.append("conv-c", [new_event("Noise"), new_event("Start")], expected_version=0)
+        await store.append("tool-d", [new_event("Start")], expected_version=0)
+        await store.append("conv-e", [new_event("Noise")], expected_version=0)
+
+        types = ["Start", "End"]
+        latest = await store.latest_events_of_types(types, stream_prefix="conv-")
+        assert [(e.stream_id, e.stream_version, e.type) for e in latest] == [
+            ("conv-a", 4, "Start"),
+            ("conv-b", 2, "End"),
+            ("conv-c", 2, "Start"),
+        ]
+        assert latest[0].event_id == a[3].event_id
+        assert latest[0].data == {"n": 0}
+        open_ = await store.latest_events_of_types(types, stream_prefix="conv-", last_type="Start")
+        assert [e.stream_id for e in open_] == ["conv-a", "conv-c"]
+        everywhere = await store.latest_events_of_types(types, last_type="Start")
+        assert [e.stream_id for e in everywhere] == ["conv-a", "conv-c", "tool-d"]
+        assert await store.latest_events_of_types(["Nope"]) == ()
+        with pytest.raises(InvalidArgumentError):
+            await store.latest_events_of_types([])
+
     async def test_snapshots_latest_at_or_below_a_version(self, store: EventStore) -> None:
         await store.append("s", [new_event() for _ in range(5)], expected_version=0)
         assert await store.load_snapshot("s", kind="k.v1") is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 
 import grpc
@@ -19,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from turnlog.config import Settings
 from turnlog.conversation.application import ConversationApplication, wall_clock_us
+from turnlog.conversation.ownership import TurnOwnership
 from turnlog.conversation.servicer import ConversationServicer
 from turnlog.conversation.tools import builtin_tools
 from turnlog.storage import open_event_store
@@ -28,6 +30,19 @@ from turnlog.worker.client import EngineClient
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 5.0
+#: Seconds between recovery rounds (±20% jitter): how long a turn of a replica
+#: that died stays open at most, give or take. TURNLOG_RECOVERY_INTERVAL_S overrides.
+DEFAULT_RECOVERY_INTERVAL_S = 15.0
+
+
+def recovery_interval_s() -> float:
+    """The recovery period from TURNLOG_RECOVERY_INTERVAL_S (default 15 s, at least 1 s)."""
+    raw = os.environ.get("TURNLOG_RECOVERY_INTERVAL_S")
+    try:
+        return max(1.0, float(raw)) if raw else DEFAULT_RECOVERY_INTERVAL_S
+    except ValueError:
+        log.warning("ignoring TURNLOG_RECOVERY_INTERVAL_S=%r (not a number)", raw)
+        return DEFAULT_RECOVERY_INTERVAL_S
 
 
 def describe_event_log(settings: Settings) -> str:
@@ -60,12 +75,20 @@ async def run_server(
             engine = await stack.enter_async_context(EngineClient(worker_addresses))
         else:
             log.warning("no --worker given: conversations can be managed, turns fail UNAVAILABLE")
-        app = ConversationApplication(opened.store, engine, tools=builtin_tools(wall_clock_us))
-        # Before serving: turns left open by a process that died are closed.
+        # Turn locks on a connection of their own: other replicas may share
+        # this log, and only turns whose replica is gone may be closed.
+        ownership = await TurnOwnership.open(opened.conninfo)
+        stack.push_async_callback(ownership.close)
+        app = ConversationApplication(
+            opened.store, engine, tools=builtin_tools(wall_clock_us), ownership=ownership
+        )
+        # Before serving, and then periodically: turns whose replica died
+        # (this one before a restart, or any other) are closed.
         closed = await app.close_interrupted_turns()
         if closed:
             log.warning("closed %d interrupted turn(s)", len(closed))
         stack.push_async_callback(app.shutdown)
+        app.start_recovery(recovery_interval_s())
         server = grpc.aio.server()
         conversation_service_pb2_grpc.add_ConversationServiceServicer_to_server(
             ConversationServicer(app), server

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Protocol
@@ -366,6 +366,27 @@ class EventStore(Protocol):
             after: the checkpoint (`START_POSITION` to read from the beginning).
             limit: the most events scanned for this page (at least 1).
             filter: types and stream prefix to keep; None keeps all.
+        """
+        ...
+
+    async def latest_events_of_types(
+        self, types: Collection[str], *, stream_prefix: str = "", last_type: str | None = None
+    ) -> tuple[RecordedEvent, ...]:
+        """Per stream, the latest event whose type is one of `types`; a query, not a scan.
+
+        Finds, for example, the streams where some process is still open:
+        with `types` = its start and end events and `last_type` = the start,
+        only streams whose latest such event is a start come back.
+
+        Args:
+            types: the event types considered (at least one).
+            stream_prefix: only streams whose id starts with this.
+            last_type: when given, only streams whose latest event among
+                `types` has this type.
+
+        Returns:
+            At most one event per stream (its highest-version event among
+            `types`), ordered by stream id; committed events only.
         """
         ...
 

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import types
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from typing import Any, Final, Self, TypeVar
 from uuid import UUID
 
@@ -149,6 +149,19 @@ _READ_ALL = _q(
     "   ORDER BY e.transaction_id, e.global_position"
     "   LIMIT %(limit)s) s"
     " ORDER BY s.transaction_id, s.global_position"
+)
+# Per stream, the highest-version event of the given types (DISTINCT ON walks
+# the rows sorted by stream and version, newest first, keeping the first of
+# each stream); the caller's prefix and last-type filters run in the server,
+# so only the matching streams' rows cross the wire.
+_LATEST_OF_TYPES = _q(
+    f"SELECT {_EVENT_COLUMNS} FROM ("
+    "  SELECT DISTINCT ON (stream_id) * FROM {events}"
+    "  WHERE type = ANY (%(types)s::text[]) AND starts_with(stream_id, %(prefix)s::text)"
+    "  ORDER BY stream_id, stream_version DESC"
+    ") latest"
+    " WHERE %(last)s::text IS NULL OR type = %(last)s::text"
+    " ORDER BY stream_id"
 )
 _STREAM_VERSION = _q("SELECT coalesce(max(stream_version), 0) FROM {events} WHERE stream_id = %s")
 _SAVE_SNAPSHOT = _q(
@@ -559,6 +572,28 @@ class PostgresEventStore:
         events = tuple(_event_from_row(row) for row in rows if row[11])
         next_position = Position(rows[-1][1], rows[-1][0]) if rows else after
         return EventPage(events=events, next_position=next_position, reached_end=len(rows) < limit)
+
+    async def latest_events_of_types(
+        self, types: Collection[str], *, stream_prefix: str = "", last_type: str | None = None
+    ) -> tuple[RecordedEvent, ...]:
+        """Per stream, the latest event of `types`; see `EventStore.latest_events_of_types`.
+
+        One statement; without an index on `type` it is one sequential scan of
+        the table in the server (no rows but the answer are sent).
+
+        Raises:
+            InvalidArgumentError: `types` is empty.
+        """
+        if not types:
+            raise InvalidArgumentError("types must name at least one event type")
+        params = {"types": sorted(types), "prefix": stream_prefix, "last": last_type}
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> list[_RowTuple]:
+            cursor = await conn.execute(_LATEST_OF_TYPES, params)
+            return await cursor.fetchall()
+
+        rows = await self._read(run)
+        return tuple(_event_from_row(row) for row in rows)
 
     async def stream_version(self, stream_id: str) -> int:
         """The stream's current version, 0 if it does not exist."""

@@ -1,0 +1,306 @@
+"""Crash recovery with several replicas: turn locks (turnlog.conversation.ownership).
+
+Two `ConversationApplication`s on one database play two replicas, each with
+its own lock connection; the scripted worker and store come from the
+fixtures in conftest.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+
+from turnlog import errors
+from turnlog.conversation.application import (
+    ConversationApplication,
+    CreateConversation,
+    TurnInProgressError,
+    TurnInput,
+    stream_id,
+)
+from turnlog.conversation.ownership import LOCK_CLASS_ID, TurnOwnership, lock_key
+from turnlog.domain import events as ev
+from turnlog.domain.state import TurnStatus
+from turnlog.engine.v1 import engine_pb2_grpc
+from turnlog.storage import PostgresEventStore
+from turnlog.worker.scripted import Script, ScriptedEngine
+from turnlog.worker.service import EngineServicer
+
+pytestmark = pytest.mark.timeout(60)
+
+SLOW = "take a while"  # this module's worker streams the reply for ~1 s
+
+
+class _Worker:
+    def __init__(self, port: int) -> None:
+        self.target = f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[_Worker]:
+    """Overrides conftest's scripted worker: one reply slow enough to overlap, but short."""
+    script = {
+        "model": "scripted-test",
+        "replies": [{"match": SLOW, "text": "tick " * 5, "token_delay_ms": 40}],
+        "default": {"text": "Hello there."},
+    }
+    server = grpc.aio.server()
+    engine_pb2_grpc.add_EngineServiceServicer_to_server(
+        EngineServicer(ScriptedEngine(Script.from_json(script))), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield _Worker(port)
+    await server.stop(0)
+
+
+class Replicas:
+    """Replicas A and B (own lock connections, shared store and worker)."""
+
+    def __init__(self, make: Callable[..., ConversationApplication], url: str) -> None:
+        self._make = make
+        self._url = url
+        self.apps: list[ConversationApplication] = []
+
+    async def start(self, name: str) -> ConversationApplication:
+        ownership = await TurnOwnership.open(self._url)
+        app = self._make(instance=name, ownership=ownership)
+        self.apps.append(app)
+        return app
+
+    async def close(self) -> None:
+        for app in self.apps:
+            await app.shutdown()
+            assert app.ownership is not None
+            await app.ownership.close()
+
+
+@pytest.fixture
+async def replicas(
+    make_app: Callable[..., ConversationApplication], database_url: str
+) -> AsyncIterator[Replicas]:
+    made = Replicas(make_app, database_url)
+    yield made
+    await made.close()
+
+
+async def new_conversation(app: ConversationApplication, request_id: str = "c") -> str:
+    return (await app.create(CreateConversation(request_id=request_id))).conversation_id
+
+
+async def wait_open(app: ConversationApplication, cid: str) -> str:
+    for _ in range(100):
+        state = await app.load(cid)
+        if state.open_turn is not None:
+            return state.open_turn.turn_id
+        await asyncio.sleep(0.01)
+    raise AssertionError("the turn never opened")
+
+
+async def released(app: ConversationApplication, cid: str) -> None:
+    """Waits until `app` has unlocked `cid` (right after its turn's end is recorded)."""
+    assert app.ownership is not None
+    for _ in range(100):
+        if not app.ownership.holds(cid):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the turn lock was never released")
+
+
+async def test_recovery_leaves_a_turn_a_live_replica_runs(replicas: Replicas) -> None:
+    a = await replicas.start("a")
+    b = await replicas.start("b")
+    cid = await new_conversation(a)
+    turn_id = await a.start_turn(TurnInput(conversation_id=cid, content=SLOW, request_id="t1"))
+    await wait_open(a, cid)
+
+    assert await b.close_interrupted_turns() == []
+
+    updates = [u async for u in a.watch(cid, turn_id)]
+    assert updates[-1].is_last
+    state = await b.load(cid)
+    assert state.open_turn is None
+    assert state.turns[-1].status is TurnStatus.COMPLETED
+    # The lock went with the turn's end: B may now run the next turn.
+    assert a.ownership is not None
+    await released(a, cid)
+    result = await b.send(TurnInput(conversation_id=cid, content="hi", request_id="t2"))
+    assert result.ended.turn.status is TurnStatus.COMPLETED
+
+
+async def test_other_replica_cannot_start_a_turn_running_elsewhere(replicas: Replicas) -> None:
+    a = await replicas.start("a")
+    b = await replicas.start("b")
+    cid = await new_conversation(a)
+    # A holds the lock, its TurnStarted not committed yet (the start window):
+    # the log alone would let B in; the lock does not.
+    assert a.ownership is not None
+    claim = await a.ownership.claim(cid)
+    assert claim is not None
+    with pytest.raises(TurnInProgressError):
+        await b.start_turn(TurnInput(conversation_id=cid, content="hi", request_id="b1"))
+    # A's own next turn shares the lock it holds (a turn ending just now).
+    turn_id = await a.start_turn(TurnInput(conversation_id=cid, content=SLOW, request_id="a1"))
+    await a.ownership.release(claim)
+    with pytest.raises(TurnInProgressError):
+        await b.start_turn(TurnInput(conversation_id=cid, content="hi", request_id="b2"))
+    updates = [u async for u in a.watch(cid, turn_id)]
+    assert updates[-1].is_last
+    await released(a, cid)
+    ok = await b.send(TurnInput(conversation_id=cid, content="hi", request_id="b3"))
+    assert ok.ended.turn.status is TurnStatus.COMPLETED
+
+
+async def test_killed_lock_session_lets_periodic_recovery_take_over(
+    replicas: Replicas, database_url: str
+) -> None:
+    a = await replicas.start("a")
+    b = await replicas.start("b")
+    cid = await new_conversation(a)
+    turn_id = await a.start_turn(TurnInput(conversation_id=cid, content=SLOW, request_id="t1"))
+    await wait_open(a, cid)
+    # Kill A's lock session (what a crash of A, or a network cut, does to it).
+    live = a._running[turn_id]
+    assert live.task is not None
+    assert a.ownership is not None
+    pid = a.ownership.backend_pid
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+    b.start_recovery(0.2, jitter=0.1)
+    # A's turn keeps running meanwhile; either B interrupts it first (A's end
+    # then conflicts) or A ends it first (B's interrupt then conflicts).
+    # Never both: exactly one terminal event.
+    for _ in range(100):
+        state = await b.load(cid)
+        if state.open_turn is None:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.gather(live.task, return_exceptions=True)
+    state = await b.load(cid)
+    assert state.open_turn is None
+    ended = [t for t in state.turns if t.turn_id == turn_id]
+    assert len(ended) == 1
+    events = await b.store.read_stream(stream_id(cid))
+    terminal = [e.type for e in events if e.type.startswith("Turn") and e.type != "TurnStarted"]
+    assert len(terminal) == 1
+    # The conversation goes on, on B.
+    result = await b.send(TurnInput(conversation_id=cid, content="hi", request_id="t2"))
+    assert result.ended.turn.status is TurnStatus.COMPLETED
+
+
+async def test_orphan_of_a_dead_replica_is_interrupted_and_its_end_conflicts(
+    replicas: Replicas, database_url: str
+) -> None:
+    a = await replicas.start("a")
+    b = await replicas.start("b")
+    cid = await new_conversation(a)
+    turn_id = await a.start_turn(TurnInput(conversation_id=cid, content=SLOW, request_id="t1"))
+    await wait_open(a, cid)
+    assert a.ownership is not None
+    # A's lock session dies mid-turn; B recovers before A's turn can end.
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (a.ownership.backend_pid,))
+    for _ in range(50):  # the backend exits asynchronously
+        closed = await b.close_interrupted_turns()
+        if closed:
+            break
+        await asyncio.sleep(0.02)
+    assert closed == [(cid, turn_id)]
+    # A's turn must not be reported completed: its watchers get the conflict.
+    with pytest.raises(errors.VersionConflictError):
+        async for _ in a.watch(cid, turn_id):
+            pass
+    state = await b.load(cid)
+    assert state.turns[-1].status is TurnStatus.INTERRUPTED
+    # A reconnects its lock session and works again (it lost the lock).
+    assert await a.ownership.check() == []
+    await released(a, cid)
+    result = await a.send(TurnInput(conversation_id=cid, content="hi", request_id="t2"))
+    assert result.ended.turn.status is TurnStatus.COMPLETED
+
+
+async def test_reconnect_retakes_locks_a_live_turn_still_holds(
+    replicas: Replicas, database_url: str
+) -> None:
+    a = await replicas.start("a")
+    b = await replicas.start("b")
+    cid = await new_conversation(a)
+    assert a.ownership is not None
+    claim = await a.ownership.claim(cid)
+    assert claim is not None
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (a.ownership.backend_pid,))
+    await asyncio.sleep(0.2)
+    assert await a.ownership.check() == []  # reconnected, lock re-taken
+    assert a.ownership.holds(cid)
+    assert b.ownership is not None
+    assert await b.ownership.claim(cid) is None
+    await a.ownership.release(claim)
+    other = await b.ownership.claim(cid)
+    assert other is not None
+    await b.ownership.release(other)
+
+
+async def test_recovery_is_one_query_over_many_closed_turns(
+    replicas: Replicas, store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await replicas.start("a")
+    b = await replicas.start("b")
+    cids = [await new_conversation(a, f"c{i}") for i in range(4)]
+    for n in range(5):
+        await asyncio.gather(
+            *(
+                a.send(TurnInput(conversation_id=cid, content="hi", request_id=f"r{n}"))
+                for cid in cids
+            )
+        )
+    # One orphan: a TurnStarted that no process runs; A's lock session still
+    # holds the conversation (A is alive, say, just about to run it).
+    victim = cids[2]
+    version = (await a.load(victim)).version
+    started = ev.TurnStarted(turn_id="orphan", request_id="orphan", started_at_us=1)
+    await store.append(
+        stream_id(victim),
+        [a._new_event("22222222-2222-2222-2222-222222222222", started)],
+        expected_version=version,
+    )
+    assert a.ownership is not None
+    held = await a.ownership.claim(victim)
+    assert held is not None
+
+    calls: list[Any] = []
+    original_latest = store.latest_events_of_types
+
+    async def no_scan(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("recovery must not scan the log")
+
+    async def latest(*args: Any, **kwargs: Any) -> Any:
+        found = await original_latest(*args, **kwargs)
+        calls.append([e.stream_id for e in found])
+        return found
+
+    monkeypatch.setattr(store, "read_all", no_scan)
+    monkeypatch.setattr(store, "subscribe_all", no_scan)
+    monkeypatch.setattr(store, "latest_events_of_types", latest)
+    assert await b.close_interrupted_turns() == []  # A holds it: left alone
+    await a.ownership.release(held)  # A lets go (or dies)
+    assert await b.close_interrupted_turns() == [(victim, "orphan")]
+    # The query returned the one open conversation, not 20 closed turns.
+    assert calls == [[stream_id(victim)], [stream_id(victim)]]
+    state = await b.load(victim)
+    assert state.open_turn is None
+    assert state.turns[-1].status is TurnStatus.INTERRUPTED
+    assert await b.close_interrupted_turns() == []
+    assert (await store.verify(stream_id(victim))).ok
+
+
+def test_lock_key_is_stable_and_namespaced() -> None:
+    assert lock_key("abc") == lock_key("abc")
+    assert lock_key("abc") != lock_key("abd")
+    assert -(2**31) <= lock_key("abc") < 2**31
+    assert LOCK_CLASS_ID == 0x746C
