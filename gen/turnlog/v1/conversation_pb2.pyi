@@ -302,6 +302,7 @@ class TurnDefaults(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     MAX_TOOL_ROUND_TRIPS_FIELD_NUMBER: _builtins.int
+    FIRST_GENERATION_REGEX_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name as the workers know it (empty: the worker's model)."""
     temperature: _builtins.float
@@ -316,6 +317,12 @@ class TurnDefaults(_message.Message):
     """Seed for reproducible sampling."""
     max_tool_round_trips: _builtins.int
     """Maximum model-tool round trips per turn."""
+    first_generation_regex: _builtins.str
+    """Structured output for the first generation of each turn: its text must
+    match this regular expression (for example a `<tool_call>` block in the
+    worker's tool-call format, which forces a tool call). Later generations
+    of the tool loop are unconstrained, so the loop can end with text.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Stop strings."""
@@ -331,11 +338,14 @@ class TurnDefaults(_message.Message):
         seed: _builtins.int | None = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
         max_tool_round_trips: _builtins.int | None = ...,
+        first_generation_regex: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_max_tool_round_trips", b"_max_tool_round_trips", "_model", b"_model", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "max_tool_round_trips", b"max_tool_round_trips", "model", b"model", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_first_generation_regex", b"_first_generation_regex", "_max_tokens", b"_max_tokens", "_max_tool_round_trips", b"_max_tool_round_trips", "_model", b"_model", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "first_generation_regex", b"first_generation_regex", "max_tokens", b"max_tokens", "max_tool_round_trips", b"max_tool_round_trips", "model", b"model", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_max_tool_round_trips", b"_max_tool_round_trips", "_model", b"_model", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "max_tool_round_trips", b"max_tool_round_trips", "model", b"model", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_first_generation_regex", b"_first_generation_regex", "_max_tokens", b"_max_tokens", "_max_tool_round_trips", b"_max_tool_round_trips", "_model", b"_model", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "first_generation_regex", b"first_generation_regex", "max_tokens", b"max_tokens", "max_tool_round_trips", b"max_tool_round_trips", "model", b"model", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__first_generation_regex: _TypeAlias = _typing.Literal["first_generation_regex"]  # noqa: Y015
+    _WhichOneofArgType__first_generation_regex: _TypeAlias = _typing.Literal["_first_generation_regex", b"_first_generation_regex"]  # noqa: Y015
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
     _WhichOneofReturnType__max_tool_round_trips: _TypeAlias = _typing.Literal["max_tool_round_trips"]  # noqa: Y015
@@ -350,6 +360,8 @@ class TurnDefaults(_message.Message):
     _WhichOneofArgType__top_k: _TypeAlias = _typing.Literal["_top_k", b"_top_k"]  # noqa: Y015
     _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
     _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__first_generation_regex) -> _WhichOneofReturnType__first_generation_regex | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens) -> _WhichOneofReturnType__max_tokens | None: ...
     @_typing.overload

@@ -35,6 +35,7 @@ import base64
 import contextlib
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from turnlog import errors
+from turnlog.conversation.ownership import Claim, TurnOwnership
 from turnlog.conversation.projection import (
     TERMINAL_EVENTS,
     TextPiece,
@@ -306,6 +308,9 @@ class ConversationApplication:
         defaults: Service defaults.
         clock: Microseconds since the Unix epoch; injected for tests.
         instance: This process's name, recorded as the actor of its events.
+        ownership: This replica's turn locks (`TurnOwnership`), required when
+            several replicas share the log; None means this process is the
+            only one (recovery then closes every open turn it does not run).
     """
 
     def __init__(
@@ -318,8 +323,12 @@ class ConversationApplication:
         defaults: ServiceDefaults | None = None,
         clock: Callable[[], int] = wall_clock_us,
         instance: str = "",
+        ownership: TurnOwnership | None = None,
     ) -> None:
         self.store = store
+        self.ownership = ownership
+        self._recovery_task: asyncio.Task[None] | None = None
+        self._releases: set[asyncio.Task[None]] = set()
         self.engine = engine
         self.tools = tools or ToolRegistry()
         self.guardrails = guardrails or default_registry()
@@ -551,47 +560,95 @@ class ConversationApplication:
     # -- recovery ----------------------------------------------------------------
 
     async def close_interrupted_turns(self) -> list[tuple[str, str]]:
-        """Close every turn found open in the log with `TurnInterrupted`.
+        """Close the open turns that no live replica runs with `TurnInterrupted`.
 
-        Called once at start, before serving: a turn open then was running in
-        a process that died. (With several replicas sharing a log this would
-        also close turns that other live replicas run; see docs/conversation.md.)
+        Open turns come from one query (`latest_events_of_types`: per
+        conversation, its latest `TurnStarted`/terminal event, kept when it is
+        a start), not from a scan of the log in Python. With `ownership`, a
+        turn is closed only after its conversation's lock was taken, i.e.
+        when no live replica (this one included) holds it; the append names
+        the version just loaded, so a turn that moved on meanwhile is skipped.
+        Without `ownership`, every open turn not running in this process is
+        closed (correct for a single replica only). Safe to run at any time,
+        concurrently on several replicas.
 
         Returns:
             The (conversation id, turn id) pairs closed.
+
+        Raises:
+            StorageUnavailableError: the log or the lock connection is unreachable.
         """
-        open_turns: dict[str, str] = {}
-        position = START_POSITION
-        types = frozenset({"TurnStarted"}) | _TERMINAL_TYPES
-        while True:
-            page = await self.store.read_all(
-                after=position,
-                limit=1000,
-                filter=EventFilter(types=types, stream_prefix=STREAM_PREFIX),
-            )
-            for recorded in page.events:
-                if recorded.type == "TurnStarted":
-                    open_turns[recorded.stream_id] = str(recorded.data["turn_id"])
-                else:
-                    open_turns.pop(recorded.stream_id, None)
-            position = page.next_position
-            if page.reached_end:
-                break
+        types = ["TurnStarted", *sorted(_TERMINAL_TYPES)]
+        candidates = await self.store.latest_events_of_types(
+            types, stream_prefix=STREAM_PREFIX, last_type="TurnStarted"
+        )
         closed: list[tuple[str, str]] = []
-        for sid, turn_id in open_turns.items():
-            cid = sid.removeprefix(STREAM_PREFIX)
-            state = await self.load(cid)
-            if state.open_turn is None or state.open_turn.turn_id != turn_id:
-                continue
-            event = ev.TurnInterrupted(turn_id=turn_id, detected_at_us=self.clock())
-            new = self._new_event(derived_id(turn_id, "interrupted"), event, correlation=turn_id)
+        for recorded in candidates:
+            turn_id = str(recorded.data["turn_id"])
+            if turn_id in self._running:
+                continue  # running here, alive
+            cid = recorded.stream_id.removeprefix(STREAM_PREFIX)
+            claim = await self._claim(cid, orphan=True)
+            if claim is None:
+                continue  # a live replica owns it (or is recovering it)
             try:
-                await self.store.append(sid, [new], expected_version=state.version)
-            except errors.VersionConflictError:
-                continue  # someone else closed or moved it meanwhile
-            closed.append((cid, turn_id))
-            log.warning("closed interrupted turn %s of %s", turn_id, cid)
+                if await self._interrupt(cid, turn_id):
+                    closed.append((cid, turn_id))
+            finally:
+                await self._release(claim)
         return closed
+
+    async def _interrupt(self, cid: str, turn_id: str) -> bool:
+        state = await self.load(cid)
+        if state.open_turn is None or state.open_turn.turn_id != turn_id:
+            return False
+        event = ev.TurnInterrupted(turn_id=turn_id, detected_at_us=self.clock())
+        new = self._new_event(derived_id(turn_id, "interrupted"), event, correlation=turn_id)
+        try:
+            await self.store.append(stream_id(cid), [new], expected_version=state.version)
+        except errors.VersionConflictError:
+            return False  # its owner (or another recovery) moved it on meanwhile
+        log.warning("closed interrupted turn %s of %s", turn_id, cid)
+        return True
+
+    def start_recovery(self, interval_s: float, *, jitter: float = 0.2) -> None:
+        """Run `close_interrupted_turns` every `interval_s` (± `jitter`) until `shutdown`.
+
+        Each round first checks the lock connection (reconnecting it and
+        re-taking its locks if it broke). Jitter keeps replicas started
+        together from recovering in lockstep. Errors are logged, never fatal.
+        """
+        if self._recovery_task is None:
+            self._recovery_task = asyncio.create_task(
+                self._recover_periodically(interval_s, jitter), name="turn-recovery"
+            )
+
+    async def _recover_periodically(self, interval_s: float, jitter: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s * random.uniform(1 - jitter, 1 + jitter))
+            try:
+                if self.ownership is not None:
+                    lost = await self.ownership.check()
+                    if lost:
+                        log.warning("turn locks lost to other replicas: %s", ", ".join(lost))
+                closed = await self.close_interrupted_turns()
+                if closed:
+                    log.warning("closed %d interrupted turn(s)", len(closed))
+            except errors.TurnlogError as e:
+                log.warning("turn recovery failed (%s); retrying next round", e)
+            except Exception:
+                log.exception("turn recovery failed; retrying next round")
+
+    async def _claim(self, cid: str, *, orphan: bool = False) -> Claim | None:
+        if self.ownership is None:
+            return Claim(cid, None)
+        if orphan:
+            return await self.ownership.claim_orphan(cid)
+        return await self.ownership.claim(cid)
+
+    async def _release(self, claim: Claim) -> None:
+        if self.ownership is not None:
+            await self.ownership.release(claim)
 
     # -- turns ---------------------------------------------------------------------
 
@@ -629,8 +686,18 @@ class ConversationApplication:
                     "another turn of this conversation is running",
                     metadata={"turnId": state.open_turn.turn_id},
                 )
+            # The lock before the claim in the log: a live replica holds it for
+            # as long as the log shows its turn open, so no recovery closes it.
+            claim = await self._claim(cid)
+            if claim is None:
+                # Another replica runs (or is just starting, ending or
+                # recovering) a turn of this conversation.
+                raise TurnInProgressError(
+                    "a turn of this conversation is running on another server",
+                    metadata={"conversation": cid},
+                )
             try:
-                return await self._begin(state, command, request_id)
+                return await self._begin(state, command, request_id, claim)
             except (errors.VersionConflictError, errors.DuplicateEventError):
                 # Lost a race: reload and decide again (same request → watch
                 # the winner's turn; another turn → fail fast).
@@ -655,7 +722,19 @@ class ConversationApplication:
         )
         return model, sampling, rounds
 
-    async def _begin(self, state: ConversationState, command: TurnInput, request_id: str) -> str:
+    async def _begin(
+        self, state: ConversationState, command: TurnInput, request_id: str, claim: Claim
+    ) -> str:
+        """Record the turn's start and run it in a task; `claim` is released when it ends."""
+        try:
+            return await self._begin_claimed(state, command, request_id, claim)
+        except BaseException:
+            await asyncio.shield(self._release(claim))
+            raise
+
+    async def _begin_claimed(
+        self, state: ConversationState, command: TurnInput, request_id: str, claim: Claim
+    ) -> str:
         cid = state.conversation_id
         if self.engine is None:
             raise errors.EngineUnavailableError("no engine worker is configured")
@@ -705,9 +784,21 @@ class ConversationApplication:
                 run.generate(pipeline, model, sampling, rounds), name=f"turn-{turn_id}"
             )
             live.task.add_done_callback(lambda _: self._running.pop(turn_id, None))
+            # The lock is given back only after the turn's end is recorded (or
+            # could not be: then recovery closes it once the lock is free);
+            # a done callback also covers a task cancelled before it started.
+            live.task.add_done_callback(lambda _: self._release_later(claim))
         else:
             self._running.pop(turn_id, None)
+            await self._release(claim)
         return turn_id
+
+    def _release_later(self, claim: Claim) -> None:
+        if self.ownership is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._release(claim))
+        self._releases.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._releases.discard)
 
     async def watch(
         self, conversation_id: str, turn_id: str, *, after_sequence: int = 0
@@ -779,13 +870,22 @@ class ConversationApplication:
             future.set_result((result, error))
 
     async def shutdown(self) -> None:
-        """Cancel running turns (each records TurnCancelled) and wait for them."""
+        """Stop recovery, cancel running turns (each records TurnCancelled), wait for them.
+
+        Does not close `ownership` (its owner does, after this).
+        """
+        if self._recovery_task is not None:
+            self._recovery_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery_task
+            self._recovery_task = None
         tasks = [r.task for r in self._running.values() if r.task is not None]
         for run in self._running.values():
             run.cancel_reason = "the service is shutting down"
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._releases, return_exceptions=True)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -912,18 +1012,27 @@ class _TurnRecorder:
             await self.flush()
 
     async def finish(self, event: ev.Event) -> None:
-        """Buffer the terminal event and commit; never raises (a lost end is recovered at start)."""
+        """Buffer the terminal event and commit; never raises (a lost end is recovered later).
+
+        A version conflict means the turn's stream moved on without this
+        process: recovery on another replica closed it (this replica's lock
+        was lost). Watchers then get that conflict (ABORTED), never an end the
+        log does not hold.
+        """
         self.add(event)
         try:
             await self.flush()
         except asyncio.CancelledError:
             raise
+        except errors.VersionConflictError as e:
+            log.warning("turn %s was closed elsewhere (interrupted): %s", self.turn_id, e)
+            self.live.fail(e)
+            return
         except Exception as e:
             log.error("could not record the end of turn %s (%s)", self.turn_id, type(e).__name__)
             self.live.fail(
                 errors.StorageUnavailableError(
-                    "the turn's outcome could not be recorded; it is closed as "
-                    "interrupted when the service restarts",
+                    "the turn's outcome could not be recorded; recovery closes it as interrupted",
                     metadata={"turnId": self.turn_id},
                 )
             )
@@ -942,7 +1051,10 @@ class _TurnRecorder:
             while True:
                 generation += 1
                 phase = "generation"
-                result = await self._one_generation(pipeline, model, sampling, generation)
+                # A structured-output regex constrains only the turn's first
+                # generation (e.g. to force a tool call); later ones may end with text.
+                constrained = sampling if generation == 1 else replace(sampling, regex=None)
+                result = await self._one_generation(pipeline, model, constrained, generation)
                 if result is None:
                     return  # blocked and recorded
                 completed = result
@@ -1231,6 +1343,8 @@ def _engine_sampling(sampling: ev.SamplingParams) -> engine_pb2.SamplingParams:
         params["max_tokens"] = sampling.max_tokens
     if sampling.seed is not None:
         params["seed"] = sampling.seed
+    if sampling.regex is not None:
+        params["structured_output"] = engine_pb2.StructuredOutput(regex=sampling.regex)
     return engine_pb2.SamplingParams(**params)
 
 

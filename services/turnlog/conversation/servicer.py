@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import timestamp_pb2
 
+from turnlog import errors
 from turnlog.conversation import application as appl
 from turnlog.conversation.projection import (
     TextPiece,
@@ -38,6 +39,7 @@ _TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 MAX_REQUEST_ID = 128
 MAX_CONTENT_CHARS = 1_000_000
 MAX_PAGE_SIZE = 500
+MAX_REGEX_CHARS = 4096
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -77,6 +79,10 @@ def _options(message: pb.TurnDefaults, field: str, v: _Violations) -> appl.TurnO
         v.add(f"{field}.max_tool_round_trips", "must be between 0 and 32")
     if len(message.stop) > 16:
         v.add(f"{field}.stop", "at most 16 stop strings")
+    if message.HasField("first_generation_regex") and not (
+        0 < len(message.first_generation_regex) <= MAX_REGEX_CHARS
+    ):
+        v.add(f"{field}.first_generation_regex", f"1-{MAX_REGEX_CHARS} characters")
     return appl.TurnOptions(
         model=message.model if message.HasField("model") else None,
         sampling=ev.SamplingParams(
@@ -86,6 +92,11 @@ def _options(message: pb.TurnDefaults, field: str, v: _Violations) -> appl.TurnO
             max_tokens=message.max_tokens if message.HasField("max_tokens") else None,
             seed=message.seed if message.HasField("seed") else None,
             stop=tuple(message.stop),
+            regex=(
+                message.first_generation_regex
+                if message.HasField("first_generation_regex")
+                else None
+            ),
         ),
         max_tool_round_trips=(
             message.max_tool_round_trips if message.HasField("max_tool_round_trips") else None
@@ -189,6 +200,22 @@ def _turn(turn: Turn) -> pb.Turn:
     return message
 
 
+def _raise_if_no_worker(turn: Turn) -> None:
+    """A unary turn that failed because no worker could take it is UNAVAILABLE.
+
+    The failure is recorded (`TurnFailed`) either way; a unary caller gets it
+    as a retryable status rather than a response it must inspect. Retry with
+    a new request id: the old one names the failed turn.
+    """
+    if turn.status is not TurnStatus.FAILED:
+        return
+    phase, _, kind = turn.outcome_reason.partition(": ")
+    if kind == errors.EngineUnavailableError.reason:
+        raise errors.EngineUnavailableError(
+            "no engine worker is available", metadata={"turnId": turn.turn_id, "phase": phase}
+        )
+
+
 def _defaults(state: ConversationState) -> pb.TurnDefaults:
     s = state.sampling
     message = pb.TurnDefaults(stop=list(s.stop))
@@ -200,6 +227,8 @@ def _defaults(state: ConversationState) -> pb.TurnDefaults:
             setattr(message, name, value)
     if state.max_tool_round_trips is not None:
         message.max_tool_round_trips = state.max_tool_round_trips
+    if s.regex is not None:
+        message.first_generation_regex = s.regex
     return message
 
 
@@ -425,6 +454,7 @@ class ConversationServicer(sgrpc.ConversationServiceServicer):
             # with the same request id returns it.
             result = await self.app.send(command)
             ended = result.ended
+            _raise_if_no_worker(ended.turn)
             response = spb.SendMessageResponse(
                 turn=_turn(ended.turn),
                 tool_executions=[_execution(f) for f in result.tool_executions],

@@ -64,6 +64,8 @@ class SamplingParams:
     max_tokens: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Structured output: the generated text must match this regular expression.
+    regex: str | None = None
 
     def overridden_by(self, other: SamplingParams) -> SamplingParams:
         """Return these params with every field that `other` sets replaced."""
@@ -74,6 +76,7 @@ class SamplingParams:
             max_tokens=_pick(other.max_tokens, self.max_tokens),
             seed=_pick(other.seed, self.seed),
             stop=other.stop or self.stop,
+            regex=_pick(other.regex, self.regex),
         )
 
 
