@@ -49,6 +49,31 @@ class AlreadyExistsError(TurnlogError):
     reason = "ALREADY_EXISTS"
 
 
+class FailedPreconditionError(TurnlogError):
+    """The request is valid but the resource is not in a state that allows it."""
+
+    reason = "FAILED_PRECONDITION"
+
+
+class TurnInProgressError(FailedPreconditionError):
+    """Another turn of the conversation is running; retry when it has ended."""
+
+    reason = "TURN_IN_PROGRESS"
+    retryable = True
+
+
+class ConversationArchivedError(FailedPreconditionError):
+    """The conversation is archived and takes no new turns."""
+
+    reason = "CONVERSATION_ARCHIVED"
+
+
+class TurnNotRunningHereError(FailedPreconditionError):
+    """The turn is not running in this process (ended, or on another replica)."""
+
+    reason = "TURN_NOT_RUNNING"
+
+
 class VersionConflictError(TurnlogError):
     """An append named an expected stream version that is not the actual one."""
 

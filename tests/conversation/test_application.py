@@ -11,7 +11,6 @@ from turnlog.conversation.application import (
     ConversationApplication,
     CreateConversation,
     ListQuery,
-    TurnInProgressError,
     TurnInput,
     TurnOptions,
     stream_id,
@@ -69,7 +68,7 @@ async def test_concurrent_different_sends_fail_fast(app: ConversationApplication
     slow = await app.start_turn(
         TurnInput(conversation_id=cid, content="slow story", request_id="a")
     )
-    with pytest.raises(TurnInProgressError):
+    with pytest.raises(errors.TurnInProgressError):
         await app.start_turn(TurnInput(conversation_id=cid, content="hi", request_id="b"))
     [u async for u in app.watch(cid, slow)]
     done = await app.send(TurnInput(conversation_id=cid, content="hi", request_id="b"))

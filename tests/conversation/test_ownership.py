@@ -19,7 +19,6 @@ from turnlog import errors
 from turnlog.conversation.application import (
     ConversationApplication,
     CreateConversation,
-    TurnInProgressError,
     TurnInput,
     stream_id,
 )
@@ -142,12 +141,12 @@ async def test_other_replica_cannot_start_a_turn_running_elsewhere(replicas: Rep
     assert a.ownership is not None
     claim = await a.ownership.claim(cid)
     assert claim is not None
-    with pytest.raises(TurnInProgressError):
+    with pytest.raises(errors.TurnInProgressError):
         await b.start_turn(TurnInput(conversation_id=cid, content="hi", request_id="b1"))
     # A's own next turn shares the lock it holds (a turn ending just now).
     turn_id = await a.start_turn(TurnInput(conversation_id=cid, content=SLOW, request_id="a1"))
     await a.ownership.release(claim)
-    with pytest.raises(TurnInProgressError):
+    with pytest.raises(errors.TurnInProgressError):
         await b.start_turn(TurnInput(conversation_id=cid, content="hi", request_id="b2"))
     updates = [u async for u in a.watch(cid, turn_id)]
     assert updates[-1].is_last

@@ -94,25 +94,6 @@ STREAM_PREFIX = "conversation-"
 _TERMINAL_TYPES = frozenset(t.__name__ for t in TERMINAL_EVENTS)
 
 
-class TurnInProgressError(errors.TurnlogError):
-    """Another turn of the conversation is running; retry when it has ended."""
-
-    reason = "TURN_IN_PROGRESS"
-    retryable = True
-
-
-class ConversationArchivedError(errors.TurnlogError):
-    """The conversation is archived and takes no new turns."""
-
-    reason = "CONVERSATION_ARCHIVED"
-
-
-class TurnNotRunningHereError(errors.TurnlogError):
-    """The turn is not running in this process (ended, or on another replica)."""
-
-    reason = "TURN_NOT_RUNNING"
-
-
 def stream_id(conversation_id: str) -> str:
     """The event stream of a conversation."""
     return STREAM_PREFIX + conversation_id
@@ -463,7 +444,7 @@ class ConversationApplication:
         if state.archived:
             return state
         if state.open_turn is not None:
-            raise TurnInProgressError(
+            raise errors.TurnInProgressError(
                 "a turn is running; archive when it has ended",
                 metadata={"turnId": state.open_turn.turn_id},
             )
@@ -674,7 +655,7 @@ class ConversationApplication:
             if existing is not None:
                 return existing.turn_id
             if state.archived:
-                raise ConversationArchivedError(
+                raise errors.ConversationArchivedError(
                     "the conversation is archived", metadata={"conversation": cid}
                 )
             if command.expected_version is not None and command.expected_version != state.version:
@@ -682,7 +663,7 @@ class ConversationApplication:
                     stream_id(cid), command.expected_version, state.version
                 )
             if state.open_turn is not None:
-                raise TurnInProgressError(
+                raise errors.TurnInProgressError(
                     "another turn of this conversation is running",
                     metadata={"turnId": state.open_turn.turn_id},
                 )
@@ -692,7 +673,7 @@ class ConversationApplication:
             if claim is None:
                 # Another replica runs (or is just starting, ending or
                 # recovering) a turn of this conversation.
-                raise TurnInProgressError(
+                raise errors.TurnInProgressError(
                     "a turn of this conversation is running on another server",
                     metadata={"conversation": cid},
                 )
@@ -702,7 +683,7 @@ class ConversationApplication:
                 # Lost a race: reload and decide again (same request → watch
                 # the winner's turn; another turn → fail fast).
                 continue
-        raise TurnInProgressError("the conversation is busy", metadata={"conversation": cid})
+        raise errors.TurnInProgressError("the conversation is busy", metadata={"conversation": cid})
 
     def _options(
         self, state: ConversationState, overrides: TurnOptions
@@ -845,7 +826,7 @@ class ConversationApplication:
         """
         live = self._running.get(turn_id)
         if live is None or live.conversation_id != conversation_id or live.task is None:
-            raise TurnNotRunningHereError(
+            raise errors.TurnNotRunningHereError(
                 "the turn is not running on this server", metadata={"turnId": turn_id}
             )
         live.cancel_reason = reason or "cancelled by the client"
@@ -862,7 +843,7 @@ class ConversationApplication:
         live = self._running.get(turn_id)
         future = None if live is None else live.tool_results.get(call_id)
         if live is None or live.conversation_id != conversation_id or future is None:
-            raise TurnNotRunningHereError(
+            raise errors.TurnNotRunningHereError(
                 "no such tool call is awaited on this server",
                 metadata={"turnId": turn_id, "callId": call_id},
             )
@@ -1350,15 +1331,12 @@ def _engine_sampling(sampling: ev.SamplingParams) -> engine_pb2.SamplingParams:
 
 __all__ = [
     "ConversationApplication",
-    "ConversationArchivedError",
     "ConversationSummary",
     "CreateConversation",
     "ListQuery",
     "ServiceDefaults",
     "TextPiece",
-    "TurnInProgressError",
     "TurnInput",
-    "TurnNotRunningHereError",
     "TurnOptions",
     "TurnResult",
 ]
