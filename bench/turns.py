@@ -1,0 +1,687 @@
+"""Benchmark: turns through `ConversationService` vs the engine worker called directly.
+
+A program, not a test. Everything runs on loopback, as separate processes:
+an embedded PostgreSQL (unless --dsn), `turnlog worker`, `turnlog serve
+--worker ...` (the service under test) and this process, the client.
+
+1. Scripted worker (replies at once, no delays). For each concurrency level
+   (default 1, 16, 64 conversations in flight, each sending --turns turns one
+   after another) and each guardrail profile (default "none" and "default"):
+   - direct: `EngineClient.generate` on the worker with the chat the service
+     would send (system prompt, the history so far, the new user message);
+   - service: `SendMessage` through the conversation service.
+   The two sides alternate, --reps times; turns/s is the median over the
+   repetitions, p50/p99 latency is over every measured turn. "Added" is
+   service minus direct at p50 and p99: what the service and the log cost.
+2. Database work per turn, between readings taken before the first level and
+   after each level (warm-up turns included in the count). Statistics are
+   flushed by backends asynchronously: an idle backend that flushed less than
+   1 s earlier flushes only after 10 s, so each reading waits
+   --stats-settle-s (11 s) of idleness first:
+   - xact_commit: pg_stat_database.xact_commit delta of the service's
+     database: every committed transaction, read-only ones (loads) included;
+   - write_xacts: transaction ids assigned (delta of
+     pg_snapshot_xmax(pg_current_snapshot())): transactions that wrote, so
+     wrote a commit record to the WAL (appends, and the NOTIFY the store sends
+     after appends: NOTIFY takes an xid). Target: at most 2 per turn without
+     tools, i.e. the two appends, plus NOTIFYs where they are not coalesced;
+   - appends: distinct turnlog.events.transaction_id among the new events
+     (exact: the append transactions themselves); other = write_xacts - appends;
+   - wal_fsyncs: pg_stat_io fsyncs of object 'wal' (group commit can merge
+     several commits into one flush); wal_bytes: pg_current_wal_lsn() delta.
+   This program's own statistics query is one transaction per reading and is
+   subtracted; autovacuum/autoanalyze may add a few, rollbacks are reported.
+3. vLLM CPU worker on the tiny model (built on the fly unless --model), same
+   engine settings and thread settings as bench/engine.py (whose launch code
+   is imported): output tokens/s, counted from usage, of --vllm-concurrency
+   conversations at a time, each sending --vllm-turns turns (max_tokens
+   --max-tokens; greedy unless --temperature, then seeded per conversation
+   alike on both sides; the service has no ignore_eos, and the random tiny
+   model's greedy replies run to max_tokens), through the service (guardrail profile "none"
+   unless --vllm-profiles says otherwise) and through vLLM's own
+   OpenAI-compatible server streaming the same chats (system prompt + history
+   + new message, `stream_options.include_usage`). Both servers run at once;
+   the sides alternate, --vllm-reps times; medians are reported.
+
+Usage:
+    python bench/turns.py [--json out.json] [--dsn URL] [--levels 1 16 64] [--no-vllm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+from engine import (
+    ENGINE_SETTINGS,
+    HTTP_LAUNCHER,
+    build_model,
+    free_port,
+    start_process,
+    stop_process,
+    wait_for,
+)
+
+from turnlog.engine.v1 import engine_pb2 as epb
+from turnlog.storage.embedded import EmbeddedPostgres
+from turnlog.v1 import conversation_pb2 as pb
+from turnlog.v1 import conversation_service_pb2 as spb
+from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
+from turnlog.worker.client import EngineClient
+
+SYSTEM_PROMPT = "You are a helpful assistant. Be brief."
+SCRIPT = {"model": "scripted-bench", "default": {"text": "The quick brown fox jumps over it."}}
+USER_TEXTS = [
+    "Explain the difference between a list and a tuple.",
+    "What does the with statement do in Python?",
+    "Describe how a hash table resolves collisions.",
+    "How do I reverse a linked list in place?",
+]
+
+
+def user_text(conversation: int, turn: int) -> str:
+    return f"{USER_TEXTS[(conversation + turn) % len(USER_TEXTS)]} (conversation {conversation}, turn {turn})"
+
+
+def percentile(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+@dataclass
+class Run:
+    """One measured run: per-turn latencies (s), wall time, output tokens."""
+
+    latencies: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    tokens: int = 0
+
+
+async def drive(
+    send: Callable[[int, int], Awaitable[int]], conversations: int, turns: int, concurrency: int
+) -> Run:
+    """`conversations` conversations, `concurrency` at a time, each `turns` turns in order.
+
+    `send(conversation, turn)` runs one turn and returns its output tokens.
+    """
+    run = Run()
+    sem = asyncio.Semaphore(concurrency)
+
+    async def conversation(i: int) -> None:
+        async with sem:
+            for t in range(turns):
+                t0 = time.perf_counter()
+                tokens = await send(i, t)  # (not `+= await`: tasks interleave)
+                run.tokens += tokens
+                run.latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(conversation(i) for i in range(conversations)))
+    run.wall_s = time.perf_counter() - t0
+    return run
+
+
+# -- the two sides ----------------------------------------------------------------
+
+
+class Direct:
+    """Chats sent straight to the worker; keeps each conversation's history."""
+
+    def __init__(self, client: EngineClient, max_tokens: int | None) -> None:
+        self.client = client
+        self.max_tokens = max_tokens
+        self.histories: dict[int, list[epb.ChatMessage]] = {}
+
+    def reset(self, conversations: int) -> None:
+        self.histories = {
+            i: [epb.ChatMessage(role=epb.CHAT_ROLE_SYSTEM, content=SYSTEM_PROMPT)]
+            for i in range(conversations)
+        }
+
+    async def send(self, i: int, t: int) -> int:
+        history = self.histories[i]
+        history.append(epb.ChatMessage(role=epb.CHAT_ROLE_USER, content=user_text(i, t)))
+        sampling = epb.SamplingParams(temperature=0)
+        if self.max_tokens is not None:
+            sampling.max_tokens = self.max_tokens
+        start = epb.StartGeneration(
+            chat=epb.ChatPrompt(messages=history, add_generation_prompt=True), sampling=sampling
+        )
+        text: list[str] = []
+        async for event in self.client.generate(start):
+            if isinstance(event, epb.GenerationDelta):
+                text.append(event.text)
+            else:
+                content = event.content if event.tool_calls else "".join(text)
+                history.append(epb.ChatMessage(role=epb.CHAT_ROLE_ASSISTANT, content=content))
+                return int(event.usage.completion_tokens)
+        raise RuntimeError("generation ended without GenerationDone")
+
+
+class Service:
+    """Conversations on the service; `prepare` creates them outside the timing."""
+
+    def __init__(
+        self,
+        stub: sgrpc.ConversationServiceStub,
+        max_tokens: int | None,
+        temperature: float = 0.0,
+        seeded: bool = False,
+    ) -> None:
+        self.stub = stub
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.seeded = seeded
+        self.names: list[str] = []
+        self.turns_sent = 0
+
+    async def prepare(self, conversations: int, profile: str) -> None:
+        sem = asyncio.Semaphore(16)
+
+        async def create(i: int) -> str:
+            defaults = pb.TurnDefaults(temperature=self.temperature)
+            if self.max_tokens is not None:
+                defaults.max_tokens = self.max_tokens
+            if self.seeded:
+                defaults.seed = i
+            async with sem:
+                created = await self.stub.CreateConversation(
+                    spb.CreateConversationRequest(
+                        request_id=os.urandom(16).hex(),
+                        system_prompt=SYSTEM_PROMPT,
+                        defaults=defaults,
+                        guardrail_profile=profile,
+                    )
+                )
+                return str(created.conversation.name)
+
+        self.names = list(await asyncio.gather(*(create(i) for i in range(conversations))))
+
+    async def send(self, i: int, t: int) -> int:
+        response = await self.stub.SendMessage(
+            spb.SendMessageRequest(
+                input=spb.TurnInput(
+                    conversation=self.names[i], request_id=f"turn-{t}", content=user_text(i, t)
+                )
+            )
+        )
+        self.turns_sent += 1
+        if response.turn.status != pb.TURN_STATUS_COMPLETED:
+            raise RuntimeError(f"turn did not complete: {response.turn}")
+        return int(response.turn.usage.completion_tokens)
+
+
+class VllmHttp:
+    """The same chats through vLLM's OpenAI-compatible server, streamed."""
+
+    def __init__(self, session: Any, url: str, max_tokens: int, temperature: float) -> None:
+        self.session = session
+        self.url = url
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.histories: dict[int, list[dict[str, str]]] = {}
+
+    def reset(self, conversations: int) -> None:
+        self.histories = {
+            i: [{"role": "system", "content": SYSTEM_PROMPT}] for i in range(conversations)
+        }
+
+    async def send(self, i: int, t: int) -> int:
+        history = self.histories[i]
+        history.append({"role": "user", "content": user_text(i, t)})
+        body = {
+            "model": "tiny",
+            "messages": history,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.temperature > 0:
+            body["seed"] = i
+        usage = 0
+        text: list[str] = []
+        async with self.session.post(f"{self.url}/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices") or ():
+                    text.append(choice.get("delta", {}).get("content") or "")
+        history.append({"role": "assistant", "content": "".join(text)})
+        return int(usage)
+
+
+# -- database counters ------------------------------------------------------------
+
+STATS_QUERY = """
+SELECT d.xact_commit, d.xact_rollback,
+       pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
+       (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint,
+       (SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io WHERE object = 'wal')::bigint,
+       (SELECT count(DISTINCT transaction_id) FROM turnlog.events
+         WHERE global_position > %(after)s),
+       (SELECT coalesce(max(global_position), 0) FROM turnlog.events)
+  FROM pg_stat_database d WHERE d.datname = current_database()
+"""
+COUNTERS = ("xact_commit", "xact_rollback", "write_xacts", "wal_bytes", "wal_fsyncs")
+
+
+class Counters:
+    """Cumulative database counters, read after the service's backends flushed them."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], settle_s: float) -> None:
+        self.conn = conn
+        self.settle_s = settle_s
+        self.last: dict[str, int] = {}
+
+    async def read(self) -> dict[str, int]:
+        """Waits `settle_s`, reads; `append_xacts` counts since the previous reading."""
+        await asyncio.sleep(self.settle_s)
+        cur = await self.conn.execute(STATS_QUERY, {"after": self.last.get("last_position", 0)})
+        row = await cur.fetchone()
+        assert row is not None
+        values = [int(v) for v in row]
+        self.last = dict(zip(COUNTERS, values, strict=False))
+        self.last["at"] = int(time.monotonic() * 1000)
+        self.last["append_xacts"], self.last["last_position"] = values[-2:]
+        return self.last
+
+
+def per_turn(
+    before: dict[str, int], after: dict[str, int], turns: int, idle_xacts_per_s: float
+) -> dict[str, float]:
+    delta: dict[str, float] = {k: after[k] - before[k] for k in COUNTERS}
+    delta["xact_commit"] -= 1  # this program's own reading (`before`)
+    # Transactions the service runs on its own (recovery rounds, pings), as
+    # measured while idle, over this interval.
+    idle = idle_xacts_per_s * (after["at"] - before["at"]) / 1000
+    delta["xact_commit_net"] = delta["xact_commit"] - idle
+    delta["append_xacts"] = after["append_xacts"]
+    delta["other_write_xacts"] = delta["write_xacts"] - delta["append_xacts"]
+    out: dict[str, float] = {"turns": turns, "interval_s": (after["at"] - before["at"]) / 1000}
+    out.update({f"{k}_per_turn": round(v / turns, 3) for k, v in delta.items()})
+    return out
+
+
+# -- phases -----------------------------------------------------------------------
+
+
+def worker_command(port: int, *backend: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "turnlog.cli",
+        "worker",
+        "--listen",
+        f"127.0.0.1:{port}",
+        *backend,
+    ]
+
+
+def start_worker(port: int, backend: list[str], env: dict[str, str], log: Path) -> Any:
+    proc = start_process(worker_command(port, *backend), log, env)
+    wait_for(lambda: f"serving on port {port}" in log.read_text(errors="replace"), proc, log)
+    return proc
+
+
+def start_service(port: int, worker: int, dsn: str, env: dict[str, str], log: Path) -> Any:
+    cmd = [sys.executable, "-m", "turnlog.cli", "serve", "--listen", f"127.0.0.1:{port}",
+           "--worker", f"127.0.0.1:{worker}"]  # fmt: skip
+    proc = start_process(cmd, log, {**env, "TURNLOG_DATABASE_URL": dsn})
+    wait_for(lambda: "turnlog serving gRPC" in log.read_text(errors="replace"), proc, log)
+    return proc
+
+
+def print_log_tails(folder: Path, pattern: str) -> None:
+    for log in sorted(folder.glob(pattern)):
+        tail = log.read_text(errors="replace").splitlines()[-30:]
+        print(f"--- {log.name}:", *tail, sep="\n", file=sys.stderr)
+
+
+def latency_row(side: str, profile: str, c: int, runs: list[Run]) -> dict[str, Any]:
+    lat = [x for r in runs for x in r.latencies]
+    return {
+        "side": side,
+        "profile": profile,
+        "concurrency": c,
+        "turns": len(lat),
+        "turns_per_s": round(statistics.median(len(r.latencies) / r.wall_s for r in runs), 1),
+        "p50_ms": round(percentile(lat, 50) * 1000, 2),
+        "p99_ms": round(percentile(lat, 99) * 1000, 2),
+    }
+
+
+async def phase_scripted(
+    args: argparse.Namespace, dsn: str, env: dict[str, str], tmp: Path
+) -> dict[str, Any]:
+    script = tmp / "script.json"
+    script.write_text(json.dumps(SCRIPT))
+    wport, sport = free_port(), free_port()
+    worker = start_worker(wport, ["--backend", "scripted", "--script", str(script)], env,
+                          tmp / "scripted-worker.log")  # fmt: skip
+    service = None
+    rows: list[dict[str, Any]] = []
+    added: list[dict[str, Any]] = []
+    commits: list[dict[str, Any]] = []
+    try:
+        service = start_service(sport, wport, dsn, env, tmp / "scripted-service.log")
+        async with (
+            EngineClient([f"127.0.0.1:{wport}"], load_poll_interval_s=0) as client,
+            grpc.aio.insecure_channel(f"127.0.0.1:{sport}") as channel,
+            await psycopg.AsyncConnection.connect(dsn, autocommit=True) as stats,
+        ):
+            direct = Direct(client, None)
+            svc = Service(sgrpc.ConversationServiceStub(channel), None)
+            plan = [(p, c, max(c, math.ceil(args.min_turns / args.turns))) for p in args.profiles
+                    for c in args.levels]  # fmt: skip
+            # Every conversation is created before the first counter reading.
+            prepared: dict[tuple[str, int], list[list[str]]] = {}
+            for p, c, n in plan:
+                prepared[p, c] = []
+                for size in [c] + [n] * args.reps:
+                    await svc.prepare(size, p)
+                    prepared[p, c].append(svc.names)
+            counters = Counters(stats, args.stats_settle_s)
+            idle_start = await counters.read()
+            before = await counters.read()
+            idle_xacts_per_s = max(0.0, (before["xact_commit"] - idle_start["xact_commit"] - 1)
+                                   / ((before["at"] - idle_start["at"]) / 1000))  # fmt: skip
+            for p, c, n in plan:
+                # Warm-up round at this level: not timed, but its turns are counted.
+                direct.reset(c)
+                await drive(direct.send, c, 1, c)
+                svc.names = prepared[p, c][0]
+                await drive(svc.send, c, 1, c)
+                d_runs: list[Run] = []
+                s_runs: list[Run] = []
+                for rep in range(args.reps):
+                    direct.reset(n)
+                    d_runs.append(await drive(direct.send, n, args.turns, c))
+                    svc.names = prepared[p, c][rep + 1]
+                    s_runs.append(await drive(svc.send, n, args.turns, c))
+                after = await counters.read()
+                d, s = latency_row("direct", p, c, d_runs), latency_row("service", p, c, s_runs)
+                rows += [d, s]
+                added.append({
+                    "profile": p, "concurrency": c,
+                    "added_p50_ms": round(s["p50_ms"] - d["p50_ms"], 2),
+                    "added_p99_ms": round(s["p99_ms"] - d["p99_ms"], 2),
+                    "turns_per_s_ratio": round(s["turns_per_s"] / d["turns_per_s"], 3),
+                })  # fmt: skip
+                commits.append(
+                    {"profile": p, "concurrency": c}
+                    | per_turn(before, after, c + args.reps * n * args.turns, idle_xacts_per_s)
+                )
+                before = after
+                print(f"  scripted {p:<8} c={c:<3} direct {d['turns_per_s']:>8} t/s,"
+                      f" service {s['turns_per_s']:>8} t/s", file=sys.stderr)  # fmt: skip
+    finally:
+        if service is not None:
+            stop_process(service)
+        stop_process(worker)
+    return {"rows": rows, "added": added, "commits": commits,
+            "idle_xacts_per_s": round(idle_xacts_per_s, 3)}  # fmt: skip
+
+
+async def phase_vllm(
+    args: argparse.Namespace, dsn: str, env: dict[str, str], tmp: Path
+) -> list[dict[str, Any]]:
+    import aiohttp
+
+    model = args.model or build_model(tmp, env)
+    wport, sport, hport = free_port(), free_port(), free_port()
+    engine = [
+        "--model", model,
+        "--max-model-len", str(ENGINE_SETTINGS["max_model_len"]),
+        "--kv-cache-bytes", str(ENGINE_SETTINGS["kv_cache_bytes"]),
+        "--block-size", str(ENGINE_SETTINGS["block_size"]),
+        "--enforce-eager",
+    ]  # fmt: skip
+    http_cmd = [
+        sys.executable, "-c", HTTP_LAUNCHER,
+        "--model", model, "--host", "127.0.0.1", "--port", str(hport),
+        "--max-model-len", str(ENGINE_SETTINGS["max_model_len"]),
+        "--kv-cache-memory-bytes", str(ENGINE_SETTINGS["kv_cache_bytes"]),
+        "--block-size", str(ENGINE_SETTINGS["block_size"]),
+        "--enforce-eager", "--enable-prefix-caching", "--disable-log-stats",
+        "--served-model-name", "tiny",
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{hport}"
+
+    def http_ready() -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    procs: list[Any] = []
+    rows: list[dict[str, Any]] = []
+    try:
+        http_log = tmp / "vllm-http.log"
+        http = start_process(http_cmd, http_log, env)
+        procs.append(http)
+        procs.append(start_worker(wport, engine, env, tmp / "vllm-worker.log"))
+        procs.append(start_service(sport, wport, dsn, env, tmp / "vllm-service.log"))
+        wait_for(http_ready, http, http_log)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            grpc.aio.insecure_channel(f"127.0.0.1:{sport}") as channel,
+        ):
+            svc = Service(
+                sgrpc.ConversationServiceStub(channel),
+                args.max_tokens,
+                temperature=args.temperature,
+                seeded=args.temperature > 0,
+            )
+            vhttp = VllmHttp(session, url, args.max_tokens, args.temperature)
+            for c in args.vllm_concurrency:
+                n = 2 * c
+                runs: dict[str, list[Run]] = {"vllm_http": []}
+                runs.update({f"service_{p}": [] for p in args.vllm_profiles})
+                # Warm-up round, not measured.
+                vhttp.reset(c)
+                await drive(vhttp.send, c, 1, c)
+                for p in args.vllm_profiles:
+                    await svc.prepare(c, p)
+                    await drive(svc.send, c, 1, c)
+                for _ in range(args.vllm_reps):
+                    vhttp.reset(n)
+                    runs["vllm_http"].append(await drive(vhttp.send, n, args.vllm_turns, c))
+                    for p in args.vllm_profiles:
+                        await svc.prepare(n, p)
+                        runs[f"service_{p}"].append(await drive(svc.send, n, args.vllm_turns, c))
+                for side, side_runs in runs.items():
+                    lat = [x for r in side_runs for x in r.latencies]
+                    rows.append({
+                        "side": side, "concurrency": c, "turns": len(lat),
+                        "output_tokens": sum(r.tokens for r in side_runs),
+                        "tokens_per_s": round(
+                            statistics.median(r.tokens / r.wall_s for r in side_runs), 1),
+                        "runs_tokens_per_s": [round(r.tokens / r.wall_s, 1) for r in side_runs],
+                        "p50_ms": round(percentile(lat, 50) * 1000, 1),
+                        "p99_ms": round(percentile(lat, 99) * 1000, 1),
+                    })  # fmt: skip
+                    print(f"  vllm {side:<16} c={c:<3} {rows[-1]['tokens_per_s']:>8} tok/s",
+                          file=sys.stderr)  # fmt: skip
+    except BaseException:
+        print_log_tails(tmp, "vllm-*.log")
+        raise
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+    return rows
+
+
+# -- main -------------------------------------------------------------------------
+
+
+async def run_all(args: argparse.Namespace, dsn: str, env: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="turnlog-bench-turns-") as tmp_name:
+        tmp = Path(tmp_name)
+        if args.levels:
+            out["scripted"] = await phase_scripted(args, dsn, env, tmp)
+        if args.vllm:
+            out["vllm"] = await phase_vllm(args, dsn, env, tmp)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", help="use this (migrated or empty) database, not an embedded one")
+    parser.add_argument("--levels", type=int, nargs="*", default=[1, 16, 64],
+                        help="concurrent conversations, scripted worker (none: skip)")  # fmt: skip
+    parser.add_argument("--profiles", nargs="+", default=["none", "default"],
+                        help="guardrail profiles for the scripted runs")  # fmt: skip
+    parser.add_argument("--turns", type=int, default=4, help="turns per conversation")
+    parser.add_argument("--min-turns", type=int, default=160,
+                        help="at least this many turns per run (more conversations)")  # fmt: skip
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per level")
+    parser.add_argument("--stats-settle-s", type=float, default=11.0,
+                        help="idle seconds before reading counters (backends flush <= 10 s)")  # fmt: skip
+    parser.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the vLLM comparison (default on)")  # fmt: skip
+    parser.add_argument("--model", help="model folder (default: build the tiny model)")
+    parser.add_argument("--vllm-concurrency", type=int, nargs="+", default=[16])
+    parser.add_argument("--vllm-turns", type=int, default=2, help="turns per conversation")
+    parser.add_argument("--vllm-reps", type=int, default=3)
+    parser.add_argument("--vllm-profiles", nargs="+", default=["none"],
+                        help="guardrail profiles of the service side (ratio uses 'none')")  # fmt: skip
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="vLLM runs (default greedy; >0: seeded per conversation)")  # fmt: skip
+    parser.add_argument("--omp-threads", default="1")
+    parser.add_argument("--json", type=Path, help="write results here")
+    args = parser.parse_args()
+
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": args.omp_threads,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    server: EmbeddedPostgres | None = None
+    pg_dir: Path | None = None
+    dsn = args.dsn
+    started = time.perf_counter()
+    try:
+        if dsn is None:
+            pg_dir = Path(tempfile.mkdtemp(prefix="turnlog-bench-pg-"))
+            server = EmbeddedPostgres(pg_dir / "pg")
+            dsn = server.start()
+        results = asyncio.run(run_all(args, dsn, env))
+    finally:
+        if server is not None:
+            server.stop()
+        if pg_dir is not None:
+            shutil.rmtree(pg_dir, ignore_errors=True)
+
+    ratios: dict[str, float] = {}
+    scripted = results.get("scripted")
+    if scripted:
+        for a in scripted["added"]:
+            ratios[f"service_vs_direct_turns_{a['profile']}_{a['concurrency']}"] = a[
+                "turns_per_s_ratio"
+            ]
+    vllm_rows = results.get("vllm") or []
+    for c in args.vllm_concurrency:
+        by_side = {r["side"]: r for r in vllm_rows if r["concurrency"] == c}
+        for p in args.vllm_profiles:
+            if f"service_{p}" in by_side and "vllm_http" in by_side:
+                name = f"service_vs_vllm_http_{c}" + ("" if p == "none" else f"_{p}")
+                ratios[name] = round(
+                    by_side[f"service_{p}"]["tokens_per_s"] / by_side["vllm_http"]["tokens_per_s"],
+                    3,
+                )
+    settings = {
+        **ENGINE_SETTINGS,
+        "OMP_NUM_THREADS": args.omp_threads,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "levels": args.levels,
+        "turns_per_conversation": args.turns,
+        "min_turns": args.min_turns,
+        "reps": args.reps,
+        "scripted_reply_tokens": len(SCRIPT["default"]["text"].encode()),  # type: ignore[index]
+        "vllm_concurrency": args.vllm_concurrency,
+        "vllm_turns": args.vllm_turns,
+        "vllm_reps": args.vllm_reps,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "database": "embedded PostgreSQL" if args.dsn is None else "--dsn",
+        "cpus": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    print("settings:", json.dumps(settings))
+    if scripted:
+        print("\nScripted worker (instant replies): turns/s median of reps, latency over all turns")
+        print(f"{'profile':<8} {'conc':>4} {'side':<8} {'turns':>6} {'turns/s':>9} "
+              f"{'p50 ms':>8} {'p99 ms':>8}")  # fmt: skip
+        for r in scripted["rows"]:
+            print(f"{r['profile']:<8} {r['concurrency']:>4} {r['side']:<8} {r['turns']:>6} "
+                  f"{r['turns_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}")  # fmt: skip
+        print("\nAdded by the service and the log (service - direct)")
+        print(f"{'profile':<8} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'turns/s ratio':>14}")
+        for a in scripted["added"]:
+            print(f"{a['profile']:<8} {a['concurrency']:>4} {a['added_p50_ms']:>8} "
+                  f"{a['added_p99_ms']:>8} {a['turns_per_s_ratio']:>14}")  # fmt: skip
+        print("\nDatabase work per turn (no tools); service transactions while idle: "
+              f"{scripted['idle_xacts_per_s']}/s, subtracted in 'net'")  # fmt: skip
+        print(f"{'profile':<8} {'conc':>4} {'turns':>6} {'xact_commit':>12} {'net':>6} "
+              f"{'write_xacts':>12} "
+              f"{'appends':>8} {'other_w':>8} {'wal_fsyncs':>11} {'wal_bytes':>10} "
+              f"{'rollbacks':>10}")  # fmt: skip
+        for m in scripted["commits"]:
+            print(f"{m['profile']:<8} {m['concurrency']:>4} {m['turns']:>6} "
+                  f"{m['xact_commit_per_turn']:>12} {m['xact_commit_net_per_turn']:>6} "
+                  f"{m['write_xacts_per_turn']:>12} "
+                  f"{m['append_xacts_per_turn']:>8} {m['other_write_xacts_per_turn']:>8} "
+                  f"{m['wal_fsyncs_per_turn']:>11} {m['wal_bytes_per_turn']:>10} "
+                  f"{m['xact_rollback_per_turn']:>10}")  # fmt: skip
+    if vllm_rows:
+        print("\nvLLM CPU worker, tiny model: output tokens/s (usage), median of reps")
+        print(f"{'side':<16} {'conc':>4} {'turns':>6} {'tokens':>7} {'tokens/s':>9} "
+              f"{'p50 ms':>8} {'p99 ms':>8}  runs")  # fmt: skip
+        for r in vllm_rows:
+            print(f"{r['side']:<16} {r['concurrency']:>4} {r['turns']:>6} {r['output_tokens']:>7} "
+                  f"{r['tokens_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}  "
+                  f"{r['runs_tokens_per_s']}")  # fmt: skip
+    print("\nratios:", json.dumps(ratios))
+    if args.json:
+        args.json.write_text(
+            json.dumps({"settings": settings, "results": results, "ratios": ratios}, indent=2)
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
