@@ -26,9 +26,17 @@ $(BUF): package.json package-lock.json
 
 install: $(STAMP) $(BUF)
 
-## Run the conversation service on its embedded defaults.
+# The model `make serve` generates with: by default a tiny random-weight
+# model built locally (no network; its replies are gibberish, but every part
+# of the real path runs). Point MODEL at a real model folder to chat with it.
+MODEL       ?= build/tiny-model
+WORKER_ARGS ?= --model $(MODEL) --enforce-eager --tool-call-parser hermes --max-model-len 1024 --kv-cache-bytes 268435456
+
+## Run the conversation service on its embedded defaults: embedded PostgreSQL,
+## and one vLLM engine worker on MODEL as a child process.
 serve: $(STAMP)
-	$(VENV)/bin/turnlog serve
+	@test -e $(MODEL)/config.json || $(VENV)/bin/turnlog dev tiny-model $(MODEL)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/turnlog serve --spawn-worker "$(WORKER_ARGS)"
 
 ## Regenerate gen/ from proto/.
 protos: $(STAMP)

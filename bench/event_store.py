@@ -42,6 +42,12 @@ def event(n: int) -> NewEvent:
     return NewEvent(event_id=uuid.uuid4(), type="MessageAppended", data={**PAYLOAD, "n": n})
 
 
+async def checkpoint(dsn: str) -> None:
+    """Flush dirty buffers now, outside the timed part (needs a superuser)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("CHECKPOINT")
+
+
 async def timed(run: Callable[[], Awaitable[int]]) -> float:
     """Events per second of one run (`run` returns how many events it handled)."""
     start = time.perf_counter()
@@ -200,10 +206,15 @@ async def bench(dsn: str, events: int, reps: int) -> dict[str, Any]:
         "append_16_batch10": lambda: append_distinct(store, 16, events * 2, 10),
     }
     results: dict[str, list[float]] = {name: [] for name in scenarios}
-    # Interleave repetitions so drift (table growth, checkpoints) hits all alike.
-    for _ in range(reps):
-        for name, run in scenarios.items():
-            results[name].append(await timed(run))
+    names = list(scenarios)
+    # Interleave repetitions and rotate their order, so that drift (table
+    # growth) and the background work a heavy scenario leaves behind
+    # (checkpoints, autovacuum) do not always land on the same scenario; and
+    # start every run from a fresh checkpoint.
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            await checkpoint(dsn)
+            results[name].append(await timed(scenarios[name]))
 
     read_stream = f"read-{uuid.uuid4().hex[:8]}"
     for start in range(0, events, 100):
@@ -251,8 +262,8 @@ async def bench(dsn: str, events: int, reps: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", help="use this database instead of an embedded server")
-    parser.add_argument("--events", type=int, default=3200, help="events per run (default 3200)")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    parser.add_argument("--events", type=int, default=4800, help="events per run (default 4800)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions (default 5)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
 

@@ -35,6 +35,14 @@ def _add_service_commands(subparsers: argparse._SubParsersAction[argparse.Argume
         metavar="HOST:PORT",
         help="an engine worker address; repeat for several",
     )
+    serve.add_argument(
+        "--spawn-worker",
+        action="append",
+        default=[],
+        metavar='"WORKER ARGS"',
+        help="start `turnlog worker WORKER ARGS` as a child process on a free loopback port "
+        'and use it, e.g. --spawn-worker "--model /models/tiny --enforce-eager"; repeatable',
+    )
     serve.set_defaults(func=_serve)
 
     migrate = subparsers.add_parser("migrate", help="apply the event log's migrations and exit")
@@ -46,7 +54,14 @@ def _serve(args: argparse.Namespace) -> int:
     from turnlog.conversation.server import run_server
 
     settings = Settings.from_env()
-    return asyncio.run(run_server(settings, listen=args.listen, worker_addresses=args.worker))
+    return asyncio.run(
+        run_server(
+            settings,
+            listen=args.listen,
+            worker_addresses=args.worker,
+            spawn_workers=args.spawn_worker,
+        )
+    )
 
 
 def _migrate(args: argparse.Namespace) -> int:

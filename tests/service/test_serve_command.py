@@ -13,7 +13,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from turnlog.v1 import conversation_pb2, conversation_service_pb2, conversation_service_pb2_grpc
+
 LISTENING = re.compile(r"turnlog serving gRPC on (\S+:\d+)")
+SPAWNED = re.compile(r"spawned engine worker (\d+) serving on")
 
 
 def _start(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
@@ -65,3 +68,58 @@ def test_serve_starts_embedded_postgres_reports_healthy_and_stops_cleanly(tmp_pa
         assert _health(address) == health_pb2.HealthCheckResponse.SERVING
     finally:
         assert _stop(proc) == 0
+
+
+def test_serve_spawns_its_own_worker_and_runs_a_turn(tmp_path: Path) -> None:
+    """`--spawn-worker` (what `make serve` uses with a model) gives a working service alone."""
+    script = tmp_path / "script.json"
+    script.write_text('{"model": "scripted-demo", "default": {"text": "Hello from a child."}}')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TURNLOG_")}
+    env |= {"TURNLOG_DATA_DIR": str(tmp_path / "data"), "TURNLOG_LISTEN": "127.0.0.1:0"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "turnlog.cli",
+            "serve",
+            "--spawn-worker",
+            f"--backend scripted --script {script}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        address = worker_pid = None
+        for line in proc.stdout:
+            if spawned := SPAWNED.search(line):
+                worker_pid = int(spawned.group(1))
+            if match := LISTENING.search(line):
+                address = match.group(1)
+                break
+        assert address is not None, "turnlog serve exited without listening"
+        with grpc.insecure_channel(address) as channel:
+            stub = conversation_service_pb2_grpc.ConversationServiceStub(channel)
+            created = stub.CreateConversation(
+                conversation_service_pb2.CreateConversationRequest(request_id="demo-1"),
+                timeout=30,
+            ).conversation
+            sent = stub.SendMessage(
+                conversation_service_pb2.SendMessageRequest(
+                    input=conversation_service_pb2.TurnInput(
+                        conversation=created.name, request_id="turn-1", content="hi"
+                    )
+                ),
+                timeout=60,
+            )
+        assert sent.turn.status == conversation_pb2.TURN_STATUS_COMPLETED
+        assert sent.assistant_message.content == "Hello from a child."
+    finally:
+        code = _stop(proc)
+    assert code == 0
+    # The child worker went with the service.
+    assert worker_pid is not None, "the service did not log its spawned worker"
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker_pid, 0)

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from turnlog.config import Settings
 from turnlog.conversation.application import ConversationApplication, wall_clock_us
+from turnlog.conversation.local_worker import spawned_worker
 from turnlog.conversation.ownership import TurnOwnership
 from turnlog.conversation.servicer import ConversationServicer
 from turnlog.conversation.tools import builtin_tools
@@ -65,16 +66,31 @@ async def run_server(
     *,
     listen: str | None = None,
     worker_addresses: list[str] | None = None,
+    spawn_workers: list[str] | None = None,
 ) -> int:
-    """Serve until SIGINT or SIGTERM; returns the process exit code."""
+    """Serve until SIGINT or SIGTERM; returns the process exit code.
+
+    Args:
+        settings: process settings (database, data folder, listen address).
+        listen: host:port to bind, overriding `settings.listen`.
+        worker_addresses: engine workers to use.
+        spawn_workers: argument strings of engine workers to start as child
+            processes (and use) for the server's lifetime.
+    """
     address = listen or settings.listen
+    worker_addresses = list(worker_addresses or [])
     async with contextlib.AsyncExitStack() as stack:
+        for worker_args in spawn_workers or []:
+            worker_addresses.append(await stack.enter_async_context(spawned_worker(worker_args)))
         opened = await stack.enter_async_context(open_event_store(settings))
         engine = None
         if worker_addresses:
             engine = await stack.enter_async_context(EngineClient(worker_addresses))
         else:
-            log.warning("no --worker given: conversations can be managed, turns fail UNAVAILABLE")
+            log.warning(
+                "no --worker or --spawn-worker given: conversations can be managed, "
+                "turns fail UNAVAILABLE"
+            )
         # Turn locks on a connection of their own: other replicas may share
         # this log, and only turns whose replica is gone may be closed.
         ownership = await TurnOwnership.open(opened.conninfo)
