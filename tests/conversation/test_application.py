@@ -15,7 +15,7 @@ from turnlog.conversation.application import (
     TurnOptions,
     stream_id,
 )
-from turnlog.conversation.projection import TextPiece, TurnEnded
+from turnlog.conversation.projection import TextPiece, ToolCallPiece, ToolStarted, TurnEnded
 from turnlog.domain import events as ev
 from turnlog.domain.state import TurnStatus
 from turnlog.storage import PostgresEventStore
@@ -126,6 +126,33 @@ async def test_server_tool_loop_and_round_trip_cap(app: ConversationApplication)
     )
     assert capped.tool_executions == []
     assert capped.ended.turn.tool_round_limit_reached
+
+
+async def test_generated_tool_calls_stream_before_their_message_and_replay_identically(
+    app: ConversationApplication, make_app: object
+) -> None:
+    tools = (ev.ToolDefinition(name="calculator"),)
+    cid = await _conversation(app, tools=tools)
+    result = await app.send(TurnInput(conversation_id=cid, content="what is 6*7", request_id="t"))
+    payloads = [u.payload for u in result.updates]
+    pieces = [i for i, p in enumerate(payloads) if isinstance(p, ToolCallPiece)]
+    assert pieces
+    for i in pieces:
+        piece = payloads[i]
+        assert isinstance(piece, ToolCallPiece)
+        message = payloads[i + 1]
+        assert isinstance(message, ev.GenerationCompleted)
+        assert piece.call in message.tool_calls
+    # Every executed call was streamed as generated first.
+    for i, started in enumerate(payloads):
+        if isinstance(started, ToolStarted):
+            assert any(
+                isinstance(p, ToolCallPiece) and p.call == started.call for p in payloads[:i]
+            )
+    # A replica with no live state numbers the same updates from the log.
+    other = make_app()  # type: ignore[operator]
+    replayed = [u async for u in other.watch(cid, result.ended.turn.turn_id)]
+    assert replayed == list(result.updates)
 
 
 async def test_resume_mid_turn_and_after_end_from_the_log(

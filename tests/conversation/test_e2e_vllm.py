@@ -96,6 +96,12 @@ async def test_streamed_turn_with_a_forced_tool_call_is_recorded_step_by_step(
     ]
     assert len(started) == len(finished) == 1
     assert started[0].call.name == "calculator"
+    # The generated call was streamed (whole: workers parse calls at the end
+    # of a generation) before the message that carries it.
+    deltas = [i for i, k in enumerate(kinds) if k == "tool_call_delta"]
+    assert len(deltas) == 1
+    assert streamed[deltas[0]].tool_call_delta.call == started[0].call
+    assert kinds[deltas[0] + 1] == "assistant_message"
     assert not started[0].client_side
     arguments = json.loads(started[0].call.arguments_json)
     a, b = (int(x) for x in arguments["expression"].split(" * "))

@@ -14,7 +14,7 @@ Mapping (events not listed produce nothing):
 | `GuardrailDecided` | one decision |
 | `TextStreamed(pieces)` | one `TextPiece` per piece (each was one live delta) |
 | `TextRetracted` | one retraction |
-| `GenerationCompleted` | one assistant message |
+| `GenerationCompleted` | one `ToolCallPiece` per tool call, then one assistant message |
 | `ToolCallRequested` | one `ToolStarted` |
 | `ToolCallCompleted` / `ToolCallFailed` | one `ToolFinished` |
 | `ToolRoundLimitReached` | one limit notice |
@@ -35,6 +35,18 @@ class TextPiece:
 
     generation_id: str
     text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCallPiece:
+    """A tool call the model generated.
+
+    Workers parse tool calls when a generation ends, so each call arrives
+    whole, in one piece, before the assistant message that carries it.
+    """
+
+    generation_id: str
+    call: ev.ToolCall
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +78,7 @@ UpdatePayload = (
     ev.TurnStarted
     | ev.GuardrailDecided
     | TextPiece
+    | ToolCallPiece
     | ev.TextRetracted
     | ev.GenerationCompleted
     | ToolStarted
@@ -151,7 +164,13 @@ class TurnProjector:
         match event:
             case ev.TurnStarted() | ev.GuardrailDecided() | ev.TextRetracted():
                 return [self._next(event)]
-            case ev.GenerationCompleted() | ev.ToolRoundLimitReached():
+            case ev.GenerationCompleted():
+                calls = [
+                    self._next(ToolCallPiece(generation_id=event.generation_id, call=call))
+                    for call in event.tool_calls
+                ]
+                return [*calls, self._next(event)]
+            case ev.ToolRoundLimitReached():
                 return [self._next(event)]
             case ev.TextStreamed():
                 if self._live_text:

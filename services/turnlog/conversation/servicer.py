@@ -22,6 +22,7 @@ from turnlog import errors
 from turnlog.conversation import application as appl
 from turnlog.conversation.projection import (
     TextPiece,
+    ToolCallPiece,
     ToolFinished,
     ToolStarted,
     TurnEnded,
@@ -306,6 +307,9 @@ def turn_event(update: TurnUpdate) -> spb.TurnEvent:
     elif isinstance(p, TextPiece):
         message.text_delta.generation_id = p.generation_id
         message.text_delta.text = p.text
+    elif isinstance(p, ToolCallPiece):
+        message.tool_call_delta.generation_id = p.generation_id
+        message.tool_call_delta.call.CopyFrom(_call(p.call))
     elif isinstance(p, ev.GuardrailDecided):
         message.guardrail_decision.CopyFrom(_decision(p))
     elif isinstance(p, ev.TextRetracted):
