@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,59 +34,55 @@ def free_port() -> int:
         return port
 
 
-class WorkerProcess:
-    """A `turnlog worker` subprocess, logging to a file."""
+class TurnlogProcess:
+    """A `turnlog ...` subprocess in its own session, logging to a file.
 
-    def __init__(self, args: list[str], log_path: Path, port: int | None = None) -> None:
+    `start()` waits until the log (from this start on) matches `ready`, so
+    one log file can hold several starts of the same process.
+    """
+
+    def __init__(self, args: list[str], log_path: Path, ready: re.Pattern[str]) -> None:
         self.args = args
         self.log_path = log_path
-        self.port = port or free_port()
+        self.ready = ready
+        self.env: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_match: re.Match[str] | None = None
 
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 120.0) -> WorkerProcess:
-        env = {**os.environ, **WORKER_ENV}
+    def start(self, timeout_s: float = 120.0) -> re.Match[str]:
+        """Start the process; returns the match of `ready` in its output."""
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "turnlog.cli",
-                    "worker",
-                    *self.args,
-                    "--listen",
-                    self.target,
-                ],
+                [sys.executable, "-m", "turnlog.cli", *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env={**os.environ, **self.env},
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
-        marker = f"serving on port {self.port}"
         while time.monotonic() < deadline:
+            output = self.log_path.read_bytes()[offset:].decode(errors="replace")
+            if found := self.ready.search(output):
+                self.ready_match = found
+                return found
             if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited early:\n{self.log_tail()}")
-            if marker in self.log_path.read_text(errors="replace"):
-                return self
+                raise RuntimeError(f"{self.args[0]} exited early:\n{self.log_tail()}")
             time.sleep(0.1)
         self.kill()
-        raise RuntimeError(f"worker did not start in {timeout_s}s:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.args[0]} did not start in {timeout_s}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def kill(self) -> None:
-        """SIGKILL the worker and its children (vLLM's engine core)."""
+        """SIGKILL the process and its children (vLLM's engine core)."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
     def terminate(self, timeout_s: float = 60.0) -> int:
-        """SIGTERM (graceful drain) and wait; returns the exit code."""
+        """SIGTERM (graceful) and wait, SIGKILL if it hangs; returns the exit code."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -94,3 +91,24 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         return self.proc.wait()
+
+
+class WorkerProcess(TurnlogProcess):
+    """A `turnlog worker` subprocess on a free (or given) loopback port."""
+
+    def __init__(self, args: list[str], log_path: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        super().__init__(
+            ["worker", *args, "--listen", self.target],
+            log_path,
+            re.compile(f"serving on port {self.port}"),
+        )
+        self.env = dict(WORKER_ENV)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 120.0) -> WorkerProcess:  # type: ignore[override]
+        super().start(timeout_s)
+        return self

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
-from worker_processes import WorkerProcess
+from worker_processes import TurnlogProcess, WorkerProcess
 
 from turnlog.conversation.application import stream_id
 from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
@@ -42,59 +38,25 @@ SLOW_SCRIPT: dict[str, Any] = {
 SERVING = re.compile(r"turnlog serving gRPC on (\S+):(\d+)")
 
 
-class ServiceProcess:
+class ServiceProcess(TurnlogProcess):
     """A `turnlog serve` subprocess on a given database, on a free loopback port."""
 
     def __init__(self, database_url: str, worker: str, log_path: Path) -> None:
-        self.database_url = database_url
-        self.worker = worker
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.target = ""
-
-    def start(self, timeout_s: float = 60.0) -> ServiceProcess:
-        env = {
-            **os.environ,
-            "TURNLOG_DATABASE_URL": self.database_url,
+        super().__init__(["serve", "--worker", worker], log_path, SERVING)
+        self.env = {
+            "TURNLOG_DATABASE_URL": database_url,
             "TURNLOG_LISTEN": "127.0.0.1:0",
         }
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "turnlog.cli", "serve", "--worker", self.worker],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = SERVING.search(self.log_path.read_bytes()[offset:].decode(errors="replace"))
-            if found:
-                self.target = f"{found[1]}:{found[2]}"
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"turnlog serve exited early:\n{self.log_tail()}")
-            time.sleep(0.1)
-        self.kill()
-        raise RuntimeError(f"turnlog serve did not start in {timeout_s}s:\n{self.log_tail()}")
+        self.target = ""
 
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+    def start(self, timeout_s: float = 60.0) -> ServiceProcess:  # type: ignore[override]
+        found = super().start(timeout_s)
+        self.target = f"{found[1]}:{found[2]}"
+        return self
 
     def stop(self) -> None:
         """SIGTERM (graceful) and wait; SIGKILL if it hangs."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.terminate(15)
 
 
 @pytest.fixture
