@@ -1,0 +1,1 @@
+"""Conversations rebuilt from the log: export, import and replay."""
