@@ -7,13 +7,21 @@ An adapter's test module subclasses `EventStoreContract` and provides a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from turnlog.errors import DuplicateEventError, InvalidArgumentError, VersionConflictError
+from turnlog.errors import (
+    DuplicateEventError,
+    HistoryDivergedError,
+    InvalidArgumentError,
+    VersionConflictError,
+)
+from turnlog.storage.hashchain import GENESIS_HASH, event_hash
 from turnlog.storage.port import (
     ANY_VERSION,
     NO_STREAM,
@@ -22,6 +30,7 @@ from turnlog.storage.port import (
     EventFilter,
     EventMetadata,
     EventStore,
+    ImportedEvent,
     NewEvent,
     Position,
     RawJson,
@@ -36,6 +45,27 @@ def new_event(event_type: str = "Happened", **data: Any) -> NewEvent:
 async def take(iterator: AsyncIterator[RecordedEvent], count: int) -> list[RecordedEvent]:
     """The next `count` events of a subscription (bounded by the test timeout)."""
     return [await anext(iterator) for _ in range(count)]
+
+
+def foreign_chain(stream_id: str, count: int, *, seed: str = "x") -> list[ImportedEvent]:
+    """A hash chain made elsewhere (here: in Python), with times in the past."""
+    events: list[ImportedEvent] = []
+    prev = GENESIS_HASH
+    start = datetime(2020, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+    for version in range(1, count + 1):
+        fields: dict[str, Any] = {
+            "stream_version": version,
+            "event_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{seed}/{stream_id}/{version}"),
+            "type": "Happened",
+            "data_json": f'{{ "n" : {version}, "s":"{seed} ✓" }}',
+            "metadata_json": '{"actor":"elsewhere"}',
+            "recorded_at": start + timedelta(microseconds=7 * version),
+            "prev_hash": prev,
+        }
+        digest = event_hash(stream_id=stream_id, **fields)
+        events.append(ImportedEvent(hash=digest, **fields))
+        prev = digest
+    return events
 
 
 class EventStoreContract:
@@ -279,3 +309,79 @@ class EventStoreContract:
             assert [(e.stream_id, e.stream_version) for e in live] == [("c", 1), ("a", 2)]
         finally:
             await subscription.aclose()
+
+    async def test_import_keeps_ids_times_text_and_hashes(self, store: EventStore) -> None:
+        chain = foreign_chain("imported", 4)
+        result = await store.import_events("imported", chain)
+        assert (result.written, result.already_present, result.last_version) == (4, 0, 4)
+        read = await store.read_stream("imported")
+        assert [
+            (e.event_id, e.data_json, e.metadata_json, e.recorded_at, e.prev_hash, e.hash)
+            for e in read
+        ] == [
+            (e.event_id, e.data_json, e.metadata_json, e.recorded_at, e.prev_hash, e.hash)
+            for e in chain
+        ]
+        assert (await store.verify("imported")).ok
+        # Appends continue the imported chain.
+        await store.append("imported", [new_event()], expected_version=4)
+        assert (await store.verify("imported")).ok
+
+    async def test_import_is_idempotent_and_extends_a_prefix(self, store: EventStore) -> None:
+        chain = foreign_chain("s", 5)
+        assert (await store.import_events("s", chain[:2])).written == 2
+        again = await store.import_events("s", chain[:2])
+        assert (again.written, again.already_present) == (0, 2)
+        longer = await store.import_events("s", chain)
+        assert (longer.written, longer.already_present, longer.last_version) == (3, 2, 5)
+        tail = await store.import_events("s", chain[3:])
+        assert (tail.written, tail.already_present) == (0, 2)
+        assert len(await store.read_stream("s")) == 5
+
+    async def test_import_rejects_a_broken_chain_and_writes_nothing(
+        self, store: EventStore
+    ) -> None:
+        chain = foreign_chain("s", 3)
+        edited = list(chain)
+        edited[2] = dataclasses.replace(chain[2], data_json='{"n":3,"s":"edited"}')
+        with pytest.raises(InvalidArgumentError, match="version 3"):
+            await store.import_events("s", edited)
+        gap = [chain[0], chain[2]]
+        with pytest.raises(InvalidArgumentError, match="consecutive"):
+            await store.import_events("s", gap)
+        with pytest.raises(InvalidArgumentError, match="genesis"):
+            await store.import_events("s", [dataclasses.replace(chain[0], prev_hash=b"1" * 32)])
+        with pytest.raises(InvalidArgumentError):
+            await store.import_events("s", [])
+        assert await store.read_stream("s") == ()
+
+    async def test_import_over_different_history_is_refused(self, store: EventStore) -> None:
+        await store.import_events("s", foreign_chain("s", 2, seed="mine"))
+        with pytest.raises(HistoryDivergedError):
+            await store.import_events("s", foreign_chain("s", 3, seed="theirs"))
+        with pytest.raises(HistoryDivergedError):
+            await store.import_events("s", foreign_chain("s", 4, seed="theirs")[2:])
+        await store.append("t", [new_event()], expected_version=0)
+        with pytest.raises(HistoryDivergedError):
+            await store.import_events("t", foreign_chain("t", 1))
+        # The same event ids under another stream name are duplicates.
+        moved = foreign_chain("s", 1, seed="mine")
+        with pytest.raises(DuplicateEventError):
+            await store.import_events(
+                "u",
+                [
+                    dataclasses.replace(
+                        moved[0],
+                        hash=event_hash(
+                            stream_id="u",
+                            **{
+                                f.name: getattr(moved[0], f.name)
+                                for f in dataclasses.fields(moved[0])
+                                if f.name != "hash"
+                            },
+                        ),
+                    )
+                ],
+            )
+        assert len(await store.read_stream("s")) == 2
+        assert await store.read_stream("u") == ()

@@ -38,6 +38,7 @@ import logging
 import random
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -134,6 +135,8 @@ class ServiceDefaults:
         client_tool_timeout_s: How long a turn awaits a client-side tool result.
         snapshot_every: Save a snapshot when this many events follow the last one.
         guardrail_profile: The profile of conversations that name none ("" = registry default).
+        state_cache_size: Conversations whose latest folded state is kept in
+            memory (LRU); a load then reads only the events after it. 0 disables.
     """
 
     model: str = ""
@@ -143,6 +146,7 @@ class ServiceDefaults:
     client_tool_timeout_s: float = 300.0
     snapshot_every: int = 200
     guardrail_profile: str = ""
+    state_cache_size: int = 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -320,20 +324,55 @@ class ConversationApplication:
         self._index: dict[str, ConversationSummary] = {}
         self._index_position: Position = START_POSITION
         self._index_lock = asyncio.Lock()
+        # Latest folded state per conversation (LRU): states are immutable and
+        # the log is append-only, so a cached state is a true prefix of the
+        # stream; a load reads only the tail after it. A stale entry costs a
+        # version conflict at most (every append names its expected version),
+        # and a conflict forgets the entry.
+        self._states: OrderedDict[str, ConversationState] = OrderedDict()
 
     # -- loading -------------------------------------------------------------
 
+    def _remember(self, state: ConversationState) -> None:
+        """Cache `state` as its conversation's latest known state (never moves back)."""
+        size = self.defaults.state_cache_size
+        if size <= 0 or not state.exists:
+            return
+        cid = state.conversation_id
+        cached = self._states.get(cid)
+        if cached is not None and cached.version > state.version:
+            self._states.move_to_end(cid)
+            return
+        self._states[cid] = state
+        self._states.move_to_end(cid)
+        while len(self._states) > size:
+            self._states.popitem(last=False)
+
+    def _forget(self, conversation_id: str) -> None:
+        self._states.pop(conversation_id, None)
+
     async def load(self, conversation_id: str, *, version: int | None = None) -> ConversationState:
-        """The conversation folded up to `version` (latest when None): snapshot plus tail.
+        """The conversation folded up to `version` (latest when None).
+
+        From the cached state when there is one at or before `version` (only
+        the events after it are read), else from the latest snapshot at or
+        before `version`; then the tail. Always reads the log: the result is
+        at least as new as the log when the call started.
 
         Raises:
             NotFoundError: No such conversation (or it has no such version).
         """
         sid = stream_id(conversation_id)
-        state = ConversationState()
-        snapshot = await self.store.load_snapshot(sid, kind=codec.STATE_KIND, max_version=version)
-        if snapshot is not None:
-            state = codec.state_from_json(json.loads(snapshot.state))
+        cached = self._states.get(conversation_id)
+        if cached is not None and (version is None or cached.version <= version):
+            state = cached
+        else:
+            state = ConversationState()
+            snapshot = await self.store.load_snapshot(
+                sid, kind=codec.STATE_KIND, max_version=version
+            )
+            if snapshot is not None:
+                state = codec.state_from_json(json.loads(snapshot.state))
         while version is None or state.version < version:
             limit = 1000 if version is None else min(1000, version - state.version)
             events = await self.store.read_stream(sid, from_version=state.version + 1, limit=limit)
@@ -345,6 +384,7 @@ class ConversationApplication:
                 f"conversation {conversation_id!r} not found",
                 metadata={"conversation": conversation_id},
             )
+        self._remember(state)
         return state
 
     async def _maybe_snapshot(self, state: ConversationState, last_snapshot_version: int) -> None:
@@ -404,7 +444,9 @@ class ConversationApplication:
                 f"conversation {conversation_id!r} exists already",
                 metadata={"conversation": conversation_id},
             ) from e
-        return fold([created])
+        state = fold([created])
+        self._remember(state)
+        return state
 
     def _complete_tool(self, tool: ev.ToolDefinition) -> ev.ToolDefinition:
         if tool.client_side:
@@ -454,8 +496,16 @@ class ConversationApplication:
         )
         # The loaded version is always the expected one: archiving must never
         # slip in between the events of a turn that starts concurrently.
-        await self.store.append(stream_id(conversation_id), [event], expected_version=state.version)
-        return evolve(state, archived)
+        try:
+            await self.store.append(
+                stream_id(conversation_id), [event], expected_version=state.version
+            )
+        except errors.VersionConflictError:
+            self._forget(conversation_id)
+            raise
+        state = evolve(state, archived)
+        self._remember(state)
+        return state
 
     async def list_conversations(self, query: ListQuery) -> tuple[list[ConversationSummary], str]:
         """A page of conversations, newest first, and the next page token ("" at the end).
@@ -588,7 +638,9 @@ class ConversationApplication:
         try:
             await self.store.append(stream_id(cid), [new], expected_version=state.version)
         except errors.VersionConflictError:
+            self._forget(cid)
             return False  # its owner (or another recovery) moved it on meanwhile
+        self._remember(evolve(state, event))
         log.warning("closed interrupted turn %s of %s", turn_id, cid)
         return True
 
@@ -680,8 +732,10 @@ class ConversationApplication:
             try:
                 return await self._begin(state, command, request_id, claim)
             except (errors.VersionConflictError, errors.DuplicateEventError):
-                # Lost a race: reload and decide again (same request → watch
-                # the winner's turn; another turn → fail fast).
+                # Lost a race (or the cached state was stale): reload from the
+                # log and decide again (same request → watch the winner's
+                # turn; another turn → fail fast).
+                self._forget(cid)
                 continue
         raise errors.TurnInProgressError("the conversation is busy", metadata={"conversation": cid})
 
@@ -973,11 +1027,17 @@ class _TurnRecorder:
                     correlation=self.request_id,
                 )
             )
-        cancelled = await _complete_despite_cancel(
-            self.app.store.append(
-                stream_id(self.cid), new_events, expected_version=self.durable_version
+        appended = self.state
+        try:
+            cancelled = await _complete_despite_cancel(
+                self.app.store.append(
+                    stream_id(self.cid), new_events, expected_version=self.durable_version
+                )
             )
-        )
+        except errors.VersionConflictError:
+            self.app._forget(self.cid)
+            raise
+        self.app._remember(appended)
         self.durable_version = self.state.version
         self.pending = []
         self.last_flush = time.monotonic()

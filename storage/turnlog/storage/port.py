@@ -293,6 +293,43 @@ class VerificationReport:
         return self.broken_at_version is None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportedEvent:
+    """A recorded event from another log, to store verbatim with its hashes.
+
+    Everything the hash chain covers is given (nothing is recomputed or
+    re-serialized); the importing store assigns only its own
+    `global_position` and `transaction_id`, which no hash covers.
+    """
+
+    stream_version: int
+    event_id: UUID
+    type: str
+    data_json: str
+    metadata_json: str
+    recorded_at: datetime
+    prev_hash: bytes
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportResult:
+    """What `EventStore.import_events` did.
+
+    Attributes:
+        stream_id: the stream imported into.
+        written: events stored by this call.
+        already_present: events of the batch that were stored already (an
+            import repeated, or extended by a longer copy of the same history).
+        last_version: the stream's version after the import.
+    """
+
+    stream_id: str
+    written: int
+    already_present: int
+    last_version: int
+
+
 class EventStore(Protocol):
     """An append-only log of streams of events.
 
@@ -431,6 +468,26 @@ class EventStore(Protocol):
 
         Load state as this snapshot plus `read_stream(from_version=
         snapshot.stream_version + 1)`.
+        """
+        ...
+
+    async def import_events(self, stream_id: str, events: Sequence[ImportedEvent]) -> ImportResult:
+        """Stores events recorded elsewhere verbatim, keeping their ids, times and hashes.
+
+        The batch is versions `k..n` of the stream, in order, a valid hash
+        chain (version 1 links to the genesis hash). Events the stream holds
+        already with the same id and hash are skipped; the rest must extend
+        the stored head (its hash is the next event's `prev_hash`). All or
+        nothing; importing the same batch again writes nothing.
+
+        Raises:
+            InvalidArgumentError: empty batch, versions not consecutive, a
+                hash that does not match its event or link, invalid JSON.
+            HistoryDivergedError: the stream holds different events at these
+                versions, or its head does not link to the batch.
+            DuplicateEventError: an event id is stored in another stream or
+                at another version.
+            StorageUnavailableError: the database is unreachable.
         """
         ...
 

@@ -33,12 +33,13 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from turnlog.errors import (
     DuplicateEventError,
+    HistoryDivergedError,
     InvalidArgumentError,
     StorageUnavailableError,
     TurnlogError,
     VersionConflictError,
 )
-from turnlog.storage.hashchain import verify_chain
+from turnlog.storage.hashchain import GENESIS_HASH, event_hash, verify_chain
 from turnlog.storage.migrations import SCHEMA
 from turnlog.storage.port import (
     MAX_NAME_LENGTH,
@@ -47,6 +48,8 @@ from turnlog.storage.port import (
     Direction,
     EventFilter,
     EventPage,
+    ImportedEvent,
+    ImportResult,
     NewEvent,
     Position,
     RawJson,
@@ -71,8 +74,10 @@ _ATTEMPTS: Final = 3
 # appends to a hot stream can lose repeatedly.
 _RACE_ATTEMPTS: Final = 20
 # Appends committed within this window share one NOTIFY (remote subscribers
-# wake at most this much later; local ones are woken at once).
-_NOTIFY_WINDOW_SECONDS: Final = 0.005
+# wake at most this much later; local ones are woken at once). Each NOTIFY is
+# a write transaction: 50 ms lets a conversation turn's two appends (and,
+# under load, many turns) share one (docs/event-log.md, Subscriptions).
+_NOTIFY_WINDOW_SECONDS: Final = 0.05
 
 
 def _q(template: str) -> bytes:
@@ -177,6 +182,30 @@ _LOAD_SNAPSHOT = _q(
     " WHERE stream_id = %s AND kind = %s AND stream_version <= %s"
     " ORDER BY stream_version DESC LIMIT 1"
 )
+# Imports: the stored events from one version before the batch on, to
+# compare with the batch (same id and hash: already imported) and to find the
+# head the batch must link to.
+_IMPORT_EXISTING = _q(
+    "SELECT stream_version, event_id, hash FROM {events}"
+    " WHERE stream_id = %s AND stream_version >= %s ORDER BY stream_version"
+)
+# Inserts given events verbatim, in version order, but only rows whose given
+# hash the server's own `event_hash` (the function appends use) recomputes:
+# the caller compares the row count, so the SQL and Python encodings of the
+# chain are checked against each other on every import.
+_IMPORT_INSERT = _q(
+    "INSERT INTO {events}"
+    " (stream_id, stream_version, event_id, type, data, metadata, recorded_at, prev_hash, hash)"
+    " SELECT %(stream_id)s::text, n.version, n.event_id, n.type, n.data::json, n.metadata::json,"
+    "  n.recorded_at, n.prev_hash, n.hash"
+    " FROM unnest(%(versions)s::bigint[], %(event_ids)s::uuid[], %(types)s::text[],"
+    "   %(data)s::text[], %(metadata)s::text[], %(recorded_at)s::timestamptz[],"
+    "   %(prev_hashes)s::bytea[], %(hashes)s::bytea[]) WITH ORDINALITY"
+    "   AS n (version, event_id, type, data, metadata, recorded_at, prev_hash, hash, ord)"
+    " WHERE {event_hash}(n.prev_hash, %(stream_id)s::text, n.version, n.event_id, n.type,"
+    "   n.data, n.metadata, n.recorded_at) = n.hash"
+    " ORDER BY n.ord"
+)
 _NOTIFY = _q("NOTIFY {channel}")
 _LISTEN = _q("LISTEN {channel}")
 
@@ -202,6 +231,46 @@ def _event_from_row(row: _RowTuple) -> RecordedEvent:
 def _check_name(what: str, value: str) -> None:
     if not value or len(value) > MAX_NAME_LENGTH or "\x00" in value:
         raise InvalidArgumentError(f"{what} must be 1 to {MAX_NAME_LENGTH} characters without NUL")
+
+
+def _check_import_batch(stream_id: str, events: Sequence[ImportedEvent]) -> None:
+    """Rejects a batch that is not consecutive versions forming a valid hash chain."""
+    if not events:
+        raise InvalidArgumentError("an import needs at least one event")
+    if events[0].stream_version < 1:
+        raise InvalidArgumentError("stream versions start at 1")
+    if events[0].stream_version == 1 and events[0].prev_hash != GENESIS_HASH:
+        raise InvalidArgumentError("version 1 must link to the genesis hash")
+    previous: ImportedEvent | None = None
+    for event in events:
+        _check_name("event type", event.type)
+        if "\x00" in event.data_json or "\x00" in event.metadata_json:
+            raise InvalidArgumentError("event JSON must not contain NUL characters")
+        if previous is not None:
+            if event.stream_version != previous.stream_version + 1:
+                raise InvalidArgumentError(
+                    f"imported versions must be consecutive (after {previous.stream_version}"
+                    f" came {event.stream_version})"
+                )
+            if event.prev_hash != previous.hash:
+                raise InvalidArgumentError(
+                    f"version {event.stream_version} does not link to the previous event's hash"
+                )
+        recomputed = event_hash(
+            prev_hash=event.prev_hash,
+            stream_id=stream_id,
+            stream_version=event.stream_version,
+            event_id=event.event_id,
+            type=event.type,
+            data_json=event.data_json,
+            metadata_json=event.metadata_json,
+            recorded_at=event.recorded_at,
+        )
+        if recomputed != event.hash:
+            raise InvalidArgumentError(
+                f"version {event.stream_version}: the hash does not match the event's content"
+            )
+        previous = event
 
 
 class _WakeUp:
@@ -514,6 +583,90 @@ class PostgresEventStore:
         if isinstance(e, psycopg.OperationalError):
             return StorageUnavailableError("the event log database is unavailable")
         return TurnlogError("unexpected event log database error")
+
+    async def import_events(self, stream_id: str, events: Sequence[ImportedEvent]) -> ImportResult:
+        """Stores events from another log verbatim; see `EventStore.import_events`.
+
+        The chain is checked twice: in Python before anything is sent, and by
+        the server (`turnlog.event_hash`) on insert. Everything runs in one
+        transaction; a concurrent append or import that wins the race to a
+        version makes this one re-run and decide against the committed rows.
+        """
+        _check_name("stream id", stream_id)
+        _check_import_batch(stream_id, events)
+        first = events[0].stream_version
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> ImportResult:
+            async with conn.transaction():
+                cursor = await conn.execute(_IMPORT_EXISTING, (stream_id, first - 1))
+                stored = {row[0]: (row[1], bytes(row[2])) for row in await cursor.fetchall()}
+                head = max(stored, default=0)
+                if first > 1 and stored.get(first - 1, (None, b""))[1] != events[0].prev_hash:
+                    raise HistoryDivergedError(
+                        f"stream {stream_id!r} does not hold the history this import extends"
+                        f" (version {first - 1})",
+                        metadata={"streamId": stream_id, "version": str(first - 1)},
+                    )
+                present = 0
+                for event in events:
+                    if event.stream_version > head:
+                        break
+                    if stored.get(event.stream_version) != (event.event_id, event.hash):
+                        raise HistoryDivergedError(
+                            f"stream {stream_id!r} holds a different event at version"
+                            f" {event.stream_version}",
+                            metadata={
+                                "streamId": stream_id,
+                                "version": str(event.stream_version),
+                            },
+                        )
+                    present += 1
+                new = events[present:]
+                if new:
+                    cursor = await conn.execute(
+                        _IMPORT_INSERT,
+                        {
+                            "stream_id": stream_id,
+                            "versions": [e.stream_version for e in new],
+                            "event_ids": [e.event_id for e in new],
+                            "types": [e.type for e in new],
+                            "data": [e.data_json for e in new],
+                            "metadata": [e.metadata_json for e in new],
+                            "recorded_at": [e.recorded_at for e in new],
+                            "prev_hashes": [e.prev_hash for e in new],
+                            "hashes": [e.hash for e in new],
+                        },
+                    )
+                    if cursor.rowcount != len(new):
+                        # Rolls the transaction back: nothing is written.
+                        raise InvalidArgumentError(
+                            "an imported hash does not match the event log's own encoding"
+                        )
+                return ImportResult(
+                    stream_id=stream_id,
+                    written=len(new),
+                    already_present=present,
+                    last_version=max(head, events[-1].stream_version),
+                )
+
+        try:
+            for attempt in range(1, _RACE_ATTEMPTS + 1):
+                try:
+                    return await self._with_connection(run)
+                except pg_errors.UniqueViolation as e:
+                    if e.diag.constraint_name == "events_event_id_key":
+                        raise DuplicateEventError(
+                            "an imported event id is stored already in another stream"
+                            " or at another version",
+                            metadata={"streamId": stream_id},
+                        ) from e
+                    if attempt == _RACE_ATTEMPTS:
+                        raise StorageUnavailableError("import kept losing races; retry") from e
+            raise AssertionError("unreachable")
+        except psycopg.Error as e:
+            raise self._translate(e, stream_id, None) from e
+        finally:
+            self._after_append()
 
     # -- reading ----------------------------------------------------------
 
