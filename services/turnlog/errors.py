@@ -49,6 +49,12 @@ class AlreadyExistsError(TurnlogError):
     reason = "ALREADY_EXISTS"
 
 
+class HistoryDivergedError(AlreadyExistsError):
+    """Imported history disagrees with the history already stored for its stream."""
+
+    reason = "HISTORY_DIVERGED"
+
+
 class FailedPreconditionError(TurnlogError):
     """The request is valid but the resource is not in a state that allows it."""
 

@@ -18,6 +18,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from turnlog.v1 import conversation_pb2 as _conversation_pb2
+from turnlog.v1 import history_pb2 as _history_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -1084,3 +1085,413 @@ class TurnEnded(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TurnEnded: _TypeAlias = TurnEnded  # noqa: Y015
+
+@_typing.final
+class ReadEventsRequest(_message.Message):
+    """ReadEventsRequest selects events to read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    AFTER_VERSION_FIELD_NUMBER: _builtins.int
+    AFTER_POSITION_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    conversation: _builtins.str
+    """"conversations/{conversation_id}"; empty: all conversations."""
+    after_version: _builtins.int
+    """One conversation: only events with a higher version (0: from the start)."""
+    after_position: _builtins.str
+    """All conversations: only events after this LogEvent.position (empty:
+    from the start).
+    """
+    page_size: _builtins.int
+    """Maximum events per page (default 100, at most 1000)."""
+    page_token: _builtins.str
+    """Token from a previous response; the other fields must be unchanged."""
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events of these types (empty: all types)."""
+
+    def __init__(
+        self,
+        *,
+        conversation: _builtins.str = ...,
+        after_version: _builtins.int = ...,
+        after_position: _builtins.str = ...,
+        event_types: _abc.Iterable[_builtins.str] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "after_version", b"after_version", "conversation", b"conversation", "event_types", b"event_types", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadEventsRequest: _TypeAlias = ReadEventsRequest  # noqa: Y015
+
+@_typing.final
+class ReadEventsResponse(_message.Message):
+    """ReadEventsResponse is one page of events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when no more events are readable now."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_history_pb2.LogEvent]:
+        """Events, in version order (one conversation) or log order (all)."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_history_pb2.LogEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadEventsResponse: _TypeAlias = ReadEventsResponse  # noqa: Y015
+
+@_typing.final
+class SubscribeEventsRequest(_message.Message):
+    """SubscribeEventsRequest selects events to follow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    AFTER_VERSION_FIELD_NUMBER: _builtins.int
+    AFTER_POSITION_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    conversation: _builtins.str
+    """"conversations/{conversation_id}"; empty: all conversations."""
+    after_version: _builtins.int
+    """One conversation: resume after this version (0: from the start)."""
+    after_position: _builtins.str
+    """All conversations: resume after this position (empty: from the start)."""
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events of these types (empty: all types)."""
+
+    def __init__(
+        self,
+        *,
+        conversation: _builtins.str = ...,
+        after_version: _builtins.int = ...,
+        after_position: _builtins.str = ...,
+        event_types: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "after_version", b"after_version", "conversation", b"conversation", "event_types", b"event_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeEventsRequest: _TypeAlias = SubscribeEventsRequest  # noqa: Y015
+
+@_typing.final
+class SubscribeEventsResponse(_message.Message):
+    """SubscribeEventsResponse is the service-to-client envelope of SubscribeEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> _history_pb2.LogEvent:
+        """A stored event."""
+
+    @_builtins.property
+    def caught_up(self) -> Global___CaughtUp:
+        """The catch-up is complete; events that follow are live."""
+
+    def __init__(
+        self,
+        *,
+        event: _history_pb2.LogEvent | None = ...,
+        caught_up: Global___CaughtUp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["event", "caught_up"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___SubscribeEventsResponse: _TypeAlias = SubscribeEventsResponse  # noqa: Y015
+
+@_typing.final
+class CaughtUp(_message.Message):
+    """CaughtUp marks the end of a subscription's catch-up."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """One conversation: the version read up to (resume after it)."""
+    position: _builtins.str
+    """All conversations: the position read up to, past filtered-out events."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        position: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaughtUp: _TypeAlias = CaughtUp  # noqa: Y015
+
+@_typing.final
+class ForkConversationRequest(_message.Message):
+    """ForkConversationRequest forks a conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    FORK_CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The source: "conversations/{conversation_id}"."""
+    version: _builtins.int
+    """The source version to fork at (unset: the latest)."""
+    fork_conversation_id: _builtins.str
+    """Optional id of the new conversation; derived from request_id when empty."""
+    request_id: _builtins.str
+    """Idempotency key: a retry returns the same fork."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int | None = ...,
+        fork_conversation_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "version", b"version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "fork_conversation_id", b"fork_conversation_id", "name", b"name", "request_id", b"request_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__version: _TypeAlias = _typing.Literal["version"]  # noqa: Y015
+    _WhichOneofArgType__version: _TypeAlias = _typing.Literal["_version", b"_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__version) -> _WhichOneofReturnType__version | None: ...
+
+Global___ForkConversationRequest: _TypeAlias = ForkConversationRequest  # noqa: Y015
+
+@_typing.final
+class ForkConversationResponse(_message.Message):
+    """ForkConversationResponse returns the fork."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    PREFIX_VERSION_FIELD_NUMBER: _builtins.int
+    INTERRUPTED_TURN_ID_FIELD_NUMBER: _builtins.int
+    prefix_version: _builtins.int
+    """The fork's version whose state is the source's state at the fork version."""
+    interrupted_turn_id: _builtins.str
+    """The turn that was running at the fork version, closed as interrupted in
+    the fork; empty when none was running.
+    """
+    @_builtins.property
+    def conversation(self) -> _conversation_pb2.Conversation:
+        """The new conversation, at its latest version."""
+
+    def __init__(
+        self,
+        *,
+        conversation: _conversation_pb2.Conversation | None = ...,
+        prefix_version: _builtins.int = ...,
+        interrupted_turn_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "interrupted_turn_id", b"interrupted_turn_id", "prefix_version", b"prefix_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkConversationResponse: _TypeAlias = ForkConversationResponse  # noqa: Y015
+
+@_typing.final
+class VerifyConversationRequest(_message.Message):
+    """VerifyConversationRequest names a conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"conversations/{conversation_id}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyConversationRequest: _TypeAlias = VerifyConversationRequest  # noqa: Y015
+
+@_typing.final
+class VerifyConversationResponse(_message.Message):
+    """VerifyConversationResponse reports on a conversation's history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTACT_FIELD_NUMBER: _builtins.int
+    EVENTS_CHECKED_FIELD_NUMBER: _builtins.int
+    LAST_VERSION_FIELD_NUMBER: _builtins.int
+    BROKEN_VERSION_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    PROBLEM_DESCRIPTION_FIELD_NUMBER: _builtins.int
+    intact: _builtins.bool
+    """True when the hash chain is intact and every event folds."""
+    events_checked: _builtins.int
+    """Events read."""
+    last_version: _builtins.int
+    """The highest version found."""
+    broken_version: _builtins.int
+    """The first version failing a check (0 when intact)."""
+    problem: _history_pb2.VerificationProblem.ValueType
+    """Which check it failed."""
+    problem_description: _builtins.str
+    """What is wrong there, safe to show."""
+    def __init__(
+        self,
+        *,
+        intact: _builtins.bool = ...,
+        events_checked: _builtins.int = ...,
+        last_version: _builtins.int = ...,
+        broken_version: _builtins.int = ...,
+        problem: _history_pb2.VerificationProblem.ValueType = ...,
+        problem_description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broken_version", b"broken_version", "events_checked", b"events_checked", "intact", b"intact", "last_version", b"last_version", "problem", b"problem", "problem_description", b"problem_description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyConversationResponse: _TypeAlias = VerifyConversationResponse  # noqa: Y015
+
+@_typing.final
+class ExportConversationRequest(_message.Message):
+    """ExportConversationRequest exports a conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"conversations/{conversation_id}"."""
+    format: _history_pb2.ExportFormat.ValueType
+    """The format."""
+    version: _builtins.int
+    """Export only up to this version (unset: the latest)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        format: _history_pb2.ExportFormat.ValueType = ...,
+        version: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "version", b"version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "format", b"format", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__version: _TypeAlias = _typing.Literal["version"]  # noqa: Y015
+    _WhichOneofArgType__version: _TypeAlias = _typing.Literal["_version", b"_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__version) -> _WhichOneofReturnType__version | None: ...
+
+Global___ExportConversationRequest: _TypeAlias = ExportConversationRequest  # noqa: Y015
+
+@_typing.final
+class ExportConversationResponse(_message.Message):
+    """ExportConversationResponse carries the next bytes of the export."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next part of the file; concatenate all parts in order."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportConversationResponse: _TypeAlias = ExportConversationResponse  # noqa: Y015
+
+@_typing.final
+class ImportConversationRequest(_message.Message):
+    """ImportConversationRequest carries the next bytes of a JSONL export."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next part of the file; the parts are concatenated in order."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportConversationRequest: _TypeAlias = ImportConversationRequest  # noqa: Y015
+
+@_typing.final
+class ImportConversationResponse(_message.Message):
+    """ImportConversationResponse returns the imported conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    EVENTS_WRITTEN_FIELD_NUMBER: _builtins.int
+    EVENTS_ALREADY_PRESENT_FIELD_NUMBER: _builtins.int
+    events_written: _builtins.int
+    """Events written by this import."""
+    events_already_present: _builtins.int
+    """Events of the file that were stored already."""
+    @_builtins.property
+    def conversation(self) -> _conversation_pb2.Conversation:
+        """The conversation, at its latest version."""
+
+    def __init__(
+        self,
+        *,
+        conversation: _conversation_pb2.Conversation | None = ...,
+        events_written: _builtins.int = ...,
+        events_already_present: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "events_already_present", b"events_already_present", "events_written", b"events_written"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportConversationResponse: _TypeAlias = ImportConversationResponse  # noqa: Y015

@@ -71,6 +71,36 @@ class ConversationServiceStub:
                 request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ConverseRequest.SerializeToString,
                 response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ConverseResponse.FromString,
                 _registered_method=True)
+        self.ReadEvents = channel.unary_unary(
+                '/turnlog.v1.ConversationService/ReadEvents',
+                request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ReadEventsRequest.SerializeToString,
+                response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ReadEventsResponse.FromString,
+                _registered_method=True)
+        self.SubscribeEvents = channel.unary_stream(
+                '/turnlog.v1.ConversationService/SubscribeEvents',
+                request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.SubscribeEventsRequest.SerializeToString,
+                response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.SubscribeEventsResponse.FromString,
+                _registered_method=True)
+        self.ForkConversation = channel.unary_unary(
+                '/turnlog.v1.ConversationService/ForkConversation',
+                request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ForkConversationRequest.SerializeToString,
+                response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ForkConversationResponse.FromString,
+                _registered_method=True)
+        self.VerifyConversation = channel.unary_unary(
+                '/turnlog.v1.ConversationService/VerifyConversation',
+                request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.VerifyConversationRequest.SerializeToString,
+                response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.VerifyConversationResponse.FromString,
+                _registered_method=True)
+        self.ExportConversation = channel.unary_stream(
+                '/turnlog.v1.ConversationService/ExportConversation',
+                request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ExportConversationRequest.SerializeToString,
+                response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ExportConversationResponse.FromString,
+                _registered_method=True)
+        self.ImportConversation = channel.stream_unary(
+                '/turnlog.v1.ConversationService/ImportConversation',
+                request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ImportConversationRequest.SerializeToString,
+                response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ImportConversationResponse.FromString,
+                _registered_method=True)
 
 
 class ConversationServiceServicer:
@@ -129,6 +159,52 @@ class ConversationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadEvents(self, request, context):
+        """ReadEvents pages through stored events of one conversation (by version)
+        or of all conversations (in log order), optionally of some types only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubscribeEvents(self, request, context):
+        """SubscribeEvents streams stored events (catch-up), then one caught_up
+        marker, then new events as they are recorded (live). Never ends by
+        itself; resume after the last event's version or position.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkConversation(self, request, context):
+        """ForkConversation starts a new conversation from any version of another.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyConversation(self, request, context):
+        """VerifyConversation checks the hash chain and that the history folds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportConversation(self, request, context):
+        """ExportConversation streams a conversation in an export format.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportConversation(self, request_iterator, context):
+        """ImportConversation stores a JSONL export from another deployment with
+        its event ids, times and hashes. Importing twice changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConversationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +242,36 @@ def add_ConversationServiceServicer_to_server(servicer, server):
                     servicer.Converse,
                     request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ConverseRequest.FromString,
                     response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ConverseResponse.SerializeToString,
+            ),
+            'ReadEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadEvents,
+                    request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ReadEventsRequest.FromString,
+                    response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ReadEventsResponse.SerializeToString,
+            ),
+            'SubscribeEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeEvents,
+                    request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.SubscribeEventsRequest.FromString,
+                    response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.SubscribeEventsResponse.SerializeToString,
+            ),
+            'ForkConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkConversation,
+                    request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ForkConversationRequest.FromString,
+                    response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ForkConversationResponse.SerializeToString,
+            ),
+            'VerifyConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyConversation,
+                    request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.VerifyConversationRequest.FromString,
+                    response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.VerifyConversationResponse.SerializeToString,
+            ),
+            'ExportConversation': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportConversation,
+                    request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ExportConversationRequest.FromString,
+                    response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ExportConversationResponse.SerializeToString,
+            ),
+            'ImportConversation': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportConversation,
+                    request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ImportConversationRequest.FromString,
+                    response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ImportConversationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +464,168 @@ class ConversationService:
             '/turnlog.v1.ConversationService/Converse',
             turnlog_dot_v1_dot_conversation__service__pb2.ConverseRequest.SerializeToString,
             turnlog_dot_v1_dot_conversation__service__pb2.ConverseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turnlog.v1.ConversationService/ReadEvents',
+            turnlog_dot_v1_dot_conversation__service__pb2.ReadEventsRequest.SerializeToString,
+            turnlog_dot_v1_dot_conversation__service__pb2.ReadEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/turnlog.v1.ConversationService/SubscribeEvents',
+            turnlog_dot_v1_dot_conversation__service__pb2.SubscribeEventsRequest.SerializeToString,
+            turnlog_dot_v1_dot_conversation__service__pb2.SubscribeEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turnlog.v1.ConversationService/ForkConversation',
+            turnlog_dot_v1_dot_conversation__service__pb2.ForkConversationRequest.SerializeToString,
+            turnlog_dot_v1_dot_conversation__service__pb2.ForkConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turnlog.v1.ConversationService/VerifyConversation',
+            turnlog_dot_v1_dot_conversation__service__pb2.VerifyConversationRequest.SerializeToString,
+            turnlog_dot_v1_dot_conversation__service__pb2.VerifyConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/turnlog.v1.ConversationService/ExportConversation',
+            turnlog_dot_v1_dot_conversation__service__pb2.ExportConversationRequest.SerializeToString,
+            turnlog_dot_v1_dot_conversation__service__pb2.ExportConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportConversation(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/turnlog.v1.ConversationService/ImportConversation',
+            turnlog_dot_v1_dot_conversation__service__pb2.ImportConversationRequest.SerializeToString,
+            turnlog_dot_v1_dot_conversation__service__pb2.ImportConversationResponse.FromString,
             options,
             channel_credentials,
             insecure,

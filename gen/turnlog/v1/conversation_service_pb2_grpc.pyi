@@ -61,6 +61,25 @@ class ConversationServiceStub:
     """Converse is a bidirectional session on one conversation: user messages,
     client-side tool results and cancels in; turn events out.
     """
+    ReadEvents: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.ReadEventsRequest, _conversation_service_pb2.ReadEventsResponse]
+    """ReadEvents pages through stored events of one conversation (by version)
+    or of all conversations (in log order), optionally of some types only.
+    """
+    SubscribeEvents: _grpc.UnaryStreamMultiCallable[_conversation_service_pb2.SubscribeEventsRequest, _conversation_service_pb2.SubscribeEventsResponse]
+    """SubscribeEvents streams stored events (catch-up), then one caught_up
+    marker, then new events as they are recorded (live). Never ends by
+    itself; resume after the last event's version or position.
+    """
+    ForkConversation: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.ForkConversationRequest, _conversation_service_pb2.ForkConversationResponse]
+    """ForkConversation starts a new conversation from any version of another."""
+    VerifyConversation: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.VerifyConversationRequest, _conversation_service_pb2.VerifyConversationResponse]
+    """VerifyConversation checks the hash chain and that the history folds."""
+    ExportConversation: _grpc.UnaryStreamMultiCallable[_conversation_service_pb2.ExportConversationRequest, _conversation_service_pb2.ExportConversationResponse]
+    """ExportConversation streams a conversation in an export format."""
+    ImportConversation: _grpc.StreamUnaryMultiCallable[_conversation_service_pb2.ImportConversationRequest, _conversation_service_pb2.ImportConversationResponse]
+    """ImportConversation stores a JSONL export from another deployment with
+    its event ids, times and hashes. Importing twice changes nothing.
+    """
 
 @_typing.type_check_only
 class ConversationServiceAsyncStub(ConversationServiceStub):
@@ -86,6 +105,25 @@ class ConversationServiceAsyncStub(ConversationServiceStub):
     Converse: _aio.StreamStreamMultiCallable[_conversation_service_pb2.ConverseRequest, _conversation_service_pb2.ConverseResponse]  # type: ignore[assignment]
     """Converse is a bidirectional session on one conversation: user messages,
     client-side tool results and cancels in; turn events out.
+    """
+    ReadEvents: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.ReadEventsRequest, _conversation_service_pb2.ReadEventsResponse]  # type: ignore[assignment]
+    """ReadEvents pages through stored events of one conversation (by version)
+    or of all conversations (in log order), optionally of some types only.
+    """
+    SubscribeEvents: _aio.UnaryStreamMultiCallable[_conversation_service_pb2.SubscribeEventsRequest, _conversation_service_pb2.SubscribeEventsResponse]  # type: ignore[assignment]
+    """SubscribeEvents streams stored events (catch-up), then one caught_up
+    marker, then new events as they are recorded (live). Never ends by
+    itself; resume after the last event's version or position.
+    """
+    ForkConversation: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.ForkConversationRequest, _conversation_service_pb2.ForkConversationResponse]  # type: ignore[assignment]
+    """ForkConversation starts a new conversation from any version of another."""
+    VerifyConversation: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.VerifyConversationRequest, _conversation_service_pb2.VerifyConversationResponse]  # type: ignore[assignment]
+    """VerifyConversation checks the hash chain and that the history folds."""
+    ExportConversation: _aio.UnaryStreamMultiCallable[_conversation_service_pb2.ExportConversationRequest, _conversation_service_pb2.ExportConversationResponse]  # type: ignore[assignment]
+    """ExportConversation streams a conversation in an export format."""
+    ImportConversation: _aio.StreamUnaryMultiCallable[_conversation_service_pb2.ImportConversationRequest, _conversation_service_pb2.ImportConversationResponse]  # type: ignore[assignment]
+    """ImportConversation stores a JSONL export from another deployment with
+    its event ids, times and hashes. Importing twice changes nothing.
     """
 
 class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -151,6 +189,61 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_conversation_service_pb2.ConverseResponse], _abc.AsyncIterator[_conversation_service_pb2.ConverseResponse]]:
         """Converse is a bidirectional session on one conversation: user messages,
         client-side tool results and cancels in; turn events out.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadEvents(
+        self,
+        request: _conversation_service_pb2.ReadEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conversation_service_pb2.ReadEventsResponse, _abc.Awaitable[_conversation_service_pb2.ReadEventsResponse]]:
+        """ReadEvents pages through stored events of one conversation (by version)
+        or of all conversations (in log order), optionally of some types only.
+        """
+
+    @_abc_1.abstractmethod
+    def SubscribeEvents(
+        self,
+        request: _conversation_service_pb2.SubscribeEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_conversation_service_pb2.SubscribeEventsResponse], _abc.AsyncIterator[_conversation_service_pb2.SubscribeEventsResponse]]:
+        """SubscribeEvents streams stored events (catch-up), then one caught_up
+        marker, then new events as they are recorded (live). Never ends by
+        itself; resume after the last event's version or position.
+        """
+
+    @_abc_1.abstractmethod
+    def ForkConversation(
+        self,
+        request: _conversation_service_pb2.ForkConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conversation_service_pb2.ForkConversationResponse, _abc.Awaitable[_conversation_service_pb2.ForkConversationResponse]]:
+        """ForkConversation starts a new conversation from any version of another."""
+
+    @_abc_1.abstractmethod
+    def VerifyConversation(
+        self,
+        request: _conversation_service_pb2.VerifyConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conversation_service_pb2.VerifyConversationResponse, _abc.Awaitable[_conversation_service_pb2.VerifyConversationResponse]]:
+        """VerifyConversation checks the hash chain and that the history folds."""
+
+    @_abc_1.abstractmethod
+    def ExportConversation(
+        self,
+        request: _conversation_service_pb2.ExportConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_conversation_service_pb2.ExportConversationResponse], _abc.AsyncIterator[_conversation_service_pb2.ExportConversationResponse]]:
+        """ExportConversation streams a conversation in an export format."""
+
+    @_abc_1.abstractmethod
+    def ImportConversation(
+        self,
+        request_iterator: _MaybeAsyncIterator[_conversation_service_pb2.ImportConversationRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_conversation_service_pb2.ImportConversationResponse, _abc.Awaitable[_conversation_service_pb2.ImportConversationResponse]]:
+        """ImportConversation stores a JSONL export from another deployment with
+        its event ids, times and hashes. Importing twice changes nothing.
         """
 
 def add_ConversationServiceServicer_to_server(servicer: ConversationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -31,9 +31,13 @@ from turnlog.conversation.projection import (
 from turnlog.conversation.status import FieldViolationsError, to_status
 from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, Turn, TurnStatus
+from turnlog.history import service as hist
+from turnlog.history.audit import ProblemKind
+from turnlog.storage import Position, RecordedEvent
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
+from turnlog.v1 import history_pb2 as hpb
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
@@ -41,6 +45,11 @@ MAX_REQUEST_ID = 128
 MAX_CONTENT_CHARS = 1_000_000
 MAX_PAGE_SIZE = 500
 MAX_REGEX_CHARS = 4096
+MAX_EVENTS_PAGE = 1000
+DEFAULT_EVENTS_PAGE = 100
+MAX_EVENT_TYPES = 64
+#: The largest JSONL file ImportConversation accepts (bytes, all parts together).
+MAX_IMPORT_BYTES = 256 * 1024 * 1024
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -337,8 +346,13 @@ def turn_event(update: TurnUpdate) -> spb.TurnEvent:
 class ConversationServicer(sgrpc.ConversationServiceServicer):
     """Implements turnlog.v1.ConversationService over `ConversationApplication`."""
 
-    def __init__(self, app: appl.ConversationApplication) -> None:
+    def __init__(
+        self, app: appl.ConversationApplication, history: hist.HistoryService | None = None
+    ) -> None:
         self.app = app
+        self.history = history or hist.HistoryService(
+            app.store, clock=app.clock, instance=app.instance
+        )
 
     async def CreateConversation(  # noqa: N802 (gRPC method name)
         self, request: spb.CreateConversationRequest, context: Context
@@ -559,6 +573,191 @@ class ConversationServicer(sgrpc.ConversationServiceServicer):
                 task.cancel()
             with contextlib.suppress(BaseException):
                 await reader
+
+    # -- history ---------------------------------------------------------------
+
+    async def ReadEvents(  # noqa: N802
+        self, request: spb.ReadEventsRequest, context: Context
+    ) -> spb.ReadEventsResponse:
+        try:
+            v = _Violations()
+            query = _event_query(request, v)
+            if not 0 <= request.page_size <= MAX_EVENTS_PAGE:
+                v.add("page_size", f"must be between 0 and {MAX_EVENTS_PAGE}")
+            v.raise_if_any()
+            page = await self.history.read_events(
+                query,
+                page_size=request.page_size or DEFAULT_EVENTS_PAGE,
+                page_token=request.page_token,
+            )
+            return spb.ReadEventsResponse(
+                events=[log_event(e) for e in page.events], next_page_token=page.next_page_token
+            )
+        except Exception as e:
+            await _abort(context, e)
+
+    async def SubscribeEvents(  # noqa: N802
+        self, request: spb.SubscribeEventsRequest, context: Context
+    ) -> AsyncIterator[spb.SubscribeEventsResponse]:
+        try:
+            v = _Violations()
+            query = _event_query(request, v)
+            v.raise_if_any()
+            async for item in self.history.subscribe(query):
+                if isinstance(item, hist.CaughtUp):
+                    position = "" if query.conversation_id is not None else str(item.position)
+                    yield spb.SubscribeEventsResponse(
+                        caught_up=spb.CaughtUp(version=item.version, position=position)
+                    )
+                else:
+                    yield spb.SubscribeEventsResponse(event=log_event(item))
+        except Exception as e:
+            await _abort(context, e)
+
+    async def ForkConversation(  # noqa: N802
+        self, request: spb.ForkConversationRequest, context: Context
+    ) -> spb.ForkConversationResponse:
+        try:
+            v = _Violations()
+            cid = _conversation_id(request.name, "name", v)
+            if request.HasField("version") and request.version < 1:
+                v.add("version", "must be at least 1")
+            if request.fork_conversation_id and not _ID.match(request.fork_conversation_id):
+                v.add("fork_conversation_id", "1-63 letters, digits, - or _")
+            _request_id(request.request_id, "request_id", v)
+            v.raise_if_any()
+            result = await self.history.fork(
+                hist.ForkCommand(
+                    source_id=cid,
+                    version=request.version if request.HasField("version") else None,
+                    fork_id=request.fork_conversation_id,
+                    request_id=request.request_id,
+                )
+            )
+            return spb.ForkConversationResponse(
+                conversation=conversation_message(result.state),
+                prefix_version=result.prefix_version,
+                interrupted_turn_id=result.interrupted_turn_id,
+            )
+        except Exception as e:
+            await _abort(context, e)
+
+    async def VerifyConversation(  # noqa: N802
+        self, request: spb.VerifyConversationRequest, context: Context
+    ) -> spb.VerifyConversationResponse:
+        try:
+            v = _Violations()
+            cid = _conversation_id(request.name, "name", v)
+            v.raise_if_any()
+            report = await self.history.verify(cid)
+            return spb.VerifyConversationResponse(
+                intact=report.ok,
+                events_checked=report.events_checked,
+                last_version=report.last_version,
+                broken_version=report.broken_at_version or 0,
+                problem=_PROBLEM[report.kind],
+                problem_description=report.problem or "",
+            )
+        except Exception as e:
+            await _abort(context, e)
+
+    async def ExportConversation(  # noqa: N802
+        self, request: spb.ExportConversationRequest, context: Context
+    ) -> AsyncIterator[spb.ExportConversationResponse]:
+        try:
+            v = _Violations()
+            cid = _conversation_id(request.name, "name", v)
+            if request.format not in (hpb.EXPORT_FORMAT_JSONL, hpb.EXPORT_FORMAT_ATIF):
+                v.add("format", "EXPORT_FORMAT_JSONL or EXPORT_FORMAT_ATIF")
+            if request.HasField("version") and request.version < 1:
+                v.add("version", "must be at least 1")
+            v.raise_if_any()
+            version = request.version if request.HasField("version") else None
+            if request.format == hpb.EXPORT_FORMAT_JSONL:
+                chunks = self.history.export_jsonl(cid, version=version)
+            else:
+                chunks = self.history.export_atif(cid, version=version)
+            async for chunk in chunks:
+                yield spb.ExportConversationResponse(data=chunk)
+        except Exception as e:
+            await _abort(context, e)
+
+    async def ImportConversation(  # noqa: N802
+        self, request_iterator: AsyncIterator[spb.ImportConversationRequest], context: Context
+    ) -> spb.ImportConversationResponse:
+        try:
+            parts: list[bytes] = []
+            size = 0
+            async for message in request_iterator:
+                size += len(message.data)
+                if size > MAX_IMPORT_BYTES:
+                    raise FieldViolationsError([("data", f"at most {MAX_IMPORT_BYTES} bytes")])
+                parts.append(message.data)
+            outcome = await self.history.import_jsonl(b"".join(parts))
+            return spb.ImportConversationResponse(
+                conversation=conversation_message(outcome.state),
+                events_written=outcome.written,
+                events_already_present=outcome.already_present,
+            )
+        except Exception as e:
+            await _abort(context, e)
+
+
+_PROBLEM = {
+    None: hpb.VERIFICATION_PROBLEM_UNSPECIFIED,
+    ProblemKind.VERSION_SEQUENCE: hpb.VERIFICATION_PROBLEM_VERSION_SEQUENCE,
+    ProblemKind.HASH_CHAIN: hpb.VERIFICATION_PROBLEM_HASH_CHAIN,
+    ProblemKind.FOLD: hpb.VERIFICATION_PROBLEM_FOLD,
+}
+
+
+def log_event(event: RecordedEvent) -> hpb.LogEvent:
+    """The API message of a stored event (payload and metadata as their stored text)."""
+    message = hpb.LogEvent(
+        conversation=f"conversations/{hist.conversation_of(event.stream_id)}",
+        stream_id=event.stream_id,
+        version=event.stream_version,
+        event_id=str(event.event_id),
+        type=event.type,
+        data_json=event.data_json,
+        metadata_json=event.metadata_json,
+        prev_hash=event.prev_hash,
+        hash=event.hash,
+        position=str(event.position),
+    )
+    message.record_time.FromDatetime(event.recorded_at)
+    return message
+
+
+def _event_query(
+    request: spb.ReadEventsRequest | spb.SubscribeEventsRequest, v: _Violations
+) -> hist.EventQuery:
+    cid: str | None = None
+    if request.conversation:
+        cid = _conversation_id(request.conversation, "conversation", v)
+        if request.after_position:
+            v.add("after_position", "only for all conversations; use after_version")
+    elif request.after_version:
+        v.add("after_version", "only with a conversation; use after_position")
+    if request.after_version < 0:
+        v.add("after_version", "must not be negative")
+    position = Position(0, 0)
+    if request.after_position:
+        try:
+            position = Position.parse(request.after_position)
+        except errors.InvalidArgumentError:
+            v.add("after_position", "not a position from a LogEvent or CaughtUp")
+    if len(request.event_types) > MAX_EVENT_TYPES:
+        v.add("event_types", f"at most {MAX_EVENT_TYPES} types")
+    for i, name in enumerate(request.event_types):
+        if not name or len(name) > 128:
+            v.add(f"event_types[{i}]", "1-128 characters")
+    return hist.EventQuery(
+        conversation_id=cid,
+        after_version=request.after_version,
+        after_position=position,
+        types=frozenset(request.event_types) if request.event_types else None,
+    )
 
 
 async def _abort(context: Context, error: BaseException) -> NoReturn:

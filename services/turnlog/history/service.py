@@ -1,0 +1,526 @@
+"""Reading, following, forking, verifying, exporting and importing conversation logs.
+
+`HistoryService` is the application layer of the history RPCs; the gRPC
+servicer adapts it. It needs only the `EventStore` port and the pure domain.
+docs/history.md explains the formats and the choices made here.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from turnlog import errors
+from turnlog.conversation.application import STREAM_PREFIX, derived_id, stream_id, wall_clock_us
+from turnlog.domain import codec
+from turnlog.domain import events as ev
+from turnlog.domain.state import ConversationState, fold
+from turnlog.history import jsonl
+from turnlog.history.audit import AuditReport, audit_stream, decode_event
+from turnlog.storage import (
+    NO_STREAM,
+    START_POSITION,
+    EventFilter,
+    EventMetadata,
+    EventStore,
+    NewEvent,
+    Position,
+    RawJson,
+    RecordedEvent,
+)
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+_READ_BATCH = 1000
+#: Export chunks are about this many bytes (whole lines; a longer line is one chunk).
+EXPORT_CHUNK_BYTES = 64 * 1024
+
+
+def conversation_of(sid: str) -> str:
+    """The conversation id of a conversation stream id."""
+    return sid.removeprefix(STREAM_PREFIX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventQuery:
+    """What `read_events` and `subscribe` select.
+
+    Attributes:
+        conversation_id: one conversation, or None for all conversations.
+        after_version: one conversation: only events with a higher version.
+        after_position: all conversations: only events after this checkpoint.
+        types: only these event types (None: all).
+    """
+
+    conversation_id: str | None = None
+    after_version: int = 0
+    after_position: Position = START_POSITION
+    types: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventPage:
+    """A page of `read_events`; `next_page_token` is "" when nothing more is readable now."""
+
+    events: tuple[RecordedEvent, ...]
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CaughtUp:
+    """Marks the end of a subscription's catch-up; live events follow.
+
+    Attributes:
+        version: one conversation: the version read up to.
+        position: all conversations: the checkpoint read up to (past filtered-out events).
+    """
+
+    version: int = 0
+    position: Position = START_POSITION
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForkCommand:
+    """Fork `source_id` at `version` (latest when None) into `fork_id` (derived when empty)."""
+
+    source_id: str
+    version: int | None = None
+    fork_id: str = ""
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForkResult:
+    """A fork and where in it the source's state is reproduced.
+
+    Attributes:
+        state: the fork, folded to its latest version.
+        source_version: the source version copied.
+        prefix_version: the fork's version whose state equals the source's
+            at `source_version` (apart from id, creation time and fork origin).
+        interrupted_turn_id: the turn open at `source_version`, closed in the
+            fork with `TurnInterrupted`; "" when none was open.
+    """
+
+    state: ConversationState
+    source_version: int
+    prefix_version: int
+    interrupted_turn_id: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportOutcome:
+    """What an import did: the conversation (folded), events written and already present."""
+
+    state: ConversationState
+    written: int
+    already_present: int
+
+
+def _token(payload: dict[str, object]) -> str:
+    raw = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _untoken(token: str) -> dict[str, object]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.InvalidArgumentError(
+            "malformed page token", metadata={"field": "page_token"}
+        ) from e
+    if not isinstance(value, dict):
+        raise errors.InvalidArgumentError("malformed page token", metadata={"field": "page_token"})
+    return value
+
+
+class HistoryService:
+    """The history operations over an event store.
+
+    Args:
+        store: the event log.
+        clock: microseconds since the Unix epoch (the fork time); injected for tests.
+        instance: recorded as the actor of the events this service writes.
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        clock: Callable[[], int] = wall_clock_us,
+        instance: str = "history",
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.instance = instance
+
+    # -- reading -------------------------------------------------------------
+
+    async def read_events(self, query: EventQuery, *, page_size: int, page_token: str) -> EventPage:
+        """One page of events of one conversation (by version) or of all (in log order).
+
+        A page token continues exactly after the last event scanned, so paging
+        returns every selected event once. The token is bound to the query's
+        conversation and types.
+
+        Raises:
+            InvalidArgumentError: a malformed token, or one made for another query.
+        """
+        types = sorted(query.types) if query.types is not None else None
+        scope = {"c": query.conversation_id or "", "t": types}
+        after_version, after_position = query.after_version, query.after_position
+        if page_token:
+            saved = _untoken(page_token)
+            if {"c": saved.get("c"), "t": saved.get("t")} != scope:
+                raise errors.InvalidArgumentError(
+                    "the page token was made for another query", metadata={"field": "page_token"}
+                )
+            try:
+                if query.conversation_id is not None:
+                    after_version = int(str(saved["a"]))
+                else:
+                    after_position = Position.parse(str(saved["a"]))
+            except (KeyError, ValueError) as e:
+                raise errors.InvalidArgumentError(
+                    "malformed page token", metadata={"field": "page_token"}
+                ) from e
+        collected: list[RecordedEvent] = []
+        if query.conversation_id is not None:
+            sid = stream_id(query.conversation_id)
+            more = True
+            while more and len(collected) < page_size:
+                batch = await self.store.read_stream(
+                    sid, from_version=after_version + 1, limit=page_size - len(collected)
+                )
+                more = len(batch) == page_size - len(collected)
+                for event in batch:
+                    after_version = event.stream_version
+                    if query.types is None or event.type in query.types:
+                        collected.append(event)
+            token = _token({**scope, "a": after_version}) if more else ""
+            return EventPage(events=tuple(collected), next_page_token=token)
+        event_filter = EventFilter(types=query.types, stream_prefix=STREAM_PREFIX)
+        reached_end = False
+        while not reached_end and len(collected) < page_size:
+            page = await self.store.read_all(
+                after=after_position, limit=page_size - len(collected), filter=event_filter
+            )
+            collected.extend(page.events)
+            after_position = page.next_position
+            reached_end = page.reached_end
+        token = "" if reached_end else _token({**scope, "a": str(after_position)})
+        return EventPage(events=tuple(collected), next_page_token=token)
+
+    async def subscribe(self, query: EventQuery) -> AsyncIterator[RecordedEvent | CaughtUp]:
+        """Catch-up from the query's start, one `CaughtUp`, then live events; never ends.
+
+        Resume after a disconnect with the last event's version (one
+        conversation) or position (all), or the last `CaughtUp`'s: nothing
+        is lost and nothing repeated.
+        """
+        if query.conversation_id is not None:
+            sid = stream_id(query.conversation_id)
+            version = query.after_version
+            while True:
+                batch = await self.store.read_stream(
+                    sid, from_version=version + 1, limit=_READ_BATCH
+                )
+                for event in batch:
+                    version = event.stream_version
+                    if query.types is None or event.type in query.types:
+                        yield event
+                if len(batch) < _READ_BATCH:
+                    break
+            yield CaughtUp(version=version)
+            async for event in self.store.subscribe_stream(sid, after_version=version):
+                if query.types is None or event.type in query.types:
+                    yield event
+            return
+        position = query.after_position
+        event_filter = EventFilter(types=query.types, stream_prefix=STREAM_PREFIX)
+        while True:
+            all_page = await self.store.read_all(
+                after=position, limit=_READ_BATCH, filter=event_filter
+            )
+            for event in all_page.events:
+                yield event
+            position = all_page.next_position
+            if all_page.reached_end:
+                break
+        yield CaughtUp(position=position)
+        async for event in self.store.subscribe_all(after=position, filter=event_filter):
+            yield event
+
+    # -- fork ------------------------------------------------------------------------
+
+    async def fork(self, command: ForkCommand) -> ForkResult:
+        """A new conversation whose stream is `ConversationForked` + a copy of the source's prefix.
+
+        Copies keep their payload text verbatim (new event ids, metadata with
+        the source event as causation), re-hashed in the fork's own chain, so
+        the fork folds, verifies and exports on its own. A source that is a
+        fork itself is copied without its own `ConversationForked`. A turn
+        open at the fork version is closed in the fork by `TurnInterrupted`.
+        Idempotent by `request_id` (same source, version and request: the
+        same fork).
+
+        Raises:
+            NotFoundError: no such conversation or version.
+            AlreadyExistsError: the fork id is taken by something else.
+        """
+        src_sid = stream_id(command.source_id)
+        latest = await self.store.stream_version(src_sid)
+        version = latest if command.version is None else command.version
+        if latest == 0 or version > latest or version < 1:
+            raise errors.NotFoundError(
+                f"conversation {command.source_id!r} has no version {version}",
+                metadata={"conversation": command.source_id, "version": str(version)},
+            )
+        prefix = await self.store.read_stream(src_sid, limit=version)
+        source_state = fold(decode_event(e) for e in prefix)
+        if not source_state.exists:
+            raise errors.NotFoundError(
+                f"conversation {command.source_id!r} does not exist at version {version}",
+                metadata={"conversation": command.source_id, "version": str(version)},
+            )
+        fork_id = command.fork_id or (
+            derived_id("fork", command.source_id, str(version), command.request_id)
+            if command.request_id
+            else str(uuid.uuid4())
+        )
+        forked = ev.ConversationForked(
+            conversation_id=fork_id,
+            source_conversation_id=command.source_id,
+            source_version=version,
+            forked_at_us=self.clock(),
+        )
+        new_events = [self._event(derived_id(fork_id, "forked"), forked, command.request_id)]
+        domain_events: list[ev.Event] = [forked]
+        for i, source in enumerate(prefix):
+            if i == 0 and source.type == "ConversationForked":
+                continue
+            meta = dataclasses.replace(source.metadata, causation_id=str(source.event_id))
+            new_events.append(
+                NewEvent(
+                    event_id=uuid.UUID(derived_id(fork_id, "copy", str(source.event_id))),
+                    type=source.type,
+                    data=RawJson(text=source.data_json),
+                    metadata=meta,
+                )
+            )
+            domain_events.append(decode_event(source))
+        prefix_version = len(new_events)
+        open_turn = source_state.open_turn
+        if open_turn is not None:
+            interrupted = ev.TurnInterrupted(
+                turn_id=open_turn.turn_id, detected_at_us=forked.forked_at_us
+            )
+            new_events.append(
+                self._event(derived_id(fork_id, "interrupted"), interrupted, command.request_id)
+            )
+            domain_events.append(interrupted)
+        fork_sid = stream_id(fork_id)
+        try:
+            await self.store.append(fork_sid, new_events, expected_version=NO_STREAM)
+        except (errors.VersionConflictError, errors.DuplicateEventError) as e:
+            first = await self.store.read_stream(fork_sid, limit=1)
+            if (
+                command.request_id
+                and first
+                and first[0].type == "ConversationForked"
+                and first[0].metadata.correlation_id == command.request_id
+                and first[0].data.get("source_conversation_id") == command.source_id
+                and first[0].data.get("source_version") == version
+            ):
+                stored = await self.store.read_stream(fork_sid)
+                return ForkResult(
+                    state=fold(decode_event(x) for x in stored),
+                    source_version=version,
+                    prefix_version=prefix_version,
+                    interrupted_turn_id=open_turn.turn_id if open_turn else "",
+                )
+            raise errors.AlreadyExistsError(
+                f"conversation {fork_id!r} exists already", metadata={"conversation": fork_id}
+            ) from e
+        return ForkResult(
+            state=fold(domain_events),
+            source_version=version,
+            prefix_version=prefix_version,
+            interrupted_turn_id=open_turn.turn_id if open_turn else "",
+        )
+
+    def _event(self, event_id: str, event: ev.Event, request_id: str) -> NewEvent:
+        type_name, data = codec.encode(event)
+        return NewEvent(
+            event_id=uuid.UUID(event_id),
+            type=type_name,
+            data=data,
+            metadata=EventMetadata(correlation_id=request_id or None, actor=self.instance),
+        )
+
+    # -- verify, export, import -------------------------------------------------------
+
+    async def _all_events(self, sid: str, up_to: int | None = None) -> list[RecordedEvent]:
+        events: list[RecordedEvent] = []
+        while True:
+            limit = _READ_BATCH if up_to is None else min(_READ_BATCH, up_to - len(events))
+            if limit <= 0:
+                return events
+            batch = await self.store.read_stream(sid, from_version=len(events) + 1, limit=limit)
+            events.extend(batch)
+            if len(batch) < limit:
+                return events
+
+    async def verify(self, conversation_id: str) -> AuditReport:
+        """Checks the conversation's hash chain and folds it (no snapshot is used).
+
+        Raises:
+            NotFoundError: the stream holds no events.
+        """
+        sid = stream_id(conversation_id)
+        events = await self.store.read_stream(sid)
+        if not events:
+            raise errors.NotFoundError(
+                f"conversation {conversation_id!r} not found",
+                metadata={"conversation": conversation_id},
+            )
+        return audit_stream(sid, events)
+
+    async def export_jsonl(
+        self, conversation_id: str, *, version: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The conversation's JSONL export, in chunks of whole lines.
+
+        Raises:
+            NotFoundError: no such conversation, or fewer than `version` events.
+        """
+        sid = stream_id(conversation_id)
+        events = await self._all_events(sid, version)
+        if not events or (version is not None and len(events) < version):
+            raise errors.NotFoundError(
+                f"conversation {conversation_id!r} not found at that version",
+                metadata={"conversation": conversation_id},
+            )
+        chunk: list[bytes] = []
+        size = 0
+        for line in jsonl.write_jsonl(events):
+            raw = line.encode("utf-8")
+            if chunk and size + len(raw) > EXPORT_CHUNK_BYTES:
+                yield b"".join(chunk)
+                chunk, size = [], 0
+            chunk.append(raw)
+            size += len(raw)
+        yield b"".join(chunk)
+
+    async def export_atif(
+        self, conversation_id: str, *, version: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The conversation as one ATIF trajectory (JSON), from `turnlog.history.atif`.
+
+        Raises:
+            NotFoundError: no such conversation, or fewer than `version` events.
+            ExportFormatUnavailableError: the ATIF exporter is not available.
+        """
+        try:
+            from turnlog.history import atif
+
+            export_atif = atif.export_atif
+        except (ImportError, AttributeError) as e:
+            raise ExportFormatUnavailableError("ATIF export is not available") from e
+        sid = stream_id(conversation_id)
+        events = await self._all_events(sid, version)
+        if not events or (version is not None and len(events) < version):
+            raise errors.NotFoundError(
+                f"conversation {conversation_id!r} not found at that version",
+                metadata={"conversation": conversation_id},
+            )
+        document = json.dumps(export_atif(events), ensure_ascii=False, separators=(",", ":"))
+        raw = document.encode("utf-8")
+        for start in range(0, len(raw), EXPORT_CHUNK_BYTES):
+            yield raw[start : start + EXPORT_CHUNK_BYTES]
+
+    async def import_jsonl(self, data: bytes) -> ImportOutcome:
+        """Imports one conversation's JSONL export, keeping event ids, times and hashes.
+
+        The file is checked completely (format, one conversation stream from
+        version 1, hash chain, fold) before anything is written; the write is
+        one transaction. Importing the same file again writes nothing.
+
+        Raises:
+            JsonlFormatError: a line is not in the format.
+            ImportRejectedError: the chain or fold fails, or the file is not
+                one conversation from version 1.
+            HistoryDivergedError: the conversation exists with other history.
+            DuplicateEventError: an event id is stored in another stream.
+        """
+        events = jsonl.read_jsonl(jsonl.split_lines(data))
+        if not events:
+            raise ImportRejectedError("the file holds no events", version=0)
+        sids = {e.stream_id for e in events}
+        sid = events[0].stream_id
+        if len(sids) != 1:
+            raise ImportRejectedError("the file must hold exactly one conversation", version=0)
+        cid = conversation_of(sid)
+        if not sid.startswith(STREAM_PREFIX) or not _ID.match(cid):
+            raise ImportRejectedError(f"stream {sid!r} is not a conversation stream", version=0)
+        report = audit_stream(sid, [e.to_recorded() for e in events])
+        if not report.ok:
+            assert report.broken_at_version is not None
+            raise ImportRejectedError(
+                f"version {report.broken_at_version}: {report.problem}",
+                version=report.broken_at_version,
+            )
+        result = await self.store.import_events(sid, [e.to_imported() for e in events])
+        state = report.state
+        if result.last_version > state.version:
+            stored = await self._all_events(sid)
+            state = fold(decode_event(e) for e in stored)
+        return ImportOutcome(
+            state=state, written=result.written, already_present=result.already_present
+        )
+
+
+class ExportFormatUnavailableError(errors.UnsupportedByModelError):
+    """The export format is not available in this build (UNIMPLEMENTED)."""
+
+    reason = "EXPORT_FORMAT_UNAVAILABLE"
+
+
+class ImportRejectedError(errors.InvalidArgumentError):
+    """An import file fails verification; nothing was written."""
+
+    reason = "IMPORT_REJECTED"
+
+    def __init__(self, message: str, *, version: int) -> None:
+        super().__init__(message, metadata={"version": str(version)})
+        self.version = version
+
+
+def normalized(state: ConversationState, *, version_offset: int) -> ConversationState:
+    """A state without what differs between a conversation and a fork of it.
+
+    Drops the id, creation time, fork origin and shifts versions by
+    `version_offset`, so that a fork's prefix state compares equal to its
+    source's state at the fork version.
+    """
+    return dataclasses.replace(
+        state,
+        conversation_id="",
+        created_at_us=0,
+        forked_from=None,
+        version=state.version - version_offset,
+        turns=tuple(
+            dataclasses.replace(t, start_version=t.start_version - version_offset)
+            for t in state.turns
+        ),
+    )
+
+
+def fold_recorded(events: Sequence[RecordedEvent]) -> ConversationState:
+    """Folds recorded events (for replay from an export, with no database)."""
+    return fold(decode_event(e) for e in events)
