@@ -136,6 +136,17 @@ async def test_a_fork_of_a_fork_takes_turns(stub: Stub, app: ConversationApplica
     assert sent.assistant_message.content == "Hello there."
 
 
+async def test_a_fork_is_listed_under_its_own_name_and_time(stub: Stub) -> None:
+    name = await conversation(stub, ["hi"])
+    fork = await stub.ForkConversation(spb.ForkConversationRequest(name=name, version=1))
+    listed = await stub.ListConversations(spb.ListConversationsRequest(page_size=50))
+    by_name = {c.name: c for c in listed.conversations}
+    assert set(by_name) == {name, fork.conversation.name}
+    listed_fork = by_name[fork.conversation.name]
+    assert listed_fork.fork_origin.conversation == name
+    assert listed_fork.create_time.ToMicroseconds() >= by_name[name].create_time.ToMicroseconds()
+
+
 @settings(
     max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -322,6 +322,7 @@ class ConversationApplication:
         self.instance = instance or f"serve-{uuid.uuid4().hex[:8]}"
         self._running: dict[str, _RunningTurn] = {}
         self._index: dict[str, ConversationSummary] = {}
+        self._fork_heads: dict[str, ev.ConversationForked] = {}
         self._index_position: Position = START_POSITION
         self._index_lock = asyncio.Lock()
         # Latest folded state per conversation (LRU): states are immutable and
@@ -560,7 +561,7 @@ class ConversationApplication:
         return page, token
 
     async def _catch_up_index(self) -> None:
-        wanted = frozenset({"ConversationCreated", "ConversationArchived"})
+        wanted = frozenset({"ConversationCreated", "ConversationForked", "ConversationArchived"})
         async with self._index_lock:
             while True:
                 page = await self.store.read_all(
@@ -571,13 +572,19 @@ class ConversationApplication:
                 for recorded in page.events:
                     event = _decode(recorded)
                     cid = recorded.stream_id.removeprefix(STREAM_PREFIX)
-                    if isinstance(event, ev.ConversationCreated):
+                    if isinstance(event, ev.ConversationForked):
+                        # A fork's stream starts with this, then a copy of the
+                        # source's ConversationCreated (naming the source).
+                        self._fork_heads[cid] = event
+                    elif isinstance(event, ev.ConversationCreated):
+                        fork_head = self._fork_heads.pop(cid, None)
+                        state = fold([fork_head, event] if fork_head else [event])
                         self._index[cid] = ConversationSummary(
                             conversation_id=cid,
-                            created_at_us=event.created_at_us,
+                            created_at_us=state.created_at_us,
                             labels=event.labels,
                             archived=False,
-                            state=fold([event]),
+                            state=state,
                         )
                     elif cid in self._index:
                         entry = self._index[cid]
