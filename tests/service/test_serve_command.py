@@ -123,3 +123,24 @@ def test_serve_spawns_its_own_worker_and_runs_a_turn(tmp_path: Path) -> None:
     assert worker_pid is not None, "the service did not log its spawned worker"
     with pytest.raises(ProcessLookupError):
         os.kill(worker_pid, 0)
+
+
+def test_migrate_command_applies_pending_migrations_once(fresh_database_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TURNLOG_")}
+    env["TURNLOG_DATABASE_URL"] = fresh_database_url
+
+    def migrate() -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "turnlog.cli", "migrate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return done.stdout
+
+    assert "0001_event_log" in migrate()
+    again = migrate()
+    assert "none pending" in again
+    assert "0001_event_log" not in again
