@@ -106,7 +106,7 @@ def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
     )
     bpe.train_from_iterator(_training_text(), trainer=trainer)
     bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=BOS,
         eos_token=EOS,
@@ -132,7 +132,7 @@ def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
+    model = LlamaForCausalLM(config)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

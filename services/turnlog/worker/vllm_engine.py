@@ -128,7 +128,7 @@ class VllmEngine:
 
         sink = _LoadSink()
 
-        class Recorder(_LoadRecorder, StatLoggerBase):
+        class Recorder(_LoadRecorder, StatLoggerBase):  # type: ignore[misc]  # vLLM is untyped here
             pass
 
         kwargs: dict[str, Any] = {
