@@ -28,6 +28,9 @@ sampling = st.builds(
 )
 st.register_type_strategy(ev.SamplingParams, sampling)
 st.register_type_strategy(float, finite_floats)
+# The domain's labels invariant: unique keys, sorted.
+labels = st.dictionaries(texts, texts, max_size=3).map(lambda d: tuple(sorted(d.items())))
+st.register_type_strategy(ev.ConversationCreated, st.builds(ev.ConversationCreated, labels=labels))
 
 any_event = st.one_of([st.from_type(cls) for cls in ev.EVENT_TYPES])
 

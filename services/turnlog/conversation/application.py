@@ -937,7 +937,11 @@ class ConversationApplication:
             event_id=uuid.UUID(event_id),
             type=type_name,
             data=data,
-            metadata=EventMetadata(correlation_id=correlation or None, actor=self.instance),
+            metadata=EventMetadata(
+                correlation_id=correlation or None,
+                actor=self.instance,
+                schema_version=codec.written_schema_version(type_name),
+            ),
         )
 
 
@@ -957,7 +961,7 @@ async def _complete_despite_cancel(operation: Awaitable[object]) -> bool:
 
 
 def _decode(recorded: RecordedEvent) -> ev.Event:
-    return codec.decode(recorded.type, recorded.data)
+    return codec.decode_stored(recorded)
 
 
 class _TurnRecorder:

@@ -103,6 +103,8 @@ class ToolCall:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConversationCreated:
+    """A conversation's first event. `labels` are (key, value) pairs with unique keys, sorted."""
+
     conversation_id: str
     created_at_us: int
     system_prompt: str = ""

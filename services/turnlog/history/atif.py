@@ -152,7 +152,7 @@ class _Exporter:
             if self.stream_id is not None and item.stream_id != self.stream_id:
                 raise ValueError("events of more than one stream")
             self.stream_id = item.stream_id
-            event = codec.decode(item.type, item.data)
+            event = codec.decode_stored(item)
             self.version = item.stream_version
             self.recorded_at = item.recorded_at
         elif isinstance(item, ev.EVENT_TYPES):

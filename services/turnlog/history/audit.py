@@ -7,7 +7,6 @@ Pure code over recorded events (from the log or an export file): it is what
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -60,10 +59,7 @@ class AuditReport:
 
 def decode_event(event: RecordedEvent) -> ev.Event:
     """The domain event of a recorded one (upcast to the current shape)."""
-    data = json.loads(event.data_json)
-    if not isinstance(data, dict):
-        raise TypeError("event data is not a JSON object")
-    return codec.decode(event.type, data)
+    return codec.decode_stored(event)
 
 
 def audit_stream(stream_id: str, events: Sequence[RecordedEvent]) -> AuditReport:

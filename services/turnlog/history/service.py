@@ -360,7 +360,11 @@ class HistoryService:
             event_id=uuid.UUID(event_id),
             type=type_name,
             data=data,
-            metadata=EventMetadata(correlation_id=request_id or None, actor=self.instance),
+            metadata=EventMetadata(
+                correlation_id=request_id or None,
+                actor=self.instance,
+                schema_version=codec.written_schema_version(type_name),
+            ),
         )
 
     # -- verify, export, import -------------------------------------------------------

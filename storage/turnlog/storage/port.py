@@ -55,6 +55,9 @@ class EventMetadata:
         trace_id: the distributed-tracing trace id (W3C, 32 hex digits).
         tenant: the tenant the stream belongs to.
         actor: who acted (a user id, "system", a worker id).
+        schema_version: the version of the payload's shape for its event type,
+            when the writer's codec is past the first (None means 1); readers
+            upcast older shapes by it.
     """
 
     correlation_id: str | None = None
@@ -62,6 +65,7 @@ class EventMetadata:
     trace_id: str | None = None
     tenant: str | None = None
     actor: str | None = None
+    schema_version: int | None = None
 
     def to_json(self) -> str:
         """The stored form: a compact JSON object of the fields that are set, keys sorted."""
@@ -69,6 +73,7 @@ class EventMetadata:
             "actor": self.actor,
             "causation_id": self.causation_id,
             "correlation_id": self.correlation_id,
+            "schema_version": self.schema_version,
             "tenant": self.tenant,
             "trace_id": self.trace_id,
         }
@@ -79,7 +84,11 @@ class EventMetadata:
         """Parses the stored form; unknown keys (from a later version) are ignored."""
         raw = json.loads(text)
         known = ("correlation_id", "causation_id", "trace_id", "tenant", "actor")
-        return cls(**{k: raw[k] for k in known if isinstance(raw.get(k), str)})
+        version = raw.get("schema_version")
+        return cls(
+            **{k: raw[k] for k in known if isinstance(raw.get(k), str)},
+            schema_version=version if type(version) is int and version > 1 else None,
+        )
 
 
 def encode_json(value: Any) -> str:
