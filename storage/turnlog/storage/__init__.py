@@ -8,6 +8,7 @@ docs/event-log.md describes the schema and guarantees.
 from turnlog.storage.connect import OpenedStore, open_event_store
 from turnlog.storage.embedded import EmbeddedPostgres
 from turnlog.storage.hashchain import event_hash, verify_chain
+from turnlog.storage.memory import InMemoryEventStore
 from turnlog.storage.migrations import migrate
 from turnlog.storage.port import (
     ANY_VERSION,
@@ -43,6 +44,7 @@ __all__ = [
     "EventStore",
     "ImportResult",
     "ImportedEvent",
+    "InMemoryEventStore",
     "NewEvent",
     "OpenedStore",
     "Position",

@@ -39,10 +39,10 @@ from turnlog.errors import (
     TurnlogError,
     VersionConflictError,
 )
-from turnlog.storage.hashchain import GENESIS_HASH, event_hash, verify_chain
+from turnlog.storage.checks import check_import_batch, check_name
+from turnlog.storage.hashchain import verify_chain
 from turnlog.storage.migrations import SCHEMA
 from turnlog.storage.port import (
-    MAX_NAME_LENGTH,
     START_POSITION,
     AppendResult,
     Direction,
@@ -226,51 +226,6 @@ def _event_from_row(row: _RowTuple) -> RecordedEvent:
         prev_hash=row[9],
         hash=row[10],
     )
-
-
-def _check_name(what: str, value: str) -> None:
-    if not value or len(value) > MAX_NAME_LENGTH or "\x00" in value:
-        raise InvalidArgumentError(f"{what} must be 1 to {MAX_NAME_LENGTH} characters without NUL")
-
-
-def _check_import_batch(stream_id: str, events: Sequence[ImportedEvent]) -> None:
-    """Rejects a batch that is not consecutive versions forming a valid hash chain."""
-    if not events:
-        raise InvalidArgumentError("an import needs at least one event")
-    if events[0].stream_version < 1:
-        raise InvalidArgumentError("stream versions start at 1")
-    if events[0].stream_version == 1 and events[0].prev_hash != GENESIS_HASH:
-        raise InvalidArgumentError("version 1 must link to the genesis hash")
-    previous: ImportedEvent | None = None
-    for event in events:
-        _check_name("event type", event.type)
-        if "\x00" in event.data_json or "\x00" in event.metadata_json:
-            raise InvalidArgumentError("event JSON must not contain NUL characters")
-        if previous is not None:
-            if event.stream_version != previous.stream_version + 1:
-                raise InvalidArgumentError(
-                    f"imported versions must be consecutive (after {previous.stream_version}"
-                    f" came {event.stream_version})"
-                )
-            if event.prev_hash != previous.hash:
-                raise InvalidArgumentError(
-                    f"version {event.stream_version} does not link to the previous event's hash"
-                )
-        recomputed = event_hash(
-            prev_hash=event.prev_hash,
-            stream_id=stream_id,
-            stream_version=event.stream_version,
-            event_id=event.event_id,
-            type=event.type,
-            data_json=event.data_json,
-            metadata_json=event.metadata_json,
-            recorded_at=event.recorded_at,
-        )
-        if recomputed != event.hash:
-            raise InvalidArgumentError(
-                f"version {event.stream_version}: the hash does not match the event's content"
-            )
-        previous = event
 
 
 class _WakeUp:
@@ -487,7 +442,7 @@ class PostgresEventStore:
         expected_version: int | None,
     ) -> AppendResult:
         """Appends a batch atomically in one round trip; see `EventStore.append`."""
-        _check_name("stream id", stream_id)
+        check_name("stream id", stream_id)
         if not events:
             raise InvalidArgumentError("an append needs at least one event")
         if expected_version is not None and expected_version < 0:
@@ -497,7 +452,7 @@ class PostgresEventStore:
         data: list[str] = []
         metadata: list[str] = []
         for event in events:
-            _check_name("event type", event.type)
+            check_name("event type", event.type)
             text = event.data_json()
             if isinstance(event.data, RawJson) and "\x00" in text:
                 raise InvalidArgumentError("raw JSON must not contain NUL characters")
@@ -592,8 +547,8 @@ class PostgresEventStore:
         transaction; a concurrent append or import that wins the race to a
         version makes this one re-run and decide against the committed rows.
         """
-        _check_name("stream id", stream_id)
-        _check_import_batch(stream_id, events)
+        check_name("stream id", stream_id)
+        check_import_batch(stream_id, events)
         first = events[0].stream_version
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> ImportResult:
@@ -816,7 +771,7 @@ class PostgresEventStore:
         self, stream_id: str, *, kind: str, stream_version: int, state: bytes
     ) -> None:
         """Stores derived state at a version; see `EventStore.save_snapshot`."""
-        _check_name("snapshot kind", kind)
+        check_name("snapshot kind", kind)
         params = {
             "stream_id": stream_id,
             "kind": kind,
