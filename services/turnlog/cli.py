@@ -3,6 +3,10 @@
     turnlog serve      the conversation service (embedded PostgreSQL by default)
     turnlog migrate    apply the event log's schema migrations and exit
     turnlog worker     an engine worker (vLLM, or the scripted test double)
+    turnlog export     conversations from the event log as JSONL or ATIF files
+    turnlog import     JSONL export files into the event log
+    turnlog verify     conversations' hash chains and folds (in the log, or files)
+    turnlog replay     a conversation's transcript from the log or a file; --regenerate
     turnlog dev ...    developer tools (tiny local model)
 
 Subcommands import their modules lazily, so `turnlog migrate` does not pay
@@ -79,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     from turnlog.worker.cli import add_worker_commands
 
     add_worker_commands(subparsers)
+    from turnlog.history.cli import add_history_commands
+
+    add_history_commands(subparsers)
     return parser
 
 
