@@ -150,7 +150,7 @@ async def regenerate(
     defaults: ServiceDefaults | None = None,
     at: int | None = None,
     fork: ForkTarget | None = None,
-    progress: Callable[[TurnComparison], None] | None = None,
+    progress: Callable[[TurnComparison], object] | None = None,
 ) -> RegenerationReport:
     """Regenerates every finished turn of one conversation's events (up to version `at`).
 
