@@ -77,16 +77,7 @@ class ExportedEvent:
 
     def to_imported(self) -> ImportedEvent:
         """The event as `EventStore.import_events` takes it."""
-        return ImportedEvent(
-            stream_version=self.stream_version,
-            event_id=self.event_id,
-            type=self.type,
-            data_json=self.data_json,
-            metadata_json=self.metadata_json,
-            recorded_at=self.recorded_at,
-            prev_hash=self.prev_hash,
-            hash=self.hash,
-        )
+        return self.to_recorded().to_imported()
 
     def to_recorded(self) -> RecordedEvent:
         """The event as a `RecordedEvent` with no log position (0), for replay and checks."""

@@ -39,7 +39,7 @@ from turnlog.domain.state import TurnStatus
 from turnlog.guardrails.registry import GuardrailRegistry
 from turnlog.history.service import ForkCommand, HistoryService, conversation_of
 from turnlog.history.transcript import GenerationRecord, TurnRecord, build_transcript
-from turnlog.storage import EventStore, ImportedEvent, InMemoryEventStore, RecordedEvent
+from turnlog.storage import EventStore, InMemoryEventStore, RecordedEvent
 from turnlog.worker.client import EngineClient
 
 #: Turns in these states ran to an end the record fully shows, so they can be compared.
@@ -128,19 +128,6 @@ def _seeded(turn: TurnRecord) -> bool:
     return turn.sampling.seed is not None or turn.sampling.temperature == 0.0
 
 
-def _imported(event: RecordedEvent) -> ImportedEvent:
-    return ImportedEvent(
-        stream_version=event.stream_version,
-        event_id=event.event_id,
-        type=event.type,
-        data_json=event.data_json,
-        metadata_json=event.metadata_json,
-        recorded_at=event.recorded_at,
-        prev_hash=event.prev_hash,
-        hash=event.hash,
-    )
-
-
 async def regenerate(
     events: Sequence[RecordedEvent],
     *,
@@ -200,7 +187,7 @@ async def _regenerate_turn(
     if fork is None:
         store: EventStore = InMemoryEventStore()
         target = conversation_of(sid)
-        await store.import_events(sid, [_imported(e) for e in events[:before]])
+        await store.import_events(sid, [e.to_imported() for e in events[:before]])
     else:
         store = fork.store
         target = f"{fork.prefix}-{turn.number}"

@@ -203,6 +203,19 @@ class RecordedEvent:
         """This event's checkpoint in the all-streams order."""
         return Position(self.transaction_id, self.global_position)
 
+    def to_imported(self) -> ImportedEvent:
+        """The event as `EventStore.import_events` takes it (ids, times and hashes kept)."""
+        return ImportedEvent(
+            stream_version=self.stream_version,
+            event_id=self.event_id,
+            type=self.type,
+            data_json=self.data_json,
+            metadata_json=self.metadata_json,
+            recorded_at=self.recorded_at,
+            prev_hash=self.prev_hash,
+            hash=self.hash,
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AppendResult:
