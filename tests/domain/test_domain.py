@@ -47,6 +47,34 @@ def test_every_event_round_trips_through_its_stored_form(event: ev.Event) -> Non
     assert _through_storage(event) == event
 
 
+@given(st.from_type(ConversationState))
+def test_every_state_round_trips_through_its_snapshot_form(state: ConversationState) -> None:
+    data = codec.state_to_json(state)
+    stored = json.loads(json.dumps(data, allow_nan=False, ensure_ascii=False))
+    assert codec.state_from_json(stored) == state
+
+
+def test_decoding_ignores_unknown_keys_and_fills_in_defaults() -> None:
+    # Data written by a newer release (extra keys) or an older one (fewer keys),
+    # and whole floats stored as JSON integers.
+    data = {
+        "turn_id": "t1",
+        "request_id": "r1",
+        "started_at_us": 5,
+        "sampling": {"temperature": 1, "top_k": 3, "added_later": True},
+        "added_later": [1, 2],
+    }
+    decoded = codec.decode("TurnStarted", data)
+    assert decoded == ev.TurnStarted(
+        turn_id="t1",
+        request_id="r1",
+        started_at_us=5,
+        sampling=ev.SamplingParams(temperature=1.0, top_k=3),
+    )
+    assert isinstance(decoded, ev.TurnStarted)
+    assert type(decoded.sampling.temperature) is float
+
+
 def test_unknown_event_type_is_refused() -> None:
     with pytest.raises(codec.UnknownEventTypeError):
         codec.decode("NoSuchEvent", {})

@@ -166,40 +166,138 @@ def state_from_json(data: Mapping[str, JSON]) -> ConversationState:
     return value
 
 
+# Encoding and decoding run for every event written and, above all, for every
+# event replayed, so neither walks values generically. Plain JSON scalars are
+# passed through without a call, and decoding compiles, once per type hint, a
+# function that does only the conversions that type needs (see `_decoder`).
+
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
+
+Decoder = Callable[[JSON], Any]
+
+
 def _to_json(value: object) -> JSON:
+    if type(value) in _PLAIN_TYPES:
+        return value
     if isinstance(value, enum.Enum):
         return value.value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    cls: type = type(value)
+    names = _field_names(cls)
+    if names is not None:
+        data = {}
+        for name in names:
+            item = getattr(value, name)
+            data[name] = item if type(item) in _PLAIN_TYPES else _to_json(item)
+        return data
     if isinstance(value, tuple | list):
-        return [_to_json(v) for v in value]
+        return [item if type(item) in _PLAIN_TYPES else _to_json(item) for item in value]
     return value
 
 
 @cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """The field names of a dataclass, None for any other class."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _from_json(tp: Any, value: JSON) -> Any:
+    decoder = _decoder(tp)
+    return value if decoder is None else decoder(value)
+
+
+@cache
+def _decoder(tp: Any) -> Decoder | None:
+    """A function rebuilding a value of type `tp` from its JSON form.
+
+    None where the JSON value is used as it is (str, int, bool), so that
+    callers skip the call; a tuple of those is just `tuple(value)`. Compiled
+    and cached because replay decodes every event of a stream: the generic
+    walk this replaces inspected the type hint of every value, each token id
+    included, and cost several times `json.loads`.
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
+        # Only optional values: X | None.
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _from_json(inner, value)
+        inner_decoder = _decoder(inner)
+        if inner_decoder is None:
+            return None
+        return lambda value: None if value is None else inner_decoder(value)
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_json(args[0], v) for v in value)
-        return tuple(_from_json(a, v) for a, v in zip(args, value, strict=True))
+            item_decoder = _decoder(args[0])
+            if item_decoder is None:
+                return tuple
+            return lambda value: tuple([item_decoder(item) for item in value])
+        return _fixed_tuple_decoder(tuple(_decoder(a) for a in args))
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return tp(value)
+        return tp
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        hints = _hints(tp)
-        known = {f.name for f in dataclasses.fields(tp)}
-        kwargs = {k: _from_json(hints[k], v) for k, v in value.items() if k in known}
-        return tp(**kwargs)
-    if tp is float and isinstance(value, int):
-        return float(value)
-    return value
+        return _dataclass_decoder(tp)
+    if tp is float:
+        return _float_from_json
+    return None
+
+
+def _float_from_json(value: JSON) -> JSON:
+    # JSON has one kind of number: a whole float may be stored as an int.
+    return float(value) if isinstance(value, int) else value
+
+
+def _fixed_tuple_decoder(item_decoders: tuple[Decoder | None, ...]) -> Decoder:
+    """A decoder of tuple[A, B, ...] (a fixed length) from its items' decoders."""
+    length = len(item_decoders)
+    if all(d is None for d in item_decoders):
+
+        def decode_plain(value: JSON) -> tuple[Any, ...]:
+            items = tuple(value)
+            if len(items) != length:
+                raise ValueError(f"expected {length} items, got {len(items)}")
+            return items
+
+        return decode_plain
+
+    def decode(value: JSON) -> tuple[Any, ...]:
+        return tuple(
+            item if d is None else d(item) for d, item in zip(item_decoders, value, strict=True)
+        )
+
+    return decode
+
+
+# A dataclass's fields taken as they are, and those with their decoders.
+_FieldDecoders = tuple[frozenset[str], tuple[tuple[str, Decoder], ...]]
+
+
+def _dataclass_decoder(cls: type) -> Decoder:
+    """A decoder of a dataclass from a JSON object.
+
+    Keys the class has no field for are ignored (data written by newer code),
+    and missing ones take the field's default.
+    """
+    # Compiled at the first call, not now, so that a dataclass may refer to itself.
+    fields: _FieldDecoders | None = None
+
+    def decode(value: JSON) -> Any:
+        nonlocal fields
+        if fields is None:
+            fields = _field_decoders(cls)
+        plain, converted = fields
+        kwargs = {name: item for name, item in value.items() if name in plain}
+        for name, decoder in converted:
+            if name in value:
+                kwargs[name] = decoder(value[name])
+        return cls(**kwargs)
+
+    return decode
+
+
+def _field_decoders(cls: type) -> _FieldDecoders:
+    hints = typing.get_type_hints(cls)
+    decoders = {f.name: _decoder(hints[f.name]) for f in dataclasses.fields(cls)}
+    plain = frozenset(name for name, d in decoders.items() if d is None)
+    converted = tuple((name, d) for name, d in decoders.items() if d is not None)
+    return plain, converted
