@@ -457,6 +457,7 @@ async def phase_vllm(
         "--kv-cache-bytes", str(ENGINE_SETTINGS["kv_cache_bytes"]),
         "--block-size", str(ENGINE_SETTINGS["block_size"]),
         "--enforce-eager",
+        "--stream-interval", str(args.worker_stream_interval or args.stream_interval),
     ]  # fmt: skip
     http_cmd = [
         sys.executable, "-c", HTTP_LAUNCHER,
@@ -466,6 +467,7 @@ async def phase_vllm(
         "--block-size", str(ENGINE_SETTINGS["block_size"]),
         "--enforce-eager", "--enable-prefix-caching", "--disable-log-stats",
         "--served-model-name", "tiny",
+        "--stream-interval", str(args.stream_interval),
     ]  # fmt: skip
     url = f"http://127.0.0.1:{hport}"
 
@@ -572,6 +574,17 @@ def main() -> int:
     parser.add_argument("--vllm-reps", type=int, default=3)
     parser.add_argument("--vllm-profiles", nargs="+", default=["none"],
                         help="guardrail profiles of the service side (ratio uses 'none')")  # fmt: skip
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="vLLM stream interval on both sides (tokens per delta)",
+    )
+    parser.add_argument(
+        "--worker-stream-interval",
+        type=int,
+        help="the turnlog worker's stream interval, if other than --stream-interval",
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="vLLM runs (default greedy; >0: seeded per conversation)")  # fmt: skip

@@ -26,6 +26,13 @@ def test_worker_refuses_ambiguous_backends(argv: list[str], message: str) -> Non
     assert message in str(caught.value)
 
 
+def test_worker_refuses_a_stream_interval_below_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["worker", "--model", "m", "--stream-interval", "0"])
+    assert caught.value.code == 2
+    assert "'0' is not a whole number of at least 1" in capsys.readouterr().err
+
+
 def test_tiny_model_is_deterministic(tiny_model: Path, tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "turnlog.cli", "dev", "tiny-model", str(tmp_path)],

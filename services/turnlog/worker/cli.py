@@ -12,6 +12,16 @@ from typing import Any
 from turnlog.worker.backend import EngineBackend
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def add_worker_commands(subparsers: Any) -> None:
     """Register `worker` and `dev tiny-model` on an argparse subparsers object.
 
@@ -52,6 +62,14 @@ def add_worker_commands(subparsers: Any) -> None:
         "--enforce-eager",
         action="store_true",
         help="skip graph capture/compilation (faster start; use on CPU)",
+    )
+    vllm.add_argument(
+        "--stream-interval",
+        type=_at_least_one,
+        default=1,
+        metavar="N",
+        help="send a request's tokens every N tokens (the first at once; vLLM's stream "
+        "interval): fewer, larger deltas cost the host less per token (default 1)",
     )
     worker.set_defaults(func=_run_worker)
 
@@ -108,6 +126,7 @@ def _run_worker(args: argparse.Namespace) -> int:
                 tool_call_parser=args.tool_call_parser,
                 seed=args.seed,
                 enforce_eager=args.enforce_eager,
+                stream_interval=args.stream_interval,
             )
         )
 
