@@ -27,11 +27,12 @@ measured only reads). Then VACUUM ANALYZE and a CHECKPOINT.
    same rows with plain psycopg, and `json.loads` of each.
 2. Reads over gRPC: ReadEvents of the fold conversation paged 1000 at a time;
    ReadEvents of all conversations paged 1000 at a time; SubscribeEvents of
-   all conversations until its `caught_up` marker (the streamed catch-up),
-   over a log of --log-events events. The same three through `HistoryService`
-   in process (no gRPC), to split service and gRPC costs. Baselines, in
-   process: `store.read_stream` paged by 1000 and `store.read_all` paged by
-   1000 (with the service's stream-prefix filter). Counts are checked.
+   all conversations until its `caught_up` marker (the streamed catch-up,
+   several events per message), over a log of --log-events events. The same
+   three through `HistoryService` in process (no gRPC), to split service and
+   gRPC costs. Baselines, in process: `store.read_stream` paged by 1000 and
+   `store.read_all` paged by 1000 (with the service's stream-prefix filter).
+   Counts are checked.
 3. Export: --conversations small conversations (--turns turns each) exported
    as JSONL by --clients concurrent clients: through `HistoryService.export_jsonl`
    in process, through the ExportConversation RPC (one channel per client),
@@ -532,7 +533,11 @@ async def part_reads(
     name = f"conversations/{big.conversation_id}"
     prefix = EventFilter(stream_prefix=STREAM_PREFIX)
     history = HistoryService(store)
-    sizes = {"max_read_events_page_bytes": 0}
+    sizes = {
+        "max_read_events_page_bytes": 0,
+        "subscribe_messages": 0,
+        "max_subscribe_message_bytes": 0,
+    }
 
     def record(measure: bool, figure: str, count: int, expected: int, seconds: float) -> None:
         if count != expected:
@@ -623,7 +628,7 @@ async def part_reads(
                 async for item in items:
                     if isinstance(item, CaughtUp):
                         return count
-                    count += 1
+                    count += len(item)
             finally:
                 await items.aclose()  # type: ignore[attr-defined]
             raise AssertionError("subscribe ended before CaughtUp")
@@ -651,15 +656,22 @@ async def part_reads(
 
     async def subscribe_all(measure: bool) -> None:
         async def run() -> int:
-            count = 0
+            count, messages = 0, 0
             call = stub.SubscribeEvents(spb.SubscribeEventsRequest())
             try:
                 async for item in call:
                     if item.HasField("caught_up"):
                         if not item.caught_up.position:
                             raise AssertionError("caught_up without a position")
+                        sizes["subscribe_messages"] = messages
                         return count
-                    count += 1
+                    if not item.events:
+                        raise AssertionError("a SubscribeEvents message without events")
+                    sizes["max_subscribe_message_bytes"] = max(
+                        sizes["max_subscribe_message_bytes"], item.ByteSize()
+                    )
+                    count += len(item.events)
+                    messages += 1
             finally:
                 call.cancel()
             raise AssertionError("SubscribeEvents ended before caught_up")
@@ -961,7 +973,9 @@ def print_table(out: dict[str, Any]) -> None:
     print(
         f"\n2. Reads: one conversation of {r['one_conversation_events']} events; "
         f"all {r['log_events']} events (largest ReadEvents page "
-        f"{r['max_read_events_page_bytes'] / 1e6:.2f} MB)"
+        f"{r['max_read_events_page_bytes'] / 1e6:.2f} MB; SubscribeEvents catch-up in "
+        f"{r['subscribe_messages']} messages, largest "
+        f"{r['max_subscribe_message_bytes'] / 1e6:.2f} MB)"
     )
     row("ReadEvents RPC, one conversation, pages of 1000", "grpc_read_events_one")
     row("  in process: HistoryService.read_events", "history_read_events_one")

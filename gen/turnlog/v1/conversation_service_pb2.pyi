@@ -1107,7 +1107,11 @@ class ReadEventsRequest(_message.Message):
     from the start).
     """
     page_size: _builtins.int
-    """Maximum events per page (default 100, at most 1000)."""
+    """Maximum events per page (default 100, at most 1000). A page also stops
+    before its events' encoded size would pass 2 MiB (2,097,152 bytes), so
+    that it stays well below gRPC's default 4 MiB receive limit; it always
+    holds at least one event, so an event larger than that comes alone.
+    """
     page_token: _builtins.str
     """Token from a previous response; the other fields must be unchanged."""
     @_builtins.property
@@ -1141,10 +1145,15 @@ class ReadEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Token for the next page; empty when no more events are readable now."""
+    """Token for the next page, which continues right after the last event
+    scanned (after the last event returned when the 2 MiB cap cut the page);
+    empty when no more events are readable now.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_history_pb2.LogEvent]:
-        """Events, in version order (one conversation) or log order (all)."""
+        """Events, in version order (one conversation) or log order (all): at most
+        page_size, and no more than fit in 2 MiB (at least one).
+        """
 
     def __init__(
         self,
@@ -1198,33 +1207,41 @@ Global___SubscribeEventsRequest: _TypeAlias = SubscribeEventsRequest  # noqa: Y0
 
 @_typing.final
 class SubscribeEventsResponse(_message.Message):
-    """SubscribeEventsResponse is the service-to-client envelope of SubscribeEvents."""
+    """SubscribeEventsResponse is one message of SubscribeEvents: either stored
+    events or the caught_up marker, never both.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     CAUGHT_UP_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def event(self) -> _history_pb2.LogEvent:
-        """A stored event."""
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_history_pb2.LogEvent]:
+        """Stored events, in version order (one conversation) or log order (all),
+        continuing right after the previous message's. The catch-up sends the
+        events of each store page read together, live the events that arrived
+        together: at most 1000 events and 1 MiB (1,048,576 bytes) of them per
+        message, except that an event larger than that comes alone. Empty in the
+        caught_up message.
+        """
 
     @_builtins.property
     def caught_up(self) -> Global___CaughtUp:
-        """The catch-up is complete; events that follow are live."""
+        """Set in exactly one message, after the catch-up: the events that follow
+        are live.
+        """
 
     def __init__(
         self,
         *,
-        event: _history_pb2.LogEvent | None = ...,
+        events: _abc.Iterable[_history_pb2.LogEvent] | None = ...,
         caught_up: Global___CaughtUp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["event", "caught_up"]  # noqa: Y015
-    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubscribeEventsResponse: _TypeAlias = SubscribeEventsResponse  # noqa: Y015
 

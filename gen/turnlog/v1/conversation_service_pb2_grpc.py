@@ -162,6 +162,7 @@ class ConversationServiceServicer:
     def ReadEvents(self, request, context):
         """ReadEvents pages through stored events of one conversation (by version)
         or of all conversations (in log order), optionally of some types only.
+        A page holds at most page_size events and about 2 MiB.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -169,8 +170,9 @@ class ConversationServiceServicer:
 
     def SubscribeEvents(self, request, context):
         """SubscribeEvents streams stored events (catch-up), then one caught_up
-        marker, then new events as they are recorded (live). Never ends by
-        itself; resume after the last event's version or position.
+        marker, then new events as they are recorded (live), several events per
+        message. Never ends by itself; resume after the last event's version or
+        position.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -64,11 +64,13 @@ class ConversationServiceStub:
     ReadEvents: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.ReadEventsRequest, _conversation_service_pb2.ReadEventsResponse]
     """ReadEvents pages through stored events of one conversation (by version)
     or of all conversations (in log order), optionally of some types only.
+    A page holds at most page_size events and about 2 MiB.
     """
     SubscribeEvents: _grpc.UnaryStreamMultiCallable[_conversation_service_pb2.SubscribeEventsRequest, _conversation_service_pb2.SubscribeEventsResponse]
     """SubscribeEvents streams stored events (catch-up), then one caught_up
-    marker, then new events as they are recorded (live). Never ends by
-    itself; resume after the last event's version or position.
+    marker, then new events as they are recorded (live), several events per
+    message. Never ends by itself; resume after the last event's version or
+    position.
     """
     ForkConversation: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.ForkConversationRequest, _conversation_service_pb2.ForkConversationResponse]
     """ForkConversation starts a new conversation from any version of another."""
@@ -109,11 +111,13 @@ class ConversationServiceAsyncStub(ConversationServiceStub):
     ReadEvents: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.ReadEventsRequest, _conversation_service_pb2.ReadEventsResponse]  # type: ignore[assignment]
     """ReadEvents pages through stored events of one conversation (by version)
     or of all conversations (in log order), optionally of some types only.
+    A page holds at most page_size events and about 2 MiB.
     """
     SubscribeEvents: _aio.UnaryStreamMultiCallable[_conversation_service_pb2.SubscribeEventsRequest, _conversation_service_pb2.SubscribeEventsResponse]  # type: ignore[assignment]
     """SubscribeEvents streams stored events (catch-up), then one caught_up
-    marker, then new events as they are recorded (live). Never ends by
-    itself; resume after the last event's version or position.
+    marker, then new events as they are recorded (live), several events per
+    message. Never ends by itself; resume after the last event's version or
+    position.
     """
     ForkConversation: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.ForkConversationRequest, _conversation_service_pb2.ForkConversationResponse]  # type: ignore[assignment]
     """ForkConversation starts a new conversation from any version of another."""
@@ -199,6 +203,7 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_conversation_service_pb2.ReadEventsResponse, _abc.Awaitable[_conversation_service_pb2.ReadEventsResponse]]:
         """ReadEvents pages through stored events of one conversation (by version)
         or of all conversations (in log order), optionally of some types only.
+        A page holds at most page_size events and about 2 MiB.
         """
 
     @_abc_1.abstractmethod
@@ -208,8 +213,9 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_conversation_service_pb2.SubscribeEventsResponse], _abc.AsyncIterator[_conversation_service_pb2.SubscribeEventsResponse]]:
         """SubscribeEvents streams stored events (catch-up), then one caught_up
-        marker, then new events as they are recorded (live). Never ends by
-        itself; resume after the last event's version or position.
+        marker, then new events as they are recorded (live), several events per
+        message. Never ends by itself; resume after the last event's version or
+        position.
         """
 
     @_abc_1.abstractmethod

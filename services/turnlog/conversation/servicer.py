@@ -610,7 +610,7 @@ class ConversationServicer(sgrpc.ConversationServiceServicer):
                         caught_up=spb.CaughtUp(version=item.version, position=position)
                     )
                 else:
-                    yield spb.SubscribeEventsResponse(event=log_event(item))
+                    yield spb.SubscribeEventsResponse(events=[log_event(e) for e in item])
         except Exception as e:
             await _abort(context, e)
 

@@ -7,12 +7,14 @@ docs/history.md explains the formats and the choices made here.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from turnlog import errors
@@ -38,6 +40,74 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _READ_BATCH = 1000
 #: Export chunks are about this many bytes (whole lines; a longer line is one chunk).
 EXPORT_CHUNK_BYTES = 64 * 1024
+#: A `read_events` page stops before its events' `event_size` would pass this.
+PAGE_MAX_BYTES = 2 * 1024 * 1024
+#: A `subscribe` batch holds at most this many events ...
+BATCH_MAX_EVENTS = 1000
+#: ... and stops before their `event_size` would pass this.
+BATCH_MAX_BYTES = 1024 * 1024
+#: What a LogEvent message holds beyond its texts, at most: event id, hashes,
+#: version, position, time, the "conversations/" prefix, field tags and lengths
+#: (and the tag and length that embed it in a repeated field).
+_EVENT_OVERHEAD_BYTES = 256
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def event_size(event: RecordedEvent) -> int:
+    """An upper bound of the event's encoded size as sent (a `turnlog.v1.LogEvent`), in bytes.
+
+    Its texts in UTF-8 (payload, metadata, type, the stream id twice: as
+    stream id and in the conversation name) plus a fixed allowance for the rest.
+    """
+    data, meta, kind, sid = event.data_json, event.metadata_json, event.type, event.stream_id
+    if data.isascii() and meta.isascii() and kind.isascii() and sid.isascii():  # the usual case
+        return _EVENT_OVERHEAD_BYTES + len(data) + len(meta) + len(kind) + 2 * len(sid)
+    return (
+        _EVENT_OVERHEAD_BYTES
+        + _utf8_len(data)
+        + _utf8_len(meta)
+        + _utf8_len(kind)
+        + 2 * _utf8_len(sid)
+    )
+
+
+def _fitting(events: Sequence[RecordedEvent], room: int, *, at_least_one: bool) -> tuple[int, int]:
+    """How many of the first `events` fit in `room` bytes (by `event_size`), and their size.
+
+    With `at_least_one`, the first event counts as fitting whatever its size.
+    """
+    used = 0
+    for i, event in enumerate(events):
+        n = event_size(event)
+        if used + n > room and (i or not at_least_one):
+            return i, used
+        used += n
+    return len(events), used
+
+
+def batches(
+    events: Iterable[RecordedEvent], *, max_events: int, max_bytes: int
+) -> Iterator[tuple[RecordedEvent, ...]]:
+    """The events in order, cut into batches of at most `max_events` and `max_bytes`.
+
+    A batch is cut before the event that would take it past `max_bytes`
+    (by `event_size`); an event larger than that alone is a batch of its own.
+    No batch is empty.
+    """
+    batch: list[RecordedEvent] = []
+    size = 0
+    for event in events:
+        n = event_size(event)
+        if batch and (len(batch) == max_events or size + n > max_bytes):
+            yield tuple(batch)
+            batch, size = [], 0
+        batch.append(event)
+        size += n
+    if batch:
+        yield tuple(batch)
 
 
 def conversation_of(sid: str) -> str:
@@ -161,12 +231,22 @@ class HistoryService:
 
     # -- reading -------------------------------------------------------------
 
-    async def read_events(self, query: EventQuery, *, page_size: int, page_token: str) -> EventPage:
+    async def read_events(
+        self,
+        query: EventQuery,
+        *,
+        page_size: int,
+        page_token: str,
+        max_bytes: int = PAGE_MAX_BYTES,
+    ) -> EventPage:
         """One page of events of one conversation (by version) or of all (in log order).
 
-        A page token continues exactly after the last event scanned, so paging
-        returns every selected event once. The token is bound to the query's
-        conversation and types.
+        A page holds at most `page_size` events and stops before the event
+        that would take its `event_size` total past `max_bytes` (it always
+        holds one event at least). A page token continues exactly after the
+        last event scanned, or after the last event returned when `max_bytes`
+        cut the page, so paging returns every selected event once. The token
+        is bound to the query's conversation and types.
 
         Raises:
             InvalidArgumentError: a malformed token, or one made for another query.
@@ -190,71 +270,104 @@ class HistoryService:
                     "malformed page token", metadata={"field": "page_token"}
                 ) from e
         collected: list[RecordedEvent] = []
+        size = 0
+        full = False  # the byte cap cut the page
         if query.conversation_id is not None:
             sid = stream_id(query.conversation_id)
             more = True
-            while more and len(collected) < page_size:
+            while more and not full and len(collected) < page_size:
                 batch = await self.store.read_stream(
                     sid, from_version=after_version + 1, limit=page_size - len(collected)
                 )
                 more = len(batch) == page_size - len(collected)
-                for event in batch:
-                    after_version = event.stream_version
-                    if query.types is None or event.type in query.types:
-                        collected.append(event)
-            token = _token({**scope, "a": after_version}) if more else ""
+                selected = (
+                    batch if query.types is None else [e for e in batch if e.type in query.types]
+                )
+                count, used = _fitting(selected, max_bytes - size, at_least_one=not collected)
+                collected.extend(selected[:count])
+                size += used
+                if count < len(selected):  # cut: continue right before the first event left out
+                    full = True
+                    after_version = selected[count].stream_version - 1
+                elif batch:
+                    after_version = batch[-1].stream_version
+            token = _token({**scope, "a": after_version}) if more or full else ""
             return EventPage(events=tuple(collected), next_page_token=token)
         event_filter = EventFilter(types=query.types, stream_prefix=STREAM_PREFIX)
         reached_end = False
-        while not reached_end and len(collected) < page_size:
+        while not reached_end and not full and len(collected) < page_size:
             page = await self.store.read_all(
                 after=after_position, limit=page_size - len(collected), filter=event_filter
             )
-            collected.extend(page.events)
-            after_position = page.next_position
-            reached_end = page.reached_end
+            count, used = _fitting(page.events, max_bytes - size, at_least_one=not collected)
+            collected.extend(page.events[:count])
+            size += used
+            if count < len(page.events):  # cut: continue right after the last event returned
+                full = True
+                if count:
+                    after_position = page.events[count - 1].position
+            else:
+                after_position = page.next_position
+                reached_end = page.reached_end
         token = "" if reached_end else _token({**scope, "a": str(after_position)})
         return EventPage(events=tuple(collected), next_page_token=token)
 
-    async def subscribe(self, query: EventQuery) -> AsyncIterator[RecordedEvent | CaughtUp]:
+    async def subscribe(
+        self,
+        query: EventQuery,
+        *,
+        max_events: int = BATCH_MAX_EVENTS,
+        max_bytes: int = BATCH_MAX_BYTES,
+    ) -> AsyncIterator[tuple[RecordedEvent, ...] | CaughtUp]:
         """Catch-up from the query's start, one `CaughtUp`, then live events; never ends.
+
+        Events come in batches (never empty), cut by `batches` to at most
+        `max_events` events and `max_bytes`: in the catch-up, the selected
+        events of each store page read; live, the events waiting when the
+        previous batch has been taken (those that arrived together).
 
         Resume after a disconnect with the last event's version (one
         conversation) or position (all), or the last `CaughtUp`'s: nothing
         is lost and nothing repeated.
         """
+        live: AsyncGenerator[RecordedEvent, None]
         if query.conversation_id is not None:
             sid = stream_id(query.conversation_id)
+            types = query.types
             version = query.after_version
             while True:
-                batch = await self.store.read_stream(
+                page = await self.store.read_stream(
                     sid, from_version=version + 1, limit=_READ_BATCH
                 )
-                for event in batch:
-                    version = event.stream_version
-                    if query.types is None or event.type in query.types:
-                        yield event
-                if len(batch) < _READ_BATCH:
+                if page:
+                    version = page[-1].stream_version
+                selected = page if types is None else [e for e in page if e.type in types]
+                for batch in batches(selected, max_events=max_events, max_bytes=max_bytes):
+                    yield batch
+                if len(page) < _READ_BATCH:
                     break
             yield CaughtUp(version=version)
-            async for event in self.store.subscribe_stream(sid, after_version=version):
-                if query.types is None or event.type in query.types:
-                    yield event
-            return
-        position = query.after_position
-        event_filter = EventFilter(types=query.types, stream_prefix=STREAM_PREFIX)
-        while True:
-            all_page = await self.store.read_all(
-                after=position, limit=_READ_BATCH, filter=event_filter
-            )
-            for event in all_page.events:
-                yield event
-            position = all_page.next_position
-            if all_page.reached_end:
-                break
-        yield CaughtUp(position=position)
-        async for event in self.store.subscribe_all(after=position, filter=event_filter):
-            yield event
+            live = self.store.subscribe_stream(sid, after_version=version)
+            if types is not None:
+                live = _only_types(live, types)
+        else:
+            position = query.after_position
+            event_filter = EventFilter(types=query.types, stream_prefix=STREAM_PREFIX)
+            while True:
+                all_page = await self.store.read_all(
+                    after=position, limit=_READ_BATCH, filter=event_filter
+                )
+                for batch in batches(all_page.events, max_events=max_events, max_bytes=max_bytes):
+                    yield batch
+                position = all_page.next_position
+                if all_page.reached_end:
+                    break
+            yield CaughtUp(position=position)
+            live = self.store.subscribe_all(after=position, filter=event_filter)
+        arriving = _arrived_together(live, max_events=max_events, max_bytes=max_bytes)
+        async with contextlib.aclosing(arriving):
+            async for batch in arriving:
+                yield batch
 
     # -- fork ------------------------------------------------------------------------
 
@@ -487,6 +600,68 @@ class HistoryService:
         return ImportOutcome(
             state=state, written=result.written, already_present=result.already_present
         )
+
+
+async def _only_types(
+    events: AsyncGenerator[RecordedEvent, None], types: frozenset[str]
+) -> AsyncGenerator[RecordedEvent, None]:
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if event.type in types:
+                yield event
+
+
+async def _arrived_together(
+    events: AsyncGenerator[RecordedEvent, None], *, max_events: int, max_bytes: int
+) -> AsyncGenerator[tuple[RecordedEvent, ...], None]:
+    """The events in batches: each of what arrived while the previous batch was taken.
+
+    A task reads `events` ahead, at most one batch's worth (`max_events`
+    events or `max_bytes`, by `event_size`), so a slow consumer holds the
+    source back; each batch is what waits, cut by `batches`. Ends when
+    `events` ends; its error is raised after the events before it. Closing
+    this closes `events`.
+    """
+    waiting: list[RecordedEvent] = []
+    waiting_bytes = 0
+    ended: list[Exception | None] = []  # None when `events` ended, or its error
+    arrived = asyncio.Event()  # events (or the end) wait to be taken
+    taken = asyncio.Event()  # the consumer took what waited
+
+    async def read_ahead() -> None:
+        nonlocal waiting_bytes
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    while len(waiting) >= max_events or waiting_bytes >= max_bytes:
+                        taken.clear()
+                        await taken.wait()
+                    waiting.append(event)
+                    waiting_bytes += event_size(event)
+                    arrived.set()
+            ended.append(None)
+        except Exception as e:  # handed to the consumer, raised there
+            ended.append(e)
+        arrived.set()
+
+    reader = asyncio.create_task(read_ahead())
+    try:
+        while True:
+            await arrived.wait()
+            arrived.clear()
+            got = waiting[:]
+            waiting.clear()
+            waiting_bytes = 0
+            taken.set()
+            for batch in batches(got, max_events=max_events, max_bytes=max_bytes):
+                yield batch
+            if ended and not waiting:
+                if ended[0] is None:
+                    return
+                raise ended[0]
+    finally:
+        reader.cancel()
+        await asyncio.wait({reader})
 
 
 class ExportFormatUnavailableError(errors.UnsupportedByModelError):
