@@ -17,6 +17,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 from worker_processes import WorkerProcess
 
@@ -28,13 +29,18 @@ from turnlog.conversation.application import (
     wall_clock_us,
 )
 from turnlog.conversation.tools import builtin_tools
+from turnlog.domain import codec
 from turnlog.domain import events as ev
-from turnlog.history.service import HistoryService
-from turnlog.history.transcript import build_transcript
+from turnlog.domain.state import fold
+from turnlog.history.service import ForkCommand, HistoryService, normalized
+from turnlog.history.transcript import build_transcript, render_transcript
 from turnlog.storage import PostgresEventStore
 from turnlog.worker.client import EngineClient
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
+
+SCHEMA = json.loads((Path(__file__).parent / "atif-v1.8.schema.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
 TOOL_CALL_REGEX = (
     r'<tool_call>\n\{"name": "calculator", "arguments": '
@@ -52,12 +58,29 @@ async def vllm_app(
         await app.shutdown()
 
 
-async def test_replay_regenerate_reproduces_every_recorded_turn(
+async def turnlog(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "turnlog.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=240)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_a_conversation_recorded_on_vllm_replays_forks_verifies_regenerates_and_exports(
     vllm_app: ConversationApplication,
     store: PostgresEventStore,
+    database_url: str,
     vllm_worker: WorkerProcess,
     tmp_path: Path,
 ) -> None:
+    """The issue's Done-when on one conversation recorded in CI on the vLLM CPU worker."""
     await vllm_app.create(
         CreateConversation(
             conversation_id="seeded",
@@ -91,30 +114,40 @@ async def test_replay_regenerate_reproduces_every_recorded_turn(
     texts = [g.text for t in recorded.turns for g in t.generations]
     assert all(texts)
 
+    history = HistoryService(store)
     export = tmp_path / "seeded.jsonl"
-    export.write_bytes(b"".join([c async for c in HistoryService(store).export_jsonl("seeded")]))
+    export.write_bytes(b"".join([c async for c in history.export_jsonl("seeded")]))
+    no_db = {k: v for k, v in os.environ.items() if k != "TURNLOG_DATABASE_URL"}
+    no_db["TURNLOG_DATA_DIR"] = str(tmp_path / "no-database")
+    with_db = {**no_db, "TURNLOG_DATABASE_URL": database_url}
+
+    # Replayed from the database and from the export file: the same transcript.
+    stored = await store.read_stream("conversation-seeded")
+    expected = render_transcript(build_transcript(stored))
+    assert await turnlog(with_db, "replay", "seeded") == (0, expected, "")
+    assert await turnlog(no_db, "replay", "--file", str(export)) == (0, expected, "")
+    # Verified, and forked at every version: each fork verifies and holds that prefix.
+    assert (await history.verify("seeded")).ok
+    for version in range(1, len(stored) + 1):
+        fork = await history.fork(ForkCommand(source_id="seeded", version=version))
+        fork_stream = f"conversation-{fork.state.conversation_id}"
+        assert (await history.verify(fork.state.conversation_id)).ok
+        copied = await store.read_stream(fork_stream, limit=fork.prefix_version)
+        at_fork = fold(codec.decode_stored(e) for e in copied)
+        source = fold(codec.decode_stored(e) for e in stored[:version])
+        offset = fork.prefix_version - version
+        assert normalized(at_fork, version_offset=offset) == normalized(source, version_offset=0)
+    # Exported as ATIF that validates against the published schema.
+    atif = json.loads(b"".join([c async for c in history.export_atif("seeded")]))
+    VALIDATOR.validate(atif)
+
+    # Regenerated from the export file with no database: every turn reproduced.
     report_path = tmp_path / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "TURNLOG_DATABASE_URL"}
-    env["TURNLOG_DATA_DIR"] = str(tmp_path / "no-database")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "turnlog.cli",
-        "replay",
-        "--file",
-        str(export),
-        "--regenerate",
-        "--worker",
-        vllm_worker.target,
-        "--json",
-        str(report_path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=240)
-    output = stdout.decode()
-    assert process.returncode == 0, output + stderr.decode()
+    code, output, errors_ = await turnlog(
+        no_db, "replay", "--file", str(export), "--regenerate",
+        "--worker", vllm_worker.target, "--json", str(report_path),
+    )  # fmt: skip
+    assert code == 0, output + errors_
     assert output.endswith("3 of 3 regenerated turn(s) match the record\n")
     report = json.loads(await asyncio.to_thread(report_path.read_text))
     assert report["all_same"] is True
