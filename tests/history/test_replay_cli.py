@@ -119,3 +119,33 @@ async def test_replay_usage_and_input_errors_give_exit_2_and_one_line(tmp_path: 
     broken = await turnlog(env, "replay", "--file", str(edited))
     assert broken.returncode == 2
     assert one_error_line(broken).startswith("turnlog replay: the log does not replay: version")
+
+
+async def test_replay_writes_the_transcript_as_json(tmp_path: Path) -> None:
+    out = tmp_path / "transcript.json"
+    done = await turnlog(
+        cli_env(tmp_path, None), "replay", "--file", str(GOLDEN / "tools.jsonl"), "--json", str(out)
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    data = json.loads(await asyncio.to_thread(out.read_text))
+    assert (data["conversation_id"], data["version"]) == ("golden-tools", 73)
+    assert data["settings"]["tools"][0]["name"] == "calculator"
+    assert [t["user_text"] for t in data["turns"]] == [
+        "what is 6*7",
+        "divide by zero",
+        "keep counting",
+    ]
+    first = data["turns"][0]["steps"]
+    generations = [s for s in first if s["kind"] == "generation"]
+    assert [g["text"] for g in generations][-1] == "6*7 is 42."
+    assert generations[0]["tool_calls"][0]["arguments_json"] == '{"expression": "6*7"}'
+    assert {
+        "kind": "tool_result",
+        "call_id": "call_0",
+        "ok": True,
+        "text": '{"result": 42}',
+    } in first
+    assert [s["verdict"] for s in first if s["kind"] == "GuardrailDecided"][:2] == [
+        "allow",
+        "allow",
+    ]

@@ -295,7 +295,9 @@ def add_history_commands(subparsers: Any) -> None:
         help="write each regenerated turn to the fork PREFIX-<turn number> in the log",
     )
     replay.add_argument(
-        "--json", metavar="PATH", help="also write the regeneration report as JSON here"
+        "--json",
+        metavar="PATH",
+        help="also write the transcript (or with --regenerate, the report) as JSON here",
     )
     replay.set_defaults(func=_replay, usage_error=replay.error)
 
@@ -585,8 +587,8 @@ def _replay(args: argparse.Namespace) -> int:
     quiet_logging()
     if args.file is None and args.conversation is None:
         args.usage_error("name a conversation, or --file PATH")
-    if not args.regenerate and (args.worker or args.spawn_worker or args.fork_prefix or args.json):
-        args.usage_error("--worker, --spawn-worker, --fork-prefix and --json need --regenerate")
+    if not args.regenerate and (args.worker or args.spawn_worker or args.fork_prefix):
+        args.usage_error("--worker, --spawn-worker and --fork-prefix need --regenerate")
     if args.regenerate and not (args.worker or args.spawn_worker):
         args.usage_error("--regenerate needs --worker HOST:PORT or --spawn-worker ARGS")
     if args.fork_prefix and args.file is not None:
@@ -643,7 +645,12 @@ async def _replay_events(
     args: argparse.Namespace, events: list[Any], *, history: HistoryService | None
 ) -> int:
     from turnlog.history.audit import audit_stream
-    from turnlog.history.transcript import TranscriptError, build_transcript, render_transcript
+    from turnlog.history.transcript import (
+        TranscriptError,
+        build_transcript,
+        render_transcript,
+        transcript_to_json,
+    )
 
     # A transcript of a log that does not verify would present edited history as recorded.
     audit = audit_stream(events[0].stream_id, events)
@@ -652,7 +659,10 @@ async def _replay_events(
         assert audit.kind is not None
         raise TranscriptError(audit.broken_at_version, f"{audit.kind.value}: {audit.problem}")
     if not args.regenerate:
-        sys.stdout.write(render_transcript(build_transcript(events, at=args.at)))
+        transcript = build_transcript(events, at=args.at)
+        sys.stdout.write(render_transcript(transcript))
+        if args.json:
+            await _write_json(args.json, transcript_to_json(transcript))
         return 0
     return await _regenerate(args, events, history)
 
@@ -660,7 +670,6 @@ async def _replay_events(
 async def _regenerate(
     args: argparse.Namespace, events: list[Any], history: HistoryService | None
 ) -> int:
-    import json
 
     from turnlog.conversation.application import wall_clock_us
     from turnlog.conversation.local_worker import spawned_worker
@@ -693,6 +702,12 @@ async def _regenerate(
             )
     sys.stdout.write(render_report(report))
     if args.json:
-        text = json.dumps(report.to_json(), ensure_ascii=False, indent=2)
-        await asyncio.to_thread(Path(args.json).write_text, text)
+        await _write_json(args.json, report.to_json())
     return 0 if report.all_same else 1
+
+
+async def _write_json(path: str, value: object) -> None:
+    import json
+
+    text = json.dumps(value, ensure_ascii=False, indent=2) + "\n"
+    await asyncio.to_thread(Path(path).write_text, text, "utf-8")

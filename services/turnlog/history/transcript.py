@@ -258,6 +258,55 @@ class _Builder:
 # -- rendering ------------------------------------------------------------------
 
 
+def transcript_to_json(transcript: Transcript) -> dict[str, object]:
+    """The transcript as plain JSON (`turnlog replay --json`): settings, then turns and steps."""
+    state = transcript.state
+    return {
+        "conversation_id": state.conversation_id,
+        "version": state.version,
+        "forked_from": list(state.forked_from) if state.forked_from else None,
+        "archived": state.archived,
+        "settings": codec.state_to_json(
+            dataclasses.replace(state, messages=(), turns=(), pending_tool_calls=())
+        ),
+        "turns": [
+            {
+                "number": turn.number,
+                "turn_id": turn.turn_id,
+                "request_id": turn.request_id,
+                "start_version": turn.start_version,
+                "status": str(turn.status),
+                "finish_reason": str(turn.finish_reason) if turn.finish_reason else None,
+                "outcome_reason": turn.outcome_reason,
+                "user_text": turn.user_text,
+                "usage": dataclasses.asdict(turn.usage),
+                "steps": [_step_json(step) for step in turn.steps],
+            }
+            for turn in transcript.turns
+        ],
+    }
+
+
+def _step_json(step: Step) -> dict[str, object]:
+    match step:
+        case GenerationRecord():
+            return {
+                "kind": "generation",
+                "generation_id": step.generation_id,
+                "model": step.model,
+                "completed": step.completed,
+                "text": step.text if step.completed else "".join(step.streamed),
+                "tool_calls": [dataclasses.asdict(c) for c in step.tool_calls],
+                "finish_reason": str(step.finish_reason) if step.finish_reason else None,
+                "retracted": [list(r) for r in step.retracted],
+            }
+        case ToolOutcome():
+            return {"kind": "tool_result", **dataclasses.asdict(step)}
+        case _:
+            kind, data = codec.encode(step)
+            return {"kind": kind, **data}
+
+
 def _quote(text: str) -> str:
     """Text on one line: newlines and other control characters escaped as in JSON."""
     return json.dumps(text, ensure_ascii=False)[1:-1]
