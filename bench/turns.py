@@ -511,12 +511,19 @@ async def phase_vllm(
                 for p in args.vllm_profiles:
                     await svc.prepare(c, p)
                     await drive(svc.send, c, 1, c)
-                for _ in range(args.vllm_reps):
-                    vhttp.reset(n)
-                    runs["vllm_http"].append(await drive(vhttp.send, n, args.vllm_turns, c))
-                    for p in args.vllm_profiles:
-                        await svc.prepare(n, p)
-                        runs[f"service_{p}"].append(await drive(svc.send, n, args.vllm_turns, c))
+                # The sides take turns going first, so neither always runs
+                # right after the other.
+                for rep in range(args.vllm_reps):
+                    for side in ("http", "service") if rep % 2 == 0 else ("service", "http"):
+                        if side == "http":
+                            vhttp.reset(n)
+                            runs["vllm_http"].append(await drive(vhttp.send, n, args.vllm_turns, c))
+                            continue
+                        for p in args.vllm_profiles:
+                            await svc.prepare(n, p)
+                            runs[f"service_{p}"].append(
+                                await drive(svc.send, n, args.vllm_turns, c)
+                            )
                 for side, side_runs in runs.items():
                     lat = [x for r in side_runs for x in r.latencies]
                     rows.append({
