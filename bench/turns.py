@@ -493,7 +493,9 @@ async def phase_vllm(
         async with (
             aiohttp.ClientSession(connector=connector) as session,
             grpc.aio.insecure_channel(f"127.0.0.1:{sport}") as channel,
+            EngineClient([f"127.0.0.1:{wport}"], load_poll_interval_s=0) as client,
         ):
+            direct = Direct(client, args.max_tokens)
             svc = Service(
                 sgrpc.ConversationServiceStub(channel),
                 args.max_tokens,
@@ -503,21 +505,30 @@ async def phase_vllm(
             vhttp = VllmHttp(session, url, args.max_tokens, args.temperature)
             for c in args.vllm_concurrency:
                 n = 2 * c
-                runs: dict[str, list[Run]] = {"vllm_http": []}
+                runs: dict[str, list[Run]] = {"vllm_http": [], "worker_direct": []}
                 runs.update({f"service_{p}": [] for p in args.vllm_profiles})
                 # Warm-up round, not measured.
                 vhttp.reset(c)
                 await drive(vhttp.send, c, 1, c)
+                direct.reset(c)
+                await drive(direct.send, c, 1, c)
                 for p in args.vllm_profiles:
                     await svc.prepare(c, p)
                     await drive(svc.send, c, 1, c)
-                # The sides take turns going first, so neither always runs
-                # right after the other.
+                # The sides take turns going first, so none always runs right
+                # after another.
+                order = ["http", "direct", "service"]
                 for rep in range(args.vllm_reps):
-                    for side in ("http", "service") if rep % 2 == 0 else ("service", "http"):
+                    for side in order[rep % 3 :] + order[: rep % 3]:
                         if side == "http":
                             vhttp.reset(n)
                             runs["vllm_http"].append(await drive(vhttp.send, n, args.vllm_turns, c))
+                            continue
+                        if side == "direct":
+                            direct.reset(n)
+                            runs["worker_direct"].append(
+                                await drive(direct.send, n, args.vllm_turns, c)
+                            )
                             continue
                         for p in args.vllm_profiles:
                             await svc.prepare(n, p)
@@ -633,7 +644,17 @@ def main() -> int:
     vllm_rows = results.get("vllm") or []
     for c in args.vllm_concurrency:
         by_side = {r["side"]: r for r in vllm_rows if r["concurrency"] == c}
+        if "worker_direct" in by_side and "vllm_http" in by_side:
+            ratios[f"worker_direct_vs_vllm_http_{c}"] = round(
+                by_side["worker_direct"]["tokens_per_s"] / by_side["vllm_http"]["tokens_per_s"], 3
+            )
         for p in args.vllm_profiles:
+            if f"service_{p}" in by_side and "worker_direct" in by_side:
+                ratios[f"service_vs_worker_direct_{c}" + ("" if p == "none" else f"_{p}")] = round(
+                    by_side[f"service_{p}"]["tokens_per_s"]
+                    / by_side["worker_direct"]["tokens_per_s"],
+                    3,
+                )
             if f"service_{p}" in by_side and "vllm_http" in by_side:
                 name = f"service_vs_vllm_http_{c}" + ("" if p == "none" else f"_{p}")
                 ratios[name] = round(
