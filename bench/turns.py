@@ -40,8 +40,10 @@ an embedded PostgreSQL (unless --dsn), `turnlog worker`, `turnlog serve
    model's greedy replies run to max_tokens), through the service (guardrail profile "none"
    unless --vllm-profiles says otherwise) and through vLLM's own
    OpenAI-compatible server streaming the same chats (system prompt + history
-   + new message, `stream_options.include_usage`). Both servers run at once;
-   the sides alternate, --vllm-reps times; medians are reported.
+   + new message, `stream_options.include_usage`), and straight to the worker
+   over gRPC (`worker_direct`: the same chats, no service), which splits the
+   gap between the worker and the service. Both servers run at once; the
+   sides rotate which goes first, --vllm-reps times; medians are reported.
 
 Usage:
     python bench/turns.py [--json out.json] [--dsn URL] [--levels 1 16 64] [--no-vllm]
