@@ -16,7 +16,7 @@ through `PostgresEventStore.append`, two appends per turn as the service does
 measured only reads). Then VACUUM ANALYZE and a CHECKPOINT.
 
 1. Fold: one conversation of --fold-events events, loaded without a snapshot
-   the way `HistoryService.verify` does (one `read_stream`, `decode_event`
+   the way `HistoryService.verify` does (one `read_stream`, `codec.decode_stored`
    per event, `fold`), timed as read, decode and fold; the result is checked
    (version, turns, messages). Also `HistoryService.verify` end to end (the
    same plus the hash chain), the fold of the first tenth alone (how the fold
@@ -87,7 +87,6 @@ from turnlog.domain import codec
 from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, TurnStatus, fold
 from turnlog.history import jsonl
-from turnlog.history.audit import decode_event
 from turnlog.history.service import CaughtUp, EventQuery, HistoryService
 from turnlog.storage import EventFilter, RecordedEvent
 from turnlog.storage.embedded import EmbeddedPostgres
@@ -451,7 +450,7 @@ async def part_fold(
         t0 = time.perf_counter()
         events = await store.read_stream(sid)
         t1 = time.perf_counter()
-        decoded = [decode_event(e) for e in events]
+        decoded = [codec.decode_stored(e) for e in events]
         t2 = time.perf_counter()
         state = fold(decoded)
         t3 = time.perf_counter()
@@ -952,7 +951,7 @@ def print_table(out: dict[str, Any]) -> None:
         f"{fo['messages']} messages"
     )
     row("read_stream (one query)", "fold_read")
-    row("decode_event", "fold_decode")
+    row("codec.decode_stored", "fold_decode")
     row("fold", "fold_fold")
     row("read + decode + fold", "fold_total")
     row("  = events/s", "fold_total_rate")

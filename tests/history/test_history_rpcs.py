@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 
 from turnlog.conversation.application import ConversationApplication
 from turnlog.conversation.servicer import ConversationServicer, log_event
+from turnlog.domain import codec
 from turnlog.domain.state import fold
 from turnlog.history import jsonl
-from turnlog.history.audit import decode_event
 from turnlog.history.service import (
     CaughtUp,
     EventQuery,
@@ -207,7 +207,7 @@ async def test_the_fold_is_deterministic(stub: Stub, app: ConversationApplicatio
     name = await conversation(stub, ["what is 6*7", "leak a secret", "hi"])
     cid = name.removeprefix("conversations/")
     events = jsonl.read_jsonl((await export(stub, name)).splitlines())
-    states = [fold(decode_event(e.to_recorded()) for e in events) for _ in range(3)]
+    states = [fold(codec.decode_stored(e.to_recorded()) for e in events) for _ in range(3)]
     assert states[0] == states[1] == states[2] == await app.load(cid)
 
 

@@ -6,20 +6,16 @@ import asyncio
 import copy
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from history.test_history_cli import cli_env, one_error_line, turnlog
-from history.test_regenerate import GOLDEN, scripted_engine
+from history.test_regenerate import GOLDEN, SCRIPT, scripted_engine
 
 from turnlog.history.service import HistoryService
 from turnlog.history.transcript import build_transcript, render_transcript
 from turnlog.storage import PostgresEventStore
-
-sys.path.insert(0, str(GOLDEN))
-from make_golden import SCRIPT
 
 
 @pytest.mark.parametrize("name", ["plain", "fork", "interrupted"])

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import jsonschema
 import pytest
+from history.test_history_cli import turnlog as run_turnlog
 from worker_processes import WorkerProcess
 
 from turnlog.conversation.application import (
@@ -59,18 +59,9 @@ async def vllm_app(
 
 
 async def turnlog(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "turnlog.cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=240)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
+    """`turnlog ARGS` as a subprocess: exit code, stdout, stderr."""
+    done = await run_turnlog(env, *args)
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
 async def test_a_conversation_recorded_on_vllm_replays_forks_verifies_regenerates_and_exports(

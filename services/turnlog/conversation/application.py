@@ -83,7 +83,6 @@ from turnlog.storage import (
     EventStore,
     NewEvent,
     Position,
-    RecordedEvent,
 )
 from turnlog.worker.client import EngineClient
 
@@ -377,7 +376,7 @@ class ConversationApplication:
         while version is None or state.version < version:
             limit = 1000 if version is None else min(1000, version - state.version)
             events = await self.store.read_stream(sid, from_version=state.version + 1, limit=limit)
-            state = fold((_decode(e) for e in events), state)
+            state = fold((codec.decode_stored(e) for e in events), state)
             if len(events) < limit:
                 break
         if not state.exists or (version is not None and state.version < version):
@@ -570,7 +569,7 @@ class ConversationApplication:
                     filter=EventFilter(types=wanted, stream_prefix=STREAM_PREFIX),
                 )
                 for recorded in page.events:
-                    event = _decode(recorded)
+                    event = codec.decode_stored(recorded)
                     cid = recorded.stream_id.removeprefix(STREAM_PREFIX)
                     if isinstance(event, ev.ConversationForked):
                         # A fork's stream starts with this, then a copy of the
@@ -871,7 +870,7 @@ class ConversationApplication:
             )
         ) as events:
             async for recorded in events:
-                event = _decode(recorded)
+                event = codec.decode_stored(recorded)
                 current = evolve(current, event)
                 for update in projector.apply(event, current):
                     if update.sequence > after_sequence:
@@ -958,10 +957,6 @@ async def _complete_despite_cancel(operation: Awaitable[object]) -> bool:
             cancelled = True
     task.result()
     return cancelled
-
-
-def _decode(recorded: RecordedEvent) -> ev.Event:
-    return codec.decode_stored(recorded)
 
 
 class _TurnRecorder:

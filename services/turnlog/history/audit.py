@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from turnlog.domain import codec
-from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, InvalidTransitionError, evolve
 from turnlog.storage.hashchain import verify_chain
 from turnlog.storage.port import RecordedEvent
@@ -57,11 +56,6 @@ class AuditReport:
         return self.broken_at_version is None
 
 
-def decode_event(event: RecordedEvent) -> ev.Event:
-    """The domain event of a recorded one (upcast to the current shape)."""
-    return codec.decode_stored(event)
-
-
 def audit_stream(stream_id: str, events: Sequence[RecordedEvent]) -> AuditReport:
     """Checks the chain (`turnlog.storage.hashchain`) and folds the stream.
 
@@ -75,7 +69,7 @@ def audit_stream(stream_id: str, events: Sequence[RecordedEvent]) -> AuditReport
         if chain.broken_at_version is not None and event.stream_version >= chain.broken_at_version:
             break
         try:
-            state = evolve(state, decode_event(event))
+            state = evolve(state, codec.decode_stored(event))
         except codec.UnknownEventTypeError:
             fold_failure = (event.stream_version, f"unknown event type {event.type!r}")
         except InvalidTransitionError as e:

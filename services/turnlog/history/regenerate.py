@@ -24,7 +24,6 @@ client here and time out.
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -38,7 +37,7 @@ from turnlog.conversation.tools import ToolRegistry
 from turnlog.domain.state import TurnStatus
 from turnlog.guardrails.registry import GuardrailRegistry
 from turnlog.history.service import ForkCommand, HistoryService, conversation_of
-from turnlog.history.transcript import GenerationRecord, TurnRecord, build_transcript
+from turnlog.history.transcript import TurnRecord, build_transcript
 from turnlog.storage import EventStore, InMemoryEventStore, RecordedEvent
 from turnlog.worker.client import EngineClient
 
@@ -109,19 +108,14 @@ class RegenerationReport:
                     "same": t.same,
                     "differences": t.differences,
                     "fork_id": t.fork_id,
-                    "recorded_texts": [_text(g) for g in t.recorded.generations],
+                    "recorded_texts": [g.said for g in t.recorded.generations],
                     "regenerated_texts": (
-                        [_text(g) for g in t.regenerated.generations] if t.regenerated else []
+                        [g.said for g in t.regenerated.generations] if t.regenerated else []
                     ),
                 }
                 for t in self.turns
             ],
         }
-
-
-def _text(generation: GenerationRecord) -> str:
-    """What a generation said: its final text, or what it streamed before it ended."""
-    return generation.text if generation.completed else "".join(generation.streamed)
 
 
 def _seeded(turn: TurnRecord) -> bool:
@@ -229,10 +223,6 @@ async def _regenerate_turn(
     comparison.differences = compare_turns(turn, regenerated)
 
 
-def _quote(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
-
-
 def _text_difference(label: str, recorded: str, regenerated: str) -> str:
     prefix = 0
     for a, b in zip(recorded, regenerated, strict=False):
@@ -264,8 +254,8 @@ def compare_turns(recorded: TurnRecord, regenerated: TurnRecord) -> list[str]:
     if len(old) != len(new):
         differences.append(f"generations: {len(old)} -> {len(new)}")
     for number, (a, b) in enumerate(zip(old, new, strict=False), start=1):
-        if _text(a) != _text(b):
-            differences.append(_text_difference(f"generation {number} text", _text(a), _text(b)))
+        if a.said != b.said:
+            differences.append(_text_difference(f"generation {number} text", a.said, b.said))
         calls_a = [(c.name, c.arguments_json) for c in a.tool_calls]
         calls_b = [(c.name, c.arguments_json) for c in b.tool_calls]
         if calls_a != calls_b:

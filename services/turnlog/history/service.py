@@ -23,7 +23,7 @@ from turnlog.domain import codec
 from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, fold
 from turnlog.history import jsonl
-from turnlog.history.audit import AuditReport, audit_stream, decode_event
+from turnlog.history.audit import AuditReport, audit_stream
 from turnlog.storage import (
     NO_STREAM,
     START_POSITION,
@@ -395,7 +395,7 @@ class HistoryService:
                 metadata={"conversation": command.source_id, "version": str(version)},
             )
         prefix = await self.store.read_stream(src_sid, limit=version)
-        source_state = fold(decode_event(e) for e in prefix)
+        source_state = fold(codec.decode_stored(e) for e in prefix)
         if not source_state.exists:
             raise errors.NotFoundError(
                 f"conversation {command.source_id!r} does not exist at version {version}",
@@ -426,7 +426,7 @@ class HistoryService:
                     metadata=meta,
                 )
             )
-            domain_events.append(decode_event(source))
+            domain_events.append(codec.decode_stored(source))
         prefix_version = len(new_events)
         open_turn = source_state.open_turn
         if open_turn is not None:
@@ -452,7 +452,7 @@ class HistoryService:
             ):
                 stored = await self.store.read_stream(fork_sid)
                 return ForkResult(
-                    state=fold(decode_event(x) for x in stored),
+                    state=fold(codec.decode_stored(x) for x in stored),
                     source_version=version,
                     prefix_version=prefix_version,
                     interrupted_turn_id=open_turn.turn_id if open_turn else "",
@@ -596,7 +596,7 @@ class HistoryService:
         state = report.state
         if result.last_version > state.version:
             stored = await self._all_events(sid)
-            state = fold(decode_event(e) for e in stored)
+            state = fold(codec.decode_stored(e) for e in stored)
         return ImportOutcome(
             state=state, written=result.written, already_present=result.already_present
         )
@@ -698,8 +698,3 @@ def normalized(state: ConversationState, *, version_offset: int) -> Conversation
             for t in state.turns
         ),
     )
-
-
-def fold_recorded(events: Sequence[RecordedEvent]) -> ConversationState:
-    """Folds recorded events (for replay from an export, with no database)."""
-    return fold(decode_event(e) for e in events)

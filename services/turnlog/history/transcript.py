@@ -70,6 +70,11 @@ class GenerationRecord:
         """True when the log holds the generation's `GenerationCompleted`."""
         return self.finish_reason is not None
 
+    @property
+    def said(self) -> str:
+        """What it said: its final text, or what it streamed before it ended."""
+        return self.text if self.completed else "".join(self.streamed)
+
 
 @dataclass(slots=True, kw_only=True)
 class ToolOutcome:
@@ -165,14 +170,6 @@ def build_transcript(events: Sequence[RecordedEvent], *, at: int | None = None) 
             builder.add(domain_event)
         except InvalidTransitionError as e:
             raise TranscriptError(event.stream_version, f"{event.type} does not apply: {e}") from e
-    return builder.transcript
-
-
-def build_from_domain(events: Sequence[ev.Event]) -> Transcript:
-    """The transcript of domain events (version n = the n-th event)."""
-    builder = _Builder()
-    for event in events:
-        builder.add(event)
     return builder.transcript
 
 
@@ -295,7 +292,7 @@ def _step_json(step: Step) -> dict[str, object]:
                 "generation_id": step.generation_id,
                 "model": step.model,
                 "completed": step.completed,
-                "text": step.text if step.completed else "".join(step.streamed),
+                "text": step.said,
                 "tool_calls": [dataclasses.asdict(c) for c in step.tool_calls],
                 "finish_reason": str(step.finish_reason) if step.finish_reason else None,
                 "retracted": [list(r) for r in step.retracted],
