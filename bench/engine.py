@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -181,6 +182,25 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def wait_for_worker_port(proc: subprocess.Popen[bytes], log: Path) -> int:
+    """Waits for a worker started with `--listen 127.0.0.1:0`; returns the port it bound.
+
+    Workers bind port 0 rather than a port picked beforehand: vLLM's engine
+    opens sockets of its own on ephemeral ports while the model loads (before
+    the worker binds), and could take a port picked in advance.
+    """
+    found: list[int] = []
+
+    def bound() -> bool:
+        m = re.search(r"serving on port (\d+)", log.read_text(errors="replace"))
+        if m:
+            found.append(int(m.group(1)))
+        return bool(m)
+
+    wait_for(bound, proc, log)
+    return found[0]
+
+
 def wait_for(check: Any, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 240) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -198,12 +218,11 @@ async def phase_grpc(
     from turnlog.engine.v1 import engine_pb2 as pb
     from turnlog.worker.client import EngineClient
 
-    port = free_port()
     log = tmp / "worker.log"
     proc = start_process(
         [
             sys.executable, "-m", "turnlog.cli", "worker", "--model", model,
-            "--listen", f"127.0.0.1:{port}",
+            "--listen", "127.0.0.1:0",
             "--max-model-len", str(ENGINE_SETTINGS["max_model_len"]),
             "--kv-cache-bytes", str(ENGINE_SETTINGS["kv_cache_bytes"]),
             "--block-size", str(ENGINE_SETTINGS["block_size"]),
@@ -213,7 +232,7 @@ async def phase_grpc(
         env,
     )  # fmt: skip
     try:
-        wait_for(lambda: f"serving on port {port}" in log.read_text(errors="replace"), proc, log)
+        port = wait_for_worker_port(proc, log)
         async with EngineClient([f"127.0.0.1:{port}"], load_poll_interval_s=0) as client:
 
             async def one(prompt: str, tokens: int) -> tuple[int, float]:

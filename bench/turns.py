@@ -77,6 +77,7 @@ from engine import (
     start_process,
     stop_process,
     wait_for,
+    wait_for_worker_port,
 )
 
 from turnlog.engine.v1 import engine_pb2 as epb
@@ -329,22 +330,22 @@ def per_turn(
 # -- phases -----------------------------------------------------------------------
 
 
-def worker_command(port: int, *backend: str) -> list[str]:
+def worker_command(*backend: str) -> list[str]:
     return [
         sys.executable,
         "-m",
         "turnlog.cli",
         "worker",
         "--listen",
-        f"127.0.0.1:{port}",
+        "127.0.0.1:0",
         *backend,
     ]
 
 
-def start_worker(port: int, backend: list[str], env: dict[str, str], log: Path) -> Any:
-    proc = start_process(worker_command(port, *backend), log, env)
-    wait_for(lambda: f"serving on port {port}" in log.read_text(errors="replace"), proc, log)
-    return proc
+def start_worker(backend: list[str], env: dict[str, str], log: Path) -> tuple[Any, int]:
+    """Starts a worker on a port of its own choosing; returns the process and the port."""
+    proc = start_process(worker_command(*backend), log, env)
+    return proc, wait_for_worker_port(proc, log)
 
 
 def start_service(port: int, worker: int, dsn: str, env: dict[str, str], log: Path) -> Any:
@@ -379,9 +380,9 @@ async def phase_scripted(
 ) -> dict[str, Any]:
     script = tmp / "script.json"
     script.write_text(json.dumps(SCRIPT))
-    wport, sport = free_port(), free_port()
-    worker = start_worker(wport, ["--backend", "scripted", "--script", str(script)], env,
-                          tmp / "scripted-worker.log")  # fmt: skip
+    sport = free_port()
+    worker, wport = start_worker(["--backend", "scripted", "--script", str(script)], env,
+                                 tmp / "scripted-worker.log")  # fmt: skip
     service = None
     rows: list[dict[str, Any]] = []
     added: list[dict[str, Any]] = []
@@ -452,7 +453,7 @@ async def phase_vllm(
     import aiohttp
 
     model = args.model or build_model(tmp, env)
-    wport, sport, hport = free_port(), free_port(), free_port()
+    sport, hport = free_port(), free_port()
     engine = [
         "--model", model,
         "--max-model-len", str(ENGINE_SETTINGS["max_model_len"]),
@@ -488,7 +489,8 @@ async def phase_vllm(
         http_log = tmp / "vllm-http.log"
         http = start_process(http_cmd, http_log, env)
         procs.append(http)
-        procs.append(start_worker(wport, engine, env, tmp / "vllm-worker.log"))
+        worker, wport = start_worker(engine, env, tmp / "vllm-worker.log")
+        procs.append(worker)
         procs.append(start_service(sport, wport, dsn, env, tmp / "vllm-service.log"))
         wait_for(http_ready, http, http_log)
         connector = aiohttp.TCPConnector(limit=0)

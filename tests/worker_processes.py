@@ -11,7 +11,6 @@ import importlib.util
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,13 +24,6 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 VLLM_MAX_MODEL_LEN = 512
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class TurnlogProcess:
@@ -94,21 +86,34 @@ class TurnlogProcess:
 
 
 class WorkerProcess(TurnlogProcess):
-    """A `turnlog worker` subprocess on a free (or given) loopback port."""
+    """A `turnlog worker` subprocess on loopback.
+
+    Without a port it binds port 0 and `port` is the one it reports: vLLM's
+    engine opens sockets on ephemeral ports while the model loads, before
+    the worker binds, so a port picked in advance could be taken by then.
+    A given port (a restart on the same address) is bound as is.
+    """
 
     def __init__(self, args: list[str], log_path: Path, port: int | None = None) -> None:
-        self.port = port or free_port()
+        self.port = port or 0
         super().__init__(
-            ["worker", *args, "--listen", self.target],
+            ["worker", *args, "--listen", f"127.0.0.1:{self.port}"],
             log_path,
-            re.compile(f"serving on port {self.port}"),
+            re.compile(r"serving on port (\d+)" if port is None else f"serving on port {port}"),
         )
         self.env = dict(WORKER_ENV)
 
     @property
     def target(self) -> str:
+        if not self.port:
+            raise RuntimeError("the worker has no port until it has started")
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 120.0) -> WorkerProcess:  # type: ignore[override]
-        super().start(timeout_s)
+        found = super().start(timeout_s)
+        if not self.port:
+            # A later start (a restart) comes back on the same address.
+            self.port = int(found.group(1))
+            self.args[self.args.index("127.0.0.1:0")] = self.target
+            self.ready = re.compile(f"serving on port {self.port}")
         return self

@@ -239,18 +239,27 @@ class _RunningTurn:
         self.cancel_reason = ""
         self.tool_results: dict[str, asyncio.Future[tuple[str, str]]] = {}
         self.error: errors.TurnlogError | None = None
-        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: A streaming client (`watch`) has seen this turn live; from then on
+        #: its streamed text is recorded every flush interval.
+        self.streamed = False
+        loop = asyncio.get_running_loop()
+        self._changed: asyncio.Future[None] = loop.create_future()
+        self._over: asyncio.Future[None] = loop.create_future()
 
     def publish(self, updates: Sequence[TurnUpdate]) -> None:
         if not updates:
             return
         self.updates.extend(updates)
         self.publish_wakeup()
+        if updates[-1].is_last and not self._over.done():
+            self._over.set_result(None)
 
     def fail(self, error: errors.TurnlogError) -> None:
         """The turn's end could not be recorded: watchers get `error`."""
         self.error = error
         self.publish_wakeup()
+        if not self._over.done():
+            self._over.set_result(None)
 
     def publish_wakeup(self) -> None:
         if not self._changed.done():
@@ -262,6 +271,8 @@ class _RunningTurn:
         return bool(self.updates) and self.updates[-1].is_last
 
     async def watch(self, after_sequence: int) -> AsyncIterator[TurnUpdate]:
+        """Every update after `after_sequence` as it comes (a streaming client)."""
+        self.streamed = True
         index = after_sequence
         while True:
             while index < len(self.updates):
@@ -275,6 +286,13 @@ class _RunningTurn:
             if self.error is not None:
                 raise self.error
             await asyncio.shield(self._changed)
+
+    async def outcome(self) -> list[TurnUpdate]:
+        """All the turn's updates once it has ended (a unary caller: one wake-up, not one per piece)."""
+        await asyncio.shield(self._over)
+        if not self.ended and self.error is not None:
+            raise self.error
+        return list(self.updates)
 
 
 # --- the application ------------------------------------------------------------
@@ -694,7 +712,11 @@ class ConversationApplication:
     async def send(self, command: TurnInput) -> TurnResult:
         """Run a turn (or find the one this request id started) and wait for its end."""
         turn_id = await self.start_turn(command)
-        updates = [u async for u in self.watch(command.conversation_id, turn_id)]
+        live = self._running.get(turn_id)
+        if live is not None and live.conversation_id == command.conversation_id:
+            updates = await live.outcome()
+        else:
+            updates = [u async for u in self.watch(command.conversation_id, turn_id)]
         return TurnResult(updates=tuple(updates))
 
     async def start_turn(self, command: TurnInput) -> str:
@@ -1055,7 +1077,15 @@ class _TurnRecorder:
             raise asyncio.CancelledError
 
     async def maybe_flush(self) -> None:
-        if time.monotonic() - self.last_flush >= self.app.defaults.text_flush_interval_s:
+        """Record the text streamed so far, every flush interval, once a client streams it.
+
+        Text nobody has been shown live (a turn only `SendMessage` waits
+        for) is recorded with the turn's end: no commit carries it earlier.
+        """
+        if (
+            self.live.streamed
+            and time.monotonic() - self.last_flush >= self.app.defaults.text_flush_interval_s
+        ):
             await self.flush()
 
     async def finish(self, event: ev.Event) -> None:
