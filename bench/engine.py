@@ -189,15 +189,20 @@ def wait_for_worker_port(proc: subprocess.Popen[bytes], log: Path) -> int:
     opens sockets of its own on ephemeral ports while the model loads (before
     the worker binds), and could take a port picked in advance.
     """
+    return wait_for_logged_port(proc, log, r"serving on port (\d+)")
+
+
+def wait_for_logged_port(proc: subprocess.Popen[bytes], log: Path, pattern: str) -> int:
+    """Waits until `log` matches `pattern`; returns its first group (a port) as an int."""
     found: list[int] = []
 
-    def bound() -> bool:
-        m = re.search(r"serving on port (\d+)", log.read_text(errors="replace"))
+    def logged() -> bool:
+        m = re.search(pattern, log.read_text(errors="replace"))
         if m:
             found.append(int(m.group(1)))
         return bool(m)
 
-    wait_for(bound, proc, log)
+    wait_for(logged, proc, log)
     return found[0]
 
 

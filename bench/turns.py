@@ -44,6 +44,13 @@ an embedded PostgreSQL (unless --dsn), `turnlog worker`, `turnlog serve
    over gRPC (`worker_direct`: the same chats, no service), which splits the
    gap between the worker and the service. Both servers run at once; the
    sides rotate which goes first, --vllm-reps times; medians are reported.
+   The service runs with `--metrics-listen`; its Prometheus endpoint is
+   scraped before and after each measured service run, and the deltas of
+   `turnlog_turn_stage_seconds` (sum and count per stage) and of
+   `turnlog_turn_appends_total` (per kind) over all of them say where the
+   service's time per turn goes (docs/metrics.md): mean ms per observation
+   (per turn; per generation for first_token and generation, per tool round
+   for tools), ms per turn, and commits per turn.
 
 Usage:
     python bench/turns.py [--json out.json] [--dsn URL] [--levels 1 16 64] [--no-vllm]
@@ -62,6 +69,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,10 +85,13 @@ from engine import (
     start_process,
     stop_process,
     wait_for,
+    wait_for_logged_port,
     wait_for_worker_port,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from turnlog.engine.v1 import engine_pb2 as epb
+from turnlog.metrics import STAGES
 from turnlog.storage.embedded import EmbeddedPostgres
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
@@ -327,6 +338,75 @@ def per_turn(
     return out
 
 
+# -- service metrics --------------------------------------------------------------
+
+#: What a stage's mean is per, where not per turn.
+STAGE_PER = {"first_token": "generation", "generation": "generation", "tools": "tool round"}
+
+
+def scrape_service(url: str) -> dict[tuple[str, str], float] | None:
+    """The service's stage seconds ("sum", stage), stage observations ("count", stage)
+    and turn commits ("appends", kind); None (and a warning) if the scrape fails."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+    except OSError as e:
+        print(f"  service metrics scrape failed ({e}): run not counted", file=sys.stderr)
+        return None
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "turnlog_turn_stage_seconds_sum":
+                out["sum", sample.labels["stage"]] = sample.value
+            elif sample.name == "turnlog_turn_stage_seconds_count":
+                out["count", sample.labels["stage"]] = sample.value
+            elif sample.name == "turnlog_turn_appends_total":
+                out["appends", sample.labels["kind"]] = sample.value
+    return out
+
+
+class ServiceStages:
+    """Deltas of the service's turn metrics, summed over measured runs."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+        self.delta: dict[tuple[str, str], float] = {}
+
+    def add(
+        self,
+        before: dict[tuple[str, str], float] | None,
+        after: dict[tuple[str, str], float] | None,
+        turns: int,
+    ) -> None:
+        if before is None or after is None:
+            return
+        self.turns += turns
+        for key, value in after.items():
+            self.delta[key] = self.delta.get(key, 0.0) + value - before.get(key, 0.0)
+
+    def results(self) -> dict[str, Any]:
+        names = {stage for what, stage in self.delta if what == "count"}
+        stages: dict[str, dict[str, Any]] = {}
+        for stage in [s for s in STAGES if s in names] + sorted(names - set(STAGES)):
+            count, seconds = self.delta["count", stage], self.delta.get(("sum", stage), 0.0)
+            stages[stage] = {
+                "count": int(count),
+                "mean_ms": round(seconds / count * 1000, 3) if count else None,
+                "per": STAGE_PER.get(stage, "turn"),
+                "ms_per_turn": round(seconds / self.turns * 1000, 3) if self.turns else None,
+            }
+        appends = {
+            kind: round(value / self.turns, 3) if self.turns else None
+            for (what, kind), value in self.delta.items()
+            if what == "appends"
+        }
+        return {
+            "vllm_service_stages": stages,
+            "vllm_service_appends_per_turn": appends,
+            "vllm_service_turns": self.turns,
+        }
+
+
 # -- phases -----------------------------------------------------------------------
 
 
@@ -348,12 +428,24 @@ def start_worker(backend: list[str], env: dict[str, str], log: Path) -> tuple[An
     return proc, wait_for_worker_port(proc, log)
 
 
-def start_service(port: int, worker: int, dsn: str, env: dict[str, str], log: Path) -> Any:
+def start_service(
+    port: int, worker: int, dsn: str, env: dict[str, str], log: Path, *, metrics: bool = False
+) -> Any:
+    """Starts `turnlog serve`; with `metrics`, on a metrics port of its own choosing
+    (`service_metrics_port` reads it)."""
     cmd = [sys.executable, "-m", "turnlog.cli", "serve", "--listen", f"127.0.0.1:{port}",
            "--worker", f"127.0.0.1:{worker}"]  # fmt: skip
+    if metrics:
+        cmd += ["--metrics-listen", "127.0.0.1:0"]
     proc = start_process(cmd, log, {**env, "TURNLOG_DATABASE_URL": dsn})
     wait_for(lambda: "turnlog serving gRPC" in log.read_text(errors="replace"), proc, log)
     return proc
+
+
+def service_metrics_port(proc: Any, log: Path) -> int:
+    """The port a service started with `metrics=True` serves its metrics on."""
+    port: int = wait_for_logged_port(proc, log, r"turnlog metrics on port (\d+)")
+    return port
 
 
 def print_log_tails(folder: Path, pattern: str) -> None:
@@ -449,7 +541,8 @@ async def phase_scripted(
 
 async def phase_vllm(
     args: argparse.Namespace, dsn: str, env: dict[str, str], tmp: Path
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows per side and concurrency, and the service's stages (`ServiceStages.results`)."""
     import aiohttp
 
     model = args.model or build_model(tmp, env)
@@ -485,13 +578,16 @@ async def phase_vllm(
 
     procs: list[Any] = []
     rows: list[dict[str, Any]] = []
+    stages = ServiceStages()
     try:
         http_log = tmp / "vllm-http.log"
         http = start_process(http_cmd, http_log, env)
         procs.append(http)
         worker, wport = start_worker(engine, env, tmp / "vllm-worker.log")
         procs.append(worker)
-        procs.append(start_service(sport, wport, dsn, env, tmp / "vllm-service.log"))
+        service_log = tmp / "vllm-service.log"
+        procs.append(start_service(sport, wport, dsn, env, service_log, metrics=True))
+        metrics_url = f"http://127.0.0.1:{service_metrics_port(procs[-1], service_log)}/metrics"
         wait_for(http_ready, http, http_log)
         connector = aiohttp.TCPConnector(limit=0)
         async with (
@@ -536,8 +632,13 @@ async def phase_vllm(
                             continue
                         for p in args.vllm_profiles:
                             await svc.prepare(n, p)
-                            runs[f"service_{p}"].append(
-                                await drive(svc.send, n, args.vllm_turns, c)
+                            scraped = await asyncio.to_thread(scrape_service, metrics_url)
+                            run = await drive(svc.send, n, args.vllm_turns, c)
+                            runs[f"service_{p}"].append(run)
+                            stages.add(
+                                scraped,
+                                await asyncio.to_thread(scrape_service, metrics_url),
+                                len(run.latencies),
                             )
                 for side, side_runs in runs.items():
                     lat = [x for r in side_runs for x in r.latencies]
@@ -558,7 +659,7 @@ async def phase_vllm(
     finally:
         for proc in reversed(procs):
             stop_process(proc)
-    return rows
+    return rows, stages.results()
 
 
 # -- main -------------------------------------------------------------------------
@@ -571,8 +672,24 @@ async def run_all(args: argparse.Namespace, dsn: str, env: dict[str, str]) -> di
         if args.levels:
             out["scripted"] = await phase_scripted(args, dsn, env, tmp)
         if args.vllm:
-            out["vllm"] = await phase_vllm(args, dsn, env, tmp)
+            out["vllm"], service_stages = await phase_vllm(args, dsn, env, tmp)
+            out.update(service_stages)
     return out
+
+
+def print_service_stages(results: dict[str, Any]) -> None:
+    stages = results.get("vllm_service_stages")
+    if not stages:
+        print("\nservice stages: none recorded (no stage metrics in the service's scrapes)")
+        return
+    print(f"\nservice stages, mean ms per turn (or per generation), over "
+          f"{results['vllm_service_turns']} measured service turns")  # fmt: skip
+    print(f"{'stage':<20} {'count':>7} {'mean ms':>9} {'per':<11} {'ms/turn':>9}")
+    for stage, s in stages.items():
+        print(f"{stage:<20} {s['count']:>7} {s['mean_ms'] if s['mean_ms'] is not None else '-':>9} "
+              f"{s['per']:<11} {s['ms_per_turn'] if s['ms_per_turn'] is not None else '-':>9}")  # fmt: skip
+    appends = results.get("vllm_service_appends_per_turn") or {}
+    print("turn appends per turn:", ", ".join(f"{k} {v}" for k, v in appends.items()))
 
 
 def main() -> int:
@@ -719,6 +836,7 @@ def main() -> int:
             print(f"{r['side']:<16} {r['concurrency']:>4} {r['turns']:>6} {r['output_tokens']:>7} "
                   f"{r['tokens_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}  "
                   f"{r['runs_tokens_per_s']}")  # fmt: skip
+        print_service_stages(results)
     print("\nratios:", json.dumps(ratios))
     if args.json:
         args.json.write_text(

@@ -47,10 +47,28 @@ def _add_service_commands(subparsers: argparse._SubParsersAction[argparse.Argume
         help="start `turnlog worker WORKER ARGS` as a child process on a free loopback port "
         'and use it, e.g. --spawn-worker "--model /models/tiny --enforce-eager"; repeatable',
     )
+    serve.add_argument(
+        "--metrics-listen",
+        type=_listen_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free port); "
+        "default $TURNLOG_METRICS_LISTEN, else no endpoint (docs/metrics.md)",
+    )
     serve.set_defaults(func=_serve)
 
     migrate = subparsers.add_parser("migrate", help="apply the event log's migrations and exit")
     migrate.set_defaults(func=_migrate)
+
+
+def _listen_address(text: str) -> str:
+    """argparse type of HOST:PORT options: the text, once it parses."""
+    from turnlog.metrics import parse_listen
+
+    try:
+        parse_listen(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -62,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
         run_server(
             settings,
             listen=args.listen,
+            metrics_listen=args.metrics_listen,
             worker_addresses=args.worker,
             spawn_workers=args.spawn_worker,
         )

@@ -27,11 +27,14 @@ class Settings:
             embedded server in `data_dir`.
         data_dir: the folder for the embedded database (and other local state).
         listen: host:port the gRPC server binds.
+        metrics_listen: host:port of the Prometheus metrics endpoint
+            (docs/metrics.md); None serves none.
     """
 
     database_url: str | None
     data_dir: Path
     listen: str
+    metrics_listen: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -39,4 +42,5 @@ class Settings:
             database_url=os.environ.get("TURNLOG_DATABASE_URL") or None,
             data_dir=Path(os.environ.get("TURNLOG_DATA_DIR") or default_data_dir()),
             listen=os.environ.get("TURNLOG_LISTEN", "127.0.0.1:50051"),
+            metrics_listen=os.environ.get("TURNLOG_METRICS_LISTEN") or None,
         )

@@ -60,7 +60,7 @@ async def test_a_cached_load_reads_only_the_tail(
     spy.reset()
     await app.send(TurnInput(conversation_id=cid, content="again", request_id="r-2"))
     assert spy.snapshots == 0
-    assert spy.reads == [version + 1]  # start_turn: the tail only
+    assert spy.reads == []  # start_turn read nothing: its cached state is the log's
     # The cached state equals a full fold from the log.
     fresh = ConversationApplication(store, None)
     assert await app.load(cid) == await fresh.load(cid)
@@ -81,6 +81,38 @@ async def test_a_cache_behind_the_log_is_caught_up_by_the_tail_read(
         # The same request on `one` finds the other's turn (idempotency holds).
         result = await one.send(TurnInput(conversation_id=cid, content="hi", request_id="r-1"))
         assert result.ended.turn.turn_id == state.turns[0].turn_id
+    finally:
+        await one.shutdown()
+        await other.shutdown()
+
+
+async def test_a_turn_started_on_a_stale_cache_conflicts_then_reads_the_log(
+    make_app: Callable[..., ConversationApplication],
+    store: PostgresEventStore,
+    monkeypatch: Any,
+) -> None:
+    one, other = make_app(), make_app()
+    try:
+        cid = await _conversation(one)
+        await one.send(TurnInput(conversation_id=cid, content="hi", request_id="r-1"))
+        # Another replica runs the next turn: `one`'s cached state is behind.
+        await other.send(TurnInput(conversation_id=cid, content="there", request_id="r-2"))
+        behind = one._states[cid].version
+        spy = _Spy(store, monkeypatch)
+        result = await one.send(TurnInput(conversation_id=cid, content="again", request_id="r-3"))
+        assert result.ended.turn.status is TurnStatus.COMPLETED
+        # The first try read nothing and appended at the cached version; the
+        # conflict dropped the cached state, and the retry read the log.
+        assert behind < len(await store.read_stream(stream_id(cid))) - 1
+        assert spy.reads[0] == 1
+        state = await one.load(cid)
+        assert [t.request_id for t in state.turns] == ["r-1", "r-2", "r-3"]
+        assert (await store.verify(stream_id(cid))).ok
+        # A refusal is decided on the log, never on a stale cache: `other`'s
+        # cache misses r-3 and so thinks the conversation is idle, and it
+        # finds the turn by its request id after reading the log.
+        again = await other.send(TurnInput(conversation_id=cid, content="again", request_id="r-3"))
+        assert again.ended.turn.turn_id == result.ended.turn.turn_id
     finally:
         await one.shutdown()
         await other.shutdown()

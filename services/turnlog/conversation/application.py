@@ -43,7 +43,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from turnlog import errors
+from turnlog import errors, metrics
 from turnlog.conversation.ownership import Claim, TurnOwnership
 from turnlog.conversation.projection import (
     TERMINAL_EVENTS,
@@ -84,7 +84,7 @@ from turnlog.storage import (
     NewEvent,
     Position,
 )
-from turnlog.worker.client import EngineClient
+from turnlog.worker.client import EngineClient, PooledRequestStream
 
 log = logging.getLogger(__name__)
 
@@ -665,6 +665,7 @@ class ConversationApplication:
             self._forget(cid)
             return False  # its owner (or another recovery) moved it on meanwhile
         self._remember(evolve(state, event))
+        metrics.TURNS_ENDED.labels("interrupted").inc()
         log.warning("closed interrupted turn %s of %s", turn_id, cid)
         return True
 
@@ -727,38 +728,32 @@ class ConversationApplication:
             VersionConflictError (only when `expected_version` was given),
             InvalidArgumentError.
         """
+        arrived = time.perf_counter()
         request_id = command.request_id or str(uuid.uuid4())
         cid = command.conversation_id
-        for _attempt in range(3):
-            state = await self.load(cid)
+        for attempt in range(3):
+            # The first attempt trusts this process's latest state of the
+            # conversation (its own turns keep it current) and reads nothing:
+            # a stale state costs a version conflict on the TurnStarted append
+            # (then the log is read), and a refusal is only ever decided on a
+            # state just read from the log.
+            cached = self._states.get(cid) if attempt == 0 else None
+            if cached is not None:
+                state = cached
+            else:
+                with metrics.stage_timer("load"):
+                    state = await self.load(cid)
             existing = state.turn_for_request(request_id)
             if existing is not None:
                 return existing.turn_id
-            if state.archived:
-                raise errors.ConversationArchivedError(
-                    "the conversation is archived", metadata={"conversation": cid}
-                )
-            if command.expected_version is not None and command.expected_version != state.version:
-                raise errors.VersionConflictError(
-                    stream_id(cid), command.expected_version, state.version
-                )
-            if state.open_turn is not None:
-                raise errors.TurnInProgressError(
-                    "another turn of this conversation is running",
-                    metadata={"turnId": state.open_turn.turn_id},
-                )
-            # The lock before the claim in the log: a live replica holds it for
-            # as long as the log shows its turn open, so no recovery closes it.
-            claim = await self._claim(cid)
-            if claim is None:
-                # Another replica runs (or is just starting, ending or
-                # recovering) a turn of this conversation.
-                raise errors.TurnInProgressError(
-                    "a turn of this conversation is running on another server",
-                    metadata={"conversation": cid},
-                )
+            refusal = _refusal(state, command)
+            if refusal is not None:
+                if cached is not None:
+                    continue
+                raise refusal
+            run = await self._prepare(state, command, request_id, arrived)
             try:
-                return await self._begin(state, command, request_id, claim)
+                return await self._begin(run)
             except (errors.VersionConflictError, errors.DuplicateEventError):
                 # Lost a race (or the cached state was stale): reload from the
                 # log and decide again (same request → watch the winner's
@@ -785,19 +780,16 @@ class ConversationApplication:
         )
         return model, sampling, rounds
 
-    async def _begin(
-        self, state: ConversationState, command: TurnInput, request_id: str, claim: Claim
-    ) -> str:
-        """Record the turn's start and run it in a task; `claim` is released when it ends."""
-        try:
-            return await self._begin_claimed(state, command, request_id, claim)
-        except BaseException:
-            await asyncio.shield(self._release(claim))
-            raise
+    async def _prepare(
+        self, state: ConversationState, command: TurnInput, request_id: str, arrived: float
+    ) -> _TurnRecorder:
+        """The turn's start events (after the request guardrails), not yet recorded.
 
-    async def _begin_claimed(
-        self, state: ConversationState, command: TurnInput, request_id: str, claim: Claim
-    ) -> str:
+        Unless a request guardrail blocked it, the first generation's engine
+        request is sent already: the worker prefills while the lock is taken
+        and `TurnStarted` commits, and nothing it returns is read (or shown)
+        before that commit.
+        """
         cid = state.conversation_id
         if self.engine is None:
             raise errors.EngineUnavailableError("no engine worker is configured")
@@ -806,16 +798,18 @@ class ConversationApplication:
             state.guardrail_profile or self.defaults.guardrail_profile, self.guardrails
         )
         model, sampling, rounds = self._options(state, command.options)
-        outcome = await pipeline.check_request(
-            RequestSubject(
-                user_text=command.content,
-                system_prompt=state.system_prompt,
-                model=model,
-                tool_definitions=state.tools,
-                labels=state.labels,
+        with metrics.stage_timer("request_guardrails"):
+            outcome = await pipeline.check_request(
+                RequestSubject(
+                    user_text=command.content,
+                    system_prompt=state.system_prompt,
+                    model=model,
+                    tool_definitions=state.tools,
+                    labels=state.labels,
+                )
             )
-        )
-        run = _TurnRecorder(self, state, turn_id, request_id)
+        run = _TurnRecorder(self, state, turn_id, request_id, pipeline, model, sampling, rounds)
+        run.arrived = arrived
         run.add(
             ev.TurnStarted(
                 turn_id=turn_id,
@@ -838,21 +832,55 @@ class ConversationApplication:
             run.add(decided)
         if outcome.blocked is not None:
             run.add(outcome.blocked.to_event(turn_id=turn_id, blocked_at_us=self.clock()))
-        await run.flush(live=False)
+        else:
+            run.prestart()
+        return run
+
+    async def _begin(self, run: _TurnRecorder) -> str:
+        """Take the turn lock, record the turn's start, and run it in a task.
+
+        The lock is given back when the turn's end is recorded; if the start
+        fails, at once (and the prestarted engine request is cancelled).
+        """
+        cid, turn_id = run.cid, run.turn_id
+        try:
+            # The lock before the claim in the log: a live replica holds it for
+            # as long as the log shows its turn open, so no recovery closes it.
+            with metrics.stage_timer("claim"):
+                claim = await self._claim(cid)
+        except BaseException:
+            await asyncio.shield(run.abandon())
+            raise
+        if claim is None:
+            await run.abandon()
+            # Another replica runs (or is just starting, ending or
+            # recovering) a turn of this conversation.
+            raise errors.TurnInProgressError(
+                "a turn of this conversation is running on another server",
+                metadata={"conversation": cid},
+            )
+        try:
+            with metrics.stage_timer("begin_append"):
+                await run.flush(live=False, kind="begin")
+        except BaseException:
+            await asyncio.shield(run.abandon())
+            await asyncio.shield(self._release(claim))
+            raise
         live = run.live
         self._running[turn_id] = live
         run.publish_pending()
-        if outcome.blocked is None:
-            live.task = asyncio.create_task(
-                run.generate(pipeline, model, sampling, rounds), name=f"turn-{turn_id}"
-            )
+        if run.generates:
+            live.task = asyncio.create_task(run.generate(), name=f"turn-{turn_id}")
+            metrics.TURNS_RUNNING.inc()
             live.task.add_done_callback(lambda _: self._running.pop(turn_id, None))
+            live.task.add_done_callback(lambda _: metrics.TURNS_RUNNING.dec())
             # The lock is given back only after the turn's end is recorded (or
             # could not be: then recovery closes it once the lock is free);
             # a done callback also covers a task cancelled before it started.
             live.task.add_done_callback(lambda _: self._release_later(claim))
         else:
             self._running.pop(turn_id, None)
+            run.count_end()
             await self._release(claim)
         return turn_id
 
@@ -966,6 +994,23 @@ class ConversationApplication:
         )
 
 
+def _refusal(state: ConversationState, command: TurnInput) -> errors.TurnlogError | None:
+    """Why `state` admits no new turn for `command`, or None."""
+    cid = state.conversation_id
+    if state.archived:
+        return errors.ConversationArchivedError(
+            "the conversation is archived", metadata={"conversation": cid}
+        )
+    if command.expected_version is not None and command.expected_version != state.version:
+        return errors.VersionConflictError(stream_id(cid), command.expected_version, state.version)
+    if state.open_turn is not None:
+        return errors.TurnInProgressError(
+            "another turn of this conversation is running",
+            metadata={"turnId": state.open_turn.turn_id},
+        )
+    return None
+
+
 async def _complete_despite_cancel(operation: Awaitable[object]) -> bool:
     """Await `operation` to its end even if cancelled meanwhile; True if a cancel came."""
     task = asyncio.ensure_future(operation)
@@ -985,9 +1030,29 @@ class _TurnRecorder:
     """Buffers one turn's events in order, numbers their updates, and appends them."""
 
     def __init__(
-        self, app: ConversationApplication, state: ConversationState, turn_id: str, request_id: str
+        self,
+        app: ConversationApplication,
+        state: ConversationState,
+        turn_id: str,
+        request_id: str,
+        pipeline: GuardrailPipeline,
+        model: str,
+        sampling: ev.SamplingParams,
+        rounds: int,
     ) -> None:
         self.app = app
+        self.pipeline = pipeline
+        self.model = model
+        self.sampling = sampling
+        self.rounds = rounds
+        #: The first generation's engine request, sent before the turn's start
+        #: was recorded (`prestart`); taken by its first engine call.
+        self.prestarted: PooledRequestStream | None = None
+        #: When the prestarted request was sent (for the first-token time).
+        self.prestarted_at = 0.0
+        self.generates = False
+        #: When the turn's request arrived (`time.perf_counter()`).
+        self.arrived = time.perf_counter()
         self.state = state
         self.durable_version = state.version
         self.last_snapshot_version = state.version
@@ -1036,7 +1101,7 @@ class _TurnRecorder:
         updates, self.unpublished = self.unpublished, []
         self.live.publish(updates)
 
-    async def flush(self, *, live: bool = True) -> None:
+    async def flush(self, *, live: bool = True, kind: str = "flush") -> None:
         """Append everything buffered in one commit, then publish its updates.
 
         Updates of a flush that ends the turn are published only after the
@@ -1065,6 +1130,7 @@ class _TurnRecorder:
         except errors.VersionConflictError:
             self.app._forget(self.cid)
             raise
+        metrics.TURN_APPENDS.labels(kind).inc()
         self.app._remember(appended)
         self.durable_version = self.state.version
         self.pending = []
@@ -1098,7 +1164,8 @@ class _TurnRecorder:
         """
         self.add(event)
         try:
-            await self.flush()
+            with metrics.stage_timer("end_append"):
+                await self.flush(kind="end")
         except asyncio.CancelledError:
             raise
         except errors.VersionConflictError as e:
@@ -1114,13 +1181,36 @@ class _TurnRecorder:
                 )
             )
             return
+        self.count_end()
         await self.app._maybe_snapshot(self.state, self.last_snapshot_version)
+
+    def count_end(self) -> None:
+        """Counts the turn's recorded end by outcome, and its whole time."""
+        turn = self.state.turn(self.turn_id)
+        if turn is not None:
+            metrics.TURNS_ENDED.labels(turn.status.value).inc()
+        metrics.observe_stage("turn", time.perf_counter() - self.arrived)
 
     # -- the generation and tool loop -------------------------------------------
 
-    async def generate(
-        self, pipeline: GuardrailPipeline, model: str, sampling: ev.SamplingParams, rounds: int
-    ) -> None:
+    def prestart(self) -> None:
+        """Send the first generation's engine request now (see `_engine_call`)."""
+        engine = self.app.engine
+        assert engine is not None  # checked before the turn was prepared
+        self.generates = True
+        stream = engine.generate(self._start_message(self.sampling), affinity_key=self.cid)
+        stream.start()
+        self.prestarted = stream
+        self.prestarted_at = time.perf_counter()
+
+    async def abandon(self) -> None:
+        """Cancel the prestarted engine request if nothing took it."""
+        stream, self.prestarted = self.prestarted, None
+        if stream is not None:
+            await stream.aclose()
+
+    async def generate(self) -> None:
+        pipeline, model, sampling, rounds = self.pipeline, self.model, self.sampling, self.rounds
         phase = "generation"
         try:
             round_trips = 0
@@ -1158,7 +1248,8 @@ class _TurnRecorder:
                     return
                 round_trips += 1
                 phase = "tool"
-                await self._run_tools(completed.tool_calls)
+                with metrics.stage_timer("tools"):
+                    await self._run_tools(completed.tool_calls)
         except asyncio.CancelledError:
             await self.finish(
                 ev.TurnCancelled(
@@ -1188,6 +1279,9 @@ class _TurnRecorder:
                     retryable=False,
                 )
             )
+        finally:
+            # Cancelled before its first generation read the prestarted request.
+            await asyncio.shield(self.abandon())
 
     def _turn_usage(self) -> ev.Usage:
         turn = self.state.turn(self.turn_id)
@@ -1218,18 +1312,23 @@ class _TurnRecorder:
         user_text = self.state.messages[-1].content if self.state.messages else ""
         request = GenerationRequest(model=model, text=user_text, labels=self.state.labels)
         stopped = False
-        async with contextlib.aclosing(call(request)) as events:
-            async for item in events:
-                if isinstance(item, GuardrailDecision):
-                    self.add(item.to_event(turn_id=self.turn_id))
-                    self.publish_pending()
-                elif isinstance(item, TextDelta):
-                    stopped = self._apply(generation_id, stream.feed(item.text))
-                    if stopped:
-                        break  # leaving aclosing aborts the engine request
-                    await self.maybe_flush()
-                else:
-                    final = item
+        try:
+            async with contextlib.aclosing(call(request)) as events:
+                async for item in events:
+                    if isinstance(item, GuardrailDecision):
+                        self.add(item.to_event(turn_id=self.turn_id))
+                        self.publish_pending()
+                    elif isinstance(item, TextDelta):
+                        stopped = self._apply(generation_id, stream.feed(item.text))
+                        if stopped:
+                            break  # leaving aclosing aborts the engine request
+                        await self.maybe_flush()
+                    else:
+                        final = item
+        finally:
+            # An execution intercept that never called the engine leaves the
+            # prestarted request unread.
+            await asyncio.shield(self.abandon())
         outcome = stream.finish(final.tool_calls if final is not None and not stopped else ())
         self._apply(generation_id, list(outcome.actions))
         for decided in decisions_to_events(outcome.decisions, turn_id=self.turn_id):
@@ -1278,28 +1377,48 @@ class _TurnRecorder:
                 stopped = True
         return stopped
 
+    def _start_message(self, sampling: ev.SamplingParams) -> engine_pb2.StartGeneration:
+        return engine_pb2.StartGeneration(
+            chat=_chat_prompt(self.state), sampling=_engine_sampling(sampling)
+        )
+
     def _engine_call(
         self, sampling: ev.SamplingParams
     ) -> Callable[[GenerationRequest], AsyncGenerator[ExecutionEvent, None]]:
-        start = engine_pb2.StartGeneration(
-            chat=_chat_prompt(self.state), sampling=_engine_sampling(sampling)
-        )
+        """The engine call of one generation, for the execution intercepts to wrap.
+
+        The first call of the turn's first generation reads the prestarted
+        request, which is exactly the request it would send (same chat, same
+        sampling); every other call (a retry, a later generation) sends anew.
+        """
+        start = self._start_message(sampling)
         engine = self.app.engine
         assert engine is not None  # checked before the turn started
         affinity = self.cid
 
         async def call(request: GenerationRequest) -> AsyncGenerator[ExecutionEvent, None]:
-            attempt = engine_pb2.StartGeneration()
-            attempt.CopyFrom(start)
+            stream, self.prestarted = self.prestarted, None
+            sent = self.prestarted_at
+            if stream is None:
+                attempt = engine_pb2.StartGeneration()
+                attempt.CopyFrom(start)
+                stream = engine.generate(attempt, affinity_key=affinity)
+                sent = time.perf_counter()
+            first = 0.0
             token_ids: list[int] = []
             text: list[str] = []
-            async with engine.generate(attempt, affinity_key=affinity) as events:
+            async with stream as events:
                 async for item in events:
                     if isinstance(item, engine_pb2.GenerationDelta):
+                        if not first:
+                            first = time.perf_counter()
+                            metrics.observe_stage("first_token", first - sent)
                         token_ids.extend(item.token_ids)
                         text.append(item.text)
                         yield TextDelta(text=item.text, token_ids=tuple(item.token_ids))
                     else:
+                        if first:
+                            metrics.observe_stage("generation", time.perf_counter() - first)
                         calls = tuple(
                             ev.ToolCall(
                                 call_id=c.id or derived_id(self.turn_id, "call", str(i)),

@@ -24,6 +24,7 @@ from turnlog.conversation.local_worker import spawned_worker
 from turnlog.conversation.ownership import TurnOwnership
 from turnlog.conversation.servicer import ConversationServicer
 from turnlog.conversation.tools import builtin_tools
+from turnlog.metrics import start_metrics_server
 from turnlog.storage import open_event_store
 from turnlog.v1 import conversation_service_pb2, conversation_service_pb2_grpc
 from turnlog.worker.client import EngineClient
@@ -65,6 +66,7 @@ async def run_server(
     settings: Settings,
     *,
     listen: str | None = None,
+    metrics_listen: str | None = None,
     worker_addresses: list[str] | None = None,
     spawn_workers: list[str] | None = None,
 ) -> int:
@@ -73,12 +75,29 @@ async def run_server(
     Args:
         settings: process settings (database, data folder, listen address).
         listen: host:port to bind, overriding `settings.listen`.
+        metrics_listen: host:port of the Prometheus endpoint, overriding
+            `settings.metrics_listen`; with neither, no endpoint.
         worker_addresses: engine workers to use.
         spawn_workers: argument strings of engine workers to start as child
             processes (and use) for the server's lifetime.
     """
     address = listen or settings.listen
     worker_addresses = list(worker_addresses or [])
+    metrics_address = metrics_listen or settings.metrics_listen
+    if metrics_address:
+        # First, so that a bad address fails before anything starts; the
+        # exporter thread lives as long as the process.
+        try:
+            metrics_port = start_metrics_server(metrics_address)
+        except (ValueError, OSError) as e:
+            log.error("cannot serve metrics on %s: %s", metrics_address, e)
+            return 2
+        metrics_host = metrics_address.rsplit(":", 1)[0]
+        print(
+            f"turnlog metrics on port {metrics_port} "
+            f"(http://{metrics_host}:{metrics_port}/metrics)",
+            flush=True,
+        )
     async with contextlib.AsyncExitStack() as stack:
         for worker_args in spawn_workers or []:
             worker_addresses.append(await stack.enter_async_context(spawned_worker(worker_args)))

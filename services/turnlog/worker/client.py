@@ -515,6 +515,21 @@ class PooledRequestStream:
     def __aiter__(self) -> PooledRequestStream:
         return self
 
+    def start(self) -> None:
+        """Send the request now instead of at the first read.
+
+        The worker starts generating while the caller does other work; its
+        output waits here. Never raises: a worker that cannot take the
+        request is tried again (and any failure reported) by the first read.
+        """
+        if self._current is not None or self._finished:
+            return
+        try:
+            self.worker = self._client.pick_worker(self._key, exclude=self._tried)
+            self._current = self.worker.generate(self._start)
+        except errors.TurnlogError:
+            self.worker = None
+
     async def __anext__(self) -> GenerationEvent:
         if self._finished:
             raise StopAsyncIteration
