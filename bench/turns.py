@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -76,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import psycopg
 from engine import (
     ENGINE_SETTINGS,
@@ -161,6 +163,10 @@ class Direct:
         self.client = client
         self.max_tokens = max_tokens
         self.histories: dict[int, list[epb.ChatMessage]] = {}
+        #: Client-side seconds per turn, for comparison with the service's
+        #: stages: request sent -> first text, first text -> done.
+        self.first_token_s: list[float] = []
+        self.generation_s: list[float] = []
 
     def reset(self, conversations: int) -> None:
         self.histories = {
@@ -178,10 +184,16 @@ class Direct:
             chat=epb.ChatPrompt(messages=history, add_generation_prompt=True), sampling=sampling
         )
         text: list[str] = []
+        sent, first = time.perf_counter(), 0.0
         async for event in self.client.generate(start):
             if isinstance(event, epb.GenerationDelta):
+                if not first:
+                    first = time.perf_counter()
                 text.append(event.text)
             else:
+                if first:
+                    self.first_token_s.append(first - sent)
+                    self.generation_s.append(time.perf_counter() - first)
                 content = event.content if event.tool_calls else "".join(text)
                 history.append(epb.ChatMessage(role=epb.CHAT_ROLE_ASSISTANT, content=content))
                 return int(event.usage.completion_tokens)
@@ -407,6 +419,56 @@ class ServiceStages:
         }
 
 
+class CpuMeter:
+    """CPU seconds (user + system) of named process trees, summed per side over its runs.
+
+    Trees are read whole (a server and all its children: vLLM's engine core,
+    PostgreSQL's backends), except "bench": this process alone (the servers
+    are its children too); read before and after each run; `results` gives each
+    tree's CPU milliseconds per 1,000 output tokens of that side. Processes
+    that are idle during a side (the other servers) still count their idle
+    cost, which is small.
+    """
+
+    def __init__(self, roots: dict[str, int]) -> None:
+        self.roots = roots
+        self.cpu: dict[str, dict[str, float]] = {}
+        self.tokens: dict[str, int] = {}
+
+    def read(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, pid in self.roots.items():
+            total = 0.0
+            try:
+                root = psutil.Process(pid)
+                tree = [root] if name == "bench" else [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for proc in tree:
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+            out[name] = total
+        return out
+
+    def add(
+        self, side: str, before: dict[str, float], after: dict[str, float], tokens: int
+    ) -> None:
+        spent = self.cpu.setdefault(side, {})
+        for name, value in after.items():
+            spent[name] = spent.get(name, 0.0) + value - before.get(name, value)
+        self.tokens[side] = self.tokens.get(side, 0) + tokens
+
+    def results(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for side, spent in self.cpu.items():
+            per_k = 1000 / max(1, self.tokens[side])
+            row = {name: round(seconds * 1000 * per_k, 2) for name, seconds in spent.items()}
+            row["total"] = round(sum(spent.values()) * 1000 * per_k, 2)
+            out[side] = row
+        return out
+
+
 # -- phases -----------------------------------------------------------------------
 
 
@@ -587,6 +649,11 @@ async def phase_vllm(
         procs.append(worker)
         service_log = tmp / "vllm-service.log"
         procs.append(start_service(sport, wport, dsn, env, service_log, metrics=True))
+        roots = {"vllm_http": http.pid, "worker": worker.pid, "serve": procs[-1].pid,
+                 "bench": os.getpid()}  # fmt: skip
+        if args.pg_pid:
+            roots["postgres"] = args.pg_pid
+        cpu = CpuMeter(roots)
         metrics_url = f"http://127.0.0.1:{service_metrics_port(procs[-1], service_log)}/metrics"
         wait_for(http_ready, http, http_log)
         connector = aiohttp.TCPConnector(limit=0)
@@ -612,6 +679,8 @@ async def phase_vllm(
                 await drive(vhttp.send, c, 1, c)
                 direct.reset(c)
                 await drive(direct.send, c, 1, c)
+                direct.first_token_s.clear()
+                direct.generation_s.clear()
                 for p in args.vllm_profiles:
                     await svc.prepare(c, p)
                     await drive(svc.send, c, 1, c)
@@ -622,18 +691,24 @@ async def phase_vllm(
                     for side in order[rep % 3 :] + order[: rep % 3]:
                         if side == "http":
                             vhttp.reset(n)
-                            runs["vllm_http"].append(await drive(vhttp.send, n, args.vllm_turns, c))
+                            before = cpu.read()
+                            run = await drive(vhttp.send, n, args.vllm_turns, c)
+                            cpu.add("vllm_http", before, cpu.read(), run.tokens)
+                            runs["vllm_http"].append(run)
                             continue
                         if side == "direct":
                             direct.reset(n)
-                            runs["worker_direct"].append(
-                                await drive(direct.send, n, args.vllm_turns, c)
-                            )
+                            before = cpu.read()
+                            run = await drive(direct.send, n, args.vllm_turns, c)
+                            cpu.add("worker_direct", before, cpu.read(), run.tokens)
+                            runs["worker_direct"].append(run)
                             continue
                         for p in args.vllm_profiles:
                             await svc.prepare(n, p)
                             scraped = await asyncio.to_thread(scrape_service, metrics_url)
+                            before = cpu.read()
                             run = await drive(svc.send, n, args.vllm_turns, c)
+                            cpu.add(f"service_{p}", before, cpu.read(), run.tokens)
                             runs[f"service_{p}"].append(run)
                             stages.add(
                                 scraped,
@@ -659,7 +734,18 @@ async def phase_vllm(
     finally:
         for proc in reversed(procs):
             stop_process(proc)
-    return rows, stages.results()
+    direct_stages = {
+        name: {"count": len(values), "mean_ms": round(statistics.fmean(values) * 1000, 3)}
+        for name, values in (
+            ("first_token", direct.first_token_s),
+            ("generation", direct.generation_s),
+        )
+        if values
+    }
+    return rows, stages.results() | {
+        "vllm_cpu_ms_per_1k_tokens": cpu.results(),
+        "vllm_direct_stages": direct_stages,
+    }
 
 
 # -- main -------------------------------------------------------------------------
@@ -677,6 +763,17 @@ async def run_all(args: argparse.Namespace, dsn: str, env: dict[str, str]) -> di
     return out
 
 
+def print_cpu(results: dict[str, Any]) -> None:
+    cpu: dict[str, dict[str, float]] = results.get("vllm_cpu_ms_per_1k_tokens") or {}
+    if not cpu:
+        return
+    names = [*sorted({name for row in cpu.values() for name in row} - {"total"}), "total"]
+    print("\nCPU ms per 1,000 output tokens, by process tree (measured runs of each side)")
+    print(f"{'side':<16}" + "".join(f"{name:>11}" for name in names))
+    for side, row in cpu.items():
+        print(f"{side:<16}" + "".join(f"{row.get(name, 0.0):>11}" for name in names))
+
+
 def print_service_stages(results: dict[str, Any]) -> None:
     stages = results.get("vllm_service_stages")
     if not stages:
@@ -690,6 +787,10 @@ def print_service_stages(results: dict[str, Any]) -> None:
               f"{s['per']:<11} {s['ms_per_turn'] if s['ms_per_turn'] is not None else '-':>9}")  # fmt: skip
     appends = results.get("vllm_service_appends_per_turn") or {}
     print("turn appends per turn:", ", ".join(f"{k} {v}" for k, v in appends.items()))
+    direct = results.get("vllm_direct_stages") or {}
+    if direct:
+        print("worker_direct, at the client, mean ms:",
+              ", ".join(f"{k} {v['mean_ms']}" for k, v in direct.items()))  # fmt: skip
 
 
 def main() -> int:
@@ -742,12 +843,15 @@ def main() -> int:
     server: EmbeddedPostgres | None = None
     pg_dir: Path | None = None
     dsn = args.dsn
+    args.pg_pid = None
     started = time.perf_counter()
     try:
         if dsn is None:
             pg_dir = Path(tempfile.mkdtemp(prefix="turnlog-bench-pg-"))
             server = EmbeddedPostgres(pg_dir / "pg")
             dsn = server.start()
+            # The postmaster's pid, for CPU accounting of the whole server.
+            args.pg_pid = int((pg_dir / "pg" / "postmaster.pid").read_text().split()[0])
         results = asyncio.run(run_all(args, dsn, env))
     finally:
         if server is not None:
@@ -837,6 +941,7 @@ def main() -> int:
                   f"{r['tokens_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}  "
                   f"{r['runs_tokens_per_s']}")  # fmt: skip
         print_service_stages(results)
+        print_cpu(results)
     print("\nratios:", json.dumps(ratios))
     if args.json:
         args.json.write_text(

@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def _add_service_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -76,15 +77,27 @@ def _serve(args: argparse.Namespace) -> int:
     from turnlog.conversation.server import run_server
 
     settings = Settings.from_env()
-    return asyncio.run(
-        run_server(
-            settings,
-            listen=args.listen,
-            metrics_listen=args.metrics_listen,
-            worker_addresses=args.worker,
-            spawn_workers=args.spawn_worker,
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        return runner.run(
+            run_server(
+                settings,
+                listen=args.listen,
+                metrics_listen=args.metrics_listen,
+                worker_addresses=args.worker,
+                spawn_workers=args.spawn_worker,
+            )
         )
-    )
+
+
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (less CPU per wake-up), else asyncio's."""
+    if os.environ.get("TURNLOG_EVENT_LOOP", "uvloop") != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -483,8 +483,12 @@ class PostgresEventStore:
                 # Not at the expected version: a conflict or an idempotent
                 # retry, which the function's id lookup tells apart.
             lookup = check_ids or len(event_ids) == 1
+            # Binary parameters: arrays of text go as length-prefixed bytes,
+            # not quoted and escaped into array literals in Python.
             cursor = await conn.execute(
-                _APPEND, (stream_id, expected_version, event_ids, types_, data, metadata, lookup)
+                _APPEND,
+                (stream_id, expected_version, event_ids, types_, data, metadata, lookup),
+                binary=True,
             )
             return await cursor.fetchone()
 
