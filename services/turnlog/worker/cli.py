@@ -71,6 +71,12 @@ def add_worker_commands(subparsers: Any) -> None:
         help="send a request's tokens every N tokens (the first at once; vLLM's stream "
         "interval): fewer, larger deltas cost the host less per token (default 1)",
     )
+    vllm.add_argument(
+        "--scheduler-stats",
+        action="store_true",
+        help="collect vLLM's per-step statistics, so that GetLoad reports waiting requests "
+        "and KV cache usage (costs the front end CPU on every engine step)",
+    )
     worker.set_defaults(func=_run_worker)
 
     dev = subparsers.add_parser("dev", help="developer tools")
@@ -127,6 +133,7 @@ def _run_worker(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 enforce_eager=args.enforce_eager,
                 stream_interval=args.stream_interval,
+                scheduler_stats=args.scheduler_stats,
             )
         )
 

@@ -28,7 +28,10 @@ from turnlog.worker.backend import EngineBackend, RequestProgress
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-_Outgoing = engine_pb2.GenerateResponse | None  # None: the stream may end
+#: What request tasks queue for the stream: a bare delta (wrapped when sent,
+#: see `_coalesce`), a whole response (done, error), or None: the stream may end.
+_Queued = engine_pb2.GenerationDelta | engine_pb2.GenerateResponse
+_Outgoing = _Queued | None
 
 
 class _DrainState:
@@ -57,45 +60,42 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return d
 
 
-def _coalesce(batch: list[engine_pb2.GenerateResponse]) -> list[engine_pb2.GenerateResponse]:
+def _coalesce(batch: list[_Queued]) -> list[engine_pb2.GenerateResponse]:
     """Merge queued deltas into few messages, keeping each request's order.
 
     Deltas of one request are concatenated; deltas of different requests that
     were queued together go out as one `delta_batch`. A request's done or
     error is sent after its deltas. Under load this turns one message per
-    token per request into about one message per engine step.
+    token per request into about one message per engine step. Each delta is
+    copied once, into the message that carries it.
     """
-    if len(batch) == 1:
-        return batch
     out: list[engine_pb2.GenerateResponse] = []
-    pending: dict[str, engine_pb2.GenerationDelta] = {}
+    group: list[engine_pb2.GenerationDelta] = []
+    merged: dict[str, engine_pb2.GenerationDelta] = {}
 
     def flush() -> None:
-        if len(pending) == 1:
-            (delta,) = pending.values()
-            out.append(engine_pb2.GenerateResponse(delta=delta))
-        elif pending:
-            out.append(
-                engine_pb2.GenerateResponse(
-                    delta_batch=engine_pb2.GenerationDeltaBatch(deltas=list(pending.values()))
-                )
-            )
-        pending.clear()
+        if len(group) == 1:
+            out.append(engine_pb2.GenerateResponse(delta=group[0]))
+        elif group:
+            response = engine_pb2.GenerateResponse()
+            response.delta_batch.deltas.extend(group)
+            out.append(response)
+        group.clear()
+        merged.clear()
 
-    for message in batch:
-        kind = message.WhichOneof("kind")
-        if kind == "delta":
-            rid = message.delta.request_id
-            merged = pending.get(rid)
-            if merged is None:
-                pending[rid] = message.delta
+    for item in batch:
+        if isinstance(item, engine_pb2.GenerationDelta):
+            into = merged.get(item.request_id)
+            if into is None:
+                merged[item.request_id] = item
+                group.append(item)
             else:
-                merged.token_ids.extend(message.delta.token_ids)
-                merged.text += message.delta.text
-                merged.logprobs.extend(message.delta.logprobs)
+                into.token_ids.extend(item.token_ids)
+                into.text += item.text
+                into.logprobs.extend(item.logprobs)
         else:
             flush()
-            out.append(message)
+            out.append(item)
     flush()
     return out
 
@@ -125,7 +125,7 @@ class _GenerateStream:
                 # One loop turn lets the other requests of the same engine step
                 # queue their deltas, so they share a message.
                 await asyncio.sleep(0)
-                batch = [first]
+                batch: list[_Queued] = [first]
                 end = False
                 while not self._out.empty():
                     item = self._out.get_nowait()
@@ -214,7 +214,7 @@ class _GenerateStream:
                 start, engine_request_id=f"{self._prefix}-{rid}", progress=progress
             ):
                 if isinstance(event, engine_pb2.GenerationDelta):
-                    put(engine_pb2.GenerateResponse(delta=event))
+                    put(event)
                 else:
                     put(engine_pb2.GenerateResponse(done=event))
         except asyncio.CancelledError:

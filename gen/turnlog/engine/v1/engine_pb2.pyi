@@ -1280,11 +1280,14 @@ class GetLoadResponse(_message.Message):
     KV_CACHE_USAGE_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     running_requests: _builtins.int
-    """Requests being generated."""
+    """Requests being generated. A worker that does not collect scheduler
+    statistics (the vLLM worker without --scheduler-stats) counts every
+    unfinished request here; the sum with waiting_requests is exact either way.
+    """
     waiting_requests: _builtins.int
-    """Requests queued."""
+    """Requests queued (0 without scheduler statistics)."""
     kv_cache_usage: _builtins.float
-    """Fraction of the KV cache in use, 0 to 1."""
+    """Fraction of the KV cache in use, 0 to 1 (0 without scheduler statistics)."""
     draining: _builtins.bool
     """True while the worker drains before shutdown (refuses new requests)."""
     def __init__(
