@@ -187,3 +187,31 @@ async def test_a_start_that_cannot_commit_cancels_the_prestarted_request(
     monkeypatch.setattr(store, "append", append)
     result = await app.send(TurnInput(conversation_id=cid, content="hi", request_id="r-2"))
     assert result.ended.turn.status is TurnStatus.COMPLETED
+
+
+async def test_a_unary_turn_gets_its_text_in_fewer_larger_pieces(
+    app: ConversationApplication, store: PostgresEventStore
+) -> None:
+    # No response guardrails: they re-cut the text (holding back what may
+    # be the start of an email address, say), and the pieces here should be
+    # the worker's deltas.
+    created = await app.create(CreateConversation(request_id="c-1", guardrail_profile="none"))
+    cid = created.conversation_id
+    unary = await app.send(TurnInput(conversation_id=cid, content=MEDIUM, request_id="u"))
+    turn_id = await app.start_turn(TurnInput(conversation_id=cid, content=MEDIUM, request_id="s"))
+    streamed = [u async for u in app.watch(cid, turn_id)]
+    assert unary.assistant_message is not None
+    assert unary.assistant_message.text == "tick " * 40
+    pieces: dict[str, list[str]] = {}
+    for event in await store.read_stream(stream_id(cid)):
+        if event.type == "TextStreamed":
+            data = event.data
+            pieces.setdefault(data["turn_id"], []).extend(data["pieces"])
+    unary_pieces, streamed_pieces = pieces[unary.ended.turn.turn_id], pieces[turn_id]
+    assert "".join(unary_pieces) == "".join(streamed_pieces) == "tick " * 40
+    # Nobody streams the unary turn: the worker held its text up to
+    # `unwatched_delta_interval_s` (50 ms) per piece; the streamed turn got
+    # every piece as it came (one per 20 ms token here).
+    assert len(streamed_pieces) >= 30
+    assert len(unary_pieces) < len(streamed_pieces) / 2
+    assert streamed[-1].is_last

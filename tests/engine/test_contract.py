@@ -64,6 +64,38 @@ async def test_stream_deltas_then_done_with_exact_usage(backend: Backend, stub: 
         await conn.close()
 
 
+async def test_min_delta_interval_sends_the_same_output_in_fewer_deltas(
+    backend: Backend,
+) -> None:
+    conn = WorkerConnection(backend.target)
+
+    async def run(interval_ms: int) -> tuple[list[pb.GenerationDelta], pb.GenerationDone]:
+        start = long_request("", tokens=120)
+        if interval_ms:
+            start.min_delta_interval.FromMilliseconds(interval_ms)
+        deltas: list[pb.GenerationDelta] = []
+        async for event in conn.generate(start):
+            if isinstance(event, pb.GenerationDelta):
+                deltas.append(event)
+            else:
+                return deltas, event
+        raise AssertionError("no done")
+
+    try:
+        every, done = await run(0)
+        held, held_done = await run(100)
+    finally:
+        await conn.close()
+    ids = [t for d in every for t in d.token_ids]
+    assert [t for d in held for t in d.token_ids] == ids
+    assert "".join(d.text for d in held) == "".join(d.text for d in every)
+    assert held_done.usage.completion_tokens == done.usage.completion_tokens == 120
+    # The first delta is never held; later ones are merged up to the interval.
+    assert list(held[0].token_ids) == list(every[0].token_ids)
+    assert len(every) >= 60
+    assert len(held) < len(every) / 3
+
+
 async def test_tokenize_detokenize_round_trip(stub: Stub) -> None:
     text = "def main():\n    return 'héllo wörld'\n"
     tokens = await stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=False))

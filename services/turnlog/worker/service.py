@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -98,6 +99,46 @@ def _coalesce(batch: list[_Queued]) -> list[engine_pb2.GenerateResponse]:
             out.append(item)
     flush()
     return out
+
+
+class _HeldDeltas:
+    """One request's deltas on their way out, held per `min_delta_interval`.
+
+    With no interval every delta goes at once. With one, the first goes at
+    once and later ones are merged while they come sooner than the interval
+    after the last one sent; a delta that comes later sends everything held.
+    No timer: a request's deltas come every engine step, so a hold lasts at
+    most the interval plus one step, and the end releases it (`release`).
+    """
+
+    __slots__ = ("_held", "_interval", "_last_sent", "_put")
+
+    def __init__(self, interval_s: float, put: Callable[[_Queued], None]) -> None:
+        self._interval = interval_s
+        self._put = put
+        self._held: engine_pb2.GenerationDelta | None = None
+        self._last_sent = -math.inf
+
+    def add(self, delta: engine_pb2.GenerationDelta) -> None:
+        if self._interval <= 0:
+            self._put(delta)
+            return
+        if self._held is None:
+            self._held = delta
+        else:
+            self._held.token_ids.extend(delta.token_ids)
+            self._held.text += delta.text
+            self._held.logprobs.extend(delta.logprobs)
+        now = time.monotonic()
+        if now - self._last_sent >= self._interval:
+            self._last_sent = now
+            self.release()
+
+    def release(self) -> None:
+        """Send whatever is held (before the request's end)."""
+        if self._held is not None:
+            self._put(self._held)
+            self._held = None
 
 
 class _GenerateStream:
@@ -209,17 +250,20 @@ class _GenerateStream:
         rid = start.request_id
         progress = RequestProgress()
         put = self._out.put_nowait
+        held = _HeldDeltas(start.min_delta_interval.ToNanoseconds() / 1e9, put)
         try:
             async for event in self._backend.generate(
                 start, engine_request_id=f"{self._prefix}-{rid}", progress=progress
             ):
                 if isinstance(event, engine_pb2.GenerationDelta):
-                    put(event)
+                    held.add(event)
                 else:
+                    held.release()
                     put(engine_pb2.GenerateResponse(done=event))
         except asyncio.CancelledError:
             # Cancelled by a cancel message, by drain, or because the stream ended;
             # the backend has aborted the request. The message is lost in the last case.
+            held.release()
             put(engine_pb2.GenerateResponse(done=self._cancelled_done(rid, progress)))
         except errors.TurnlogError as e:
             self._error(rid, e)

@@ -238,6 +238,7 @@ class StartGeneration(_message.Message):
     CHAT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
+    MIN_DELTA_INTERVAL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen id, unique among the stream's unfinished requests."""
     prompt_text: _builtins.str
@@ -256,6 +257,14 @@ class StartGeneration(_message.Message):
     def sampling(self) -> Global___SamplingParams:
         """How to sample."""
 
+    @_builtins.property
+    def min_delta_interval(self) -> _duration_pb2.Duration:
+        """For a client that does not need every token as it comes: the worker may
+        hold the request's output and send it in fewer, larger deltas, at most
+        about this often. The first delta and the end are never held. Unset or
+        zero: every delta as the engine produces it.
+        """
+
     def __init__(
         self,
         *,
@@ -265,10 +274,11 @@ class StartGeneration(_message.Message):
         chat: Global___ChatPrompt | None = ...,
         sampling: Global___SamplingParams | None = ...,
         skip_special_tokens: _builtins.bool | None = ...,
+        min_delta_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_skip_special_tokens", b"_skip_special_tokens", "chat", b"chat", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling", "skip_special_tokens", b"skip_special_tokens"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_skip_special_tokens", b"_skip_special_tokens", "chat", b"chat", "min_delta_interval", b"min_delta_interval", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling", "skip_special_tokens", b"skip_special_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_skip_special_tokens", b"_skip_special_tokens", "chat", b"chat", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "skip_special_tokens", b"skip_special_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_skip_special_tokens", b"_skip_special_tokens", "chat", b"chat", "min_delta_interval", b"min_delta_interval", "prompt", b"prompt", "prompt_text", b"prompt_text", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling", "skip_special_tokens", b"skip_special_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__skip_special_tokens: _TypeAlias = _typing.Literal["skip_special_tokens"]  # noqa: Y015
     _WhichOneofArgType__skip_special_tokens: _TypeAlias = _typing.Literal["_skip_special_tokens", b"_skip_special_tokens"]  # noqa: Y015
