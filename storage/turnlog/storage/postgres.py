@@ -102,7 +102,9 @@ _EVENT_COLUMNS = (
 
 _APPEND = _q(
     "SELECT first_version, last_version, positions, recorded_at"
-    " FROM {append_events}(%s, %s, %s::uuid[], %s::text[], %s::text[], %s::text[], %s)"
+    # %b: the arrays go in binary (length-prefixed elements), not as array
+    # literals that Python would quote and escape element by element.
+    " FROM {append_events}(%s, %s, %b::uuid[], %b::text[], %b::text[], %b::text[], %s)"
 )
 # The common case, one event, as one plain statement: the same checks and
 # hash as `append_events` without a plpgsql call (which costs more server CPU
@@ -483,12 +485,8 @@ class PostgresEventStore:
                 # Not at the expected version: a conflict or an idempotent
                 # retry, which the function's id lookup tells apart.
             lookup = check_ids or len(event_ids) == 1
-            # Binary parameters: arrays of text go as length-prefixed bytes,
-            # not quoted and escaped into array literals in Python.
             cursor = await conn.execute(
-                _APPEND,
-                (stream_id, expected_version, event_ids, types_, data, metadata, lookup),
-                binary=True,
+                _APPEND, (stream_id, expected_version, event_ids, types_, data, metadata, lookup)
             )
             return await cursor.fetchone()
 
