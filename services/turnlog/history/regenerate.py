@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from turnlog.conversation.application import (
     ConversationApplication,
@@ -200,7 +200,11 @@ async def _regenerate_turn(
         engine,
         tools=tools,
         guardrails=guardrails,
-        defaults=defaults or ServiceDefaults(client_tool_timeout_s=5.0),
+        # Every piece as the engine produces it, as when the turn was
+        # recorded: the text streamed before a block depends on it.
+        defaults=replace(
+            defaults or ServiceDefaults(client_tool_timeout_s=5.0), unwatched_delta_interval_s=0.0
+        ),
         instance="replay",
     )
     try:
