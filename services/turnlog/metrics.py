@@ -11,7 +11,6 @@ lists what is exported.
 
 - `load`: reading the conversation (its events, or the cached state) before
   a turn;
-- `claim`: taking the turn lock;
 - `request_guardrails`: the request guardrail stages;
 - `begin_append`: committing TurnStarted;
 - `first_token`: from sending StartGeneration to the first text delta;
@@ -44,7 +43,6 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 #: The stage label values the application uses (docstring above).
 STAGES = (
     "load",
-    "claim",
     "request_guardrails",
     "begin_append",
     "first_token",
@@ -64,7 +62,7 @@ STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 
 TURN_STAGE_SECONDS = Histogram(
     "turnlog_turn_stage_seconds",
-    "Seconds spent in each stage of a turn (stage: load, claim, request_guardrails, "
+    "Seconds spent in each stage of a turn (stage: load, request_guardrails, "
     "begin_append, first_token, generation, end_append, tools, turn)",
     ["stage"],
     buckets=STAGE_BUCKETS,

@@ -201,7 +201,6 @@ async def test_turns_move_the_turn_metrics(service: Service) -> None:
     assert 0 <= stages.pop("load") <= 4
     # The failed turn got no text delta: three first tokens, three generations.
     assert stages == {
-        "claim": 4,
         "request_guardrails": 4,
         "begin_append": 4,
         "first_token": 3,
@@ -213,7 +212,7 @@ async def test_turns_move_the_turn_metrics(service: Service) -> None:
     turn_seconds = moved(after, "turnlog_turn_stage_seconds_sum", stage="turn")
     parts = sum(
         moved(after, "turnlog_turn_stage_seconds_sum", stage=stage)
-        for stage in ("claim", "begin_append", "end_append")
+        for stage in ("request_guardrails", "begin_append", "end_append")
     )
     assert 0 < parts < turn_seconds
     assert value(after, "turnlog_turns_running") == 0

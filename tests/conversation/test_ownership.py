@@ -1,8 +1,8 @@
-"""Crash recovery with several replicas: turn locks (turnlog.conversation.ownership).
+"""Crash recovery with several replicas: liveness locks (turnlog.conversation.ownership).
 
 Two `ConversationApplication`s on one database play two replicas, each with
-its own lock connection; the scripted worker and store come from the
-fixtures in conftest.py.
+its own lock connection (named "a" and "b"); the scripted worker and store
+come from the fixtures in conftest.py.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ class Replicas:
         self.apps: list[ConversationApplication] = []
 
     async def start(self, name: str) -> ConversationApplication:
-        ownership = await TurnOwnership.open(self._url)
-        app = self._make(instance=name, ownership=ownership)
+        ownership = await TurnOwnership.open(self._url, name)
+        app = self._make(ownership=ownership)
         self.apps.append(app)
         return app
 
@@ -101,16 +101,6 @@ async def wait_open(app: ConversationApplication, cid: str) -> str:
     raise AssertionError("the turn never opened")
 
 
-async def released(app: ConversationApplication, cid: str) -> None:
-    """Waits until `app` has unlocked `cid` (right after its turn's end is recorded)."""
-    assert app.ownership is not None
-    for _ in range(100):
-        if not app.ownership.holds(cid):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the turn lock was never released")
-
-
 async def test_recovery_leaves_a_turn_a_live_replica_runs(replicas: Replicas) -> None:
     a = await replicas.start("a")
     b = await replicas.start("b")
@@ -125,34 +115,57 @@ async def test_recovery_leaves_a_turn_a_live_replica_runs(replicas: Replicas) ->
     state = await b.load(cid)
     assert state.open_turn is None
     assert state.turns[-1].status is TurnStatus.COMPLETED
-    # The lock went with the turn's end: B may now run the next turn.
-    assert a.ownership is not None
-    await released(a, cid)
+    # No lock to wait for: B runs the next turn at once.
     result = await b.send(TurnInput(conversation_id=cid, content="hi", request_id="t2"))
     assert result.ended.turn.status is TurnStatus.COMPLETED
 
 
-async def test_other_replica_cannot_start_a_turn_running_elsewhere(replicas: Replicas) -> None:
+async def test_racing_starts_on_two_replicas_start_one_turn(
+    replicas: Replicas, store: PostgresEventStore
+) -> None:
     a = await replicas.start("a")
     b = await replicas.start("b")
     cid = await new_conversation(a)
-    # A holds the lock, its TurnStarted not committed yet (the start window):
-    # the log alone would let B in; the lock does not.
-    assert a.ownership is not None
-    claim = await a.ownership.claim(cid)
-    assert claim is not None
-    with pytest.raises(errors.TurnInProgressError):
-        await b.start_turn(TurnInput(conversation_id=cid, content="hi", request_id="b1"))
-    # A's own next turn shares the lock it holds (a turn ending just now).
-    turn_id = await a.start_turn(TurnInput(conversation_id=cid, content=SLOW, request_id="a1"))
-    await a.ownership.release(claim)
+    await b.load(cid)  # both hold the same cached state: both try to append
+    outcomes = await asyncio.gather(
+        a.start_turn(TurnInput(conversation_id=cid, content=SLOW, request_id="a1")),
+        b.start_turn(TurnInput(conversation_id=cid, content=SLOW, request_id="b1")),
+        return_exceptions=True,
+    )
+    started = [o for o in outcomes if isinstance(o, str)]
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(started) == 1
+    assert len(refused) == 1
+    assert isinstance(refused[0], errors.TurnInProgressError)
+    # While it runs, the other replica fails fast too.
     with pytest.raises(errors.TurnInProgressError):
         await b.start_turn(TurnInput(conversation_id=cid, content="hi", request_id="b2"))
-    updates = [u async for u in a.watch(cid, turn_id)]
+    owner = a if outcomes[0] == started[0] else b
+    updates = [u async for u in owner.watch(cid, started[0])]
     assert updates[-1].is_last
-    await released(a, cid)
-    ok = await b.send(TurnInput(conversation_id=cid, content="hi", request_id="b3"))
-    assert ok.ended.turn.status is TurnStatus.COMPLETED
+    events = await store.read_stream(stream_id(cid))
+    assert [e.type for e in events].count("TurnStarted") == 1
+
+
+async def test_recovery_never_takes_a_turn_being_started_here(
+    replicas: Replicas, store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await replicas.start("a")
+    cid = await new_conversation(a)
+    append = store.append
+    recovered: list[list[tuple[str, str]]] = []
+
+    async def append_then_recover(stream: str, events: Any, **kwargs: Any) -> Any:
+        result = await append(stream, events, **kwargs)
+        if events[0].type == "TurnStarted":
+            # Committed, and the turn's task not made yet: still not an orphan.
+            recovered.append(await a.close_interrupted_turns())
+        return result
+
+    monkeypatch.setattr(store, "append", append_then_recover)
+    result = await a.send(TurnInput(conversation_id=cid, content="hi", request_id="t1"))
+    assert recovered == [[]]
+    assert result.ended.turn.status is TurnStatus.COMPLETED
 
 
 async def test_killed_lock_session_lets_periodic_recovery_take_over(
@@ -216,33 +229,43 @@ async def test_orphan_of_a_dead_replica_is_interrupted_and_its_end_conflicts(
             pass
     state = await b.load(cid)
     assert state.turns[-1].status is TurnStatus.INTERRUPTED
-    # A reconnects its lock session and works again (it lost the lock).
-    assert await a.ownership.check() == []
-    await released(a, cid)
+    # A reconnects its lock session (its lock had been lost) and works again.
+    assert await a.ownership.check() is True
     result = await a.send(TurnInput(conversation_id=cid, content="hi", request_id="t2"))
     assert result.ended.turn.status is TurnStatus.COMPLETED
 
 
-async def test_reconnect_retakes_locks_a_live_turn_still_holds(
-    replicas: Replicas, database_url: str
-) -> None:
+async def test_reconnect_retakes_the_replica_lock(replicas: Replicas, database_url: str) -> None:
     a = await replicas.start("a")
     b = await replicas.start("b")
-    cid = await new_conversation(a)
     assert a.ownership is not None
-    claim = await a.ownership.claim(cid)
-    assert claim is not None
+    assert b.ownership is not None
+    assert await b.ownership.claim_orphan("a") is None  # A is alive
     with psycopg.connect(database_url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (a.ownership.backend_pid,))
     await asyncio.sleep(0.2)
-    assert await a.ownership.check() == []  # reconnected, lock re-taken
-    assert a.ownership.holds(cid)
-    assert b.ownership is not None
-    assert await b.ownership.claim(cid) is None
-    await a.ownership.release(claim)
-    other = await b.ownership.claim(cid)
-    assert other is not None
-    await b.ownership.release(other)
+    # A is gone as far as the database knows: B may take its lock...
+    gone = await b.ownership.claim_orphan("a")
+    assert gone is not None
+    await b.ownership.release(gone)
+    # ...until A notices, reconnects and takes it again.
+    assert await a.ownership.check() is True
+    assert await a.ownership.check() is False
+    assert await b.ownership.claim_orphan("a") is None
+    # Its own turns are the replica's to judge (it knows what runs here).
+    own = await a.ownership.claim_orphan("a")
+    assert own is not None
+    await a.ownership.release(own)
+
+
+async def test_one_instance_name_one_live_replica(database_url: str) -> None:
+    async with await TurnOwnership.open(database_url, "same") as first:
+        with pytest.raises(errors.AlreadyExistsError):
+            await TurnOwnership.open(database_url, "same", take_timeout=0.3)
+        assert first.backend_pid is not None
+    # Once the first is gone, the name is free again.
+    async with await TurnOwnership.open(database_url, "same", take_timeout=0.3):
+        pass
 
 
 async def test_recovery_is_one_query_over_many_closed_turns(
@@ -258,8 +281,8 @@ async def test_recovery_is_one_query_over_many_closed_turns(
                 for cid in cids
             )
         )
-    # One orphan: a TurnStarted that no process runs; A's lock session still
-    # holds the conversation (A is alive, say, just about to run it).
+    # One orphan: a TurnStarted of A that no task runs (A is alive, say, and
+    # lost the task); only A's own recovery may close it while A lives.
     victim = cids[2]
     version = (await a.load(victim)).version
     started = ev.TurnStarted(turn_id="orphan", request_id="orphan", started_at_us=1)
@@ -268,9 +291,6 @@ async def test_recovery_is_one_query_over_many_closed_turns(
         [a._new_event("22222222-2222-2222-2222-222222222222", started)],
         expected_version=version,
     )
-    assert a.ownership is not None
-    held = await a.ownership.claim(victim)
-    assert held is not None
 
     calls: list[Any] = []
     original_latest = store.latest_events_of_types
@@ -286,8 +306,9 @@ async def test_recovery_is_one_query_over_many_closed_turns(
     monkeypatch.setattr(store, "read_all", no_scan)
     monkeypatch.setattr(store, "subscribe_all", no_scan)
     monkeypatch.setattr(store, "latest_events_of_types", latest)
-    assert await b.close_interrupted_turns() == []  # A holds it: left alone
-    await a.ownership.release(held)  # A lets go (or dies)
+    assert await b.close_interrupted_turns() == []  # A is alive: left alone
+    assert a.ownership is not None
+    await a.ownership.close()  # A dies
     assert await b.close_interrupted_turns() == [(victim, "orphan")]
     # The query returned the one open conversation, not 20 closed turns.
     assert calls == [[stream_id(victim)], [stream_id(victim)]]
@@ -298,8 +319,25 @@ async def test_recovery_is_one_query_over_many_closed_turns(
     assert (await store.verify(stream_id(victim))).ok
 
 
+async def test_a_replica_closes_its_own_orphans(
+    replicas: Replicas, store: PostgresEventStore
+) -> None:
+    a = await replicas.start("a")
+    b = await replicas.start("b")
+    cid = await new_conversation(a)
+    version = (await a.load(cid)).version
+    started = ev.TurnStarted(turn_id="lost", request_id="lost", started_at_us=1)
+    await store.append(
+        stream_id(cid),
+        [a._new_event("33333333-3333-3333-3333-333333333333", started)],
+        expected_version=version,
+    )
+    assert await b.close_interrupted_turns() == []  # A's, and A is alive
+    assert await a.close_interrupted_turns() == [(cid, "lost")]  # not running in A
+
+
 def test_lock_key_is_stable_and_namespaced() -> None:
     assert lock_key("abc") == lock_key("abc")
     assert lock_key("abc") != lock_key("abd")
     assert -(2**31) <= lock_key("abc") < 2**31
-    assert LOCK_CLASS_ID == 0x746C
+    assert LOCK_CLASS_ID == 0x7472

@@ -316,10 +316,11 @@ class ConversationApplication:
         guardrails: Guardrail profiles.
         defaults: Service defaults.
         clock: Microseconds since the Unix epoch; injected for tests.
-        instance: This process's name, recorded as the actor of its events.
-        ownership: This replica's turn locks (`TurnOwnership`), required when
-            several replicas share the log; None means this process is the
-            only one (recovery then closes every open turn it does not run).
+        instance: This process's name, recorded as the actor of its events
+            (with `ownership`, its instance name).
+        ownership: This replica's liveness lock (`TurnOwnership`), required
+            when several replicas share the log; None means this process is
+            the only one (recovery then closes every open turn it does not run).
     """
 
     def __init__(
@@ -337,14 +338,20 @@ class ConversationApplication:
         self.store = store
         self.ownership = ownership
         self._recovery_task: asyncio.Task[None] | None = None
-        self._releases: set[asyncio.Task[None]] = set()
         self.engine = engine
         self.tools = tools or ToolRegistry()
         self.guardrails = guardrails or default_registry()
         self.defaults = defaults or ServiceDefaults()
         self.clock = clock
-        self.instance = instance or f"serve-{uuid.uuid4().hex[:8]}"
+        if ownership is not None and instance and instance != ownership.instance:
+            raise ValueError("instance differs from the ownership's instance")
+        self.instance = (
+            ownership.instance if ownership is not None else instance
+        ) or f"serve-{uuid.uuid4().hex[:8]}"
         self._running: dict[str, _RunningTurn] = {}
+        #: Turns whose `TurnStarted` is being appended here (not yet in
+        #: `_running`): recovery must not take them for orphans.
+        self._starting: set[str] = set()
         self._index: dict[str, ConversationSummary] = {}
         self._fork_heads: dict[str, ev.ConversationForked] = {}
         self._index_position: Position = START_POSITION
@@ -627,9 +634,10 @@ class ConversationApplication:
         Open turns come from one query (`latest_events_of_types`: per
         conversation, its latest `TurnStarted`/terminal event, kept when it is
         a start), not from a scan of the log in Python. With `ownership`, a
-        turn is closed only after its conversation's lock was taken, i.e.
-        when no live replica (this one included) holds it; the append names
-        the version just loaded, so a turn that moved on meanwhile is skipped.
+        turn is closed only when the replica that started it (its
+        `TurnStarted`'s actor) is gone: its lock was taken; or is this one and
+        does not run it. The append names the version just loaded, so a turn
+        that moved on meanwhile is skipped.
         Without `ownership`, every open turn not running in this process is
         closed (correct for a single replica only). Safe to run at any time,
         concurrently on several replicas.
@@ -647,17 +655,22 @@ class ConversationApplication:
         closed: list[tuple[str, str]] = []
         for recorded in candidates:
             turn_id = str(recorded.data["turn_id"])
-            if turn_id in self._running:
+            if turn_id in self._running or turn_id in self._starting:
                 continue  # running here, alive
             cid = recorded.stream_id.removeprefix(STREAM_PREFIX)
-            claim = await self._claim(cid, orphan=True)
-            if claim is None:
-                continue  # a live replica owns it (or is recovering it)
+            claim: Claim | None = None
+            if self.ownership is not None:
+                # The replica that started it is gone (its lock is free), or
+                # is this one (and the turn does not run here).
+                claim = await self.ownership.claim_orphan(recorded.metadata.actor or "")
+                if claim is None:
+                    continue  # its replica is alive (or being recovered elsewhere)
             try:
                 if await self._interrupt(cid, turn_id):
                     closed.append((cid, turn_id))
             finally:
-                await self._release(claim)
+                if claim is not None and self.ownership is not None:
+                    await self.ownership.release(claim)
         return closed
 
     async def _interrupt(self, cid: str, turn_id: str) -> bool:
@@ -692,10 +705,11 @@ class ConversationApplication:
         while True:
             await asyncio.sleep(interval_s * random.uniform(1 - jitter, 1 + jitter))
             try:
-                if self.ownership is not None:
-                    lost = await self.ownership.check()
-                    if lost:
-                        log.warning("turn locks lost to other replicas: %s", ", ".join(lost))
+                if self.ownership is not None and await self.ownership.check():
+                    log.warning(
+                        "the replica lock was lost for a while: other replicas may have "
+                        "closed this replica's open turns"
+                    )
                 closed = await self.close_interrupted_turns()
                 if closed:
                     log.warning("closed %d interrupted turn(s)", len(closed))
@@ -703,17 +717,6 @@ class ConversationApplication:
                 log.warning("turn recovery failed (%s); retrying next round", e)
             except Exception:
                 log.exception("turn recovery failed; retrying next round")
-
-    async def _claim(self, cid: str, *, orphan: bool = False) -> Claim | None:
-        if self.ownership is None:
-            return Claim(cid, None)
-        if orphan:
-            return await self.ownership.claim_orphan(cid)
-        return await self.ownership.claim(cid)
-
-    async def _release(self, claim: Claim) -> None:
-        if self.ownership is not None:
-            await self.ownership.release(claim)
 
     # -- turns ---------------------------------------------------------------------
 
@@ -853,35 +856,22 @@ class ConversationApplication:
         return run
 
     async def _begin(self, run: _TurnRecorder) -> str:
-        """Take the turn lock, record the turn's start, and run it in a task.
+        """Record the turn's start and run it in a task.
 
-        The lock is given back when the turn's end is recorded; if the start
-        fails, at once (and the prestarted engine request is cancelled).
+        No lock: the `TurnStarted` append names the version it expects, so of
+        two starts racing (on any replicas) one wins and the other reloads.
+        If the start fails, the prestarted engine request is cancelled.
         """
-        cid, turn_id = run.cid, run.turn_id
-        try:
-            # The lock before the claim in the log: a live replica holds it for
-            # as long as the log shows its turn open, so no recovery closes it.
-            with metrics.stage_timer("claim"):
-                claim = await self._claim(cid)
-        except BaseException:
-            await asyncio.shield(run.abandon())
-            raise
-        if claim is None:
-            await run.abandon()
-            # Another replica runs (or is just starting, ending or
-            # recovering) a turn of this conversation.
-            raise errors.TurnInProgressError(
-                "a turn of this conversation is running on another server",
-                metadata={"conversation": cid},
-            )
+        turn_id = run.turn_id
+        self._starting.add(turn_id)
         try:
             with metrics.stage_timer("begin_append"):
                 await run.flush(live=False, kind="begin")
         except BaseException:
             await asyncio.shield(run.abandon())
-            await asyncio.shield(self._release(claim))
             raise
+        finally:
+            self._starting.discard(turn_id)
         live = run.live
         self._running[turn_id] = live
         run.publish_pending()
@@ -890,22 +880,10 @@ class ConversationApplication:
             metrics.TURNS_RUNNING.inc()
             live.task.add_done_callback(lambda _: self._running.pop(turn_id, None))
             live.task.add_done_callback(lambda _: metrics.TURNS_RUNNING.dec())
-            # The lock is given back only after the turn's end is recorded (or
-            # could not be: then recovery closes it once the lock is free);
-            # a done callback also covers a task cancelled before it started.
-            live.task.add_done_callback(lambda _: self._release_later(claim))
         else:
             self._running.pop(turn_id, None)
             run.count_end()
-            await self._release(claim)
         return turn_id
-
-    def _release_later(self, claim: Claim) -> None:
-        if self.ownership is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._release(claim))
-        self._releases.add(task)  # keep a reference until it is done
-        task.add_done_callback(self._releases.discard)
 
     async def watch(
         self, conversation_id: str, turn_id: str, *, after_sequence: int = 0
@@ -992,7 +970,6 @@ class ConversationApplication:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*self._releases, return_exceptions=True)
 
     # -- helpers ---------------------------------------------------------------------
 

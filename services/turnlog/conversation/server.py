@@ -13,6 +13,8 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -110,9 +112,13 @@ async def run_server(
                 "no --worker or --spawn-worker given: conversations can be managed, "
                 "turns fail UNAVAILABLE"
             )
-        # Turn locks on a connection of their own: other replicas may share
-        # this log, and only turns whose replica is gone may be closed.
-        ownership = await TurnOwnership.open(opened.conninfo)
+        # This replica's liveness lock, on a connection of its own: other
+        # replicas may share this log, and only the open turns of a replica
+        # that is gone may be closed. A fresh name per process: a restart's
+        # turns left open are those of a gone replica.
+        ownership = await TurnOwnership.open(
+            opened.conninfo, f"serve-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        )
         stack.push_async_callback(ownership.close)
         app = ConversationApplication(
             opened.store, engine, tools=builtin_tools(wall_clock_us), ownership=ownership
