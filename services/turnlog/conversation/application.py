@@ -18,10 +18,14 @@ Contracts (docs/conversation.md has the reasons):
   optimistic-concurrency append of `TurnStarted`, so it holds across replicas.
 - **Commits.** A turn without tools is two appends: [TurnStarted, the user
   message, request decisions] and [GenerationStarted, streamed text,
-  GenerationCompleted, response decisions, TurnCompleted]. Streamed text is
-  also flushed every `text_flush_interval_s` while a generation runs, and
-  before a client-side tool is awaited, so that resumes on other replicas
-  see it.
+  GenerationCompleted, response decisions, TurnCompleted]. The text of a
+  turn a client streams is also flushed every `text_flush_interval_s` while
+  a generation runs, and before a client-side tool is awaited, so that
+  resumes on other replicas see it; a `SendMessage` turn's is not (nobody
+  has seen it before the end).
+- **Start.** A start trusts this process's cached state (no read; a stale
+  one costs a version conflict and a retry), and sends the first engine
+  request before `TurnStarted` commits; nothing is read from it before.
 - **Turns outlive their callers.** A turn runs in a task owned by this
   object; a caller that disconnects (or whose deadline passes) stops
   watching, and the turn still completes; a retry with the same request id
