@@ -50,7 +50,14 @@ an embedded PostgreSQL (unless --dsn), `turnlog worker`, `turnlog serve
    `turnlog_turn_appends_total` (per kind) over all of them say where the
    service's time per turn goes (docs/metrics.md): mean ms per observation
    (per turn; per generation for first_token and generation, per tool round
-   for tools), ms per turn, and commits per turn.
+   for tools), ms per turn, and commits per turn. The direct side's own
+   first-token and generation times (at the client) are printed beside them.
+   CPU: each side's runs are bracketed by readings of the CPU time (user +
+   system, psutil) of every process tree: vLLM's HTTP server, the worker, the
+   service (each with its children), PostgreSQL (embedded only) and this
+   process; printed as CPU ms per 1,000 output tokens of that side
+   (`vllm_cpu_ms_per_1k_tokens`). On a machine with few cores, CPU spent
+   beside the engine core slows it, so this says what each path costs.
 
 Usage:
     python bench/turns.py [--json out.json] [--dsn URL] [--levels 1 16 64] [--no-vllm]
