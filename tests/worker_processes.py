@@ -8,6 +8,7 @@ vLLM's and torch's import-time warnings stay out of the test process
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 WORKER_ENV = {
@@ -117,3 +119,16 @@ class WorkerProcess(TurnlogProcess):
             self.args[self.args.index("127.0.0.1:0")] = self.target
             self.ready = re.compile(f"serving on port {self.port}")
         return self
+
+
+def start_scripted_worker(
+    script: dict[str, Any], folder: Path, *, name: str = "worker", grace_s: float = 1
+) -> WorkerProcess:
+    """A `turnlog worker --backend scripted` subprocess replying per `script`, started."""
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(script))
+    worker = WorkerProcess(
+        ["--backend", "scripted", "--script", str(path), "--grace", str(grace_s)],
+        folder / f"{name}.log",
+    )
+    return worker.start(timeout_s=30)

@@ -5,16 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import grpc
 import pytest
+from conversation_helpers import ScriptedWorker, scripted_worker_server
 
 from turnlog.conversation.application import ConversationApplication, ServiceDefaults
 from turnlog.conversation.tools import builtin_tools
-from turnlog.engine.v1 import engine_pb2_grpc
 from turnlog.storage import PostgresEventStore
 from turnlog.worker.client import EngineClient
-from turnlog.worker.scripted import Script, ScriptedEngine
-from turnlog.worker.service import EngineServicer
 
 FIXED_NOW_US = 1_700_000_000_000_000
 
@@ -46,24 +43,10 @@ SCRIPT: dict[str, Any] = {
 }
 
 
-class ScriptedWorker:
-    """An in-process scripted EngineService on loopback."""
-
-    def __init__(self, server: grpc.aio.Server, port: int) -> None:
-        self.server = server
-        self.target = f"127.0.0.1:{port}"
-
-
 @pytest.fixture
 async def worker() -> AsyncIterator[ScriptedWorker]:
-    server = grpc.aio.server()
-    engine_pb2_grpc.add_EngineServiceServicer_to_server(
-        EngineServicer(ScriptedEngine(Script.from_json(SCRIPT))), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield ScriptedWorker(server, port)
-    await server.stop(0)
+    async with scripted_worker_server(SCRIPT) as started:
+        yield started
 
 
 @pytest.fixture

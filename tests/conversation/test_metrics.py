@@ -7,7 +7,6 @@ endpoint is scraped over HTTP before and after turns sent over gRPC.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -21,7 +20,7 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
-from worker_processes import TurnlogProcess, WorkerProcess
+from worker_processes import TurnlogProcess, WorkerProcess, start_scripted_worker
 
 from turnlog.cli import main
 from turnlog.config import Settings
@@ -82,13 +81,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 @pytest.fixture
 def scripted_worker(tmp_path: Path) -> Iterator[WorkerProcess]:
-    script = tmp_path / "script.json"
-    script.write_text(json.dumps(SCRIPT))
-    worker = WorkerProcess(
-        ["--backend", "scripted", "--script", str(script), "--grace", "1"],
-        tmp_path / "worker.log",
-    )
-    worker.start(timeout_s=30)
+    worker = start_scripted_worker(SCRIPT, tmp_path)
     yield worker
     worker.kill()
 

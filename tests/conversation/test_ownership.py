@@ -11,9 +11,9 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import grpc
 import psycopg
 import pytest
+from conversation_helpers import ScriptedWorker, scripted_worker_server
 
 from turnlog import errors
 from turnlog.conversation.application import (
@@ -25,37 +25,23 @@ from turnlog.conversation.application import (
 from turnlog.conversation.ownership import LOCK_CLASS_ID, TurnOwnership, lock_key
 from turnlog.domain import events as ev
 from turnlog.domain.state import TurnStatus
-from turnlog.engine.v1 import engine_pb2_grpc
 from turnlog.storage import PostgresEventStore
-from turnlog.worker.scripted import Script, ScriptedEngine
-from turnlog.worker.service import EngineServicer
 
 pytestmark = pytest.mark.timeout(60)
 
 SLOW = "take a while"  # this module's worker streams the reply for ~1 s
 
 
-class _Worker:
-    def __init__(self, port: int) -> None:
-        self.target = f"127.0.0.1:{port}"
-
-
 @pytest.fixture
-async def worker() -> AsyncIterator[_Worker]:
+async def worker() -> AsyncIterator[ScriptedWorker]:
     """Overrides conftest's scripted worker: one reply slow enough to overlap, but short."""
     script = {
         "model": "scripted-test",
         "replies": [{"match": SLOW, "text": "tick " * 5, "token_delay_ms": 40}],
         "default": {"text": "Hello there."},
     }
-    server = grpc.aio.server()
-    engine_pb2_grpc.add_EngineServiceServicer_to_server(
-        EngineServicer(ScriptedEngine(Script.from_json(script))), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield _Worker(port)
-    await server.stop(0)
+    async with scripted_worker_server(script) as started:
+        yield started
 
 
 class Replicas:

@@ -9,7 +9,6 @@ takes a new turn.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
-from worker_processes import TurnlogProcess, WorkerProcess
+from worker_processes import TurnlogProcess, WorkerProcess, start_scripted_worker
 
 from turnlog.conversation.application import stream_id
 from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
@@ -61,13 +60,7 @@ class ServiceProcess(TurnlogProcess):
 
 @pytest.fixture
 def slow_worker(tmp_path: Path) -> Iterator[WorkerProcess]:
-    script = tmp_path / "slow.json"
-    script.write_text(json.dumps(SLOW_SCRIPT))
-    worker = WorkerProcess(
-        ["--backend", "scripted", "--script", str(script), "--grace", "1"],
-        tmp_path / "worker.log",
-    )
-    worker.start(timeout_s=30)
+    worker = start_scripted_worker(SLOW_SCRIPT, tmp_path)
     yield worker
     worker.kill()
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+from conversation_helpers import ScriptedWorker, scripted_worker_server
 
 from turnlog import errors
 from turnlog.conversation.application import (
@@ -24,8 +25,6 @@ from turnlog.conversation.application import (
 from turnlog.domain.state import TurnStatus
 from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
 from turnlog.storage import PostgresEventStore
-from turnlog.worker.scripted import Script, ScriptedEngine
-from turnlog.worker.service import EngineServicer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,13 +32,8 @@ MEDIUM = "tell a medium story"  # ~0.8 s of streaming: longer than the 0.25 s fl
 LONG = "tell a long story"  # ~3 s of streaming
 
 
-class _Worker:
-    def __init__(self, port: int) -> None:
-        self.target = f"127.0.0.1:{port}"
-
-
 @pytest.fixture
-async def worker() -> AsyncIterator[_Worker]:
+async def worker() -> AsyncIterator[ScriptedWorker]:
     """Overrides conftest's scripted worker with slow replies."""
     script = {
         "model": "scripted-test",
@@ -49,18 +43,12 @@ async def worker() -> AsyncIterator[_Worker]:
         ],
         "default": {"text": "Hello there."},
     }
-    server = grpc.aio.server()
-    engine_pb2_grpc.add_EngineServiceServicer_to_server(
-        EngineServicer(ScriptedEngine(Script.from_json(script))), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield _Worker(port)
-    await server.stop(0)
+    async with scripted_worker_server(script) as started:
+        yield started
 
 
 @pytest.fixture
-async def engine_load(worker: _Worker) -> AsyncIterator[Callable[[], Any]]:
+async def engine_load(worker: ScriptedWorker) -> AsyncIterator[Callable[[], Any]]:
     """Requests running (or waiting) in the worker, from its GetLoad."""
     async with grpc.aio.insecure_channel(worker.target) as channel:
         stub = engine_pb2_grpc.EngineServiceStub(channel)
