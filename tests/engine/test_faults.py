@@ -89,7 +89,10 @@ async def test_retry_before_first_token_goes_to_another_worker(make_scripted_wor
         assert text == "from the healthy worker"
 
 
-async def test_no_retry_after_the_first_token(make_scripted_worker: Any) -> None:
+@pytest.mark.parametrize("held_ms", [0, 10_000])
+async def test_no_retry_after_the_first_token(make_scripted_worker: Any, held_ms: int) -> None:
+    """A late failure ends the request; what was generated before it arrives first,
+    held deltas (`min_delta_interval`) included."""
     worker = make_scripted_worker(
         {
             "default": {
@@ -103,7 +106,9 @@ async def test_no_retry_after_the_first_token(make_scripted_worker: Any) -> None
         seen: list[int] = []
 
         async def consume() -> None:
-            async for event in client.generate(pb.StartGeneration(prompt_text="hi")):
+            start = pb.StartGeneration(prompt_text="hi")
+            start.min_delta_interval.FromMilliseconds(held_ms)
+            async for event in client.generate(start):
                 seen.extend(event.token_ids if isinstance(event, pb.GenerationDelta) else [])
 
         with pytest.raises(errors.EngineUnavailableError):

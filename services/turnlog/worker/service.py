@@ -266,9 +266,11 @@ class _GenerateStream:
             held.release()
             put(engine_pb2.GenerateResponse(done=self._cancelled_done(rid, progress)))
         except errors.TurnlogError as e:
+            held.release()  # what was generated before the failure comes first
             self._error(rid, e)
         except Exception as e:
             log.exception("request %s failed in the engine", rid)
+            held.release()
             self._error(rid, e)
         finally:
             self._tasks.pop(rid, None)
