@@ -458,6 +458,13 @@ class CpuMeter:
             out[name] = total
         return out
 
+    async def run(self, side: str, work: Awaitable[Run]) -> Run:
+        """Awaits `work` (one run of `side`) between two readings; adds its CPU."""
+        before = self.read()
+        run = await work
+        self.add(side, before, self.read(), run.tokens)
+        return run
+
     def add(
         self, side: str, before: dict[str, float], after: dict[str, float], tokens: int
     ) -> None:
@@ -677,6 +684,7 @@ async def phase_vllm(
                 seeded=args.temperature > 0,
             )
             vhttp = VllmHttp(session, url, args.max_tokens, args.temperature)
+            turns = args.vllm_turns
             for c in args.vllm_concurrency:
                 n = 2 * c
                 runs: dict[str, list[Run]] = {"vllm_http": [], "worker_direct": []}
@@ -698,24 +706,18 @@ async def phase_vllm(
                     for side in order[rep % 3 :] + order[: rep % 3]:
                         if side == "http":
                             vhttp.reset(n)
-                            before = cpu.read()
-                            run = await drive(vhttp.send, n, args.vllm_turns, c)
-                            cpu.add("vllm_http", before, cpu.read(), run.tokens)
+                            run = await cpu.run("vllm_http", drive(vhttp.send, n, turns, c))
                             runs["vllm_http"].append(run)
                             continue
                         if side == "direct":
                             direct.reset(n)
-                            before = cpu.read()
-                            run = await drive(direct.send, n, args.vllm_turns, c)
-                            cpu.add("worker_direct", before, cpu.read(), run.tokens)
+                            run = await cpu.run("worker_direct", drive(direct.send, n, turns, c))
                             runs["worker_direct"].append(run)
                             continue
                         for p in args.vllm_profiles:
                             await svc.prepare(n, p)
                             scraped = await asyncio.to_thread(scrape_service, metrics_url)
-                            before = cpu.read()
-                            run = await drive(svc.send, n, args.vllm_turns, c)
-                            cpu.add(f"service_{p}", before, cpu.read(), run.tokens)
+                            run = await cpu.run(f"service_{p}", drive(svc.send, n, turns, c))
                             runs[f"service_{p}"].append(run)
                             stages.add(
                                 scraped,
