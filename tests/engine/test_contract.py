@@ -90,8 +90,12 @@ async def test_min_delta_interval_sends_the_same_output_in_fewer_deltas(
     assert [t for d in held for t in d.token_ids] == ids
     assert "".join(d.text for d in held) == "".join(d.text for d in every)
     assert held_done.usage.completion_tokens == done.usage.completion_tokens == 120
-    # The first delta is never held; later ones are merged up to the interval.
-    assert list(held[0].token_ids) == list(every[0].token_ids)
+    # The first delta is never held (holding it for the 100 ms interval would
+    # gather 20+ tokens here); later ones are merged up to the interval. What
+    # the engine hands over first can itself be one token or a few, by timing.
+    first = list(held[0].token_ids)
+    assert first == ids[: len(first)]
+    assert 1 <= len(first) < 8
     assert len(every) >= 60
     assert len(held) < len(every) / 3
 
