@@ -13,11 +13,11 @@ from turnlog.conversation.application import (
     ListQuery,
     TurnInput,
     TurnOptions,
-    stream_id,
 )
 from turnlog.conversation.projection import TextPiece, ToolCallPiece, ToolStarted, TurnEnded
 from turnlog.domain import events as ev
 from turnlog.domain.state import TurnStatus
+from turnlog.eventlog import stream_id
 from turnlog.storage import PostgresEventStore
 
 
