@@ -317,7 +317,10 @@ class ConversationApplication:
         """
         arrived = time.perf_counter()
         request_id = command.request_id or str(uuid.uuid4())
-        return await self._start(command, request_id, arrived, streamed)
+        # A concurrent send of the same request waits for this one's start,
+        # then finds its turn like any retry: one engine request.
+        async with self._turns.one_start(command.conversation_id, request_id):
+            return await self._start(command, request_id, arrived, streamed)
 
     async def _start(
         self, command: TurnInput, request_id: str, arrived: float, streamed: bool

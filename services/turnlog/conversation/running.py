@@ -10,6 +10,8 @@ client-tool results find their turn through it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from turnlog import errors, metrics
 from turnlog.conversation.turn import RunningTurn, TurnRunner
@@ -24,6 +26,8 @@ class RunningTurns:
         #: Turns whose `TurnStarted` is being appended here (not yet in
         #: `turns`): recovery must not take them for orphans.
         self._starting: set[str] = set()
+        #: Starts in progress by (conversation, request id).
+        self._requests: dict[tuple[str, str], asyncio.Event] = {}
 
     def get(self, conversation_id: str, turn_id: str) -> RunningTurn | None:
         """The turn if it runs here (and belongs to that conversation)."""
@@ -33,6 +37,24 @@ class RunningTurns:
     def is_live(self, turn_id: str) -> bool:
         """Whether the turn runs here, or its start is being recorded here."""
         return turn_id in self.turns or turn_id in self._starting
+
+    @contextlib.asynccontextmanager
+    async def one_start(self, conversation_id: str, request_id: str) -> AsyncIterator[None]:
+        """Holds the only start of this request id here; a second waits until the first is done.
+
+        The waiter then decides like any retry (and finds the first's turn
+        without a read when it started: the cached state has it), so
+        concurrent sends of one request send one engine request.
+        """
+        key = (conversation_id, request_id)
+        while (other := self._requests.get(key)) is not None:
+            await other.wait()
+        self._requests[key] = done = asyncio.Event()
+        try:
+            yield
+        finally:
+            del self._requests[key]
+            done.set()
 
     async def begin(self, run: TurnRunner) -> None:
         """Record the turn's start and run it in a task of its own.
