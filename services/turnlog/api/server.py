@@ -23,13 +23,13 @@ from grpc_reflection.v1alpha import reflection
 from turnlog.api.servicer import ConversationServicer
 from turnlog.config import Settings
 from turnlog.conversation.application import ConversationApplication
-from turnlog.conversation.local_worker import spawned_worker
 from turnlog.conversation.tools import builtin_tools
 from turnlog.eventlog import wall_clock_us
 from turnlog.metrics import start_metrics_server
 from turnlog.storage import PostgresReplicaLock, open_event_store
 from turnlog.v1 import conversation_service_pb2, conversation_service_pb2_grpc
 from turnlog.worker.client import EngineClient
+from turnlog.worker.spawn import spawned_worker
 
 log = logging.getLogger(__name__)
 

@@ -670,13 +670,13 @@ async def _regenerate(
     args: argparse.Namespace, events: list[Any], history: HistoryService | None
 ) -> int:
 
-    from turnlog.conversation.local_worker import spawned_worker
     from turnlog.conversation.tools import builtin_tools
     from turnlog.eventlog import wall_clock_us
     from turnlog.guardrails.registry import default_registry
     from turnlog.history.regenerate import ForkTarget, regenerate, render_report
     from turnlog.history.transcript import build_transcript
     from turnlog.worker.client import EngineClient
+    from turnlog.worker.spawn import spawned_worker
 
     turns = len(build_transcript(events, at=args.at).turns)
     async with contextlib.AsyncExitStack() as stack:
