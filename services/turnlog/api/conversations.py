@@ -272,8 +272,6 @@ class ConversationRpcs:
             with contextlib.suppress(BaseException):
                 await reader
 
-    # -- history ---------------------------------------------------------------
-
 
 def _report(
     task: asyncio.Task[None], out: asyncio.Queue[spb.ConverseResponse | BaseException | None]

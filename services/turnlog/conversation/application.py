@@ -1,33 +1,29 @@
 """The conversation application: commands and reads over the event log.
 
 No gRPC here (`turnlog.api` adapts this class to the public API), and no
-store calls either: the application decides, its collaborators do the rest:
-
-- `repository` loads and records conversations (state cache, snapshots);
-- `turn` runs one turn (guardrails, generations, tools) and decides when
-  its events are written; `engine_io` speaks to the engine for it;
-- `listing` is the list read model, `recovery` closes interrupted turns.
+store calls either. The application decides; its collaborators do the rest:
+`repository` loads and records conversations (state cache, snapshots);
+`turn` runs one turn and decides when its events are written (`engine_io`
+speaks to the worker for it); `running` holds this process's turns;
+`listing` is the list read model; `recovery` closes interrupted turns.
 
 Contracts (docs/conversation.md has the reasons):
 
-- **Idempotency.** A create's conversation id and every event id of a turn
-  are derived from the client's `request_id` (uuid5), and a send first looks
-  the request id up in the conversation's turns: a retried create returns the
-  same conversation, a retried send watches (or returns) the same turn and
-  never generates twice. Concurrent sends of one request id in this process
-  start one turn (the others wait for that start, then watch it); across
-  replicas the `TurnStarted` append decides, and the loser's engine request
-  is cancelled before it is read.
+- **Idempotency.** Ids derive from the client's `request_id` (uuid5): a
+  retried create returns the same conversation; a send first looks the
+  request id up in the conversation's turns, so a retry watches (or returns)
+  the same turn and never generates twice. Concurrent sends of one request
+  id in a process start one turn; across replicas the `TurnStarted` append
+  decides, and the loser's engine request is cancelled unread.
 - **One turn at a time, fail-fast.** A send while a turn is open fails with
-  `TurnInProgressError` (FAILED_PRECONDITION, retryable); the claim is the
-  optimistic-concurrency append of `TurnStarted`, so it holds across replicas.
+  `TurnInProgressError`; the claim is the optimistic-concurrency append of
+  `TurnStarted`, so it holds across replicas.
 - **Start.** A start trusts this process's cached state (no read; a stale
   one costs a version conflict and a retry), and sends the first engine
   request before `TurnStarted` commits; nothing is read from it before.
-- **Turns outlive their callers.** A turn runs in a task owned by this
-  object; a caller that disconnects (or whose deadline passes) stops
-  watching, and the turn still completes; a retry with the same request id
-  returns it. Only `cancel_turn` (or shutdown) cancels a turn.
+- **Turns outlive their callers.** A turn runs in a task of its own; a
+  caller that disconnects stops watching, and a retry with the same request
+  id returns the turn. Only `cancel_turn` (or shutdown) cancels a turn.
 """
 
 from __future__ import annotations
@@ -185,7 +181,7 @@ class ConversationApplication:
         GuardrailPipeline.for_profile(
             command.guardrail_profile or self.defaults.guardrail_profile, self.guardrails
         )
-        tools = tuple(self._complete_tool(t) for t in command.tools)
+        tools = tuple(self.tools.complete(t) for t in command.tools)
         created = ev.ConversationCreated(
             conversation_id=conversation_id,
             created_at_us=self.clock(),
@@ -215,26 +211,6 @@ class ConversationApplication:
                 metadata={"conversation": conversation_id},
             ) from e
         return state
-
-    def _complete_tool(self, tool: ev.ToolDefinition) -> ev.ToolDefinition:
-        if tool.client_side:
-            return tool
-        server_tool = self.tools.get(tool.name)
-        if server_tool is None:
-            raise errors.InvalidArgumentError(
-                f"no server-side tool named {tool.name!r}; mark client tools client_side",
-                metadata={"tool": tool.name},
-            )
-        known = server_tool.definition
-        return ev.ToolDefinition(
-            name=tool.name,
-            description=tool.description or known.description,
-            parameters_json_schema=(
-                tool.parameters_json_schema
-                if tool.parameters_json_schema not in ("", "{}")
-                else known.parameters_json_schema
-            ),
-        )
 
     async def archive(
         self, conversation_id: str, *, expected_version: int | None = None
