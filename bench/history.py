@@ -75,17 +75,12 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import namedtuple_row
 
-from turnlog.conversation.application import (
-    STREAM_PREFIX,
-    ConversationApplication,
-    ServiceDefaults,
-    derived_id,
-    stream_id,
-)
-from turnlog.conversation.servicer import ConversationServicer
+from turnlog.api.servicer import ConversationServicer
+from turnlog.conversation.application import ConversationApplication, ServiceDefaults
 from turnlog.domain import codec
 from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, TurnStatus, fold
+from turnlog.eventlog import STREAM_PREFIX, derived_id, stream_id
 from turnlog.history import jsonl
 from turnlog.history.service import CaughtUp, EventQuery, HistoryService
 from turnlog.storage import EventFilter, RecordedEvent

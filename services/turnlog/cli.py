@@ -73,8 +73,8 @@ def _listen_address(text: str) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from turnlog.api.server import run_server
     from turnlog.config import Settings
-    from turnlog.conversation.server import run_server
 
     settings = Settings.from_env()
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
@@ -101,8 +101,8 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    from turnlog.api.server import migrate_only
     from turnlog.config import Settings
-    from turnlog.conversation.server import migrate_only
 
     return asyncio.run(migrate_only(Settings.from_env()))
 

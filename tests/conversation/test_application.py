@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from turnlog import errors
@@ -13,11 +11,11 @@ from turnlog.conversation.application import (
     ListQuery,
     TurnInput,
     TurnOptions,
-    stream_id,
 )
 from turnlog.conversation.projection import TextPiece, ToolCallPiece, ToolStarted, TurnEnded
 from turnlog.domain import events as ev
 from turnlog.domain.state import TurnStatus
+from turnlog.eventlog import stream_id
 from turnlog.storage import PostgresEventStore
 
 
@@ -46,21 +44,6 @@ async def test_a_turn_without_tools_is_two_appends_and_reads_back(
     assert [u.sequence for u in result.updates] == list(range(1, len(result.updates) + 1))
     text = "".join(u.payload.text for u in result.updates if isinstance(u.payload, TextPiece))
     assert text == "Hello there."
-
-
-async def test_a_retried_send_returns_the_same_turn_and_generates_once(
-    app: ConversationApplication, store: PostgresEventStore
-) -> None:
-    cid = await _conversation(app)
-    first, second = await asyncio.gather(
-        app.send(TurnInput(conversation_id=cid, content="hi", request_id="same")),
-        app.send(TurnInput(conversation_id=cid, content="hi", request_id="same")),
-    )
-    third = await app.send(TurnInput(conversation_id=cid, content="hi", request_id="same"))
-    assert first.ended.turn.turn_id == second.ended.turn.turn_id == third.ended.turn.turn_id
-    assert first.updates == third.updates
-    events = await store.read_stream(stream_id(cid))
-    assert [e.type for e in events].count("GenerationStarted") == 1
 
 
 async def test_concurrent_different_sends_fail_fast(app: ConversationApplication) -> None:

@@ -18,11 +18,12 @@ import grpc
 import pytest
 from worker_processes import WorkerProcess
 
-from turnlog.conversation.application import ConversationApplication, stream_id, wall_clock_us
-from turnlog.conversation.servicer import ConversationServicer
+from turnlog.api.servicer import ConversationServicer
+from turnlog.conversation.application import ConversationApplication
 from turnlog.conversation.tools import builtin_tools
 from turnlog.domain import codec
 from turnlog.domain import events as ev
+from turnlog.eventlog import stream_id, wall_clock_us
 from turnlog.storage import PostgresEventStore
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb

@@ -9,8 +9,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from turnlog.api.servicer import ConversationServicer
 from turnlog.conversation.application import ConversationApplication
-from turnlog.conversation.servicer import ConversationServicer
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import conversation_service_pb2_grpc as sgrpc

@@ -22,9 +22,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from worker_processes import TurnlogProcess, WorkerProcess, start_scripted_worker
 
+from turnlog.api.server import run_server
 from turnlog.cli import main
 from turnlog.config import Settings
-from turnlog.conversation.server import run_server
 from turnlog.metrics import STAGES, observe_stage, parse_listen, stage_timer
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb

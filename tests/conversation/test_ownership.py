@@ -16,16 +16,12 @@ import pytest
 from conversation_helpers import ScriptedWorker, scripted_worker_server
 
 from turnlog import errors
-from turnlog.conversation.application import (
-    ConversationApplication,
-    CreateConversation,
-    TurnInput,
-    stream_id,
-)
-from turnlog.conversation.ownership import LOCK_CLASS_ID, TurnOwnership, lock_key
+from turnlog.conversation.application import ConversationApplication, CreateConversation, TurnInput
 from turnlog.domain import events as ev
 from turnlog.domain.state import TurnStatus
+from turnlog.eventlog import stream_id
 from turnlog.storage import PostgresEventStore
+from turnlog.storage.replica_lock import LOCK_CLASS_ID, PostgresReplicaLock, lock_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,7 +49,7 @@ class Replicas:
         self.apps: list[ConversationApplication] = []
 
     async def start(self, name: str) -> ConversationApplication:
-        ownership = await TurnOwnership.open(self._url, name)
+        ownership = await PostgresReplicaLock.open(self._url, name)
         app = self._make(ownership=ownership)
         self.apps.append(app)
         return app
@@ -245,12 +241,12 @@ async def test_reconnect_retakes_the_replica_lock(replicas: Replicas, database_u
 
 
 async def test_one_instance_name_one_live_replica(database_url: str) -> None:
-    async with await TurnOwnership.open(database_url, "same") as first:
+    async with await PostgresReplicaLock.open(database_url, "same") as first:
         with pytest.raises(errors.AlreadyExistsError):
-            await TurnOwnership.open(database_url, "same", take_timeout=0.3)
+            await PostgresReplicaLock.open(database_url, "same", take_timeout=0.3)
         assert first.backend_pid is not None
     # Once the first is gone, the name is free again.
-    async with await TurnOwnership.open(database_url, "same", take_timeout=0.3):
+    async with await PostgresReplicaLock.open(database_url, "same", take_timeout=0.3):
         pass
 
 

@@ -19,8 +19,8 @@ import grpc
 import pytest
 from worker_processes import TurnlogProcess, WorkerProcess, start_scripted_worker
 
-from turnlog.conversation.application import stream_id
 from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
+from turnlog.eventlog import stream_id
 from turnlog.storage import PostgresEventStore
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb

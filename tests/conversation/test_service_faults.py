@@ -20,10 +20,11 @@ from grpc_status import rpc_status
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from turnlog.conversation.application import ConversationApplication, ServiceDefaults, stream_id
-from turnlog.conversation.servicer import ConversationServicer
+from turnlog.api.servicer import ConversationServicer
+from turnlog.conversation.application import ConversationApplication, ServiceDefaults
 from turnlog.conversation.tools import builtin_tools
 from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
+from turnlog.eventlog import stream_id
 from turnlog.storage import PostgresEventStore
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb

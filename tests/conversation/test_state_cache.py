@@ -11,9 +11,9 @@ from turnlog.conversation.application import (
     CreateConversation,
     ServiceDefaults,
     TurnInput,
-    stream_id,
 )
 from turnlog.domain.state import TurnStatus
+from turnlog.eventlog import stream_id
 from turnlog.storage import PostgresEventStore
 
 

@@ -16,14 +16,10 @@ import pytest
 from conversation_helpers import ScriptedWorker, scripted_worker_server
 
 from turnlog import errors
-from turnlog.conversation.application import (
-    ConversationApplication,
-    CreateConversation,
-    TurnInput,
-    stream_id,
-)
+from turnlog.conversation.application import ConversationApplication, CreateConversation, TurnInput
 from turnlog.domain.state import TurnStatus
 from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
+from turnlog.eventlog import stream_id
 from turnlog.storage import PostgresEventStore
 
 pytestmark = pytest.mark.timeout(60)

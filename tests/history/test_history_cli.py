@@ -28,8 +28,8 @@ from conversation.conftest import (  # noqa: F401 (fixtures)
     worker,
 )
 
+from turnlog.api.servicer import ConversationServicer
 from turnlog.conversation.application import ConversationApplication
-from turnlog.conversation.servicer import ConversationServicer
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
 from turnlog.v1 import history_pb2 as hpb

@@ -26,8 +26,9 @@ from conversation.conftest import (  # noqa: F401 (fixtures)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from turnlog.api.messages import log_event
+from turnlog.api.servicer import ConversationServicer
 from turnlog.conversation.application import ConversationApplication
-from turnlog.conversation.servicer import ConversationServicer, log_event
 from turnlog.domain import codec
 from turnlog.domain.state import fold
 from turnlog.history import jsonl

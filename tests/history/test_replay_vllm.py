@@ -26,12 +26,12 @@ from turnlog.conversation.application import (
     CreateConversation,
     TurnInput,
     TurnOptions,
-    wall_clock_us,
 )
 from turnlog.conversation.tools import builtin_tools
 from turnlog.domain import codec
 from turnlog.domain import events as ev
 from turnlog.domain.state import fold
+from turnlog.eventlog import wall_clock_us
 from turnlog.history.service import ForkCommand, HistoryService, normalized
 from turnlog.history.transcript import build_transcript, render_transcript
 from turnlog.storage import PostgresEventStore

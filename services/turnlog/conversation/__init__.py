@@ -1,1 +1,1 @@
-"""The conversation service: the `turnlog serve` process."""
+"""The conversation application layer: turns, conversation state, listing and recovery (no gRPC)."""

@@ -19,6 +19,8 @@ Mapping (events not listed produce nothing):
 | `ToolCallCompleted` / `ToolCallFailed` | one `ToolFinished` |
 | `ToolRoundLimitReached` | one limit notice |
 | terminal (`TurnCompleted` … `TurnInterrupted`) | one `TurnEnded`, the last |
+
+`TurnResult` is a whole turn's updates, as a unary `SendMessage` returns it.
 """
 
 from __future__ import annotations
@@ -197,3 +199,33 @@ class TurnProjector:
 
     def _call(self, call_id: str) -> ev.ToolCall:
         return self._calls.get(call_id) or ev.ToolCall(call_id=call_id, name="", arguments_json="")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnResult:
+    """A finished turn, as `SendMessage` returns it."""
+
+    updates: tuple[TurnUpdate, ...]
+
+    @property
+    def ended(self) -> TurnEnded:
+        """The final update's payload."""
+        last = self.updates[-1].payload
+        assert isinstance(last, TurnEnded)
+        return last
+
+    @property
+    def assistant_message(self) -> ev.GenerationCompleted | None:
+        """The last generation of the turn, if any."""
+        gens = [u.payload for u in self.updates if isinstance(u.payload, ev.GenerationCompleted)]
+        return gens[-1] if gens else None
+
+    @property
+    def tool_executions(self) -> list[ToolFinished]:
+        """Tool calls with their outcomes, in order."""
+        return [u.payload for u in self.updates if isinstance(u.payload, ToolFinished)]
+
+    @property
+    def decisions(self) -> list[ev.GuardrailDecided]:
+        """Every guardrail decision of the turn, in order."""
+        return [u.payload for u in self.updates if isinstance(u.payload, ev.GuardrailDecided)]

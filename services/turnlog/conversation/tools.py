@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from turnlog import errors
 from turnlog.domain.events import ToolDefinition
 
 
@@ -70,6 +71,31 @@ class ToolRegistry:
     def names(self) -> tuple[str, ...]:
         """Registered tool names, sorted."""
         return tuple(sorted(self._tools))
+
+    def complete(self, tool: ToolDefinition) -> ToolDefinition:
+        """A conversation's tool as recorded: a server tool's blanks filled from its registration.
+
+        Raises:
+            InvalidArgumentError: No server tool of that name (and it is not client-side).
+        """
+        if tool.client_side:
+            return tool
+        server_tool = self._tools.get(tool.name)
+        if server_tool is None:
+            raise errors.InvalidArgumentError(
+                f"no server-side tool named {tool.name!r}; mark client tools client_side",
+                metadata={"tool": tool.name},
+            )
+        known = server_tool.definition
+        return ToolDefinition(
+            name=tool.name,
+            description=tool.description or known.description,
+            parameters_json_schema=(
+                tool.parameters_json_schema
+                if tool.parameters_json_schema not in ("", "{}")
+                else known.parameters_json_schema
+            ),
+        )
 
     async def execute(self, name: str, arguments_json: str) -> str:
         """Run one call under the tool's timeout.

@@ -133,9 +133,8 @@ async def all_conversations(history: HistoryService) -> list[str]:
     per `conversation-` stream comes back, not every event. A stream holding
     only events of types this code does not know is not listed.
     """
-    from turnlog.conversation.application import STREAM_PREFIX
     from turnlog.domain import codec
-    from turnlog.history.service import conversation_of
+    from turnlog.eventlog import STREAM_PREFIX, conversation_of
 
     latest = await history.store.latest_events_of_types(
         codec.EVENT_CLASSES, stream_prefix=STREAM_PREFIX
@@ -488,7 +487,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _verify_file(path: str) -> tuple[bool, bool]:
     """Verifies one export file offline; returns (could not check, something broken)."""
     from turnlog import errors
-    from turnlog.conversation.application import STREAM_PREFIX
+    from turnlog.eventlog import STREAM_PREFIX
     from turnlog.history import jsonl
     from turnlog.history.audit import audit_stream
     from turnlog.storage.hashchain import verify_chain
@@ -605,7 +604,7 @@ async def _replay_async(args: argparse.Namespace) -> int:
             events = _events_of_file(args.file, args.conversation)
             return await _replay_events(args, events, history=None)
         async with open_history() as history:
-            from turnlog.conversation.application import stream_id
+            from turnlog.eventlog import stream_id
 
             name = conversation_id(args.conversation)
             events = list(await history.store.read_stream(stream_id(name)))
@@ -623,7 +622,7 @@ async def _replay_async(args: argparse.Namespace) -> int:
 def _events_of_file(path: str, conversation: str | None) -> list[Any]:
     """The recorded events of one conversation of an export file."""
     from turnlog import errors
-    from turnlog.conversation.application import STREAM_PREFIX
+    from turnlog.eventlog import STREAM_PREFIX
     from turnlog.history import jsonl
 
     events = jsonl.read_jsonl(jsonl.split_lines(read_input(path)))
@@ -671,13 +670,13 @@ async def _regenerate(
     args: argparse.Namespace, events: list[Any], history: HistoryService | None
 ) -> int:
 
-    from turnlog.conversation.application import wall_clock_us
-    from turnlog.conversation.local_worker import spawned_worker
     from turnlog.conversation.tools import builtin_tools
+    from turnlog.eventlog import wall_clock_us
     from turnlog.guardrails.registry import default_registry
     from turnlog.history.regenerate import ForkTarget, regenerate, render_report
     from turnlog.history.transcript import build_transcript
     from turnlog.worker.client import EngineClient
+    from turnlog.worker.spawn import spawned_worker
 
     turns = len(build_transcript(events, at=args.at).turns)
     async with contextlib.AsyncExitStack() as stack:

@@ -35,8 +35,9 @@ from turnlog.conversation.application import (
 )
 from turnlog.conversation.tools import ToolRegistry
 from turnlog.domain.state import TurnStatus
+from turnlog.eventlog import conversation_of
 from turnlog.guardrails.registry import GuardrailRegistry
-from turnlog.history.service import ForkCommand, HistoryService, conversation_of
+from turnlog.history.service import ForkCommand, HistoryService
 from turnlog.history.transcript import TurnRecord, build_transcript
 from turnlog.storage import EventStore, InMemoryEventStore, RecordedEvent
 from turnlog.worker.client import EngineClient

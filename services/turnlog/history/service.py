@@ -14,21 +14,28 @@ import dataclasses
 import json
 import re
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from turnlog import errors
-from turnlog.conversation.application import STREAM_PREFIX, derived_id, stream_id, wall_clock_us
 from turnlog.domain import codec
 from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, fold
+from turnlog.eventlog import (
+    STREAM_PREFIX,
+    Clock,
+    conversation_of,
+    derived_id,
+    new_event,
+    stream_id,
+    wall_clock_us,
+)
 from turnlog.history import jsonl
 from turnlog.history.audit import AuditReport, audit_stream
 from turnlog.storage import (
     NO_STREAM,
     START_POSITION,
     EventFilter,
-    EventMetadata,
     EventStore,
     NewEvent,
     Position,
@@ -108,11 +115,6 @@ def batches(
         size += n
     if batch:
         yield tuple(batch)
-
-
-def conversation_of(sid: str) -> str:
-    """The conversation id of a conversation stream id."""
-    return sid.removeprefix(STREAM_PREFIX)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -222,7 +224,7 @@ class HistoryService:
         self,
         store: EventStore,
         *,
-        clock: Callable[[], int] = wall_clock_us,
+        clock: Clock = wall_clock_us,
         instance: str = "history",
     ) -> None:
         self.store = store
@@ -468,17 +470,7 @@ class HistoryService:
         )
 
     def _event(self, event_id: str, event: ev.Event, request_id: str) -> NewEvent:
-        type_name, data = codec.encode(event)
-        return NewEvent(
-            event_id=uuid.UUID(event_id),
-            type=type_name,
-            data=data,
-            metadata=EventMetadata(
-                correlation_id=request_id or None,
-                actor=self.instance,
-                schema_version=codec.written_schema_version(type_name),
-            ),
-        )
+        return new_event(event_id, event, actor=self.instance, correlation=request_id)
 
     # -- verify, export, import -------------------------------------------------------
 

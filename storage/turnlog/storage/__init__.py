@@ -1,13 +1,16 @@
-"""The event log: the `EventStore` port and its PostgreSQL adapter.
+"""The event log: the `EventStore` port and its PostgreSQL adapter; replica liveness.
 
 The conversation service opens a store with `open_event_store(settings)`
-and uses only the `EventStore` protocol and the dataclasses of `port`.
+and uses only the `EventStore` protocol and the dataclasses of `port`, and
+the `ReplicaLiveness` protocol of `liveness` (PostgreSQL: `PostgresReplicaLock`).
+This package is the only one that imports psycopg.
 docs/event-log.md describes the schema and guarantees.
 """
 
 from turnlog.storage.connect import OpenedStore, open_event_store
 from turnlog.storage.embedded import EmbeddedPostgres
 from turnlog.storage.hashchain import event_hash, verify_chain
+from turnlog.storage.liveness import Claim, ReplicaLiveness
 from turnlog.storage.memory import InMemoryEventStore
 from turnlog.storage.migrations import migrate
 from turnlog.storage.port import (
@@ -30,12 +33,14 @@ from turnlog.storage.port import (
     VerificationReport,
 )
 from turnlog.storage.postgres import PostgresEventStore
+from turnlog.storage.replica_lock import PostgresReplicaLock
 
 __all__ = [
     "ANY_VERSION",
     "NO_STREAM",
     "START_POSITION",
     "AppendResult",
+    "Claim",
     "Direction",
     "EmbeddedPostgres",
     "EventFilter",
@@ -49,8 +54,10 @@ __all__ = [
     "OpenedStore",
     "Position",
     "PostgresEventStore",
+    "PostgresReplicaLock",
     "RawJson",
     "RecordedEvent",
+    "ReplicaLiveness",
     "Snapshot",
     "VerificationReport",
     "event_hash",

@@ -1,24 +1,18 @@
 """Which replicas are alive: one PostgreSQL session advisory lock per replica.
 
+`PostgresReplicaLock` implements `turnlog.storage.liveness.ReplicaLiveness`.
 Several `turnlog serve` replicas share one event log. Each holds, for as long
 as it runs, a session-level advisory lock keyed on its instance name, on one
-connection of its own (`TurnOwnership`, outside the pool: a session lock
-lives exactly as long as its session). Every event a replica appends names it
-as the actor (`EventMetadata.actor`), `TurnStarted` included, so an open turn
-in the log says which replica started it. PostgreSQL drops a session's locks
-when the session ends: recovery closes an open turn only after taking the
-lock of the replica that started it, i.e. only when that replica is gone.
+connection of its own (outside the pool: a session lock lives exactly as long
+as its session). PostgreSQL drops a session's locks when the session ends:
+taking the lock of another replica succeeds only when that replica is gone.
 
-Starting a turn takes no lock: which of two racing starts wins is decided by
-the log (the `TurnStarted` append names the version it expects), and a live
-replica's open turns are protected by its one lock. So a turn costs no lock
-round trip, and this replica's turns do not queue on its lock connection.
-
-The lock is for liveness only (do not interrupt a live turn). Safety is the
-log's: every append of a turn, and recovery's `TurnInterrupted`, names the
-version it expects, so a turn is never both interrupted and completed
-whatever the locks say. docs/conversation.md ("Turn ownership") has the
-reasons and the edge cases.
+The conversation layer uses it for turn ownership: every event a replica
+appends names it as the actor, `TurnStarted` included, and recovery closes an
+open turn only after taking the lock of the replica that started it. The lock
+is for liveness only; safety is the log's (every append names the version it
+expects). docs/conversation.md ("Turn ownership") has the reasons and the
+edge cases.
 """
 
 from __future__ import annotations
@@ -29,12 +23,12 @@ import hashlib
 import logging
 import time
 import types
-from dataclasses import dataclass
 from typing import Any, Final, Self
 
 import psycopg
 
 from turnlog import errors
+from turnlog.storage.liveness import Claim
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +55,8 @@ def lock_key(instance: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """Recovery's hold on a gone replica's lock; give it back with `TurnOwnership.release`."""
-
-    actor: str
-    locked: bool  # False: this replica's own turn (its lock is held anyway)
-
-
-class TurnOwnership:
-    """This replica's liveness lock, on one dedicated PostgreSQL connection.
+class PostgresReplicaLock:
+    """This replica's liveness lock, on one dedicated PostgreSQL connection (a `ReplicaLiveness`).
 
     Contracts:
 
@@ -120,7 +106,7 @@ class TurnOwnership:
         *,
         connect_timeout: float = 5.0,
         take_timeout: float = 10.0,
-    ) -> TurnOwnership:
+    ) -> PostgresReplicaLock:
         """Connects and takes this replica's lock.
 
         Raises:
@@ -237,7 +223,7 @@ class TurnOwnership:
     async def _connect(self) -> None:
         """Opens the lock session and takes this replica's lock (retried while busy)."""
         if self._closed:
-            raise errors.StorageUnavailableError("turn ownership is closed")
+            raise errors.StorageUnavailableError("the replica lock is closed")
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self._conninfo,

@@ -1,4 +1,4 @@
-"""Start and stop the `turnlog serve` process.
+"""Start and stop the `turnlog serve` process: the wiring of every layer.
 
 The process opens the event log (the embedded PostgreSQL server unless
 `TURNLOG_DATABASE_URL` names one), applies migrations, and serves gRPC on
@@ -20,16 +20,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from turnlog.api.servicer import ConversationServicer
 from turnlog.config import Settings
-from turnlog.conversation.application import ConversationApplication, wall_clock_us
-from turnlog.conversation.local_worker import spawned_worker
-from turnlog.conversation.ownership import TurnOwnership
-from turnlog.conversation.servicer import ConversationServicer
+from turnlog.conversation.application import ConversationApplication
 from turnlog.conversation.tools import builtin_tools
+from turnlog.eventlog import wall_clock_us
 from turnlog.metrics import start_metrics_server
-from turnlog.storage import open_event_store
+from turnlog.storage import PostgresReplicaLock, open_event_store
 from turnlog.v1 import conversation_service_pb2, conversation_service_pb2_grpc
 from turnlog.worker.client import EngineClient
+from turnlog.worker.spawn import spawned_worker
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ async def run_server(
         # replicas may share this log, and only the open turns of a replica
         # that is gone may be closed. A fresh name per process: a restart's
         # turns left open are those of a gone replica.
-        ownership = await TurnOwnership.open(
+        ownership = await PostgresReplicaLock.open(
             opened.conninfo, f"serve-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         )
         stack.push_async_callback(ownership.close)

@@ -1,0 +1,282 @@
+"""The conversation RPCs: create, get, list, archive, and turns (unary, streamed, bidi).
+
+Thin: validate and parse the request (`requests`), call
+`ConversationApplication`, build the response (`messages`). Errors become
+statuses in `status.maps_errors`; no business rule lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+from turnlog import errors
+from turnlog.api.messages import (
+    assistant_message,
+    conversation_message,
+    decision_message,
+    execution_message,
+    turn_event,
+    turn_message,
+)
+from turnlog.api.requests import (
+    ID_PATTERN,
+    MAX_PAGE_SIZE,
+    TOOL_NAME_PATTERN,
+    Violations,
+    check_request_id,
+    conversation_id,
+    microseconds,
+    turn_input,
+    turn_options,
+)
+from turnlog.api.status import Context, maps_errors
+from turnlog.conversation.application import (
+    ConversationApplication,
+    CreateConversation,
+    ListQuery,
+)
+from turnlog.domain import events as ev
+from turnlog.domain.state import Turn, TurnStatus
+from turnlog.v1 import conversation_service_pb2 as spb
+
+
+def _raise_if_no_worker(turn: Turn) -> None:
+    """A unary turn that failed because no worker could take it is UNAVAILABLE.
+
+    The failure is recorded (`TurnFailed`) either way; a unary caller gets it
+    as a retryable status rather than a response it must inspect. Retry with
+    a new request id: the old one names the failed turn.
+    """
+    if turn.status is not TurnStatus.FAILED:
+        return
+    phase, _, kind = turn.outcome_reason.partition(": ")
+    if kind == errors.EngineUnavailableError.reason:
+        raise errors.EngineUnavailableError(
+            "no engine worker is available", metadata={"turnId": turn.turn_id, "phase": phase}
+        )
+
+
+class ConversationRpcs:
+    """The conversation RPCs of `turnlog.v1.ConversationService` (a part of `ConversationServicer`)."""
+
+    app: ConversationApplication
+
+    @maps_errors
+    async def CreateConversation(  # noqa: N802 (gRPC method name)
+        self, request: spb.CreateConversationRequest, context: Context
+    ) -> spb.CreateConversationResponse:
+        v = Violations()
+        check_request_id(request.request_id, "request_id", v)
+        if request.conversation_id and not ID_PATTERN.match(request.conversation_id):
+            v.add("conversation_id", "1-63 letters, digits, - or _")
+        defaults = turn_options(request.defaults, "defaults", v)
+        tools = []
+        for i, tool in enumerate(request.tools):
+            if not TOOL_NAME_PATTERN.match(tool.name):
+                v.add(f"tools[{i}].name", "a function name (letters, digits, _ . -)")
+            if tool.parameters_json_schema:
+                try:
+                    if not isinstance(json.loads(tool.parameters_json_schema), dict):
+                        raise ValueError
+                except ValueError:
+                    v.add(f"tools[{i}].parameters_json_schema", "must be a JSON object")
+            tools.append(
+                ev.ToolDefinition(
+                    name=tool.name,
+                    description=tool.description,
+                    parameters_json_schema=tool.parameters_json_schema or "{}",
+                    client_side=tool.client_side,
+                )
+            )
+        for key in request.labels:
+            if not key or len(key) > 63:
+                v.add(f"labels[{key}]", "keys are 1-63 characters")
+        v.raise_if_any()
+        state = await self.app.create(
+            CreateConversation(
+                request_id=request.request_id,
+                conversation_id=request.conversation_id,
+                system_prompt=request.system_prompt,
+                defaults=defaults,
+                tools=tuple(tools),
+                guardrail_profile=request.guardrail_profile,
+                labels=tuple(sorted(request.labels.items())),
+            )
+        )
+        return spb.CreateConversationResponse(conversation=conversation_message(state))
+
+    @maps_errors
+    async def GetConversation(  # noqa: N802
+        self, request: spb.GetConversationRequest, context: Context
+    ) -> spb.GetConversationResponse:
+        v = Violations()
+        cid = conversation_id(request.name, "name", v)
+        if request.HasField("version") and request.version < 1:
+            v.add("version", "must be at least 1")
+        v.raise_if_any()
+        version = request.version if request.HasField("version") else None
+        state = await self.app.load(cid, version=version)
+        return spb.GetConversationResponse(conversation=conversation_message(state))
+
+    @maps_errors
+    async def ListConversations(  # noqa: N802
+        self, request: spb.ListConversationsRequest, context: Context
+    ) -> spb.ListConversationsResponse:
+        v = Violations()
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            v.add("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+        v.raise_if_any()
+        page, token = await self.app.list_conversations(
+            ListQuery(
+                page_size=request.page_size or 50,
+                page_token=request.page_token,
+                labels=tuple(sorted(request.labels.items())),
+                created_after_us=(
+                    microseconds(request.create_time_after)
+                    if request.HasField("create_time_after")
+                    else None
+                ),
+                created_before_us=(
+                    microseconds(request.create_time_before)
+                    if request.HasField("create_time_before")
+                    else None
+                ),
+                show_archived=request.show_archived,
+            )
+        )
+        return spb.ListConversationsResponse(
+            conversations=[conversation_message(s.state, full=False) for s in page],
+            next_page_token=token,
+        )
+
+    @maps_errors
+    async def ArchiveConversation(  # noqa: N802
+        self, request: spb.ArchiveConversationRequest, context: Context
+    ) -> spb.ArchiveConversationResponse:
+        v = Violations()
+        cid = conversation_id(request.name, "name", v)
+        v.raise_if_any()
+        expected = request.expected_version if request.HasField("expected_version") else None
+        state = await self.app.archive(cid, expected_version=expected)
+        return spb.ArchiveConversationResponse(conversation=conversation_message(state))
+
+    @maps_errors
+    async def SendMessage(  # noqa: N802
+        self, request: spb.SendMessageRequest, context: Context
+    ) -> spb.SendMessageResponse:
+        v = Violations()
+        command = turn_input(request.input, "input", v)
+        v.raise_if_any()
+        # The turn runs on even if this call's deadline passes; a retry
+        # with the same request id returns it.
+        result = await self.app.send(command)
+        ended = result.ended
+        _raise_if_no_worker(ended.turn)
+        response = spb.SendMessageResponse(
+            turn=turn_message(ended.turn),
+            tool_executions=[execution_message(f) for f in result.tool_executions],
+            guardrail_decisions=[decision_message(d) for d in result.decisions],
+            conversation_version=ended.conversation_version,
+        )
+        assistant = result.assistant_message
+        if assistant is not None and ended.turn.status is not TurnStatus.BLOCKED:
+            response.assistant_message.CopyFrom(assistant_message(assistant))
+        return response
+
+    @maps_errors
+    async def StreamTurn(  # noqa: N802
+        self, request: spb.StreamTurnRequest, context: Context
+    ) -> AsyncIterator[spb.StreamTurnResponse]:
+        v = Violations()
+        action = request.WhichOneof("action")
+        if action == "start":
+            command = turn_input(request.start, "start", v)
+            v.raise_if_any()
+            cid = command.conversation_id
+            turn_id = await self.app.start_turn(command)
+            after = 0
+        elif action == "resume":
+            cid = conversation_id(request.resume.conversation, "resume.conversation", v)
+            if not request.resume.turn_id:
+                v.add("resume.turn_id", "required")
+            if request.resume.after_sequence < 0:
+                v.add("resume.after_sequence", "must not be negative")
+            v.raise_if_any()
+            turn_id, after = request.resume.turn_id, request.resume.after_sequence
+        else:
+            v.add("action", "start or resume is required")
+            v.raise_if_any()
+            return
+        # A disconnect ends only this watch; the turn runs on and can be resumed.
+        async for update in self.app.watch(cid, turn_id, after_sequence=after):
+            yield spb.StreamTurnResponse(event=turn_event(update))
+
+    @maps_errors
+    async def Converse(  # noqa: N802
+        self, request_iterator: AsyncIterator[spb.ConverseRequest], context: Context
+    ) -> AsyncIterator[spb.ConverseResponse]:
+        out: asyncio.Queue[spb.ConverseResponse | BaseException | None] = asyncio.Queue()
+        running: dict[str, tuple[str, asyncio.Task[None]]] = {}
+
+        async def forward(cid: str, turn_id: str) -> None:
+            async for update in self.app.watch(cid, turn_id):
+                await out.put(spb.ConverseResponse(event=turn_event(update)))
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    action = message.WhichOneof("action")
+                    v = Violations()
+                    if action == "user_message":
+                        command = turn_input(message.user_message, "user_message", v)
+                        v.raise_if_any()
+                        turn_id = await self.app.start_turn(command)
+                        task = asyncio.create_task(forward(command.conversation_id, turn_id))
+                        running[turn_id] = (command.conversation_id, task)
+                        task.add_done_callback(lambda t: _report(t, out))
+                    elif action == "tool_result":
+                        r = message.tool_result
+                        cid = running.get(r.turn_id, ("", None))[0]
+                        self.app.submit_tool_result(
+                            cid, r.turn_id, r.call_id, result=r.result, error=r.error
+                        )
+                    elif action == "cancel":
+                        c = message.cancel
+                        cid = running.get(c.turn_id, ("", None))[0]
+                        await self.app.cancel_turn(cid, c.turn_id, c.reason)
+                    else:
+                        v.add("action", "user_message, tool_result or cancel is required")
+                        v.raise_if_any()
+                # The client finished sending: end once every turn it started has ended.
+                await asyncio.gather(*(t for _, t in running.values()), return_exceptions=True)
+                await out.put(None)
+            except Exception as e:
+                await out.put(e)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await out.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+            for _, task in running.values():
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+
+
+def _report(
+    task: asyncio.Task[None], out: asyncio.Queue[spb.ConverseResponse | BaseException | None]
+) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        error = task.exception()
+        assert error is not None
+        out.put_nowait(error)

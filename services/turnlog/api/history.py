@@ -1,0 +1,146 @@
+"""The history RPCs: read and follow events, fork, verify, export and import.
+
+Thin: validate and parse the request (`requests`), call `HistoryService`,
+build the response (`messages`). Errors become statuses in
+`status.maps_errors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from turnlog.api.messages import PROBLEM, conversation_message, log_event
+from turnlog.api.requests import (
+    DEFAULT_EVENTS_PAGE,
+    ID_PATTERN,
+    MAX_EVENTS_PAGE,
+    MAX_IMPORT_BYTES,
+    Violations,
+    check_request_id,
+    conversation_id,
+    event_query,
+)
+from turnlog.api.status import Context, FieldViolationsError, maps_errors
+from turnlog.history import service as history_service
+from turnlog.v1 import conversation_service_pb2 as spb
+from turnlog.v1 import history_pb2 as hpb
+
+
+class HistoryRpcs:
+    """The history RPCs of `turnlog.v1.ConversationService` (a part of `ConversationServicer`)."""
+
+    history: history_service.HistoryService
+
+    @maps_errors
+    async def ReadEvents(  # noqa: N802
+        self, request: spb.ReadEventsRequest, context: Context
+    ) -> spb.ReadEventsResponse:
+        v = Violations()
+        query = event_query(request, v)
+        if not 0 <= request.page_size <= MAX_EVENTS_PAGE:
+            v.add("page_size", f"must be between 0 and {MAX_EVENTS_PAGE}")
+        v.raise_if_any()
+        page = await self.history.read_events(
+            query,
+            page_size=request.page_size or DEFAULT_EVENTS_PAGE,
+            page_token=request.page_token,
+        )
+        return spb.ReadEventsResponse(
+            events=[log_event(e) for e in page.events], next_page_token=page.next_page_token
+        )
+
+    @maps_errors
+    async def SubscribeEvents(  # noqa: N802
+        self, request: spb.SubscribeEventsRequest, context: Context
+    ) -> AsyncIterator[spb.SubscribeEventsResponse]:
+        v = Violations()
+        query = event_query(request, v)
+        v.raise_if_any()
+        async for item in self.history.subscribe(query):
+            if isinstance(item, history_service.CaughtUp):
+                position = "" if query.conversation_id is not None else str(item.position)
+                yield spb.SubscribeEventsResponse(
+                    caught_up=spb.CaughtUp(version=item.version, position=position)
+                )
+            else:
+                yield spb.SubscribeEventsResponse(events=[log_event(e) for e in item])
+
+    @maps_errors
+    async def ForkConversation(  # noqa: N802
+        self, request: spb.ForkConversationRequest, context: Context
+    ) -> spb.ForkConversationResponse:
+        v = Violations()
+        cid = conversation_id(request.name, "name", v)
+        if request.HasField("version") and request.version < 1:
+            v.add("version", "must be at least 1")
+        if request.fork_conversation_id and not ID_PATTERN.match(request.fork_conversation_id):
+            v.add("fork_conversation_id", "1-63 letters, digits, - or _")
+        check_request_id(request.request_id, "request_id", v)
+        v.raise_if_any()
+        result = await self.history.fork(
+            history_service.ForkCommand(
+                source_id=cid,
+                version=request.version if request.HasField("version") else None,
+                fork_id=request.fork_conversation_id,
+                request_id=request.request_id,
+            )
+        )
+        return spb.ForkConversationResponse(
+            conversation=conversation_message(result.state),
+            prefix_version=result.prefix_version,
+            interrupted_turn_id=result.interrupted_turn_id,
+        )
+
+    @maps_errors
+    async def VerifyConversation(  # noqa: N802
+        self, request: spb.VerifyConversationRequest, context: Context
+    ) -> spb.VerifyConversationResponse:
+        v = Violations()
+        cid = conversation_id(request.name, "name", v)
+        v.raise_if_any()
+        report = await self.history.verify(cid)
+        return spb.VerifyConversationResponse(
+            intact=report.ok,
+            events_checked=report.events_checked,
+            last_version=report.last_version,
+            broken_version=report.broken_at_version or 0,
+            problem=PROBLEM[report.kind],
+            problem_description=report.problem or "",
+        )
+
+    @maps_errors
+    async def ExportConversation(  # noqa: N802
+        self, request: spb.ExportConversationRequest, context: Context
+    ) -> AsyncIterator[spb.ExportConversationResponse]:
+        v = Violations()
+        cid = conversation_id(request.name, "name", v)
+        if request.format not in (hpb.EXPORT_FORMAT_JSONL, hpb.EXPORT_FORMAT_ATIF):
+            v.add("format", "EXPORT_FORMAT_JSONL or EXPORT_FORMAT_ATIF")
+        if request.HasField("version") and request.version < 1:
+            v.add("version", "must be at least 1")
+        v.raise_if_any()
+        version = request.version if request.HasField("version") else None
+        if request.format == hpb.EXPORT_FORMAT_JSONL:
+            chunks = self.history.export_jsonl(cid, version=version)
+        else:
+            chunks = self.history.export_atif(cid, version=version)
+        async for chunk in chunks:
+            yield spb.ExportConversationResponse(data=chunk)
+
+    @maps_errors
+    async def ImportConversation(  # noqa: N802
+        self, request_iterator: AsyncIterator[spb.ImportConversationRequest], context: Context
+    ) -> spb.ImportConversationResponse:
+        parts: list[bytes] = []
+        size = 0
+        async for message in request_iterator:
+            size += len(message.data)
+            if size > MAX_IMPORT_BYTES:
+                raise FieldViolationsError([("data", f"at most {MAX_IMPORT_BYTES} bytes")])
+            parts.append(message.data)
+        outcome = await self.history.import_jsonl(b"".join(parts))
+        return spb.ImportConversationResponse(
+            conversation=conversation_message(outcome.state),
+            events_written=outcome.written,
+            events_already_present=outcome.already_present,
+        )

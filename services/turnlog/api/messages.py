@@ -1,0 +1,232 @@
+"""Domain values to response messages: conversations, turns, turn events, log events."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from turnlog.conversation.projection import (
+    TextPiece,
+    ToolCallPiece,
+    ToolFinished,
+    ToolStarted,
+    TurnEnded,
+    TurnUpdate,
+)
+from turnlog.domain import events as ev
+from turnlog.domain.state import ConversationState, Turn, TurnStatus
+from turnlog.eventlog import conversation_of
+from turnlog.history.audit import ProblemKind
+from turnlog.storage import RecordedEvent
+from turnlog.v1 import conversation_pb2 as pb
+from turnlog.v1 import conversation_service_pb2 as spb
+from turnlog.v1 import history_pb2 as hpb
+
+
+def timestamp(us: int | None) -> timestamp_pb2.Timestamp | None:
+    if us is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMicroseconds(us)
+    return ts
+
+
+_TURN_STATUS = {
+    TurnStatus.RUNNING: pb.TURN_STATUS_RUNNING,
+    TurnStatus.COMPLETED: pb.TURN_STATUS_COMPLETED,
+    TurnStatus.FAILED: pb.TURN_STATUS_FAILED,
+    TurnStatus.CANCELLED: pb.TURN_STATUS_CANCELLED,
+    TurnStatus.BLOCKED: pb.TURN_STATUS_BLOCKED,
+    TurnStatus.INTERRUPTED: pb.TURN_STATUS_INTERRUPTED,
+}
+_FINISH = {
+    ev.FinishReason.STOP: pb.FINISH_REASON_STOP,
+    ev.FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    ev.FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    ev.FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
+    ev.FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    ev.FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+_ROLE = {
+    ev.Role.SYSTEM: pb.ROLE_SYSTEM,
+    ev.Role.USER: pb.ROLE_USER,
+    ev.Role.ASSISTANT: pb.ROLE_ASSISTANT,
+    ev.Role.TOOL: pb.ROLE_TOOL,
+}
+_STAGE = {
+    ev.GuardrailStage.REQUEST_INTERCEPT: spb.GUARDRAIL_STAGE_REQUEST_INTERCEPT,
+    ev.GuardrailStage.SANITIZE_REQUEST: spb.GUARDRAIL_STAGE_SANITIZE_REQUEST,
+    ev.GuardrailStage.CONDITIONAL_EXECUTION: spb.GUARDRAIL_STAGE_CONDITIONAL_EXECUTION,
+    ev.GuardrailStage.EXECUTION_INTERCEPT: spb.GUARDRAIL_STAGE_EXECUTION_INTERCEPT,
+    ev.GuardrailStage.SANITIZE_RESPONSE: spb.GUARDRAIL_STAGE_SANITIZE_RESPONSE,
+}
+_VERDICT = {
+    ev.Verdict.ALLOW: spb.VERDICT_ALLOW,
+    ev.Verdict.MODIFY: spb.VERDICT_MODIFY,
+    ev.Verdict.BLOCK: spb.VERDICT_BLOCK,
+}
+
+
+def tool_call_message(call: ev.ToolCall) -> pb.ToolCall:
+    return pb.ToolCall(call_id=call.call_id, name=call.name, arguments_json=call.arguments_json)
+
+
+def turn_message(turn: Turn) -> pb.Turn:
+    message = pb.Turn(
+        turn_id=turn.turn_id,
+        request_id=turn.request_id,
+        status=_TURN_STATUS[turn.status],
+        finish_reason=(
+            _FINISH[turn.finish_reason] if turn.finish_reason else pb.FINISH_REASON_UNSPECIFIED
+        ),
+        usage=pb.Usage(
+            prompt_tokens=turn.usage.prompt_tokens,
+            completion_tokens=turn.usage.completion_tokens,
+            cached_prompt_tokens=turn.usage.cached_prompt_tokens,
+        ),
+        start_time=timestamp(turn.started_at_us),
+        outcome_reason=turn.outcome_reason,
+        tool_round_limit_reached=turn.tool_round_limit_reached,
+    )
+    if turn.ended_at_us is not None:
+        message.end_time.FromMicroseconds(turn.ended_at_us)
+    return message
+
+
+def defaults_message(state: ConversationState) -> pb.TurnDefaults:
+    s = state.sampling
+    message = pb.TurnDefaults(stop=list(s.stop))
+    if state.model:
+        message.model = state.model
+    for name in ("temperature", "top_p", "top_k", "max_tokens", "seed"):
+        value = getattr(s, name)
+        if value is not None:
+            setattr(message, name, value)
+    if state.max_tool_round_trips is not None:
+        message.max_tool_round_trips = state.max_tool_round_trips
+    if s.regex is not None:
+        message.first_generation_regex = s.regex
+    return message
+
+
+def conversation_message(state: ConversationState, *, full: bool = True) -> pb.Conversation:
+    """The API view of a folded conversation (without messages and turns unless `full`)."""
+    message = pb.Conversation(
+        name=f"conversations/{state.conversation_id}",
+        version=state.version,
+        create_time=timestamp(state.created_at_us),
+        state=pb.CONVERSATION_STATE_ARCHIVED if state.archived else pb.CONVERSATION_STATE_ACTIVE,
+        system_prompt=state.system_prompt,
+        defaults=defaults_message(state),
+        tools=[
+            pb.ToolDefinition(
+                name=t.name,
+                description=t.description,
+                parameters_json_schema=t.parameters_json_schema,
+                client_side=t.client_side,
+            )
+            for t in state.tools
+        ],
+        guardrail_profile=state.guardrail_profile,
+        labels=dict(state.labels),
+    )
+    if state.forked_from is not None:
+        message.fork_origin.conversation = f"conversations/{state.forked_from[0]}"
+        message.fork_origin.version = state.forked_from[1]
+    if full:
+        for m in state.messages:
+            message.messages.append(
+                pb.Message(
+                    message_id=m.message_id,
+                    role=_ROLE[m.role],
+                    content=m.content,
+                    turn_id=m.turn_id,
+                    tool_calls=[tool_call_message(c) for c in m.tool_calls],
+                    tool_call_id=m.tool_call_id,
+                )
+            )
+        message.turns.extend(turn_message(t) for t in state.turns)
+    return message
+
+
+def decision_message(d: ev.GuardrailDecided) -> spb.GuardrailDecision:
+    return spb.GuardrailDecision(
+        stage=_STAGE[d.stage],
+        guardrail=d.guardrail,
+        guardrail_version=d.guardrail_version,
+        verdict=_VERDICT[d.verdict],
+        reason=d.reason,
+    )
+
+
+def execution_message(f: ToolFinished) -> spb.ToolExecution:
+    return spb.ToolExecution(call=tool_call_message(f.call), result=f.result, error=f.error)
+
+
+def assistant_message(g: ev.GenerationCompleted) -> pb.Message:
+    return pb.Message(
+        message_id=g.generation_id,
+        role=pb.ROLE_ASSISTANT,
+        content=g.text,
+        turn_id=g.turn_id,
+        tool_calls=[tool_call_message(c) for c in g.tool_calls],
+    )
+
+
+def turn_event(update: TurnUpdate) -> spb.TurnEvent:
+    """The API message of one turn update."""
+    message = spb.TurnEvent(turn_id=update.turn_id, sequence=update.sequence)
+    p = update.payload
+    if isinstance(p, ev.TurnStarted):
+        message.turn_started.conversation = f"conversations/{update.conversation_id}"
+        message.turn_started.request_id = p.request_id
+    elif isinstance(p, TextPiece):
+        message.text_delta.generation_id = p.generation_id
+        message.text_delta.text = p.text
+    elif isinstance(p, ToolCallPiece):
+        message.tool_call_delta.generation_id = p.generation_id
+        message.tool_call_delta.call.CopyFrom(tool_call_message(p.call))
+    elif isinstance(p, ev.GuardrailDecided):
+        message.guardrail_decision.CopyFrom(decision_message(p))
+    elif isinstance(p, ev.TextRetracted):
+        message.retraction.generation_id = p.generation_id
+        message.retraction.retracted_chars = p.end - p.start
+        message.retraction.reason = p.reason
+    elif isinstance(p, ev.GenerationCompleted):
+        message.assistant_message.CopyFrom(assistant_message(p))
+    elif isinstance(p, ToolStarted):
+        message.tool_execution_started.call.CopyFrom(tool_call_message(p.call))
+        message.tool_execution_started.client_side = p.client_side
+    elif isinstance(p, ToolFinished):
+        message.tool_execution_finished.execution.CopyFrom(execution_message(p))
+    elif isinstance(p, ev.ToolRoundLimitReached):
+        message.tool_round_limit_reached.limit = p.limit
+    elif isinstance(p, TurnEnded):
+        message.turn_ended.turn.CopyFrom(turn_message(p.turn))
+        message.turn_ended.conversation_version = p.conversation_version
+    return message
+
+
+PROBLEM = {
+    None: hpb.VERIFICATION_PROBLEM_UNSPECIFIED,
+    ProblemKind.VERSION_SEQUENCE: hpb.VERIFICATION_PROBLEM_VERSION_SEQUENCE,
+    ProblemKind.HASH_CHAIN: hpb.VERIFICATION_PROBLEM_HASH_CHAIN,
+    ProblemKind.FOLD: hpb.VERIFICATION_PROBLEM_FOLD,
+}
+
+
+def log_event(event: RecordedEvent) -> hpb.LogEvent:
+    """The API message of a stored event (payload and metadata as their stored text)."""
+    message = hpb.LogEvent(
+        conversation=f"conversations/{conversation_of(event.stream_id)}",
+        stream_id=event.stream_id,
+        version=event.stream_version,
+        event_id=str(event.event_id),
+        type=event.type,
+        data_json=event.data_json,
+        metadata_json=event.metadata_json,
+        prev_hash=event.prev_hash,
+        hash=event.hash,
+        position=str(event.position),
+    )
+    message.record_time.FromDatetime(event.recorded_at)
+    return message

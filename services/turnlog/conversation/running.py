@@ -1,0 +1,126 @@
+"""The turns this process runs: the only process-local state of the conversation service.
+
+`RunningTurns` holds each running turn's live side (`RunningTurn`: its
+updates and waiters, its task, the client-tool results it awaits), the
+turns whose start is being recorded, and one start at a time per request
+id. Recovery asks it which turns are alive here; watchers, cancels and
+client-tool results find their turn through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from turnlog import errors, metrics
+from turnlog.conversation.turn import RunningTurn, TurnRunner
+
+
+class RunningTurns:
+    """The registry of this process's turns (safe for the tasks of one event loop)."""
+
+    def __init__(self) -> None:
+        #: Turns running here, by turn id.
+        self.turns: dict[str, RunningTurn] = {}
+        #: Turns whose `TurnStarted` is being appended here (not yet in
+        #: `turns`): recovery must not take them for orphans.
+        self._starting: set[str] = set()
+        #: Starts in progress by (conversation, request id).
+        self._requests: dict[tuple[str, str], asyncio.Event] = {}
+
+    def get(self, conversation_id: str, turn_id: str) -> RunningTurn | None:
+        """The turn if it runs here (and belongs to that conversation)."""
+        live = self.turns.get(turn_id)
+        return live if live is not None and live.conversation_id == conversation_id else None
+
+    def is_live(self, turn_id: str) -> bool:
+        """Whether the turn runs here, or its start is being recorded here."""
+        return turn_id in self.turns or turn_id in self._starting
+
+    @contextlib.asynccontextmanager
+    async def one_start(self, conversation_id: str, request_id: str) -> AsyncIterator[None]:
+        """Holds the only start of this request id here; a second waits until the first is done.
+
+        The waiter then decides like any retry (and finds the first's turn
+        without a read when it started: the cached state has it), so
+        concurrent sends of one request send one engine request.
+        """
+        key = (conversation_id, request_id)
+        while (other := self._requests.get(key)) is not None:
+            await other.wait()
+        self._requests[key] = done = asyncio.Event()
+        try:
+            yield
+        finally:
+            del self._requests[key]
+            done.set()
+
+    async def begin(self, run: TurnRunner) -> None:
+        """Record the turn's start and run it in a task of its own.
+
+        No lock: the `TurnStarted` append names the version it expects, so of
+        two starts racing (on any replicas) one wins and the other reloads.
+
+        Raises:
+            VersionConflictError, DuplicateEventError: the start lost a race.
+        """
+        turn_id = run.turn_id
+        self._starting.add(turn_id)
+        try:
+            await run.begin()
+            if not run.generates:
+                run.count_end()  # blocked by a request guardrail: its start was its end
+                return
+            live = run.live
+            self.turns[turn_id] = live
+            live.task = asyncio.create_task(run.run(), name=f"turn-{turn_id}")
+        finally:
+            self._starting.discard(turn_id)
+        metrics.TURNS_RUNNING.inc()
+        live.task.add_done_callback(lambda _: self.turns.pop(turn_id, None))
+        live.task.add_done_callback(lambda _: metrics.TURNS_RUNNING.dec())
+
+    def cancel(self, conversation_id: str, turn_id: str, reason: str) -> None:
+        """Cancel a running turn (it records `TurnCancelled`).
+
+        Raises:
+            TurnNotRunningHereError: The turn is not running in this process.
+        """
+        live = self.get(conversation_id, turn_id)
+        if live is None or live.task is None:
+            raise errors.TurnNotRunningHereError(
+                "the turn is not running on this server", metadata={"turnId": turn_id}
+            )
+        live.cancel_reason = reason
+        live.task.cancel()
+
+    def submit_tool_result(
+        self, conversation_id: str, turn_id: str, call_id: str, *, result: str, error: str
+    ) -> None:
+        """Answer a client-side tool call a turn awaits.
+
+        Raises:
+            TurnNotRunningHereError: The turn is not running here or awaits no such call.
+        """
+        live = self.get(conversation_id, turn_id)
+        future = None if live is None else live.tool_results.get(call_id)
+        if future is None:
+            raise errors.TurnNotRunningHereError(
+                "no such tool call is awaited on this server",
+                metadata={"turnId": turn_id, "callId": call_id},
+            )
+        if not future.done():
+            future.set_result((result, error))
+
+    async def cancel_all(self, reason: str) -> None:
+        """Cancel every running turn and wait for them (each records `TurnCancelled`)."""
+        tasks = [r.task for r in self.turns.values() if r.task is not None]
+        for live in self.turns.values():
+            live.cancel_reason = reason
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+__all__ = ["RunningTurns"]

@@ -1,0 +1,688 @@
+"""One turn as it runs in this process: start, generations, tool loop, and its record in the log.
+
+`prepare` builds a turn from the conversation's state and the user's message
+(request guardrails, start events, the first engine request sent at once);
+`TurnRunner.begin` records the start; `TurnRunner.run` does the rest in the
+task that the application gives it. `RunningTurn` is what watchers see: the
+turn's numbered updates as they come.
+
+A turn is given what it needs (`TurnDependencies`: the repository, the
+engine client, tools, guardrails, the clock, the defaults) and knows nothing
+of the application that runs it.
+
+When the log is written is decided in one place, `TurnRunner._record`:
+
+- **start**: `TurnStarted`, the user message and the request decisions, one
+  append that claims the turn (its expected version decides a race);
+- **text**: what a client was shown, every `text_flush_interval_s` while a
+  generation runs, and only once a client streams the turn (nobody sees a
+  `SendMessage` turn's text before its end, so no commit carries it earlier);
+- **client tool**: everything so far, before a client-side tool is awaited
+  (the call must be visible to resumes on any replica);
+- **end**: the rest with the terminal event. A tool-less `SendMessage` turn
+  is therefore exactly two appends (start, end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+
+from turnlog import errors, metrics
+from turnlog.conversation import engine_io
+from turnlog.conversation.options import ServiceDefaults, TurnOptions, resolve
+from turnlog.conversation.projection import TurnProjector, TurnUpdate
+from turnlog.conversation.repository import ConversationRepository
+from turnlog.conversation.tools import ToolError, ToolRegistry
+from turnlog.domain import events as ev
+from turnlog.domain.state import ConversationState, evolve
+from turnlog.eventlog import Clock, derived_id
+from turnlog.guardrails import (
+    EmitText,
+    GenerationFinished,
+    GenerationRequest,
+    GuardrailDecision,
+    GuardrailPipeline,
+    GuardrailRegistry,
+    RequestSubject,
+    ResponseContext,
+    RetractText,
+    StopResponse,
+    StreamAction,
+    TextDelta,
+    decisions_to_events,
+)
+from turnlog.guardrails.execution import ExecutionEvent
+from turnlog.worker.client import EngineClient, PooledRequestStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnDependencies:
+    """What every turn of a process is given."""
+
+    repository: ConversationRepository
+    engine: EngineClient
+    tools: ToolRegistry
+    guardrails: GuardrailRegistry
+    clock: Clock
+    defaults: ServiceDefaults
+
+
+class RunningTurn:
+    """The live side of one turn in this process: updates so far and their waiters."""
+
+    def __init__(self, conversation_id: str, turn_id: str) -> None:
+        self.conversation_id = conversation_id
+        self.turn_id = turn_id
+        self.updates: list[TurnUpdate] = []
+        self.task: asyncio.Task[None] | None = None
+        self.cancel_reason = ""
+        self.tool_results: dict[str, asyncio.Future[tuple[str, str]]] = {}
+        self.error: errors.TurnlogError | None = None
+        #: A streaming client watches this turn (it was started for one, or
+        #: `watch` attached one): its text is recorded every flush interval,
+        #: and its generations ask the worker for every piece as it comes.
+        self.streamed = False
+        loop = asyncio.get_running_loop()
+        self._changed: asyncio.Future[None] = loop.create_future()
+        self._over: asyncio.Future[None] = loop.create_future()
+
+    def publish(self, updates: Sequence[TurnUpdate]) -> None:
+        if not updates:
+            return
+        self.updates.extend(updates)
+        self.publish_wakeup()
+        if updates[-1].is_last and not self._over.done():
+            self._over.set_result(None)
+
+    def fail(self, error: errors.TurnlogError) -> None:
+        """The turn's end could not be recorded: watchers get `error`."""
+        self.error = error
+        self.publish_wakeup()
+        if not self._over.done():
+            self._over.set_result(None)
+
+    def publish_wakeup(self) -> None:
+        if not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = asyncio.get_running_loop().create_future()
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.updates) and self.updates[-1].is_last
+
+    async def watch(self, after_sequence: int) -> AsyncIterator[TurnUpdate]:
+        """Every update after `after_sequence` as it comes (a streaming client)."""
+        self.streamed = True
+        index = after_sequence
+        while True:
+            while index < len(self.updates):
+                update = self.updates[index]
+                index += 1
+                yield update
+                if update.is_last:
+                    return
+            if self.ended:
+                return
+            if self.error is not None:
+                raise self.error
+            await asyncio.shield(self._changed)
+
+    async def outcome(self) -> list[TurnUpdate]:
+        """All the turn's updates once it has ended (a unary caller: one wake-up, not one per piece)."""
+        await asyncio.shield(self._over)
+        if not self.ended and self.error is not None:
+            raise self.error
+        return list(self.updates)
+
+
+async def prepare(
+    deps: TurnDependencies,
+    state: ConversationState,
+    *,
+    content: str,
+    options: TurnOptions,
+    request_id: str,
+    streamed: bool,
+    arrived: float,
+) -> TurnRunner:
+    """The turn's start events (after the request guardrails), not yet recorded.
+
+    Unless a request guardrail blocked it, the first generation's engine
+    request is sent already: the worker prefills while `TurnStarted`
+    commits, and nothing it returns is read (or shown) before that commit.
+    """
+    turn_id = derived_id(state.conversation_id, "turn", request_id)
+    pipeline = GuardrailPipeline.for_profile(
+        state.guardrail_profile or deps.defaults.guardrail_profile, deps.guardrails
+    )
+    resolved = resolve(deps.defaults, state, options)
+    with metrics.stage_timer("request_guardrails"):
+        outcome = await pipeline.check_request(
+            RequestSubject(
+                user_text=content,
+                system_prompt=state.system_prompt,
+                model=resolved.model,
+                tool_definitions=state.tools,
+                labels=state.labels,
+            )
+        )
+    run = TurnRunner(
+        deps,
+        state,
+        turn_id,
+        request_id,
+        pipeline,
+        resolved.model,
+        resolved.sampling,
+        resolved.max_tool_round_trips,
+    )
+    run.arrived = arrived
+    run.live.streamed = streamed
+    run.add(
+        ev.TurnStarted(
+            turn_id=turn_id,
+            request_id=request_id,
+            started_at_us=deps.clock(),
+            sampling=resolved.sampling,
+            max_tool_round_trips=resolved.max_tool_round_trips,
+        )
+    )
+    # The log keeps the user text as the request stages left it (redacted).
+    run.add(
+        ev.MessageAppended(
+            message_id=derived_id(turn_id, "user"),
+            role=ev.Role.USER,
+            content=outcome.text_to_send,
+            turn_id=turn_id,
+        )
+    )
+    for decided in decisions_to_events(outcome.decisions, turn_id=turn_id):
+        run.add(decided)
+    if outcome.blocked is not None:
+        run.add(outcome.blocked.to_event(turn_id=turn_id, blocked_at_us=deps.clock()))
+    else:
+        run.prestart()
+    return run
+
+
+class _Moment(enum.Enum):
+    """The points of a turn at which the log may be written (`TurnRunner._record`)."""
+
+    START = enum.auto()
+    TEXT = enum.auto()
+    CLIENT_TOOL = enum.auto()
+    END = enum.auto()
+
+
+#: The `kind` label of `metrics.TURN_APPENDS` of each moment's append.
+_APPEND_KIND = {
+    _Moment.START: "begin",
+    _Moment.TEXT: "flush",
+    _Moment.CLIENT_TOOL: "flush",
+    _Moment.END: "end",
+}
+
+
+async def _complete_despite_cancel(operation: Awaitable[object]) -> bool:
+    """Await `operation` to its end even if cancelled meanwhile; True if a cancel came."""
+    task = asyncio.ensure_future(operation)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done() and task.cancelled():
+                raise
+            cancelled = True
+    task.result()
+    return cancelled
+
+
+class TurnRunner:
+    """Runs one turn: buffers its events in order, numbers their updates, and records them."""
+
+    def __init__(
+        self,
+        deps: TurnDependencies,
+        state: ConversationState,
+        turn_id: str,
+        request_id: str,
+        pipeline: GuardrailPipeline,
+        model: str,
+        sampling: ev.SamplingParams,
+        rounds: int,
+    ) -> None:
+        self.deps = deps
+        self.pipeline = pipeline
+        self.model = model
+        self.sampling = sampling
+        self.rounds = rounds
+        #: The first generation's engine request, sent before the turn's start
+        #: was recorded (`prestart`); taken by its first engine call.
+        self.prestarted: PooledRequestStream | None = None
+        #: When the prestarted request was sent (for the first-token time).
+        self.prestarted_at = 0.0
+        #: False when a request guardrail blocked the turn (its start is its end).
+        self.generates = False
+        #: When the turn's request arrived (`time.perf_counter()`).
+        self.arrived = time.perf_counter()
+        self.state = state
+        self.durable_version = state.version
+        self.last_snapshot_version = state.version
+        self.turn_id = turn_id
+        self.request_id = request_id
+        self.cid = state.conversation_id
+        self.live = RunningTurn(self.cid, turn_id)
+        self.projector = TurnProjector(self.cid, turn_id, text_already_published=True)
+        self.pending: list[ev.Event] = []
+        self.unpublished: list[TurnUpdate] = []
+        self.event_count = 0
+        self.chunk: list[str] = []
+        self.chunk_generation = ""
+        self.last_flush = time.monotonic()
+
+    # -- the turn's record -------------------------------------------------------
+
+    def add(self, event: ev.Event) -> None:
+        """Buffer an event (closing the open text chunk first) and number its updates."""
+        self._close_chunk()
+        self._add(event)
+
+    def _add(self, event: ev.Event) -> None:
+        self.pending.append(event)
+        self.state = evolve(self.state, event)
+        self.unpublished.extend(self.projector.apply(event, self.state))
+
+    def text(self, generation_id: str, text: str) -> None:
+        """Send a text piece live now; it is recorded with the next flush."""
+        if self.chunk and self.chunk_generation != generation_id:
+            self._close_chunk()
+        self.chunk_generation = generation_id
+        self.chunk.append(text)
+        self.unpublished.append(self.projector.text(generation_id, text))
+        self.publish_pending()
+
+    def _close_chunk(self) -> None:
+        if self.chunk:
+            pieces = tuple(self.chunk)
+            self.chunk = []
+            self._add(
+                ev.TextStreamed(
+                    turn_id=self.turn_id, generation_id=self.chunk_generation, pieces=pieces
+                )
+            )
+
+    def publish_pending(self) -> None:
+        updates, self.unpublished = self.unpublished, []
+        self.live.publish(updates)
+
+    async def _record(self, moment: _Moment) -> None:
+        """The one place that decides whether the log is written now, and writes it.
+
+        Text is recorded only once a client streams the turn and the flush
+        interval has passed; the start, the moment before a client-side tool
+        is awaited, and the end are always recorded (module docstring).
+        """
+        if moment is _Moment.TEXT and not (
+            self.live.streamed
+            and time.monotonic() - self.last_flush >= self.deps.defaults.text_flush_interval_s
+        ):
+            return
+        await self._flush(publish=moment is not _Moment.START, kind=_APPEND_KIND[moment])
+
+    async def _flush(self, *, publish: bool, kind: str) -> None:
+        """Append everything buffered in one commit, then publish its updates.
+
+        Updates of a flush that ends the turn are published only after the
+        commit, so a client never sees an end the log does not hold.
+        """
+        self._close_chunk()
+        if not self.pending:
+            return
+        repository = self.deps.repository
+        new_events = []
+        for event in self.pending:
+            self.event_count += 1
+            new_events.append(
+                repository.new_event(
+                    derived_id(self.turn_id, str(self.event_count)),
+                    event,
+                    correlation=self.request_id,
+                )
+            )
+        cancelled = await _complete_despite_cancel(
+            repository.append(
+                self.cid, new_events, expected_version=self.durable_version, state=self.state
+            )
+        )
+        metrics.TURN_APPENDS.labels(kind).inc()
+        self.durable_version = self.state.version
+        self.pending = []
+        self.last_flush = time.monotonic()
+        if publish:
+            self.publish_pending()
+        if cancelled:
+            # The append landed; only now may the cancel proceed, so that the
+            # version this turn expects next is the true one.
+            raise asyncio.CancelledError
+
+    async def begin(self) -> None:
+        """Record the turn's start (its claim). If that fails, the prestarted request is cancelled.
+
+        Raises:
+            VersionConflictError, DuplicateEventError: another start won (or
+                the state was stale); StorageUnavailableError.
+        """
+        try:
+            with metrics.stage_timer("begin_append"):
+                await self._record(_Moment.START)
+        except BaseException:
+            await asyncio.shield(self.abandon())
+            raise
+        self.publish_pending()
+
+    async def finish(self, event: ev.Event) -> None:
+        """Buffer the terminal event and commit; never raises (a lost end is recovered later).
+
+        A version conflict means the turn's stream moved on without this
+        process: recovery on another replica closed it (this replica's lock
+        was lost). Watchers then get that conflict (ABORTED), never an end the
+        log does not hold.
+        """
+        self.add(event)
+        try:
+            with metrics.stage_timer("end_append"):
+                await self._record(_Moment.END)
+        except asyncio.CancelledError:
+            raise
+        except errors.VersionConflictError as e:
+            log.warning("turn %s was closed elsewhere (interrupted): %s", self.turn_id, e)
+            self.live.fail(e)
+            return
+        except Exception as e:
+            log.error("could not record the end of turn %s (%s)", self.turn_id, type(e).__name__)
+            self.live.fail(
+                errors.StorageUnavailableError(
+                    "the turn's outcome could not be recorded; recovery closes it as interrupted",
+                    metadata={"turnId": self.turn_id},
+                )
+            )
+            return
+        self.count_end()
+        await self.deps.repository.maybe_snapshot(self.state, self.last_snapshot_version)
+
+    def count_end(self) -> None:
+        """Counts the turn's recorded end by outcome, and its whole time."""
+        turn = self.state.turn(self.turn_id)
+        if turn is not None:
+            metrics.TURNS_ENDED.labels(turn.status.value).inc()
+        metrics.observe_stage("turn", time.perf_counter() - self.arrived)
+
+    # -- the generation and tool loop -------------------------------------------
+
+    def _start_message(self, sampling: ev.SamplingParams) -> engine_io.EngineRequest:
+        interval = self.deps.defaults.unwatched_delta_interval_s
+        return engine_io.start_generation(
+            self.state, sampling, min_delta_interval_s=0.0 if self.live.streamed else interval
+        )
+
+    def prestart(self) -> None:
+        """Send the first generation's engine request now (see `_engine_call`)."""
+        self.generates = True
+        stream = self.deps.engine.generate(
+            self._start_message(self.sampling), affinity_key=self.cid
+        )
+        stream.start()
+        self.prestarted = stream
+        self.prestarted_at = time.perf_counter()
+
+    async def abandon(self) -> None:
+        """Cancel the prestarted engine request if nothing took it."""
+        stream, self.prestarted = self.prestarted, None
+        if stream is not None:
+            await stream.aclose()
+
+    async def run(self) -> None:
+        """The generations and the tool loop, to the turn's recorded end (never raises but a cancel)."""
+        pipeline, model, sampling, rounds = self.pipeline, self.model, self.sampling, self.rounds
+        clock = self.deps.clock
+        phase = "generation"
+        try:
+            round_trips = 0
+            generation = 0
+            while True:
+                generation += 1
+                phase = "generation"
+                # A structured-output regex constrains only the turn's first
+                # generation (e.g. to force a tool call); later ones may end with text.
+                constrained = sampling if generation == 1 else replace(sampling, regex=None)
+                result = await self._one_generation(pipeline, model, constrained, generation)
+                if result is None:
+                    return  # blocked and recorded
+                completed = result
+                if not completed.tool_calls:
+                    await self.finish(
+                        ev.TurnCompleted(
+                            turn_id=self.turn_id,
+                            completed_at_us=clock(),
+                            finish_reason=completed.finish_reason,
+                            usage=self._turn_usage(),
+                        )
+                    )
+                    return
+                if round_trips >= rounds:
+                    self.add(ev.ToolRoundLimitReached(turn_id=self.turn_id, limit=rounds))
+                    await self.finish(
+                        ev.TurnCompleted(
+                            turn_id=self.turn_id,
+                            completed_at_us=clock(),
+                            finish_reason=ev.FinishReason.TOOL_CALLS,
+                            usage=self._turn_usage(),
+                        )
+                    )
+                    return
+                round_trips += 1
+                phase = "tool"
+                with metrics.stage_timer("tools"):
+                    await self._run_tools(completed.tool_calls)
+        except asyncio.CancelledError:
+            await self.finish(
+                ev.TurnCancelled(
+                    turn_id=self.turn_id,
+                    cancelled_at_us=clock(),
+                    reason=self.live.cancel_reason or "cancelled",
+                )
+            )
+        except errors.TurnlogError as e:
+            await self.finish(
+                ev.TurnFailed(
+                    turn_id=self.turn_id,
+                    failed_at_us=clock(),
+                    error_kind=e.reason,
+                    phase=phase,
+                    retryable=e.retryable,
+                )
+            )
+        except Exception:
+            log.exception("turn %s failed", self.turn_id)
+            await self.finish(
+                ev.TurnFailed(
+                    turn_id=self.turn_id,
+                    failed_at_us=clock(),
+                    error_kind="INTERNAL",
+                    phase=phase,
+                    retryable=False,
+                )
+            )
+        finally:
+            # Cancelled before its first generation read the prestarted request.
+            await asyncio.shield(self.abandon())
+
+    def _turn_usage(self) -> ev.Usage:
+        turn = self.state.turn(self.turn_id)
+        return turn.usage if turn is not None else ev.Usage()
+
+    async def _one_generation(
+        self,
+        pipeline: GuardrailPipeline,
+        model: str,
+        sampling: ev.SamplingParams,
+        number: int,
+    ) -> ev.GenerationCompleted | None:
+        generation_id = f"{self.turn_id}/{number}"
+        self.add(
+            ev.GenerationStarted(
+                turn_id=self.turn_id,
+                generation_id=generation_id,
+                worker="",
+                model=model,
+                sampling=sampling,
+            )
+        )
+        self.publish_pending()
+        context = ResponseContext(tool_definitions=self.state.tools)
+        stream = pipeline.response_stream(context)
+        call = pipeline.wrap_execution(self._engine_call(sampling))
+        final: GenerationFinished | None = None
+        user_text = self.state.messages[-1].content if self.state.messages else ""
+        request = GenerationRequest(model=model, text=user_text, labels=self.state.labels)
+        stopped = False
+        try:
+            async with contextlib.aclosing(call(request)) as events:
+                async for item in events:
+                    if isinstance(item, GuardrailDecision):
+                        self.add(item.to_event(turn_id=self.turn_id))
+                        self.publish_pending()
+                    elif isinstance(item, TextDelta):
+                        stopped = self._apply(generation_id, stream.feed(item.text))
+                        if stopped:
+                            break  # leaving aclosing aborts the engine request
+                        await self._record(_Moment.TEXT)
+                    else:
+                        final = item
+        finally:
+            # An execution intercept that never called the engine leaves the
+            # prestarted request unread.
+            await asyncio.shield(self.abandon())
+        outcome = stream.finish(final.tool_calls if final is not None and not stopped else ())
+        self._apply(generation_id, list(outcome.actions))
+        for decided in decisions_to_events(outcome.decisions, turn_id=self.turn_id):
+            self.add(decided)
+        if outcome.blocked is not None or stopped:
+            block = outcome.blocked or stream.blocked
+            assert block is not None
+            await self.finish(block.to_event(turn_id=self.turn_id, blocked_at_us=self.deps.clock()))
+            return None
+        assert final is not None
+        modified = any(d.verdict is ev.Verdict.MODIFY for d in outcome.decisions)
+        completed = ev.GenerationCompleted(
+            turn_id=self.turn_id,
+            generation_id=generation_id,
+            text=outcome.final_text,
+            # Token ids of a modified (redacted) response would keep what the
+            # guardrail removed, so they are not recorded.
+            token_ids=() if modified else final.token_ids,
+            finish_reason=ev.FinishReason.TOOL_CALLS if outcome.tool_calls else final.finish_reason,
+            usage=final.usage,
+            model=final.model or model,
+            sampling=sampling,
+            tool_calls=outcome.tool_calls,
+        )
+        self.add(completed)
+        return completed
+
+    def _apply(self, generation_id: str, actions: Sequence[StreamAction]) -> bool:
+        stopped = False
+        for action in actions:
+            if isinstance(action, EmitText):
+                if action.text:
+                    self.text(generation_id, action.text)
+            elif isinstance(action, RetractText):
+                self.add(
+                    ev.TextRetracted(
+                        turn_id=self.turn_id,
+                        generation_id=generation_id,
+                        start=action.start,
+                        end=action.end,
+                        reason=action.reason,
+                    )
+                )
+                self.publish_pending()
+            elif isinstance(action, StopResponse):
+                stopped = True
+        return stopped
+
+    def _engine_call(
+        self, sampling: ev.SamplingParams
+    ) -> Callable[[GenerationRequest], AsyncGenerator[ExecutionEvent, None]]:
+        """The engine call of one generation, for the execution intercepts to wrap.
+
+        The first call of the turn's first generation reads the prestarted
+        request, which is exactly the request it would send (same chat, same
+        sampling); every other call (a retry, a later generation) sends anew.
+        """
+        start = self._start_message(sampling)
+        engine = self.deps.engine
+        affinity = self.cid
+
+        async def call(request: GenerationRequest) -> AsyncGenerator[ExecutionEvent, None]:
+            stream, self.prestarted = self.prestarted, None
+            sent = self.prestarted_at
+            if stream is None:
+                stream = engine.generate(engine_io.copy_of(start), affinity_key=affinity)
+                sent = time.perf_counter()
+            reader = engine_io.GenerationReader(
+                turn_id=self.turn_id, model=request.model, sent_at=sent
+            )
+            async with stream as events:
+                async for item in events:
+                    yield reader.read(item)
+
+        return call
+
+    async def _run_tools(self, calls: Sequence[ev.ToolCall]) -> None:
+        definitions = {t.name: t for t in self.state.tools}
+        for call in calls:
+            definition = definitions.get(call.name)
+            client_side = definition is not None and definition.client_side
+            self.add(ev.ToolCallRequested(turn_id=self.turn_id, call=call, client_side=client_side))
+            if client_side:
+                future: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
+                self.live.tool_results[call.call_id] = future
+                # Record before waiting: the client may take long, and the
+                # request must be visible to resumes on any replica.
+                await self._record(_Moment.CLIENT_TOOL)
+                try:
+                    async with asyncio.timeout(self.deps.defaults.client_tool_timeout_s):
+                        result, error = await future
+                except TimeoutError:
+                    result, error = "", "the client did not answer in time"
+                finally:
+                    self.live.tool_results.pop(call.call_id, None)
+            else:
+                self.publish_pending()
+                try:
+                    result, error = (
+                        await self.deps.tools.execute(call.name, call.arguments_json),
+                        "",
+                    )
+                except ToolError as e:
+                    result, error = "", str(e)
+            if error:
+                self.add(ev.ToolCallFailed(turn_id=self.turn_id, call_id=call.call_id, error=error))
+            else:
+                self.add(
+                    ev.ToolCallCompleted(turn_id=self.turn_id, call_id=call.call_id, result=result)
+                )
+            self.publish_pending()
+
+
+__all__ = ["RunningTurn", "TurnDependencies", "TurnRunner", "prepare"]
