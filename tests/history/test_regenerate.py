@@ -17,11 +17,14 @@ import grpc
 import pytest
 
 from turnlog.conversation.tools import builtin_tools
+from turnlog.domain import events as ev
+from turnlog.domain.state import TurnStatus
 from turnlog.engine.v1 import engine_pb2_grpc
 from turnlog.guardrails.registry import BuiltinSettings, GuardrailRegistry, default_registry
 from turnlog.history import jsonl
-from turnlog.history.regenerate import ForkTarget, regenerate, render_report
+from turnlog.history.regenerate import ForkTarget, compare_turns, regenerate, render_report
 from turnlog.history.service import HistoryService
+from turnlog.history.transcript import GenerationRecord, TurnRecord
 from turnlog.storage import PostgresEventStore, RecordedEvent
 from turnlog.worker.client import EngineClient
 from turnlog.worker.scripted import Script, ScriptedEngine
@@ -104,7 +107,7 @@ async def test_guardrail_verdicts_are_compared(engine: EngineClient) -> None:
         "guardrail verdicts: sanitize_request/pii_redaction: modify -> allow"
     ]
     assert blocked_request.same
-    assert blocked_response.same
+    assert blocked_response.same, blocked_response.differences
     # Without the blocked term configured today, both blocked turns now run.
     lenient = await regenerate(
         golden("guardrails"),
@@ -172,3 +175,35 @@ async def test_regenerated_turns_can_be_written_to_forks_and_the_source_is_untou
         assert fork.ok
         assert fork.state.forked_from == ("golden-tools", turn.recorded.start_version - 1)
         assert fork.state.turns[-1].request_id == turn.recorded.request_id
+
+
+def _blocked_turn(shown: str, status: TurnStatus = TurnStatus.BLOCKED) -> TurnRecord:
+    turn = TurnRecord(
+        number=1,
+        turn_id="t",
+        request_id="r",
+        start_version=2,
+        sampling=ev.SamplingParams(),
+        max_tool_round_trips=1,
+        status=status,
+    )
+    turn.steps.append(
+        GenerationRecord(
+            generation_id="t/1", model="m", sampling=ev.SamplingParams(), streamed=[shown]
+        )
+    )
+    return turn
+
+
+def test_text_shown_before_a_block_is_compared_up_to_the_shorter_release() -> None:
+    """How much text a guardrail released before the blocked term arrived is delivery timing."""
+    recorded = _blocked_turn("Sure, the forbidden word is")
+    assert compare_turns(recorded, _blocked_turn("Sure, the")) == []
+    assert compare_turns(recorded, _blocked_turn("")) == []
+    # Something else said before the block still differs...
+    (difference,) = compare_turns(recorded, _blocked_turn("Sure, a different"))
+    assert difference.startswith("generation 1 text differs from character 6:")
+    # ... and so does a shorter text when the turn was not blocked both times.
+    differences = compare_turns(recorded, _blocked_turn("Sure, the", TurnStatus.CANCELLED))
+    assert differences[0] == "outcome: blocked (None) -> cancelled (None)"
+    assert differences[1].startswith("generation 1 text differs from character 9:")
