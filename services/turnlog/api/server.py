@@ -15,12 +15,14 @@ import os
 import signal
 import socket
 import uuid
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from turnlog.api.servicer import ConversationServicer
+from turnlog.api.validation import RequestValidation
 from turnlog.config import Settings
 from turnlog.conversation.application import ConversationApplication
 from turnlog.conversation.tools import builtin_tools
@@ -62,6 +64,31 @@ async def migrate_only(settings: Settings) -> int:
         applied = ", ".join(opened.applied_migrations) or "none pending"
         print(f"event log migrated ({describe_event_log(settings)}): {applied}", flush=True)
     return 0
+
+
+def grpc_server(app: ConversationApplication) -> tuple[grpc.aio.Server, Any]:
+    """The gRPC server of `turnlog serve` over `app`, with no port and not started.
+
+    Every request passes `RequestValidation` (the one validation table, and
+    INVALID_ARGUMENT for a body that is not a message) before any handler.
+    Serves the conversation API, health checking (not yet SERVING) and
+    reflection. Returns the server and its health servicer.
+    """
+    server = grpc.aio.server(interceptors=[RequestValidation()])
+    conversation_service_pb2_grpc.add_ConversationServiceServicer_to_server(
+        ConversationServicer(app), server
+    )
+    # grpc_health re-exports its asyncio servicer as `health.aio` without
+    # declaring it, which strict mypy reads as a private import.
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_names = [
+        conversation_service_pb2.DESCRIPTOR.services_by_name["ConversationService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ]
+    reflection.enable_server_reflection(service_names, server)
+    return server, health_servicer
 
 
 async def run_server(
@@ -130,20 +157,7 @@ async def run_server(
             log.warning("closed %d interrupted turn(s)", len(closed))
         stack.push_async_callback(app.shutdown)
         app.start_recovery(recovery_interval_s())
-        server = grpc.aio.server()
-        conversation_service_pb2_grpc.add_ConversationServiceServicer_to_server(
-            ConversationServicer(app), server
-        )
-        # grpc_health re-exports its asyncio servicer as `health.aio` without
-        # declaring it, which strict mypy reads as a private import.
-        health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        service_names = [
-            conversation_service_pb2.DESCRIPTOR.services_by_name["ConversationService"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ]
-        reflection.enable_server_reflection(service_names, server)
+        server, health_servicer = grpc_server(app)
         port = server.add_insecure_port(address)
         if port == 0:
             log.error("cannot bind %s", address)

@@ -31,17 +31,33 @@ _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 
 
+#: At most this many field violations go out in one status (the rest are counted).
+MAX_VIOLATIONS = 20
+#: At most this many are spelled out in the status message and ErrorInfo metadata.
+MAX_VIOLATIONS_IN_MESSAGE = 5
+#: Field paths are cut to this many characters (a map key is part of its path).
+MAX_FIELD_PATH = 160
+
+
 class FieldViolationsError(errors.InvalidArgumentError):
     """Request fields failed validation; carries one violation per field."""
 
     reason = "INVALID_REQUEST"
 
     def __init__(self, violations: Sequence[tuple[str, str]]) -> None:
+        # Bounded: a status travels in trailers, and a client refuses trailers
+        # past 8 KiB (it would see RESOURCE_EXHAUSTED instead of this error).
+        shown = tuple((f[:MAX_FIELD_PATH], d) for f, d in violations[:MAX_VIOLATIONS])
+        metadata = {"fields": ",".join(f for f, _ in shown[:MAX_VIOLATIONS_IN_MESSAGE])}
+        if len(violations) > len(shown):
+            metadata["moreViolations"] = str(len(violations) - len(shown))
         super().__init__(
-            "invalid request: " + "; ".join(f"{f}: {d}" for f, d in violations),
-            metadata={"fields": ",".join(f for f, _ in violations)},
+            "invalid request: "
+            + "; ".join(f"{f}: {d}" for f, d in shown[:MAX_VIOLATIONS_IN_MESSAGE])
+            + ("; …" if len(violations) > MAX_VIOLATIONS_IN_MESSAGE else ""),
+            metadata=metadata,
         )
-        self.violations = tuple(violations)
+        self.violations = shown
 
 
 def to_status(error: BaseException) -> grpc.Status:
@@ -49,12 +65,19 @@ def to_status(error: BaseException) -> grpc.Status:
     if not isinstance(error, errors.TurnlogError):
         log.error("internal error in a request handler", exc_info=error)
     extra = []
+    violations: Sequence[tuple[str, str]] = ()
     if isinstance(error, FieldViolationsError):
+        violations = error.violations
+    elif isinstance(error, errors.InvalidArgumentError) and error.metadata.get("field"):
+        # Found past the validation table (a page token that is not ours):
+        # still a field violation, so every malformed field reads the same.
+        violations = ((error.metadata["field"], error.message),)
+    if violations:
         extra.append(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                    for f, d in error.violations
+                    for f, d in violations
                 ]
             )
         )

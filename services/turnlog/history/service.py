@@ -265,9 +265,11 @@ class HistoryService:
             try:
                 if query.conversation_id is not None:
                     after_version = int(str(saved["a"]))
+                    if not 0 <= after_version < 2**63 - 1:  # a bigint, one past it too
+                        raise ValueError("version out of range")
                 else:
                     after_position = Position.parse(str(saved["a"]))
-            except (KeyError, ValueError) as e:
+            except (KeyError, ValueError, errors.InvalidArgumentError) as e:
                 raise errors.InvalidArgumentError(
                     "malformed page token", metadata={"field": "page_token"}
                 ) from e

@@ -158,7 +158,11 @@ class Position:
             InvalidArgumentError: the token is malformed.
         """
         tx, sep, pos = token.partition("-")
-        if not sep or not tx.isdigit() or not pos.isdigit():
+        # ASCII digits only ("²".isdigit() holds, int("²") fails), and each
+        # part a bigint, as the columns it is compared with.
+        if not sep or not all(p.isascii() and p.isdigit() and len(p) <= 19 for p in (tx, pos)):
+            raise InvalidArgumentError("malformed event log position token")
+        if max(int(tx), int(pos)) > 2**63 - 1:
             raise InvalidArgumentError("malformed event log position token")
         return cls(int(tx), int(pos))
 
