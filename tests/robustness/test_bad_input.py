@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -222,8 +223,15 @@ async def test_every_registered_rpc_is_fuzzed(serving: Serving) -> None:
 async def test_fuzzed_requests_end_cleanly(
     serving: Serving, path: str, data: st.DataObject
 ) -> None:
-    requests = data.draw(request_bodies(METHODS[path], hints(serving)), label="requests")
-    await check_call(serving, path, requests)
+    method = METHODS[path]
+    requests = data.draw(request_bodies(method, hints(serving)), label="requests")
+    outcome = await check_call(serving, path, requests)
+    first = message_factory.GetMessageClass(method.input_type).FromString(requests[0])
+    expected = validation.violations(first)
+    if expected and request_size(requests) <= MAX_RECEIVE_BYTES:
+        # What the table finds is what the client is told, before anything runs.
+        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
+        assert [f for f, _ in outcome.violations] == [f[:160] for f, _ in expected[:20]]
     assert await serving.health() == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -517,3 +525,15 @@ async def test_a_bad_message_later_in_a_stream_ends_it(serving: Serving) -> None
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
     assert outcome.info is not None
     assert outcome.info.reason == "MALFORMED_MESSAGE"
+
+
+def test_docs_list_the_table() -> None:
+    """docs/validation.md shows the limits the code applies, row for row."""
+    doc = (Path(__file__).parents[2] / "docs" / "validation.md").read_text()
+    shown = doc.split("<!-- rules:begin -->\n")[1].split("<!-- rules:end -->")[0]
+    rows = ["| message | field | valid values |", "|---|---|---|"]
+    rows += [
+        f"| `{m.removeprefix('turnlog.v1.')}` | `{f}` | {d} |"
+        for m, f, d in validation.describe_table()
+    ]
+    assert shown.splitlines() == rows

@@ -304,28 +304,33 @@ class TurnDefaults(_message.Message):
     MAX_TOOL_ROUND_TRIPS_FIELD_NUMBER: _builtins.int
     FIRST_GENERATION_REGEX_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name as the workers know it (empty: the worker's model)."""
+    """Model name as the workers know it (empty: the worker's model); at most
+    128.
+    """
     temperature: _builtins.float
-    """Sampling temperature."""
+    """Sampling temperature, 0 to 2."""
     top_p: _builtins.float
-    """Nucleus sampling threshold."""
+    """Nucleus sampling threshold, in (0, 1]."""
     top_k: _builtins.int
-    """Top-k sampling (-1 or 0: off)."""
+    """Top-k sampling (-1 or 0: off; below -1 is invalid)."""
     max_tokens: _builtins.int
-    """Maximum tokens per generation."""
+    """Maximum tokens per generation, at least 1."""
     seed: _builtins.int
     """Seed for reproducible sampling."""
     max_tool_round_trips: _builtins.int
-    """Maximum model-tool round trips per turn."""
+    """Maximum model-tool round trips per turn, 0 to 32."""
     first_generation_regex: _builtins.str
     """Structured output for the first generation of each turn: its text must
     match this regular expression (for example a `<tool_call>` block in the
     worker's tool-call format, which forces a tool call). Later generations
     of the tool loop are unconstrained, so the loop can end with text.
+    1-4,096; checked when the request arrives, in the engine's dialect:
+    Python regular-expression syntax without lookaround, (?...) groups other
+    than (?:...), backreferences, or \\b \\B \\A \\Z \\G \\p \\k.
     """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Stop strings."""
+        """Stop strings: at most 16, each 1-256."""
 
     def __init__(
         self,
@@ -436,9 +441,11 @@ class ToolDefinition(_message.Message):
     name: _builtins.str
     """Function name."""
     description: _builtins.str
-    """What it does."""
+    """What it does; at most 16,384 UTF-8 bytes."""
     parameters_json_schema: _builtins.str
-    """JSON Schema of its arguments, as JSON text."""
+    """JSON Schema of its arguments, as JSON text: an object, at most 65,536
+    UTF-8 bytes, nested at most 32 levels deep.
+    """
     client_side: _builtins.bool
     """Executed by the client over Converse, not by the service."""
     def __init__(

@@ -9,6 +9,14 @@ carry a google.rpc.ErrorInfo (domain "turnlog.dev", an UPPER_SNAKE reason,
 lowerCamel metadata such as retryable, phase and actualVersion) and, for
 INVALID_ARGUMENT, a google.rpc.BadRequest with field violations. A
 guardrail block is not an error: it is a turn outcome.
+
+Every request is checked against the limits stated on its fields (and
+listed in docs/validation.md) before anything runs: a request breaking one
+ends with INVALID_ARGUMENT (reason INVALID_REQUEST, one field violation per
+bad field), and a body that is not a valid message with INVALID_ARGUMENT
+(reason MALFORMED_MESSAGE). Lengths are in Unicode code points unless said
+to be UTF-8 bytes. Messages over 4 MiB are refused by gRPC
+(RESOURCE_EXHAUSTED).
 """
 
 from collections import abc as _abc
@@ -128,24 +136,28 @@ class CreateConversationRequest(_message.Message):
     GUARDRAIL_PROFILE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency key (a UUID is recommended)."""
+    """Client-chosen idempotency key (a UUID is recommended); at most 128."""
     conversation_id: _builtins.str
-    """Optional client-chosen id; the service picks one when empty."""
+    """Optional client-chosen id; the service picks one when empty. 1-63
+    letters, digits, - or _, starting with a letter or digit.
+    """
     system_prompt: _builtins.str
-    """System prompt."""
+    """System prompt; at most 262,144 UTF-8 bytes."""
     guardrail_profile: _builtins.str
-    """Guardrail profile name (empty: the service default)."""
+    """Guardrail profile name (empty: the service default); at most 64
+    letters, digits, _ . -.
+    """
     @_builtins.property
     def defaults(self) -> _conversation_pb2.TurnDefaults:
         """Defaults for every turn."""
 
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[_conversation_pb2.ToolDefinition]:
-        """Tools offered to the model."""
+        """Tools offered to the model; at most 64, names unique."""
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Labels."""
+        """Labels: at most 64; keys 1-63, values at most 256."""
 
     def __init__(
         self,
@@ -275,18 +287,22 @@ class ListConversationsRequest(_message.Message):
     CREATE_TIME_BEFORE_FIELD_NUMBER: _builtins.int
     SHOW_ARCHIVED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Maximum results (default 50, at most 500)."""
+    """Maximum results (default 50, at most 500; negative is invalid)."""
     page_token: _builtins.str
-    """Token from a previous response."""
+    """Token from a previous response (at most 1,024)."""
     show_archived: _builtins.bool
     """Include archived conversations."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Only conversations having all these labels."""
+        """Only conversations having all these labels (limits as in
+        CreateConversationRequest).
+        """
 
     @_builtins.property
     def create_time_after(self) -> _timestamp_pb2.Timestamp:
-        """Only conversations created at or after this time."""
+        """Only conversations created at or after this time. Like every Timestamp
+        of a request, within 0001-01-01 and 9999-12-31.
+        """
 
     @_builtins.property
     def create_time_before(self) -> _timestamp_pb2.Timestamp:
@@ -404,11 +420,13 @@ class TurnInput(_message.Message):
     conversation: _builtins.str
     """"conversations/{conversation_id}"."""
     request_id: _builtins.str
-    """Client-chosen idempotency key of the turn."""
+    """Client-chosen idempotency key of the turn; at most 128."""
     content: _builtins.str
-    """The user's message."""
+    """The user's message: not blank, at most 1,000,000."""
     expected_version: _builtins.int
-    """Fail with ABORTED unless the conversation is at this version."""
+    """Fail with ABORTED unless the conversation is at this version (not
+    negative).
+    """
     @_builtins.property
     def options(self) -> _conversation_pb2.TurnDefaults:
         """Overrides of the conversation's defaults for this turn."""
@@ -622,7 +640,9 @@ class ResumeTurn(_message.Message):
     turn_id: _builtins.str
     """The turn."""
     after_sequence: _builtins.int
-    """The sequence number of the last event received (0: from the start)."""
+    """The sequence number of the last event received (0: from the start;
+    negative is invalid).
+    """
     def __init__(
         self,
         *,
@@ -715,9 +735,9 @@ class ToolResult(_message.Message):
     call_id: _builtins.str
     """The call answered."""
     result: _builtins.str
-    """Result text."""
+    """Result text; at most 1,000,000."""
     error: _builtins.str
-    """Set when the tool failed."""
+    """Set when the tool failed; at most 4,096."""
     def __init__(
         self,
         *,
@@ -745,7 +765,7 @@ class CancelTurn(_message.Message):
     turn_id: _builtins.str
     """The turn."""
     reason: _builtins.str
-    """Why (recorded)."""
+    """Why (recorded); at most 4,096."""
     def __init__(
         self,
         *,
@@ -1116,7 +1136,7 @@ class ReadEventsRequest(_message.Message):
     """Token from a previous response; the other fields must be unchanged."""
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only events of these types (empty: all types)."""
+        """Only events of these types (empty: all types); at most 64, each 1-128."""
 
     def __init__(
         self,
@@ -1187,7 +1207,7 @@ class SubscribeEventsRequest(_message.Message):
     """All conversations: resume after this position (empty: from the start)."""
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only events of these types (empty: all types)."""
+        """Only events of these types (empty: all types); at most 64, each 1-128."""
 
     def __init__(
         self,

@@ -9,6 +9,14 @@ carry a google.rpc.ErrorInfo (domain "turnlog.dev", an UPPER_SNAKE reason,
 lowerCamel metadata such as retryable, phase and actualVersion) and, for
 INVALID_ARGUMENT, a google.rpc.BadRequest with field violations. A
 guardrail block is not an error: it is a turn outcome.
+
+Every request is checked against the limits stated on its fields (and
+listed in docs/validation.md) before anything runs: a request breaking one
+ends with INVALID_ARGUMENT (reason INVALID_REQUEST, one field violation per
+bad field), and a body that is not a valid message with INVALID_ARGUMENT
+(reason MALFORMED_MESSAGE). Lengths are in Unicode code points unless said
+to be UTF-8 bytes. Messages over 4 MiB are refused by gRPC
+(RESOURCE_EXHAUSTED).
 """
 
 from collections import abc as _abc
