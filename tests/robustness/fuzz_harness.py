@@ -30,7 +30,7 @@ from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
 from turnlog.v1 import history_pb2 as hpb
 
 FIXED_NOW_US = 1_700_000_000_000_000
-CI_EXAMPLES = 30
+CI_EXAMPLES = 75
 FUZZ_EXAMPLES = int(os.environ.get("TURNLOG_FUZZ_EXAMPLES", "0"))
 
 settings.register_profile(

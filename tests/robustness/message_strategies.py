@@ -189,11 +189,13 @@ class Hints:
     by_name: dict[str, list[Any]] = field(default_factory=dict)
     strategies: dict[str, Callable[[], st.SearchStrategy[Any]]] = field(default_factory=dict)
 
-    def for_field(self, f: descriptor.FieldDescriptor) -> st.SearchStrategy[Any] | None:
+    def for_field(
+        self, f: descriptor.FieldDescriptor, *, known_only: bool = False
+    ) -> st.SearchStrategy[Any] | None:
         options = []
         if self.by_name.get(f.name):
             options.append(st.sampled_from(self.by_name[f.name]))
-        if f.name in self.strategies:
+        if f.name in self.strategies and not known_only:
             options.append(self.strategies[f.name]())
         return st.one_of(*options) if options else None
 
@@ -286,10 +288,30 @@ def _map_entries(
 def messages(
     desc: descriptor.Descriptor, hints: Hints, depth: int = 0
 ) -> st.SearchStrategy[message.Message]:
-    """Messages of type `desc`: each field set or not, with hostile values."""
+    """Messages of type `desc`: hostile ones, and plausible ones that reach the application.
+
+    Hostile: each field set or not, with any value of its type. Plausible:
+    fields with known-good values mostly take them, the others are mostly
+    left unset, so that a request often passes validation and exercises what
+    lies behind it (one bad value at a time).
+    """
+    return st.one_of(_messages(desc, hints, depth, False), _messages(desc, hints, depth, True))
+
+
+def _messages(
+    desc: descriptor.Descriptor, hints: Hints, depth: int, plausible: bool
+) -> st.SearchStrategy[message.Message]:
     cls = message_factory.GetMessageClass(desc)
     if desc.full_name in ("google.protobuf.Timestamp", "google.protobuf.Duration"):
-        return _times(desc.full_name).map(lambda kw: cls(**kw))
+        times = _times(desc.full_name).map(lambda kw: cls(**kw))
+        return st.one_of(st.just(cls(seconds=1_700_000_000)), times) if plausible else times
+
+    def value(f: descriptor.FieldDescriptor) -> st.SearchStrategy[Any]:
+        if f.type == FD.TYPE_MESSAGE:
+            return _messages(f.message_type, hints, depth + 1, plausible)
+        if plausible and (known := hints.for_field(f, known_only=True)) is not None:
+            return known
+        return _value(f, hints, depth)
 
     @st.composite
     def build(draw: st.DrawFn) -> message.Message:
@@ -299,11 +321,18 @@ def messages(
         real_oneofs = [
             o for o in desc.oneofs if not (len(o.fields) == 1 and o.name == "_" + o.fields[0].name)
         ]
-        chosen = {o.name: draw(st.sampled_from([None, *o.fields])) for o in real_oneofs}
+        chosen = {
+            o.name: draw(st.sampled_from(list(o.fields) if plausible else [None, *o.fields]))
+            for o in real_oneofs
+        }
         for f in desc.fields:
             oneof = f.containing_oneof
             if oneof is not None and oneof.name in chosen:
                 if chosen[oneof.name] is not f:
+                    continue
+            elif plausible:
+                known = hints.for_field(f, known_only=True) is not None
+                if not draw(st.integers(0, 9).map(lambda n, k=known: n < (8 if k else 2))):
                     continue
             elif not draw(st.booleans()):
                 continue
@@ -311,17 +340,17 @@ def messages(
                 getattr(msg, f.name).update(draw(_map_entries(f, hints, depth)))
             elif f.is_repeated:
                 many = st.one_of(
-                    st.lists(_value(f, hints, depth), max_size=3),
+                    st.lists(value(f), max_size=3),
                     st.integers(17, 80).map(lambda n: [None] * n),
                 )
                 items = draw(many)
                 if items and items[0] is None:  # many copies of one value
-                    items = [draw(_value(f, hints, depth))] * len(items)
+                    items = [draw(value(f))] * len(items)
                 getattr(msg, f.name).extend(items)
             elif f.type == FD.TYPE_MESSAGE:
-                getattr(msg, f.name).CopyFrom(draw(_value(f, hints, depth)))
+                getattr(msg, f.name).CopyFrom(draw(value(f)))
             else:
-                setattr(msg, f.name, draw(_value(f, hints, depth)))
+                setattr(msg, f.name, draw(value(f)))
         return msg
 
     return build()

@@ -24,7 +24,7 @@ from google.protobuf import descriptor, descriptor_pool, message, message_factor
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from message_strategies import Hints, bogus_tokens, messages, nested_json, positions, regexes
 
@@ -171,7 +171,15 @@ def hints(serving: Serving) -> Hints:
             "after_position": seed.positions,
             "page_token": seed.list_tokens + seed.events_tokens,
             "event_types": seed.event_types,
-            "content": ["hi", "the answer is"],
+            "content": ["hi", "the answer is", "\u202e\x00🙂 'OR 1=1 --"],
+            "format": [1, 2],
+            "page_size": [0, 1, 2],
+            "after_sequence": [0, 1, 3],
+            "expected_version": [1, 14, 15],
+            "version": [1, 5, 14],
+            "temperature": [0.0, 0.7],
+            "max_tokens": [1, 16],
+            "labels": [],
             "conversation_id": ids,
             "fork_conversation_id": ids,
             "call_id": ["call-1"],
@@ -226,6 +234,7 @@ async def test_fuzzed_requests_end_cleanly(
     method = METHODS[path]
     requests = data.draw(request_bodies(method, hints(serving)), label="requests")
     outcome = await check_call(serving, path, requests)
+    event(f"{outcome.code.name} {outcome.info.reason if outcome.info else ''}".strip())
     first = message_factory.GetMessageClass(method.input_type).FromString(requests[0])
     expected = validation.violations(first)
     if expected and request_size(requests) <= MAX_RECEIVE_BYTES:
@@ -537,3 +546,23 @@ def test_docs_list_the_table() -> None:
         for m, f, d in validation.describe_table()
     ]
     assert shown.splitlines() == rows
+
+
+async def test_an_import_file_with_hostile_values(serving: Serving) -> None:
+    """Valid JSONL whose values PostgreSQL cannot store as they are: refused cleanly."""
+    from turnlog.v1 import conversation_service_pb2 as spb
+
+    lines = serving.seed.export.decode().splitlines(keepends=True)
+    hostile = [
+        ('"type":"ConversationCreated"', '"type":"Conversation\\u0000Created"'),
+        ('"stream_id":"conversation-seed-active"', '"stream_id":"conversation-seed\\u0000"'),
+        ('"stream_version":1,', '"stream_version":99999999999999999999,'),
+        ('"recorded_at":"', '"recorded_at":"0000'),
+    ]
+    async with still_serving(serving):
+        for old, new in hostile:
+            changed = "".join([lines[0], lines[1].replace(old, new), *lines[2:]])
+            assert changed != serving.seed.export.decode()
+            parts = [spb.ImportConversationRequest(data=changed.encode()).SerializeToString()]
+            outcome = await check_call(serving, S + "ImportConversation", parts)
+            assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (new, outcome)

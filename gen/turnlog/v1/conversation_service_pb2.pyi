@@ -1136,7 +1136,9 @@ class ReadEventsRequest(_message.Message):
     """Token from a previous response; the other fields must be unchanged."""
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only events of these types (empty: all types); at most 64, each 1-128."""
+        """Only events of these types (empty: all types); at most 64, each 1-128
+        letters, digits, _ . -.
+        """
 
     def __init__(
         self,
@@ -1207,7 +1209,9 @@ class SubscribeEventsRequest(_message.Message):
     """All conversations: resume after this position (empty: from the start)."""
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only events of these types (empty: all types); at most 64, each 1-128."""
+        """Only events of these types (empty: all types); at most 64, each 1-128
+        letters, digits, _ . -.
+        """
 
     def __init__(
         self,

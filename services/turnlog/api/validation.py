@@ -81,6 +81,7 @@ NAME_PATTERN: Final = re.compile(r"^conversations/[A-Za-z0-9][A-Za-z0-9_-]{0,62}
 TOKEN_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 PAGE_TOKEN_PATTERN: Final = re.compile(r"^[A-Za-z0-9_=-]*$")
 POSITION_PATTERN: Final = re.compile(r"^([0-9]{1,19})-([0-9]{1,19})$")
+EVENT_TYPE_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
 GUARDRAIL_PROFILE_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
 # What the engine's structured-output backend (xgrammar) cannot parse although
 # Python's `re` can: lookaround, named/flag/conditional groups (any "(?" but
@@ -356,7 +357,15 @@ PAGE_TOKEN: Final = Text(
     shape="empty or a next_page_token from a previous response",
 )
 EVENT_TYPES: Final = Items(
-    MAX_EVENT_TYPES, each=Text(required=True, max_chars=MAX_EVENT_TYPE_CHARS)
+    MAX_EVENT_TYPES,
+    # A name like "TurnCompleted": it reaches SQL as a text parameter, which
+    # cannot hold NUL (PostgreSQL refuses it, which used to be INTERNAL).
+    each=Text(
+        required=True,
+        max_chars=MAX_EVENT_TYPE_CHARS,
+        pattern=EVENT_TYPE_PATTERN,
+        shape="an event type name (letters, digits, _ . -)",
+    ),
 )
 
 #: Per request message (full name): every field's rule. Nested message types
