@@ -80,6 +80,10 @@ def strings() -> st.SearchStrategy[str]:
     )
 
 
+#: Nesting depths: around the table's limit, and past Python's recursion limit.
+DEPTHS = st.sampled_from([2_000, 100_000, 32, 33])
+
+
 def nested_json() -> st.SearchStrategy[str]:
     """JSON text: ordinary objects, very deep nesting, and text that is not JSON."""
     leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10))
@@ -91,10 +95,11 @@ def nested_json() -> st.SearchStrategy[str]:
         max_leaves=20,
     )
     return st.one_of(
+        DEPTHS.map(lambda n: '{"a":' * n + "1" + "}" * n),
+        DEPTHS.map(lambda n: '{"a":' * n + "[]" + "}" * n),
         st.dictionaries(st.text(max_size=8), values, max_size=4).map(json.dumps),
-        st.integers(1, 200_000).map(lambda n: '{"a":' * n + "1" + "}" * n),
-        st.integers(1, 200_000).map(lambda n: "[" * n + "]" * n),
-        st.integers(1, 200_000).map(lambda n: "[" * n),
+        DEPTHS.map(lambda n: "[" * n + "]" * n),
+        DEPTHS.map(lambda n: "[" * n),
         st.sampled_from(["", "{", "[]", "null", "1e999999", '{"a":NaN}', '"x"', "{}"]),
     )
 
@@ -189,12 +194,16 @@ class Hints:
     by_name: dict[str, list[Any]] = field(default_factory=dict)
     strategies: dict[str, Callable[[], st.SearchStrategy[Any]]] = field(default_factory=dict)
 
+    def known(self, f: descriptor.FieldDescriptor) -> list[Any]:
+        """Known-good values of a field, by its full name first, then its name."""
+        return self.by_name.get(f.full_name) or self.by_name.get(f.name) or []
+
     def for_field(
         self, f: descriptor.FieldDescriptor, *, known_only: bool = False
     ) -> st.SearchStrategy[Any] | None:
         options = []
-        if self.by_name.get(f.name):
-            options.append(st.sampled_from(self.by_name[f.name]))
+        if known := self.known(f):
+            options.append(st.sampled_from(known))
         if f.name in self.strategies and not known_only:
             options.append(self.strategies[f.name]())
         return st.one_of(*options) if options else None
@@ -288,69 +297,144 @@ def _map_entries(
 def messages(
     desc: descriptor.Descriptor, hints: Hints, depth: int = 0
 ) -> st.SearchStrategy[message.Message]:
-    """Messages of type `desc`: hostile ones, and plausible ones that reach the application.
+    """Messages of type `desc`: hostile ones, and ones with a single bad field.
 
-    Hostile: each field set or not, with any value of its type. Plausible:
-    fields with known-good values mostly take them, the others are mostly
-    left unset, so that a request often passes validation and exercises what
-    lies behind it (one bad value at a time).
+    Hostile: each field set or not, with any value of its type. Targeted:
+    one field (anywhere in the message tree) gets a hostile value, aimed at
+    its weak spot where a hint strategy exists; every other field takes a
+    known-good value or stays unset, so the request passes the first check
+    unless that field breaks it, and what lies behind is exercised.
     """
-    return st.one_of(_messages(desc, hints, depth, False), _messages(desc, hints, depth, True))
+    # Fields with a weak spot to aim at are targeted more often.
+    leaves = [
+        leaf
+        for leaf in _leaves(desc, depth)
+        for _ in range(4 if leaf.rsplit(".", 1)[-1] in hints.strategies else 1)
+    ]
+    return st.one_of(
+        _hostile(desc, hints, depth),
+        st.sampled_from(leaves).flatmap(lambda target: _targeted(desc, hints, depth, target)),
+    )
 
 
-def _messages(
-    desc: descriptor.Descriptor, hints: Hints, depth: int, plausible: bool
+def _leaves(desc: descriptor.Descriptor, depth: int) -> list[str]:
+    """Full names of every field reachable from `desc` (Timestamps as leaves)."""
+    found: list[str] = []
+    for f in desc.fields:
+        found.append(f.full_name)
+        if (
+            f.type == FD.TYPE_MESSAGE
+            and depth < 3
+            and not f.message_type.GetOptions().map_entry
+            and not f.message_type.full_name.startswith("google.protobuf.")
+        ):
+            found.extend(_leaves(f.message_type, depth + 1))
+    return found
+
+
+def _times_of(cls: Any, desc: descriptor.Descriptor) -> st.SearchStrategy[message.Message]:
+    return _times(desc.full_name).map(lambda kw: cls(**kw))
+
+
+def _repeated(f: descriptor.FieldDescriptor, one: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.lists(one, max_size=3),
+        st.tuples(st.integers(17, 80), one).map(lambda t: [t[1]] * t[0]),  # many copies
+    )
+
+
+def _set(msg: message.Message, f: descriptor.FieldDescriptor, value: Any) -> None:
+    if f.message_type is not None and f.message_type.GetOptions().map_entry:
+        getattr(msg, f.name).update(value)
+    elif f.is_repeated:
+        getattr(msg, f.name).extend(value)
+    elif f.type == FD.TYPE_MESSAGE:
+        getattr(msg, f.name).CopyFrom(value)
+    else:
+        setattr(msg, f.name, value)
+
+
+def _hostile_value(
+    f: descriptor.FieldDescriptor, hints: Hints, depth: int
+) -> st.SearchStrategy[Any]:
+    if f.message_type is not None and f.message_type.GetOptions().map_entry:
+        return _map_entries(f, hints, depth)
+    one = (
+        _hostile(f.message_type, hints, depth + 1)
+        if f.type == FD.TYPE_MESSAGE
+        else _value(f, hints, depth)
+    )
+    return _repeated(f, one) if f.is_repeated else one
+
+
+def _hostile(
+    desc: descriptor.Descriptor, hints: Hints, depth: int
 ) -> st.SearchStrategy[message.Message]:
     cls = message_factory.GetMessageClass(desc)
     if desc.full_name in ("google.protobuf.Timestamp", "google.protobuf.Duration"):
-        times = _times(desc.full_name).map(lambda kw: cls(**kw))
-        return st.one_of(st.just(cls(seconds=1_700_000_000)), times) if plausible else times
-
-    def value(f: descriptor.FieldDescriptor) -> st.SearchStrategy[Any]:
-        if f.type == FD.TYPE_MESSAGE:
-            return _messages(f.message_type, hints, depth + 1, plausible)
-        if plausible and (known := hints.for_field(f, known_only=True)) is not None:
-            return known
-        return _value(f, hints, depth)
+        return _times_of(cls, desc)
 
     @st.composite
     def build(draw: st.DrawFn) -> message.Message:
         msg = cls()
         if depth > 3:
             return msg
-        real_oneofs = [
-            o for o in desc.oneofs if not (len(o.fields) == 1 and o.name == "_" + o.fields[0].name)
-        ]
-        chosen = {
-            o.name: draw(st.sampled_from(list(o.fields) if plausible else [None, *o.fields]))
-            for o in real_oneofs
-        }
+        chosen = {o.name: draw(st.sampled_from([None, *o.fields])) for o in _real_oneofs(desc)}
         for f in desc.fields:
             oneof = f.containing_oneof
             if oneof is not None and oneof.name in chosen:
                 if chosen[oneof.name] is not f:
                     continue
-            elif plausible:
-                known = hints.for_field(f, known_only=True) is not None
-                if not draw(st.integers(0, 9).map(lambda n, k=known: n < (8 if k else 2))):
-                    continue
             elif not draw(st.booleans()):
                 continue
-            if f.message_type is not None and f.message_type.GetOptions().map_entry:
-                getattr(msg, f.name).update(draw(_map_entries(f, hints, depth)))
-            elif f.is_repeated:
-                many = st.one_of(
-                    st.lists(value(f), max_size=3),
-                    st.integers(17, 80).map(lambda n: [None] * n),
-                )
-                items = draw(many)
-                if items and items[0] is None:  # many copies of one value
-                    items = [draw(value(f))] * len(items)
-                getattr(msg, f.name).extend(items)
-            elif f.type == FD.TYPE_MESSAGE:
-                getattr(msg, f.name).CopyFrom(draw(value(f)))
-            else:
-                setattr(msg, f.name, draw(value(f)))
+            _set(msg, f, draw(_hostile_value(f, hints, depth)))
+        return msg
+
+    return build()
+
+
+def _real_oneofs(desc: descriptor.Descriptor) -> list[descriptor.OneofDescriptor]:
+    return [o for o in desc.oneofs if not (len(o.fields) == 1 and o.name == "_" + o.fields[0].name)]
+
+
+def _targeted(
+    desc: descriptor.Descriptor, hints: Hints, depth: int, target: str
+) -> st.SearchStrategy[message.Message]:
+    cls = message_factory.GetMessageClass(desc)
+    if desc.full_name in ("google.protobuf.Timestamp", "google.protobuf.Duration"):
+        return st.just(cls(seconds=1_700_000_000))
+
+    def holds(f: descriptor.FieldDescriptor) -> bool:
+        """Whether the target is `f` or inside it."""
+        return f.full_name == target or (
+            f.type == FD.TYPE_MESSAGE and target in _leaves(f.message_type, depth + 1)
+        )
+
+    @st.composite
+    def build(draw: st.DrawFn) -> message.Message:
+        msg = cls()
+        if depth > 3:
+            return msg
+        chosen = {}
+        for o in _real_oneofs(desc):
+            inside = [f for f in o.fields if holds(f)]
+            chosen[o.name] = inside[0] if inside else draw(st.sampled_from(list(o.fields)))
+        for f in desc.fields:
+            oneof = f.containing_oneof
+            if oneof is not None and oneof.name in chosen and chosen[oneof.name] is not f:
+                continue
+            if f.full_name == target:
+                weak_spot = hints.strategies.get(f.name)
+                one = weak_spot() if weak_spot is not None and not f.is_repeated else None
+                _set(msg, f, draw(one if one is not None else _hostile_value(f, hints, depth)))
+            elif holds(f):
+                inner = _targeted(f.message_type, hints, depth + 1, target)
+                _set(msg, f, [draw(inner)] if f.is_repeated else draw(inner))
+            elif known := hints.known(f):
+                value = draw(st.sampled_from(known))
+                _set(msg, f, [value] if f.is_repeated and not isinstance(value, dict) else value)
+            elif f.type == FD.TYPE_MESSAGE and not f.is_repeated and draw(st.booleans()):
+                _set(msg, f, draw(_targeted(f.message_type, hints, depth + 1, target)))
         return msg
 
     return build()

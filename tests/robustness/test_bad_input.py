@@ -161,13 +161,14 @@ async def check_call(serving: Serving, path: str, requests: Sequence[bytes]) -> 
 def hints(serving: Serving) -> Hints:
     seed = serving.seed
     names = [seed.active, seed.archived, "conversations/missing", "conversations/" + "x" * 64]
-    ids = ["seed-active", "fresh-id", "x" * 63, "-bad"]
+    ids = ["seed-active", "fresh-id", "x" * 63]
     return Hints(
         by_name={
             "conversation": names,
             "name": names,
+            "turnlog.v1.ToolDefinition.name": ["lookup", "calculator", "a.b-c_d"],
             "turn_id": [seed.turn_id, "00000000-0000-0000-0000-000000000000"],
-            "request_id": [seed.request_id, "r-new", "x" * 129],
+            "request_id": [seed.request_id, "r-new", "", "x" * 128],
             "after_position": seed.positions,
             "page_token": seed.list_tokens + seed.events_tokens,
             "event_types": seed.event_types,
@@ -178,8 +179,13 @@ def hints(serving: Serving) -> Hints:
             "expected_version": [1, 14, 15],
             "version": [1, 5, 14],
             "temperature": [0.0, 0.7],
+            "top_p": [0.5, 1.0],
+            "top_k": [-1, 0, 40],
             "max_tokens": [1, 16],
-            "labels": [],
+            "max_tool_round_trips": [0, 2],
+            "stop": ["END"],
+            "first_generation_regex": ["[a-z ]+", r"<tool_call>.*</tool_call>"],
+            "labels": [{}, {"team": "fuzz"}],
             "conversation_id": ids,
             "fork_conversation_id": ids,
             "call_id": ["call-1"],
