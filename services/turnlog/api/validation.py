@@ -795,6 +795,10 @@ else:
 class RequestValidation(_Interceptor):
     """Applies `RULES` to every request of every RPC, before its handler reads it."""
 
+    def __init__(self) -> None:
+        # The guarded handler of each method, built once (per registered handler).
+        self._guarded: dict[str, tuple[Handler, Handler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Any],
@@ -805,7 +809,11 @@ class RequestValidation(_Interceptor):
         handler: Any = await continuation(handler_call_details)
         if handler is None:
             return cast(Handler, None)
-        return guarded(handler, handler_call_details.method)
+        method = handler_call_details.method
+        known = self._guarded.get(method)
+        if known is None or known[0] is not handler:
+            known = self._guarded[method] = (handler, guarded(handler, method))
+        return known[1]
 
 
 def describe_table() -> Iterable[tuple[str, str, str]]:
