@@ -47,6 +47,8 @@ settings.register_profile(
     ],
 )
 FUZZ = settings.get_profile("turnlog-fuzz")
+#: The per-test timeout of a fuzz test: the suite's 120 s, plus time for a long run.
+FUZZ_TIMEOUT_S = 120 + FUZZ_EXAMPLES // 5
 
 SCRIPT: dict[str, Any] = {
     "model": "scripted-robustness",

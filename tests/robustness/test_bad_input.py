@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from fuzz_harness import FUZZ, Serving
+from fuzz_harness import FUZZ, FUZZ_TIMEOUT_S, Serving
 from google.protobuf import descriptor, descriptor_pool, message, message_factory
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
@@ -232,6 +232,7 @@ async def test_every_registered_rpc_is_fuzzed(serving: Serving) -> None:
 
 
 @pytest.mark.parametrize("path", sorted(METHODS))
+@pytest.mark.timeout(FUZZ_TIMEOUT_S)
 @FUZZ
 @given(data=st.data())
 async def test_fuzzed_requests_end_cleanly(
@@ -484,6 +485,15 @@ def _cases(seed_name: str, turn_id: str) -> list[tuple[str, message.Message, set
             spb.GetConversationRequest(name="conversations/'; DROP TABLE turnlog.events; --"),
             {"name"},
         ),
+        (
+            "CreateConversation",
+            spb.CreateConversationRequest(
+                conversation_id="abc\n", tools=[pb.ToolDefinition(name="t\n")]
+            ),
+            {"conversation_id", "tools[0].name"},
+        ),
+        ("GetConversation", spb.GetConversationRequest(name="conversations/abc\n"), {"name"}),
+        ("ReadEvents", spb.ReadEventsRequest(after_position="1-1\n"), {"after_position"}),
     ]
 
 

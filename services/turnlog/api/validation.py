@@ -137,7 +137,8 @@ class Text(Rule):
             return "required" if self.required or self.not_blank else None
         if self.not_blank and not text.strip():
             return "must not be blank"
-        if self.pattern is not None and not self.pattern.match(text):
+        # fullmatch: "$" alone lets a trailing newline through ("abc\n").
+        if self.pattern is not None and not self.pattern.fullmatch(text):
             return f"must be {self.shape}"
         return None
 
@@ -254,7 +255,7 @@ class Position(Rule):
     def check(self, value: Any) -> str | None:
         if not value:
             return None
-        found = POSITION_PATTERN.match(value)
+        found = POSITION_PATTERN.fullmatch(value)
         if found is None or max(int(found[1]), int(found[2])) > INT64_MAX:
             return "not a position from a LogEvent or CaughtUp"
         return None
