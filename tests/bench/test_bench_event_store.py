@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from json_shape import assert_paired
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,14 +25,6 @@ SCENARIOS = {
     "read_all_streams_raw",
 }
 RATIOS = {"append_16_vs_plain_insert", "append_16_vs_eventsourcing"}
-
-
-def assert_paired(name: str, ratio: dict[str, Any], runs: int) -> None:
-    assert set(ratio) == {"median", "min", "max", "runs"}, name
-    assert len(ratio["runs"]) == runs, name
-    values = [ratio["median"], ratio["min"], ratio["max"], *ratio["runs"]]
-    assert all(math.isfinite(v) and v > 0 for v in values), (name, ratio)
-    assert ratio["min"] <= ratio["median"] <= ratio["max"], (name, ratio)
 
 
 @pytest.mark.timeout(120)
