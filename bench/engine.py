@@ -553,9 +553,9 @@ def main() -> int:
     if args.phase == "inprocess":
         # Results go out on the real stdout; anything else written to fd 1
         # (vLLM logs to stdout) goes to stderr, the child's log.
-        results = os.fdopen(os.dup(1), "w")
+        answers = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)
-        asyncio.run(phase_inprocess(args.model, results))
+        asyncio.run(phase_inprocess(args.model, answers))
         return 0
     if args.sides is None:
         args.sides = WORKER_SIDES if args.worker else SIDES
