@@ -20,7 +20,8 @@ from worker_processes import WORKER_ENV, WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(120)]
+# (300 s: the first vLLM test of a session also waits for the session worker to start)
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
 ROW_KEYS = {
     "concurrency",

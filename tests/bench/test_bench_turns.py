@@ -22,7 +22,8 @@ from turnlog.conversation.application import ServiceDefaults
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(120)]
+# (300 s: the first vLLM test of a session also waits for the session worker to start)
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
 SCRIPTED_ROW = {"side", "profile", "concurrency", "turns", "turns_per_s", "runs_turns_per_s",
                 "p50_ms", "p99_ms"}  # fmt: skip
