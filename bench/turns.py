@@ -564,7 +564,8 @@ class CpuMeter:
     Trees are read whole (a server and all its children: vLLM's engine core,
     PostgreSQL's backends), except "bench": this process alone (the servers
     are its children too); read before and after each run; `results` gives each
-    tree's CPU milliseconds per 1,000 output tokens of that side. Processes
+    tree's CPU milliseconds per 1,000 output tokens of that side (children that
+    exited and were reaped meanwhile count through their parent). Processes
     that are idle during a side (the other servers) still count their idle
     cost, which is small.
     """
@@ -587,6 +588,11 @@ class CpuMeter:
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                     times = proc.cpu_times()
                     total += times.user + times.system
+                    if name != "bench":
+                        # Children that exited and were reaped (PostgreSQL
+                        # backends of closed connections) leave the tree, and
+                        # their CPU moves here: without it a reading can drop.
+                        total += times.children_user + times.children_system
             out[name] = total
         return out
 
