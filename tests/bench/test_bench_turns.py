@@ -18,7 +18,7 @@ import pytest
 from json_shape import assert_paired, assert_positive
 from worker_processes import WORKER_ENV, WorkerProcess
 
-from turnlog.conversation.application import ServiceDefaults
+from turnlog.conversation.options import ServiceDefaults
 
 ROOT = Path(__file__).resolve().parents[2]
 
