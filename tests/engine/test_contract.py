@@ -30,10 +30,10 @@ def long_request(rid: str, tokens: int = 300) -> pb.StartGeneration:
 # An abort must show within ABORT_DEADLINE_S, while the work it stops would
 # run 10+ s on its own: on the scripted engine, "endless" replies (480 tokens
 # at 25 ms: 12 s). The tiny vLLM model writes 480 tokens in ~0.5 s, so there
-# the work is VLLM_BACKLOG such requests: twice what the session worker's KV
-# cache runs at once (131,072 tokens: 256 of 512), ~16 s on 2 CPU cores.
-# Their deltas are held for a second: thousands a second would starve this
-# process (it would send the last starts late, and the cancels).
+# the work is VLLM_BACKLOG such requests: four rounds of the 128 that vLLM
+# runs at once on CPU, ~16 s on 2 CPU cores. Their deltas are held for a
+# second: thousands a second would starve this process (it would send the
+# last starts late, and the cancels).
 ABORT_DEADLINE_S = 0.5
 VLLM_BACKLOG = 512
 
