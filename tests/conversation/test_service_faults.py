@@ -299,8 +299,8 @@ async def test_cancel_mid_stream_aborts_the_worker_request(
 # The tiny model writes a turn's 440 tokens in ~0.5 s alone. So the worker
 # first takes VLLM_BACKGROUND requests of 480 tokens (fewer than the 128 it
 # runs at once, so the turn's request is not queued behind them), and the
-# turn's output is forced long by its regex: it would then run ~6 s on 2 CPU
-# cores, not 10 (the tiny model's context is 512 tokens), still 12 times the
+# turn's output is forced long by its regex: it would then run 5-6 s on 2 CPU
+# cores, not 10 (the tiny model's context is 512 tokens), still 10 times the
 # deadline. The background runs as long, so what remains after the cancel is
 # exactly the background.
 VLLM_BACKGROUND = 100
