@@ -325,7 +325,9 @@ async def write_conversation(
     for b, batch in enumerate(conv.batches):
         correlation = f"create-{conv.conversation_id}" if b == 0 else f"r{(b - 1) // 2}"
         events = [
-            app._new_event(derived_id(sid, str(version + k + 1)), e, correlation=correlation)
+            app.repository.new_event(
+                derived_id(sid, str(version + k + 1)), e, correlation=correlation
+            )
             for k, e in enumerate(batch)
         ]
         result = await store.append(sid, events, expected_version=version)

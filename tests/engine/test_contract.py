@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import grpc
 import pytest
-from engine_helpers import Backend, RawStream, wait_idle
+from engine_helpers import ENDLESS_TOKENS, Backend, RawStream, wait_idle
 from google.rpc import code_pb2
 
 from turnlog import errors
@@ -24,6 +25,43 @@ def long_request(rid: str, tokens: int = 300) -> pb.StartGeneration:
         prompt_text="slow: tell me a long story",
         sampling=pb.SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0),
     )
+
+
+# An abort must show within ABORT_DEADLINE_S, while the work it stops would
+# run 10+ s on its own: on the scripted engine, "endless" replies (480 tokens
+# at 25 ms: 12 s). The tiny vLLM model writes 480 tokens in ~0.5 s, so there
+# the work is VLLM_BACKLOG such requests: four rounds of the 128 that vLLM
+# runs at once on CPU, ~16 s on 2 CPU cores. Their deltas are held for a
+# second: thousands a second would starve this process (it would send the
+# last starts late, and the cancels).
+ABORT_DEADLINE_S = 0.5
+VLLM_BACKLOG = 512
+
+
+def endless_requests(backend: Backend, prefix: str, scripted: int) -> list[pb.StartGeneration]:
+    """Requests that keep the worker busy for 10+ s unless aborted."""
+    count = VLLM_BACKLOG if backend.kind == "vllm" else scripted
+    starts = []
+    for n in range(count):
+        start = pb.StartGeneration(
+            request_id=f"{prefix}{n}",
+            prompt_text="endless: tell me a long story",
+            sampling=pb.SamplingParams(max_tokens=ENDLESS_TOKENS, ignore_eos=True, temperature=0),
+        )
+        start.min_delta_interval.FromSeconds(1)
+        starts.append(start)
+    return starts
+
+
+async def wait_load(stub: Stub, requests: int, timeout_s: float = 30) -> None:
+    """Wait until the worker holds `requests` unfinished requests (all of them accepted)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        load = await stub.GetLoad(pb.GetLoadRequest())
+        if load.running_requests + load.waiting_requests >= requests:
+            return
+        assert time.monotonic() < deadline, f"the worker never took {requests} requests: {load}"
+        await asyncio.sleep(0.02)
 
 
 async def test_model_info_names_the_backend(backend: Backend, stub: Stub) -> None:
@@ -168,15 +206,15 @@ async def test_cancel_one_request_leaves_others_intact(stub: Stub) -> None:
     stream.call.cancel()
 
 
-async def test_closing_the_stream_aborts_all_its_requests(stub: Stub) -> None:
+async def test_closing_the_stream_aborts_all_its_requests(backend: Backend, stub: Stub) -> None:
     stream = RawStream(stub)
-    for rid in ("x", "y", "z"):
-        await stream.start(long_request(rid, tokens=400))
+    requests = endless_requests(backend, "x", scripted=3)
+    for start in requests:
+        await stream.start(start)
     await stream.read()  # generation is under way
-    load = await stub.GetLoad(pb.GetLoadRequest())
-    assert load.running_requests + load.waiting_requests >= 1
+    await wait_load(stub, len(requests))
     stream.call.cancel()
-    await wait_idle(stub, timeout_s=3)
+    await wait_idle(stub, timeout_s=ABORT_DEADLINE_S)
 
 
 async def test_bad_requests_get_per_request_errors_and_the_stream_survives(
@@ -259,17 +297,21 @@ async def test_cancelling_the_consumer_task_cancels_the_request(
     conn = WorkerConnection(backend.target)
     first_token = asyncio.Event()
 
-    async def consume() -> None:
-        async for _ in conn.generate(long_request("", tokens=400)):
+    async def consume(start: pb.StartGeneration) -> None:
+        async for _ in conn.generate(start):
             first_token.set()
 
+    requests = endless_requests(backend, "task-", scripted=1)
     try:
-        task = asyncio.create_task(consume())
+        # One consuming task per request (one on the scripted engine).
+        tasks = [asyncio.create_task(consume(start)) for start in requests]
         await asyncio.wait_for(first_token.wait(), 30)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await wait_idle(stub, timeout_s=3)
+        await wait_load(stub, len(requests))
+        for task in tasks:
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
+        await wait_idle(stub, timeout_s=ABORT_DEADLINE_S)
         assert conn.in_flight == 0
     finally:
         await conn.close()
