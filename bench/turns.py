@@ -161,6 +161,12 @@ USER_TEXTS = [
 ]
 
 
+# vLLM's HTTP server (uvicorn) closes a keep-alive connection after 5 s idle; a
+# client that reuses one as the server closes it fails with "Can not write
+# request body". Idle connections are dropped on this side first.
+HTTP_KEEPALIVE_S = 2.0
+
+
 def user_text(conversation: int, turn: int) -> str:
     return f"{USER_TEXTS[(conversation + turn) % len(USER_TEXTS)]} (conversation {conversation}, turn {turn})"
 
@@ -847,7 +853,9 @@ async def phase_vllm(
         if http is not None:
             wait_for(lambda: http_ready(url), http, http_log)
         async with (
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=HTTP_KEEPALIVE_S)
+            ) as session,
             grpc.aio.insecure_channel(f"127.0.0.1:{sport}") as channel,
             EngineClient([worker_address], load_poll_interval_s=0) as client,
         ):
