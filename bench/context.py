@@ -208,15 +208,17 @@ def report(results: dict[str, Any], turns: int) -> dict[str, Any]:
         base = rows[0]
         print(f"\n{side} (truncate, keep fraction {'0.6' if side == 'stepped' else '1.0'})")
         print(
-            f"{'turn':>5} {'prompt tok':>10} {'vs t1':>6} {'TTFT ms':>8} {'vs t1':>6} {'decide ms':>9} {'left out':>8}"
+            f"{'turn':>5} {'prompt tok':>10} {'vs t1':>6} {'TTFT ms':>8} {'vs t1':>6} {'TTFT med5':>9} {'decide ms':>9} {'left out':>8}"
         )
         for c in checkpoints:
             r = rows[c - 1]
             p_ratio = r["prompt_tokens"] / base["prompt_tokens"]
             t_ratio = r["ttft_ms"] / base["ttft_ms"] if base["ttft_ms"] else 0.0
+            # One turn is one sample: also the median of the five turns up to it.
+            r["ttft_med5_ms"] = statistics.median(x["ttft_ms"] for x in rows[max(0, c - 5) : c])
             print(
                 f"{c:>5} {r['prompt_tokens']:>10} {p_ratio:>6.2f} {r['ttft_ms']:>8.1f} "
-                f"{t_ratio:>6.2f} {r['decide_ms']:>9.2f} {r['left_out_turns']:>8}"
+                f"{t_ratio:>6.2f} {r['ttft_med5_ms']:>9.1f} {r['decide_ms']:>9.2f} {r['left_out_turns']:>8}"
             )
             figures[f"{side}_turn_{c}"] = {
                 k: r[k] for k in ("prompt_tokens", "ttft_ms", "decide_ms", "left_out_turns")
