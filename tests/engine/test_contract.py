@@ -10,6 +10,7 @@ import grpc
 import pytest
 from engine_helpers import ENDLESS_TOKENS, Backend, RawStream, wait_idle
 from google.rpc import code_pb2
+from worker_processes import VLLM_MAX_MODEL_LEN
 
 from turnlog import errors
 from turnlog.engine.v1 import engine_pb2 as pb
@@ -68,7 +69,7 @@ async def test_model_info_names_the_backend(backend: Backend, stub: Stub) -> Non
     info = await stub.GetModelInfo(pb.GetModelInfoRequest())
     expected = pb.BACKEND_VLLM if backend.kind == "vllm" else pb.BACKEND_SCRIPTED
     assert info.backend == expected
-    assert info.max_context_tokens == 512
+    assert info.max_context_tokens == VLLM_MAX_MODEL_LEN
     assert info.tokenizer.vocab_size > 0
     assert info.tokenizer.HasField("eos_token_id")
     assert info.tokenizer.has_chat_template
@@ -171,6 +172,44 @@ async def test_render_chat_with_tools(stub: Stub) -> None:
         pb.TokenizeRequest(text=rendered.prompt_text, add_special_tokens=False)
     )
     assert list(again.token_ids) == list(rendered.prompt_token_ids)
+
+
+async def test_chat_token_counts_add_up_to_the_rendered_prompt(stub: Stub) -> None:
+    """Head plus any run of counted messages is exactly the rendered prompt's length."""
+    head = pb.ChatPrompt(
+        messages=[pb.ChatMessage(role=pb.CHAT_ROLE_SYSTEM, content="Be brief.")],
+        tools=[pb.ToolDefinition(name="calculator", description="Evaluates arithmetic")],
+    )
+    call = pb.ToolCall(id="c1", name="calculator", arguments_json='{"expression": "6 * 7"}')
+    messages = [
+        pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="What is 6 * 7? Ünïcode too."),
+        pb.ChatMessage(role=pb.CHAT_ROLE_ASSISTANT, content="", tool_calls=[call]),
+        pb.ChatMessage(role=pb.CHAT_ROLE_TOOL, content="42", tool_call_id="c1"),
+        pb.ChatMessage(role=pb.CHAT_ROLE_ASSISTANT, content="It is 42.\n\nAnything else?"),
+        pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="no"),
+    ]
+    counted = await stub.CountChatTokens(pb.CountChatTokensRequest(head=head, messages=messages))
+    assert len(counted.message_tokens) == len(messages)
+    assert all(n > 0 for n in counted.message_tokens)
+    assert counted.max_context_tokens == VLLM_MAX_MODEL_LEN
+    for first in (0, 1, 3, 4):
+        chat = pb.ChatPrompt(
+            messages=[*head.messages, *messages[first:]],
+            tools=head.tools,
+            add_generation_prompt=True,
+        )
+        rendered = await stub.RenderChat(pb.RenderChatRequest(chat=chat))
+        expected = counted.head_tokens + sum(counted.message_tokens[first:])
+        assert len(rendered.prompt_token_ids) == expected, first
+    # A head without a system message or tools counts the generation prompt only.
+    bare = await stub.CountChatTokens(pb.CountChatTokensRequest(messages=messages[:1]))
+    rendered = await stub.RenderChat(
+        pb.RenderChatRequest(chat=pb.ChatPrompt(messages=messages[:1], add_generation_prompt=True))
+    )
+    assert bare.head_tokens + bare.message_tokens[0] == len(rendered.prompt_token_ids)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CountChatTokens(pb.CountChatTokensRequest(messages=[*head.messages]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_render_chat_rejects_empty_chat_with_status(stub: Stub) -> None:
@@ -283,7 +322,7 @@ async def test_client_maps_request_errors_to_turnlog_errors(backend: Backend) ->
                 pb.StartGeneration(prompt_text="hi", sampling=pb.SamplingParams(max_tokens=9999))
             ):
                 pass
-        assert caught.value.metadata["maxContextTokens"] == "512"
+        assert caught.value.metadata["maxContextTokens"] == str(VLLM_MAX_MODEL_LEN)
         with pytest.raises(errors.InvalidArgumentError):
             async for _ in conn.generate(pb.StartGeneration(prompt_text="")):
                 pass

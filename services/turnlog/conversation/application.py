@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from turnlog import errors, metrics
 from turnlog.conversation import turn
+from turnlog.conversation.context import TokenCounter
 from turnlog.conversation.listing import ConversationIndex, ConversationSummary, ListQuery
 from turnlog.conversation.options import ServiceDefaults, TurnOptions
 from turnlog.conversation.projection import TextPiece, TurnProjector, TurnResult, TurnUpdate
@@ -134,6 +135,7 @@ class ConversationApplication:
                 guardrails=self.guardrails,
                 clock=clock,
                 defaults=self.defaults,
+                tokens=TokenCounter(engine, cache_size=self.defaults.token_count_cache_size),
             )
         )
         self.running = RunningTurns()
@@ -179,6 +181,7 @@ class ConversationApplication:
             labels=tuple(sorted(command.labels)),
             request_id=command.request_id,
             max_tool_round_trips=command.defaults.max_tool_round_trips,
+            context_policy=command.defaults.context_policy,
         )
         event = self.repository.new_event(
             derived_id(conversation_id, "created"), created, correlation=command.request_id
