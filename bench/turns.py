@@ -122,9 +122,9 @@ import psutil
 import psycopg
 from engine import (
     ENGINE_SETTINGS,
-    HTTP_LAUNCHER,
     build_model,
     free_port,
+    http_command,
     start_process,
     stop_process,
     wait_for,
@@ -819,16 +819,7 @@ async def phase_vllm(
             model = args.model or build_model(tmp, env)
             hport = free_port()
             url = f"http://127.0.0.1:{hport}"
-            http_cmd = [
-                sys.executable, "-c", HTTP_LAUNCHER,
-                "--model", model, "--host", "127.0.0.1", "--port", str(hport),
-                "--max-model-len", str(ENGINE_SETTINGS["max_model_len"]),
-                "--kv-cache-memory-bytes", str(ENGINE_SETTINGS["kv_cache_bytes"]),
-                "--block-size", str(ENGINE_SETTINGS["block_size"]),
-                "--enforce-eager", "--enable-prefix-caching", "--disable-log-stats",
-                "--served-model-name", "tiny",
-                "--stream-interval", str(args.stream_interval),
-            ]  # fmt: skip
+            http_cmd = [*http_command(model, hport), "--stream-interval", str(args.stream_interval)]
             http = start_process(http_cmd, http_log, env)
             procs.append(http)
             roots["vllm_http"] = http.pid
