@@ -45,7 +45,9 @@ Every figure is the median of --reps runs after one untimed warm-up run; the
 scenarios of a part alternate, their order rotating each repetition. The JSON
 output has `figures` {name: {median, runs, unit}} and a top-level `ratios`
 object: each ratio is the throughput of the path named first over that of
-the path named second (above 1: the first is faster).
+the path named second (above 1: the first is faster), paired per repetition
+(bench/paired.py: run i over run i, then median, min, max and every run),
+never a ratio of two medians.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ from typing import Any, cast
 
 import grpc
 import psycopg
+from paired import format_paired, paired_ratio, rotated
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import namedtuple_row
 
@@ -325,7 +328,9 @@ async def write_conversation(
     for b, batch in enumerate(conv.batches):
         correlation = f"create-{conv.conversation_id}" if b == 0 else f"r{(b - 1) // 2}"
         events = [
-            app._new_event(derived_id(sid, str(version + k + 1)), e, correlation=correlation)
+            app.repository.new_event(
+                derived_id(sid, str(version + k + 1)), e, correlation=correlation
+            )
             for k, e in enumerate(batch)
         ]
         result = await store.append(sid, events, expected_version=version)
@@ -369,11 +374,6 @@ class Figures:
 
     def median(self, name: str) -> float:
         return self.items[name].median
-
-
-def rotated(names: Sequence[str], rep: int) -> list[str]:
-    k = rep % len(names)
-    return list(names[k:]) + list(names[:k])
 
 
 async def repeat(
@@ -869,20 +869,29 @@ async def bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
         await app.shutdown()
         await store.close()
 
+    def paired(faster_if_higher: str, baseline: str) -> dict[str, Any]:
+        """Run i of the first figure over run i of the second (same part, same repetition)."""
+        return paired_ratio(figures.items[faster_if_higher].runs, figures.items[baseline].runs)
+
     m = figures.median
+    # Each ratio is a throughput over a throughput: for figures in ms the
+    # baseline's time goes on top.
     ratios = {
-        "fold_vs_plain_parse": m("plain_select_parse") / m("fold_total"),
-        "verify_vs_plain_parse": m("plain_select_parse") / m("verify_total"),
-        "snapshot_load_vs_fold": m("fold_total") / m("snapshot_load"),
-        "read_events_one_vs_read_stream": m("grpc_read_events_one") / m("store_read_stream_one"),
-        "read_events_all_vs_read_all": m("grpc_read_events_all") / m("store_read_all"),
-        "read_events_stream_vs_read_all": m("grpc_subscribe_catch_up_all") / m("store_read_all"),
-        "subscribe_rpc_vs_in_process": m("grpc_subscribe_catch_up_all")
-        / m("history_subscribe_catch_up_all"),
-        "export_in_process_vs_plain_query": m("export_in_process_conversations")
-        / m("export_plain_query_conversations"),
-        "export_rpc_vs_plain_query": m("export_rpc_conversations")
-        / m("export_plain_query_conversations"),
+        "fold_vs_plain_parse": paired("plain_select_parse", "fold_total"),
+        "verify_vs_plain_parse": paired("plain_select_parse", "verify_total"),
+        "snapshot_load_vs_fold": paired("fold_total", "snapshot_load"),
+        "read_events_one_vs_read_stream": paired("grpc_read_events_one", "store_read_stream_one"),
+        "read_events_all_vs_read_all": paired("grpc_read_events_all", "store_read_all"),
+        "read_events_stream_vs_read_all": paired("grpc_subscribe_catch_up_all", "store_read_all"),
+        "subscribe_rpc_vs_in_process": paired(
+            "grpc_subscribe_catch_up_all", "history_subscribe_catch_up_all"
+        ),
+        "export_in_process_vs_plain_query": paired(
+            "export_in_process_conversations", "export_plain_query_conversations"
+        ),
+        "export_rpc_vs_plain_query": paired(
+            "export_rpc_conversations", "export_plain_query_conversations"
+        ),
     }
     # How the fold scales: time per event over the whole stream / over its first tenth.
     per_event_all = m("fold_fold") / big.events
@@ -918,7 +927,7 @@ async def bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
             }
             for name, f in figures.items.items()
         },
-        "ratios": {name: round(v, 3) for name, v in ratios.items()},
+        "ratios": ratios,
     }
 
 
@@ -993,7 +1002,7 @@ def print_table(out: dict[str, Any]) -> None:
         row("", f"{side}_bytes")
     print("\nratios (throughput of the first over the second; > 1: first faster)")
     for name, value in out["ratios"].items():
-        print(f"  {name:<40}{value:>8}")
+        print(f"  {name:<40}{format_paired(value)}")
 
 
 def main() -> int:

@@ -10,9 +10,11 @@ an embedded PostgreSQL (unless --dsn), `turnlog worker`, `turnlog serve
    - direct: `EngineClient.generate` on the worker with the chat the service
      would send (system prompt, the history so far, the new user message);
    - service: `SendMessage` through the conversation service.
-   The two sides alternate, --reps times; turns/s is the median over the
-   repetitions, p50/p99 latency is over every measured turn. "Added" is
-   service minus direct at p50 and p99: what the service and the log cost.
+   Both sides run once per repetition, --reps times, taking turns going
+   first; turns/s is the median over the repetitions, p50/p99 latency is over
+   every measured turn. "Added" is service minus direct at p50 and p99: what
+   the service and the log cost. `service_vs_direct_turns_P_C` is the paired
+   ratio of turns/s (see "Ratios").
 2. Database work per turn, between readings taken before the first level and
    after each level (warm-up turns included in the count). Statistics are
    flushed by backends asynchronously: an idle backend that flushed less than
@@ -28,7 +30,7 @@ an embedded PostgreSQL (unless --dsn), `turnlog worker`, `turnlog serve
    - appends: distinct turnlog.events.transaction_id among the new events
      (exact: the append transactions themselves); other = write_xacts - appends;
    - wal_fsyncs: pg_stat_io fsyncs of object 'wal' (group commit can merge
-     several commits into one flush); wal_bytes: pg_current_wal_lsn() delta.
+     several commits into one flush; None before PostgreSQL 16); wal_bytes: pg_current_wal_lsn() delta.
    This program's own statistics query is one transaction per reading and is
    subtracted; autovacuum/autoanalyze may add a few, rollbacks are reported.
 3. vLLM CPU worker on the tiny model (built on the fly unless --model), same
@@ -36,22 +38,36 @@ an embedded PostgreSQL (unless --dsn), `turnlog worker`, `turnlog serve
    is imported): output tokens/s, counted from usage, of --vllm-concurrency
    conversations at a time, each sending --vllm-turns turns (max_tokens
    --max-tokens; greedy unless --temperature, then seeded per conversation
-   alike on both sides; the service has no ignore_eos, and the random tiny
-   model's greedy replies run to max_tokens), through the service (guardrail profile "none"
-   unless --vllm-profiles says otherwise) and through vLLM's own
-   OpenAI-compatible server streaming the same chats (system prompt + history
-   + new message, `stream_options.include_usage`), and straight to the worker
-   over gRPC (`worker_direct`: the same chats, no service), which splits the
-   gap between the worker and the service. Both servers run at once; the
-   sides rotate which goes first, --vllm-reps times; medians are reported.
+   alike on every side; the service has no ignore_eos, and the random tiny
+   model's greedy replies run to max_tokens). Every side sends the same chats
+   (system prompt + history + new message). Two groups, each doing one kind
+   of work on all its sides:
+   - streamed, every token delivered and read as it comes:
+     `service_stream_P`: `StreamTurn` through the service (guardrail profile
+     P, "none" unless --vllm-profiles), reading every `TurnEvent`;
+     `vllm_http_stream`: vLLM's own OpenAI-compatible server with
+     `stream: true` and `stream_options.include_usage`, parsing every chunk;
+     `worker_direct_stream`: `EngineClient.generate` straight to the worker
+     over gRPC (no service), every delta;
+   - unary, one reply per turn:
+     `service_unary_P`: `SendMessage` (the service asks the worker for deltas
+     merged every `ServiceDefaults.unwatched_delta_interval_s`, 50 ms);
+     `vllm_http_unary`: the same server with `stream: false`;
+     `worker_direct_unary`: the worker with `min_delta_interval`
+     --unary-delta-interval-s (default 0.05 s, the service's own).
+   The worker_direct sides split the gap between the worker and the service.
+   Both servers run at once. Every side runs once per repetition
+   (--vllm-reps), in an order that rotates from repetition to repetition.
    The service runs with `--metrics-listen`; its Prometheus endpoint is
    scraped before and after each measured service run, and the deltas of
    `turnlog_turn_stage_seconds` (sum and count per stage) and of
    `turnlog_turn_appends_total` (per kind) over all of them say where the
-   service's time per turn goes (docs/metrics.md): mean ms per observation
-   (per turn; per generation for first_token and generation, per tool round
-   for tools), ms per turn, and commits per turn. The direct side's own
-   first-token and generation times (at the client) are printed beside them.
+   service's time per turn goes (docs/metrics.md), per service side: mean ms
+   per observation (per turn; per generation for first_token and generation,
+   per tool round for tools), ms per turn, and commits per turn
+   (`vllm_service_stages`, `vllm_service_appends_per_turn`,
+   `vllm_service_turns`). The client's own first-token and generation times
+   are recorded for every side that receives deltas (`vllm_client_stages`).
    CPU: each side's runs are bracketed by readings of the CPU time (user +
    system, psutil) of every process tree: vLLM's HTTP server, the worker, the
    service (each with its children), PostgreSQL (embedded only) and this
@@ -59,8 +75,26 @@ an embedded PostgreSQL (unless --dsn), `turnlog worker`, `turnlog serve
    (`vllm_cpu_ms_per_1k_tokens`). On a machine with few cores, CPU spent
    beside the engine core slows it, so this says what each path costs.
 
+Ratios are paired (bench/paired.py): within each repetition, one side's
+throughput over the other's, then the median, min and max of those per-run
+ratios, with every run: {"median", "min", "max", "runs"}; never a ratio of
+medians. vLLM ratios, C the concurrency, P a suffix `_P` for profiles other
+than "none": `vllm_stream_service_vs_vllm_http_C`,
+`vllm_stream_service_vs_worker_direct_C`, `vllm_stream_worker_direct_vs_vllm_http_C`,
+the same three with `vllm_unary_`, and `vllm_service_unary_vs_stream_C` (what
+the coarser deltas of a unary turn buy).
+
+Smoke run (CI, tests/bench/test_bench_turns.py): `--quick --worker HOST:PORT`
+shrinks every size, waits 1 s instead of 11 before each counter reading (so
+xact_commit may be stale; appends, write_xacts and WAL bytes are exact) and
+uses an already running vLLM worker instead of starting one, and so starts
+no vLLM HTTP server either (it would need an engine of its own). Only a full
+run produces the vllm_http_* sides, every ratio against them, and the CPU of
+the worker and of vLLM's HTTP server (an external worker is not counted).
+
 Usage:
     python bench/turns.py [--json out.json] [--dsn URL] [--levels 1 16 64] [--no-vllm]
+    python bench/turns.py --quick --worker HOST:PORT --json out.json   # smoke run
 """
 
 from __future__ import annotations
@@ -88,15 +122,16 @@ import psutil
 import psycopg
 from engine import (
     ENGINE_SETTINGS,
-    HTTP_LAUNCHER,
     build_model,
     free_port,
+    http_command,
     start_process,
     stop_process,
     wait_for,
     wait_for_logged_port,
     wait_for_worker_port,
 )
+from paired import format_paired, paired_ratio, rotated
 from prometheus_client.parser import text_string_to_metric_families
 
 from turnlog.engine.v1 import engine_pb2 as epb
@@ -108,6 +143,15 @@ from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
 from turnlog.worker.client import EngineClient
 
 SYSTEM_PROMPT = "You are a helpful assistant. Be brief."
+#: The service's `ServiceDefaults.unwatched_delta_interval_s` (the smoke test
+#: checks they agree): how far apart a `SendMessage` turn's deltas may come.
+UNARY_DELTA_INTERVAL_S = 0.05
+#: `--quick`: a smoke run of seconds (explicit options still win).
+QUICK: dict[str, Any] = {
+    "levels": [1], "profiles": ["none"], "turns": 2, "min_turns": 4, "reps": 2,
+    "stats_settle_s": 1.0, "vllm_concurrency": [2], "vllm_turns": 2, "vllm_reps": 2,
+    "max_tokens": 16,
+}  # fmt: skip
 SCRIPT = {"model": "scripted-bench", "default": {"text": "The quick brown fox jumps over it."}}
 USER_TEXTS = [
     "Explain the difference between a list and a tuple.",
@@ -115,6 +159,12 @@ USER_TEXTS = [
     "Describe how a hash table resolves collisions.",
     "How do I reverse a linked list in place?",
 ]
+
+
+# vLLM's HTTP server (uvicorn) closes a keep-alive connection after 5 s idle; a
+# client that reuses one as the server closes it fails with "Can not write
+# request body". Idle connections are dropped on this side first.
+HTTP_KEEPALIVE_S = 2.0
 
 
 def user_text(conversation: int, turn: int) -> str:
@@ -160,20 +210,58 @@ async def drive(
     return run
 
 
-# -- the two sides ----------------------------------------------------------------
+# -- the sides --------------------------------------------------------------------
+
+
+class ClientStages:
+    """Client-side seconds per turn of a side that receives deltas: request sent ->
+    first text, first text -> done (for comparison with the service's stages)."""
+
+    def __init__(self) -> None:
+        self.first_token_s: list[float] = []
+        self.generation_s: list[float] = []
+
+    def add(self, sent: float, first: float) -> None:
+        if first:
+            self.first_token_s.append(first - sent)
+            self.generation_s.append(time.perf_counter() - first)
+
+    def clear(self) -> None:
+        self.first_token_s.clear()
+        self.generation_s.clear()
+
+    def results(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {"count": len(values), "mean_ms": round(statistics.fmean(values) * 1000, 3)}
+            for name, values in (
+                ("first_token", self.first_token_s),
+                ("generation", self.generation_s),
+            )
+            if values
+        }
 
 
 class Direct:
-    """Chats sent straight to the worker; keeps each conversation's history."""
+    """Chats sent straight to the worker; keeps each conversation's history.
 
-    def __init__(self, client: EngineClient, max_tokens: int | None) -> None:
+    `held_interval_s` > 0 asks the worker to hold deltas that long
+    (`StartGeneration.min_delta_interval`), as the service does for a
+    `SendMessage` turn; 0 takes every delta as the engine makes it.
+    """
+
+    def __init__(
+        self,
+        client: EngineClient,
+        max_tokens: int | None,
+        temperature: float = 0.0,
+        held_interval_s: float = 0.0,
+    ) -> None:
         self.client = client
         self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.held_interval_s = held_interval_s
         self.histories: dict[int, list[epb.ChatMessage]] = {}
-        #: Client-side seconds per turn, for comparison with the service's
-        #: stages: request sent -> first text, first text -> done.
-        self.first_token_s: list[float] = []
-        self.generation_s: list[float] = []
+        self.stages = ClientStages()
 
     def reset(self, conversations: int) -> None:
         self.histories = {
@@ -184,12 +272,16 @@ class Direct:
     async def send(self, i: int, t: int) -> int:
         history = self.histories[i]
         history.append(epb.ChatMessage(role=epb.CHAT_ROLE_USER, content=user_text(i, t)))
-        sampling = epb.SamplingParams(temperature=0)
+        sampling = epb.SamplingParams(temperature=self.temperature)
+        if self.temperature > 0:
+            sampling.seed = i
         if self.max_tokens is not None:
             sampling.max_tokens = self.max_tokens
         start = epb.StartGeneration(
             chat=epb.ChatPrompt(messages=history, add_generation_prompt=True), sampling=sampling
         )
+        if self.held_interval_s > 0:
+            start.min_delta_interval.FromNanoseconds(round(self.held_interval_s * 1e9))
         text: list[str] = []
         sent, first = time.perf_counter(), 0.0
         async for event in self.client.generate(start):
@@ -198,9 +290,7 @@ class Direct:
                     first = time.perf_counter()
                 text.append(event.text)
             else:
-                if first:
-                    self.first_token_s.append(first - sent)
-                    self.generation_s.append(time.perf_counter() - first)
+                self.stages.add(sent, first)
                 content = event.content if event.tool_calls else "".join(text)
                 history.append(epb.ChatMessage(role=epb.CHAT_ROLE_ASSISTANT, content=content))
                 return int(event.usage.completion_tokens)
@@ -208,7 +298,11 @@ class Direct:
 
 
 class Service:
-    """Conversations on the service; `prepare` creates them outside the timing."""
+    """Conversations on the service; `prepare` creates them outside the timing.
+
+    `send` is a `SendMessage` turn (one reply); `send_stream` a `StreamTurn`
+    turn, every event read as it comes.
+    """
 
     def __init__(
         self,
@@ -223,6 +317,7 @@ class Service:
         self.seeded = seeded
         self.names: list[str] = []
         self.turns_sent = 0
+        self.stream_stages = ClientStages()
 
     async def prepare(self, conversations: int, profile: str) -> None:
         sem = asyncio.Semaphore(16)
@@ -246,29 +341,51 @@ class Service:
 
         self.names = list(await asyncio.gather(*(create(i) for i in range(conversations))))
 
+    def _input(self, i: int, t: int) -> spb.TurnInput:
+        return spb.TurnInput(conversation=self.names[i], request_id=f"turn-{t}",
+                             content=user_text(i, t))  # fmt: skip
+
     async def send(self, i: int, t: int) -> int:
-        response = await self.stub.SendMessage(
-            spb.SendMessageRequest(
-                input=spb.TurnInput(
-                    conversation=self.names[i], request_id=f"turn-{t}", content=user_text(i, t)
-                )
-            )
-        )
+        response = await self.stub.SendMessage(spb.SendMessageRequest(input=self._input(i, t)))
         self.turns_sent += 1
         if response.turn.status != pb.TURN_STATUS_COMPLETED:
             raise RuntimeError(f"turn did not complete: {response.turn}")
         return int(response.turn.usage.completion_tokens)
 
+    async def send_stream(self, i: int, t: int) -> int:
+        text: list[str] = []
+        sent, first = time.perf_counter(), 0.0
+        async for response in self.stub.StreamTurn(spb.StreamTurnRequest(start=self._input(i, t))):
+            event = response.event
+            kind = event.WhichOneof("kind")
+            if kind == "text_delta":
+                if not first:
+                    first = time.perf_counter()
+                text.append(event.text_delta.text)
+            elif kind == "turn_ended":
+                self.stream_stages.add(sent, first)
+                self.turns_sent += 1
+                turn = event.turn_ended.turn
+                if turn.status != pb.TURN_STATUS_COMPLETED:
+                    raise RuntimeError(f"turn did not complete: {turn}")
+                return int(turn.usage.completion_tokens)
+        raise RuntimeError("StreamTurn ended without TurnEnded")
+
 
 class VllmHttp:
-    """The same chats through vLLM's OpenAI-compatible server, streamed."""
+    """The same chats through vLLM's OpenAI-compatible server, streamed (every
+    chunk parsed) or not (one JSON reply)."""
 
-    def __init__(self, session: Any, url: str, max_tokens: int, temperature: float) -> None:
+    def __init__(
+        self, session: Any, url: str, max_tokens: int, temperature: float, *, stream: bool
+    ) -> None:
         self.session = session
         self.url = url
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.stream = stream
         self.histories: dict[int, list[dict[str, str]]] = {}
+        self.stages = ClientStages()
 
     def reset(self, conversations: int) -> None:
         self.histories = {
@@ -278,20 +395,28 @@ class VllmHttp:
     async def send(self, i: int, t: int) -> int:
         history = self.histories[i]
         history.append({"role": "user", "content": user_text(i, t)})
-        body = {
+        body: dict[str, Any] = {
             "model": "tiny",
             "messages": history,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
-            "stream": True,
-            "stream_options": {"include_usage": True},
+            "stream": self.stream,
         }
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
         if self.temperature > 0:
             body["seed"] = i
         usage = 0
         text: list[str] = []
+        sent, first = time.perf_counter(), 0.0
         async with self.session.post(f"{self.url}/v1/chat/completions", json=body) as resp:
             resp.raise_for_status()
+            if not self.stream:
+                reply = await resp.json()
+                history.append(
+                    {"role": "assistant", "content": reply["choices"][0]["message"]["content"]}
+                )
+                return int(reply["usage"]["completion_tokens"])
             async for raw in resp.content:
                 line = raw.decode().strip()
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -300,7 +425,11 @@ class VllmHttp:
                 if chunk.get("usage"):
                     usage = chunk["usage"]["completion_tokens"]
                 for choice in chunk.get("choices") or ():
-                    text.append(choice.get("delta", {}).get("content") or "")
+                    content = choice.get("delta", {}).get("content") or ""
+                    if content and not first:
+                        first = time.perf_counter()
+                    text.append(content)
+        self.stages.add(sent, first)
         history.append({"role": "assistant", "content": "".join(text)})
         return int(usage)
 
@@ -311,12 +440,14 @@ STATS_QUERY = """
 SELECT d.xact_commit, d.xact_rollback,
        pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
        (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint,
-       (SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io WHERE object = 'wal')::bigint,
+       {wal_fsyncs},
        (SELECT count(DISTINCT transaction_id) FROM turnlog.events
          WHERE global_position > %(after)s),
        (SELECT coalesce(max(global_position), 0) FROM turnlog.events)
   FROM pg_stat_database d WHERE d.datname = current_database()
 """
+#: WAL fsyncs where pg_stat_io exists (PostgreSQL 16+); -1 (reported as None) before.
+WAL_FSYNCS = "(SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io WHERE object = 'wal')::bigint"
 COUNTERS = ("xact_commit", "xact_rollback", "write_xacts", "wal_bytes", "wal_fsyncs")
 
 
@@ -327,11 +458,18 @@ class Counters:
         self.conn = conn
         self.settle_s = settle_s
         self.last: dict[str, int] = {}
+        self.query = STATS_QUERY
+
+    async def detect(self) -> None:
+        """Reads the server's version once, before the first reading's settle time."""
+        cur = await self.conn.execute("SELECT to_regclass('pg_catalog.pg_stat_io') IS NOT NULL")
+        has_io = (await cur.fetchone()) == (True,)
+        self.query = STATS_QUERY.replace("{wal_fsyncs}", WAL_FSYNCS if has_io else "-1")
 
     async def read(self) -> dict[str, int]:
         """Waits `settle_s`, reads; `append_xacts` counts since the previous reading."""
         await asyncio.sleep(self.settle_s)
-        cur = await self.conn.execute(STATS_QUERY, {"after": self.last.get("last_position", 0)})
+        cur = await self.conn.execute(self.query, {"after": self.last.get("last_position", 0)})
         row = await cur.fetchone()
         assert row is not None
         values = [int(v) for v in row]
@@ -343,7 +481,7 @@ class Counters:
 
 def per_turn(
     before: dict[str, int], after: dict[str, int], turns: int, idle_xacts_per_s: float
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     delta: dict[str, float] = {k: after[k] - before[k] for k in COUNTERS}
     delta["xact_commit"] -= 1  # this program's own reading (`before`)
     # Transactions the service runs on its own (recovery rounds, pings), as
@@ -352,8 +490,11 @@ def per_turn(
     delta["xact_commit_net"] = delta["xact_commit"] - idle
     delta["append_xacts"] = after["append_xacts"]
     delta["other_write_xacts"] = delta["write_xacts"] - delta["append_xacts"]
-    out: dict[str, float] = {"turns": turns, "interval_s": (after["at"] - before["at"]) / 1000}
+    out: dict[str, float | None] = {"turns": turns,
+                                    "interval_s": (after["at"] - before["at"]) / 1000}  # fmt: skip
     out.update({f"{k}_per_turn": round(v / turns, 3) for k, v in delta.items()})
+    if after["wal_fsyncs"] < 0:  # no pg_stat_io
+        out["wal_fsyncs_per_turn"] = None
     return out
 
 
@@ -403,7 +544,8 @@ class ServiceStages:
         for key, value in after.items():
             self.delta[key] = self.delta.get(key, 0.0) + value - before.get(key, 0.0)
 
-    def results(self) -> dict[str, Any]:
+    def results(self) -> tuple[dict[str, Any], dict[str, float | None], int]:
+        """Per stage (mean ms, ms per turn), commits per turn by kind, and the turns."""
         names = {stage for what, stage in self.delta if what == "count"}
         stages: dict[str, dict[str, Any]] = {}
         for stage in [s for s in STAGES if s in names] + sorted(names - set(STAGES)):
@@ -419,11 +561,7 @@ class ServiceStages:
             for (what, kind), value in self.delta.items()
             if what == "appends"
         }
-        return {
-            "vllm_service_stages": stages,
-            "vllm_service_appends_per_turn": appends,
-            "vllm_service_turns": self.turns,
-        }
+        return stages, appends, self.turns
 
 
 class CpuMeter:
@@ -432,7 +570,8 @@ class CpuMeter:
     Trees are read whole (a server and all its children: vLLM's engine core,
     PostgreSQL's backends), except "bench": this process alone (the servers
     are its children too); read before and after each run; `results` gives each
-    tree's CPU milliseconds per 1,000 output tokens of that side. Processes
+    tree's CPU milliseconds per 1,000 output tokens of that side (children that
+    exited and were reaped meanwhile count through their parent). Processes
     that are idle during a side (the other servers) still count their idle
     cost, which is small.
     """
@@ -455,6 +594,11 @@ class CpuMeter:
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                     times = proc.cpu_times()
                     total += times.user + times.system
+                    if name != "bench":
+                        # Children that exited and were reaped (PostgreSQL
+                        # backends of closed connections) leave the tree, and
+                        # their CPU moves here: without it a reading can drop.
+                        total += times.children_user + times.children_system
             out[name] = total
         return out
 
@@ -505,12 +649,12 @@ def start_worker(backend: list[str], env: dict[str, str], log: Path) -> tuple[An
 
 
 def start_service(
-    port: int, worker: int, dsn: str, env: dict[str, str], log: Path, *, metrics: bool = False
+    port: int, worker: str, dsn: str, env: dict[str, str], log: Path, *, metrics: bool = False
 ) -> Any:
     """Starts `turnlog serve`; with `metrics`, on a metrics port of its own choosing
     (`service_metrics_port` reads it)."""
     cmd = [sys.executable, "-m", "turnlog.cli", "serve", "--listen", f"127.0.0.1:{port}",
-           "--worker", f"127.0.0.1:{worker}"]  # fmt: skip
+           "--worker", worker]  # fmt: skip
     if metrics:
         cmd += ["--metrics-listen", "127.0.0.1:0"]
     proc = start_process(cmd, log, {**env, "TURNLOG_DATABASE_URL": dsn})
@@ -538,6 +682,7 @@ def latency_row(side: str, profile: str, c: int, runs: list[Run]) -> dict[str, A
         "concurrency": c,
         "turns": len(lat),
         "turns_per_s": round(statistics.median(len(r.latencies) / r.wall_s for r in runs), 1),
+        "runs_turns_per_s": [round(len(r.latencies) / r.wall_s, 1) for r in runs],
         "p50_ms": round(percentile(lat, 50) * 1000, 2),
         "p99_ms": round(percentile(lat, 99) * 1000, 2),
     }
@@ -556,7 +701,8 @@ async def phase_scripted(
     added: list[dict[str, Any]] = []
     commits: list[dict[str, Any]] = []
     try:
-        service = start_service(sport, wport, dsn, env, tmp / "scripted-service.log")
+        service = start_service(sport, f"127.0.0.1:{wport}", dsn, env,
+                                tmp / "scripted-service.log")  # fmt: skip
         async with (
             EngineClient([f"127.0.0.1:{wport}"], load_poll_interval_s=0) as client,
             grpc.aio.insecure_channel(f"127.0.0.1:{sport}") as channel,
@@ -574,6 +720,7 @@ async def phase_scripted(
                     await svc.prepare(size, p)
                     prepared[p, c].append(svc.names)
             counters = Counters(stats, args.stats_settle_s)
+            await counters.detect()
             idle_start = await counters.read()
             before = await counters.read()
             idle_xacts_per_s = max(0.0, (before["xact_commit"] - idle_start["xact_commit"] - 1)
@@ -586,11 +733,15 @@ async def phase_scripted(
                 await drive(svc.send, c, 1, c)
                 d_runs: list[Run] = []
                 s_runs: list[Run] = []
+                # The sides take turns going first.
                 for rep in range(args.reps):
-                    direct.reset(n)
-                    d_runs.append(await drive(direct.send, n, args.turns, c))
-                    svc.names = prepared[p, c][rep + 1]
-                    s_runs.append(await drive(svc.send, n, args.turns, c))
+                    for side in rotated(["direct", "service"], rep):
+                        if side == "direct":
+                            direct.reset(n)
+                            d_runs.append(await drive(direct.send, n, args.turns, c))
+                        else:
+                            svc.names = prepared[p, c][rep + 1]
+                            s_runs.append(await drive(svc.send, n, args.turns, c))
                 after = await counters.read()
                 d, s = latency_row("direct", p, c, d_runs), latency_row("service", p, c, s_runs)
                 rows += [d, s]
@@ -598,7 +749,10 @@ async def phase_scripted(
                     "profile": p, "concurrency": c,
                     "added_p50_ms": round(s["p50_ms"] - d["p50_ms"], 2),
                     "added_p99_ms": round(s["p99_ms"] - d["p99_ms"], 2),
-                    "turns_per_s_ratio": round(s["turns_per_s"] / d["turns_per_s"], 3),
+                    "turns_per_s_ratio": paired_ratio(
+                        [len(r.latencies) / r.wall_s for r in s_runs],
+                        [len(r.latencies) / r.wall_s for r in d_runs],
+                    ),
                 })  # fmt: skip
                 commits.append(
                     {"profile": p, "concurrency": c}
@@ -615,119 +769,150 @@ async def phase_scripted(
             "idle_xacts_per_s": round(idle_xacts_per_s, 3)}  # fmt: skip
 
 
+#: The vLLM phase's sides in their first repetition's order (service sides per profile).
+VLLM_SIDES = [
+    "vllm_http_stream", "worker_direct_stream", "service_stream",
+    "vllm_http_unary", "worker_direct_unary", "service_unary",
+]  # fmt: skip
+
+
+def vllm_ratio_pairs(profiles: list[str], http: bool, c: int) -> dict[str, tuple[str, str]]:
+    """Ratio name -> (numerator side, denominator side), at concurrency `c`."""
+    pairs: dict[str, tuple[str, str]] = {}
+    for mode in ("stream", "unary"):
+        if http:
+            pairs[f"vllm_{mode}_worker_direct_vs_vllm_http_{c}"] = (
+                f"worker_direct_{mode}", f"vllm_http_{mode}")  # fmt: skip
+        for p in profiles:
+            suffix = "" if p == "none" else f"_{p}"
+            if http:
+                pairs[f"vllm_{mode}_service_vs_vllm_http_{c}{suffix}"] = (
+                    f"service_{mode}_{p}", f"vllm_http_{mode}")  # fmt: skip
+            pairs[f"vllm_{mode}_service_vs_worker_direct_{c}{suffix}"] = (
+                f"service_{mode}_{p}", f"worker_direct_{mode}")  # fmt: skip
+    for p in profiles:
+        suffix = "" if p == "none" else f"_{p}"
+        pairs[f"vllm_service_unary_vs_stream_{c}{suffix}"] = (
+            f"service_unary_{p}", f"service_stream_{p}")  # fmt: skip
+    return pairs
+
+
 async def phase_vllm(
     args: argparse.Namespace, dsn: str, env: dict[str, str], tmp: Path
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The rows per side and concurrency, and the service's stages (`ServiceStages.results`)."""
+) -> dict[str, Any]:
+    """Rows per side and concurrency, paired ratios, and the per-side stages and CPU."""
     import aiohttp
 
-    model = args.model or build_model(tmp, env)
-    sport, hport = free_port(), free_port()
-    engine = [
-        "--model", model,
-        "--max-model-len", str(ENGINE_SETTINGS["max_model_len"]),
-        "--kv-cache-bytes", str(ENGINE_SETTINGS["kv_cache_bytes"]),
-        "--block-size", str(ENGINE_SETTINGS["block_size"]),
-        "--enforce-eager",
-        "--stream-interval", str(args.worker_stream_interval or args.stream_interval),
-    ]  # fmt: skip
-    http_cmd = [
-        sys.executable, "-c", HTTP_LAUNCHER,
-        "--model", model, "--host", "127.0.0.1", "--port", str(hport),
-        "--max-model-len", str(ENGINE_SETTINGS["max_model_len"]),
-        "--kv-cache-memory-bytes", str(ENGINE_SETTINGS["kv_cache_bytes"]),
-        "--block-size", str(ENGINE_SETTINGS["block_size"]),
-        "--enforce-eager", "--enable-prefix-caching", "--disable-log-stats",
-        "--served-model-name", "tiny",
-        "--stream-interval", str(args.stream_interval),
-    ]  # fmt: skip
-    url = f"http://127.0.0.1:{hport}"
-
-    def http_ready() -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
+    http_on = args.worker is None
+    sport = free_port()
     procs: list[Any] = []
     rows: list[dict[str, Any]] = []
-    stages = ServiceStages()
+    ratios: dict[str, dict[str, Any]] = {}
+    stages: dict[str, ServiceStages] = {}
     try:
-        http_log = tmp / "vllm-http.log"
-        http = start_process(http_cmd, http_log, env)
-        procs.append(http)
-        worker, wport = start_worker(engine, env, tmp / "vllm-worker.log")
-        procs.append(worker)
-        service_log = tmp / "vllm-service.log"
-        procs.append(start_service(sport, wport, dsn, env, service_log, metrics=True))
-        roots = {"vllm_http": http.pid, "worker": worker.pid, "serve": procs[-1].pid,
-                 "bench": os.getpid()}  # fmt: skip
+        roots = {"bench": os.getpid()}
         if args.pg_pid:
             roots["postgres"] = args.pg_pid
+        worker_address = args.worker
+        url, http, http_log = "", None, tmp / "vllm-http.log"
+        if worker_address is None:
+            model = args.model or build_model(tmp, env)
+            hport = free_port()
+            url = f"http://127.0.0.1:{hport}"
+            http_cmd = [*http_command(model, hport), "--stream-interval", str(args.stream_interval)]
+            http = start_process(http_cmd, http_log, env)
+            procs.append(http)
+            roots["vllm_http"] = http.pid
+            engine = [
+                "--model", model,
+                "--max-model-len", str(ENGINE_SETTINGS["max_model_len"]),
+                "--kv-cache-bytes", str(ENGINE_SETTINGS["kv_cache_bytes"]),
+                "--block-size", str(ENGINE_SETTINGS["block_size"]),
+                "--enforce-eager",
+                "--stream-interval", str(args.worker_stream_interval or args.stream_interval),
+            ]  # fmt: skip
+            worker, wport = start_worker(engine, env, tmp / "vllm-worker.log")
+            procs.append(worker)
+            roots["worker"] = worker.pid
+            worker_address = f"127.0.0.1:{wport}"
+        service_log = tmp / "vllm-service.log"
+        service = start_service(sport, worker_address, dsn, env, service_log, metrics=True)
+        procs.append(service)
+        roots["serve"] = service.pid
         cpu = CpuMeter(roots)
-        metrics_url = f"http://127.0.0.1:{service_metrics_port(procs[-1], service_log)}/metrics"
-        wait_for(http_ready, http, http_log)
-        connector = aiohttp.TCPConnector(limit=0)
+        metrics_url = f"http://127.0.0.1:{service_metrics_port(service, service_log)}/metrics"
+        if http is not None:
+            wait_for(lambda: http_ready(url), http, http_log)
         async with (
-            aiohttp.ClientSession(connector=connector) as session,
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=HTTP_KEEPALIVE_S)
+            ) as session,
             grpc.aio.insecure_channel(f"127.0.0.1:{sport}") as channel,
-            EngineClient([f"127.0.0.1:{wport}"], load_poll_interval_s=0) as client,
+            EngineClient([worker_address], load_poll_interval_s=0) as client,
         ):
-            direct = Direct(client, args.max_tokens)
-            svc = Service(
-                sgrpc.ConversationServiceStub(channel),
-                args.max_tokens,
-                temperature=args.temperature,
-                seeded=args.temperature > 0,
-            )
-            vhttp = VllmHttp(session, url, args.max_tokens, args.temperature)
-            turns = args.vllm_turns
+            stub = sgrpc.ConversationServiceStub(channel)
+            services = {
+                p: Service(stub, args.max_tokens, temperature=args.temperature,
+                           seeded=args.temperature > 0)
+                for p in args.vllm_profiles
+            }  # fmt: skip
+            # The sides that keep histories here, with their client-side stages.
+            clients: dict[str, Direct | VllmHttp] = {
+                "worker_direct_stream": Direct(client, args.max_tokens, args.temperature),
+                "worker_direct_unary": Direct(client, args.max_tokens, args.temperature,
+                                              held_interval_s=args.unary_delta_interval_s),
+            }  # fmt: skip
+            if http_on:
+                clients["vllm_http_stream"] = VllmHttp(
+                    session, url, args.max_tokens, args.temperature, stream=True)  # fmt: skip
+                clients["vllm_http_unary"] = VllmHttp(
+                    session, url, args.max_tokens, args.temperature, stream=False)  # fmt: skip
+            order: list[str] = []
+            for side in VLLM_SIDES:
+                if side.startswith("service_"):
+                    order += [f"{side}_{p}" for p in args.vllm_profiles]
+                elif side in clients:
+                    order.append(side)
+
+            async def run_side(side: str, conversations: int, turns: int, c: int,
+                               measured: bool) -> Run:  # fmt: skip
+                """One run of `side`: `conversations` new conversations of `turns` turns."""
+                if side in clients:
+                    one = clients[side]
+                    one.reset(conversations)
+                    work = drive(one.send, conversations, turns, c)
+                    return await (cpu.run(side, work) if measured else work)
+                profile = side.split("_", 2)[2]
+                svc = services[profile]
+                send = svc.send_stream if side.startswith("service_stream_") else svc.send
+                await svc.prepare(conversations, profile)
+                if not measured:
+                    return await drive(send, conversations, turns, c)
+                scraped = await asyncio.to_thread(scrape_service, metrics_url)
+                run = await cpu.run(side, drive(send, conversations, turns, c))
+                stages.setdefault(side, ServiceStages()).add(
+                    scraped, await asyncio.to_thread(scrape_service, metrics_url),
+                    len(run.latencies),
+                )  # fmt: skip
+                return run
+
             for c in args.vllm_concurrency:
                 n = 2 * c
-                runs: dict[str, list[Run]] = {"vllm_http": [], "worker_direct": []}
-                runs.update({f"service_{p}": [] for p in args.vllm_profiles})
-                # Warm-up round, not measured.
-                vhttp.reset(c)
-                await drive(vhttp.send, c, 1, c)
-                direct.reset(c)
-                await drive(direct.send, c, 1, c)
-                direct.first_token_s.clear()
-                direct.generation_s.clear()
-                for p in args.vllm_profiles:
-                    await svc.prepare(c, p)
-                    await drive(svc.send, c, 1, c)
-                # The sides take turns going first, so none always runs right
-                # after another.
-                order = ["http", "direct", "service"]
+                runs: dict[str, list[Run]] = {side: [] for side in order}
+                for side in order:  # a warm-up round, not measured
+                    await run_side(side, c, 1, c, measured=False)
+                for one in clients.values():
+                    one.stages.clear()
+                for svc in services.values():
+                    svc.stream_stages.clear()
                 for rep in range(args.vllm_reps):
-                    for side in order[rep % 3 :] + order[: rep % 3]:
-                        if side == "http":
-                            vhttp.reset(n)
-                            run = await cpu.run("vllm_http", drive(vhttp.send, n, turns, c))
-                            runs["vllm_http"].append(run)
-                            continue
-                        if side == "direct":
-                            direct.reset(n)
-                            run = await cpu.run("worker_direct", drive(direct.send, n, turns, c))
-                            runs["worker_direct"].append(run)
-                            continue
-                        for p in args.vllm_profiles:
-                            await svc.prepare(n, p)
-                            scraped = await asyncio.to_thread(scrape_service, metrics_url)
-                            run = await cpu.run(f"service_{p}", drive(svc.send, n, turns, c))
-                            runs[f"service_{p}"].append(run)
-                            stages.add(
-                                scraped,
-                                await asyncio.to_thread(scrape_service, metrics_url),
-                                len(run.latencies),
-                            )
+                    for side in rotated(order, rep):
+                        runs[side].append(await run_side(side, n, args.vllm_turns, c, True))
                 for side, side_runs in runs.items():
                     lat = [x for r in side_runs for x in r.latencies]
                     rows.append({
-                        "side": side, "concurrency": c, "turns": len(lat),
+                        "side": side, "mode": "unary" if "_unary" in side else "stream",
+                        "concurrency": c, "turns": len(lat),
                         "output_tokens": sum(r.tokens for r in side_runs),
                         "tokens_per_s": round(
                             statistics.median(r.tokens / r.wall_s for r in side_runs), 1),
@@ -735,41 +920,64 @@ async def phase_vllm(
                         "p50_ms": round(percentile(lat, 50) * 1000, 1),
                         "p99_ms": round(percentile(lat, 99) * 1000, 1),
                     })  # fmt: skip
-                    print(f"  vllm {side:<16} c={c:<3} {rows[-1]['tokens_per_s']:>8} tok/s",
+                    print(f"  vllm {side:<22} c={c:<3} {rows[-1]['tokens_per_s']:>8} tok/s",
                           file=sys.stderr)  # fmt: skip
+                for name, (a, b) in vllm_ratio_pairs(args.vllm_profiles, http_on, c).items():
+                    ratios[name] = paired_ratio(
+                        [r.tokens / r.wall_s for r in runs[a]],
+                        [r.tokens / r.wall_s for r in runs[b]],
+                    )
+            client_stages = {side: one.stages.results() for side, one in clients.items()}
+            for p, svc in services.items():
+                client_stages[f"service_stream_{p}"] = svc.stream_stages.results()
     except BaseException:
         print_log_tails(tmp, "vllm-*.log")
         raise
     finally:
         for proc in reversed(procs):
             stop_process(proc)
-    direct_stages = {
-        name: {"count": len(values), "mean_ms": round(statistics.fmean(values) * 1000, 3)}
-        for name, values in (
-            ("first_token", direct.first_token_s),
-            ("generation", direct.generation_s),
-        )
-        if values
-    }
-    return rows, stages.results() | {
+    per_side = {side: s.results() for side, s in stages.items()}
+    return {
+        "rows": rows,
+        "ratios": ratios,
+        "vllm_service_stages": {side: r[0] for side, r in per_side.items()},
+        "vllm_service_appends_per_turn": {side: r[1] for side, r in per_side.items()},
+        "vllm_service_turns": {side: r[2] for side, r in per_side.items()},
+        "vllm_client_stages": {side: v for side, v in client_stages.items() if v},
         "vllm_cpu_ms_per_1k_tokens": cpu.results(),
-        "vllm_direct_stages": direct_stages,
     }
+
+
+def http_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
 
 
 # -- main -------------------------------------------------------------------------
 
 
-async def run_all(args: argparse.Namespace, dsn: str, env: dict[str, str]) -> dict[str, Any]:
+async def run_all(
+    args: argparse.Namespace, dsn: str, env: dict[str, str]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The results of the phases that run, and every paired ratio."""
     out: dict[str, Any] = {}
+    ratios: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="turnlog-bench-turns-") as tmp_name:
         tmp = Path(tmp_name)
         if args.levels:
-            out["scripted"] = await phase_scripted(args, dsn, env, tmp)
+            out["scripted"] = scripted = await phase_scripted(args, dsn, env, tmp)
+            for a in scripted["added"]:
+                name = f"service_vs_direct_turns_{a['profile']}_{a['concurrency']}"
+                ratios[name] = a["turns_per_s_ratio"]
         if args.vllm:
-            out["vllm"], service_stages = await phase_vllm(args, dsn, env, tmp)
-            out.update(service_stages)
-    return out
+            vllm = await phase_vllm(args, dsn, env, tmp)
+            out["vllm"] = vllm.pop("rows")
+            ratios.update(vllm.pop("ratios"))
+            out.update(vllm)
+    return out, ratios
 
 
 def print_cpu(results: dict[str, Any]) -> None:
@@ -778,28 +986,37 @@ def print_cpu(results: dict[str, Any]) -> None:
         return
     names = [*sorted({name for row in cpu.values() for name in row} - {"total"}), "total"]
     print("\nCPU ms per 1,000 output tokens, by process tree (measured runs of each side)")
-    print(f"{'side':<16}" + "".join(f"{name:>11}" for name in names))
+    print(f"{'side':<22}" + "".join(f"{name:>11}" for name in names))
     for side, row in cpu.items():
-        print(f"{side:<16}" + "".join(f"{row.get(name, 0.0):>11}" for name in names))
+        print(f"{side:<22}" + "".join(f"{row.get(name, 0.0):>11}" for name in names))
 
 
 def print_service_stages(results: dict[str, Any]) -> None:
-    stages = results.get("vllm_service_stages")
-    if not stages:
+    stages: dict[str, dict[str, Any]] = results.get("vllm_service_stages") or {}
+    if not any(stages.values()):
         print("\nservice stages: none recorded (no stage metrics in the service's scrapes)")
-        return
-    print(f"\nservice stages, mean ms per turn (or per generation), over "
-          f"{results['vllm_service_turns']} measured service turns")  # fmt: skip
-    print(f"{'stage':<20} {'count':>7} {'mean ms':>9} {'per':<11} {'ms/turn':>9}")
-    for stage, s in stages.items():
-        print(f"{stage:<20} {s['count']:>7} {s['mean_ms'] if s['mean_ms'] is not None else '-':>9} "
-              f"{s['per']:<11} {s['ms_per_turn'] if s['ms_per_turn'] is not None else '-':>9}")  # fmt: skip
-    appends = results.get("vllm_service_appends_per_turn") or {}
-    print("turn appends per turn:", ", ".join(f"{k} {v}" for k, v in appends.items()))
-    direct = results.get("vllm_direct_stages") or {}
-    if direct:
-        print("worker_direct, at the client, mean ms:",
-              ", ".join(f"{k} {v['mean_ms']}" for k, v in direct.items()))  # fmt: skip
+    for side, side_stages in stages.items():
+        print(f"\n{side}: service stages, mean ms per turn (or per generation), over "
+              f"{results['vllm_service_turns'][side]} measured turns")  # fmt: skip
+        print(f"{'stage':<20} {'count':>7} {'mean ms':>9} {'per':<11} {'ms/turn':>9}")
+        for stage, s in side_stages.items():
+            print(f"{stage:<20} {s['count']:>7} "
+                  f"{s['mean_ms'] if s['mean_ms'] is not None else '-':>9} {s['per']:<11} "
+                  f"{s['ms_per_turn'] if s['ms_per_turn'] is not None else '-':>9}")  # fmt: skip
+        appends = results["vllm_service_appends_per_turn"][side]
+        print("turn appends per turn:", ", ".join(f"{k} {v}" for k, v in appends.items()))
+    client: dict[str, dict[str, Any]] = results.get("vllm_client_stages") or {}
+    if client:
+        print("\nat the client, mean ms (first_token: request -> first text; generation: "
+              "first text -> done)")  # fmt: skip
+        for side, values in client.items():
+            print(f"  {side:<22}", ", ".join(f"{k} {v['mean_ms']}" for k, v in values.items()))
+
+
+def print_ratios(ratios: dict[str, dict[str, Any]]) -> None:
+    print("\npaired ratios: median (min-max) of the per-repetition ratios")
+    for name, value in ratios.items():
+        print(f"  {name:<44} {format_paired(value)}")
 
 
 def main() -> int:
@@ -820,7 +1037,8 @@ def main() -> int:
     parser.add_argument("--model", help="model folder (default: build the tiny model)")
     parser.add_argument("--vllm-concurrency", type=int, nargs="+", default=[16])
     parser.add_argument("--vllm-turns", type=int, default=2, help="turns per conversation")
-    parser.add_argument("--vllm-reps", type=int, default=3)
+    parser.add_argument("--vllm-reps", type=int, default=6,
+                        help="repetitions (each side once per repetition, rotating)")  # fmt: skip
     parser.add_argument("--vllm-profiles", nargs="+", default=["none"],
                         help="guardrail profiles of the service side (ratio uses 'none')")  # fmt: skip
     parser.add_argument(
@@ -834,11 +1052,21 @@ def main() -> int:
         type=int,
         help="the turnlog worker's stream interval, if other than --stream-interval",
     )
+    parser.add_argument("--unary-delta-interval-s", type=float, default=UNARY_DELTA_INTERVAL_S,
+                        help="worker_direct_unary's min_delta_interval: the service's for "
+                        "SendMessage turns (ServiceDefaults.unwatched_delta_interval_s)")  # fmt: skip
+    parser.add_argument("--worker", metavar="HOST:PORT",
+                        help="vLLM phase: use this running vLLM worker; start no worker and "
+                        "no vLLM HTTP server (no vllm_http sides)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: tiny sizes unless given (see QUICK)")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="vLLM runs (default greedy; >0: seeded per conversation)")  # fmt: skip
     parser.add_argument("--omp-threads", default="1")
     parser.add_argument("--json", type=Path, help="write results here")
+    if parser.parse_known_args()[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
 
     env = {
@@ -861,40 +1089,15 @@ def main() -> int:
             dsn = server.start()
             # The postmaster's pid, for CPU accounting of the whole server.
             args.pg_pid = int((pg_dir / "pg" / "postmaster.pid").read_text().split()[0])
-        results = asyncio.run(run_all(args, dsn, env))
+        results, ratios = asyncio.run(run_all(args, dsn, env))
     finally:
         if server is not None:
             server.stop()
         if pg_dir is not None:
             shutil.rmtree(pg_dir, ignore_errors=True)
 
-    ratios: dict[str, float] = {}
     scripted = results.get("scripted")
-    if scripted:
-        for a in scripted["added"]:
-            ratios[f"service_vs_direct_turns_{a['profile']}_{a['concurrency']}"] = a[
-                "turns_per_s_ratio"
-            ]
     vllm_rows = results.get("vllm") or []
-    for c in args.vllm_concurrency:
-        by_side = {r["side"]: r for r in vllm_rows if r["concurrency"] == c}
-        if "worker_direct" in by_side and "vllm_http" in by_side:
-            ratios[f"worker_direct_vs_vllm_http_{c}"] = round(
-                by_side["worker_direct"]["tokens_per_s"] / by_side["vllm_http"]["tokens_per_s"], 3
-            )
-        for p in args.vllm_profiles:
-            if f"service_{p}" in by_side and "worker_direct" in by_side:
-                ratios[f"service_vs_worker_direct_{c}" + ("" if p == "none" else f"_{p}")] = round(
-                    by_side[f"service_{p}"]["tokens_per_s"]
-                    / by_side["worker_direct"]["tokens_per_s"],
-                    3,
-                )
-            if f"service_{p}" in by_side and "vllm_http" in by_side:
-                name = f"service_vs_vllm_http_{c}" + ("" if p == "none" else f"_{p}")
-                ratios[name] = round(
-                    by_side[f"service_{p}"]["tokens_per_s"] / by_side["vllm_http"]["tokens_per_s"],
-                    3,
-                )
     settings = {
         **ENGINE_SETTINGS,
         "OMP_NUM_THREADS": args.omp_threads,
@@ -907,6 +1110,12 @@ def main() -> int:
         "vllm_concurrency": args.vllm_concurrency,
         "vllm_turns": args.vllm_turns,
         "vllm_reps": args.vllm_reps,
+        "vllm_profiles": args.vllm_profiles,
+        "vllm_worker": "--worker (already running)" if args.worker else "started here",
+        "vllm_http": args.worker is None,
+        "unary_delta_interval_s": args.unary_delta_interval_s,
+        "ratios": "paired: per repetition, then median/min/max over repetitions",
+        "quick": args.quick,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "database": "embedded PostgreSQL" if args.dsn is None else "--dsn",
@@ -924,10 +1133,10 @@ def main() -> int:
             print(f"{r['profile']:<8} {r['concurrency']:>4} {r['side']:<8} {r['turns']:>6} "
                   f"{r['turns_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}")  # fmt: skip
         print("\nAdded by the service and the log (service - direct)")
-        print(f"{'profile':<8} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'turns/s ratio':>14}")
+        print(f"{'profile':<8} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8}  turns/s ratio (paired)")
         for a in scripted["added"]:
             print(f"{a['profile']:<8} {a['concurrency']:>4} {a['added_p50_ms']:>8} "
-                  f"{a['added_p99_ms']:>8} {a['turns_per_s_ratio']:>14}")  # fmt: skip
+                  f"{a['added_p99_ms']:>8}  {format_paired(a['turns_per_s_ratio'])}")  # fmt: skip
         print("\nDatabase work per turn (no tools); service transactions while idle: "
               f"{scripted['idle_xacts_per_s']}/s, subtracted in 'net'")  # fmt: skip
         print(f"{'profile':<8} {'conc':>4} {'turns':>6} {'xact_commit':>12} {'net':>6} "
@@ -939,19 +1148,20 @@ def main() -> int:
                   f"{m['xact_commit_per_turn']:>12} {m['xact_commit_net_per_turn']:>6} "
                   f"{m['write_xacts_per_turn']:>12} "
                   f"{m['append_xacts_per_turn']:>8} {m['other_write_xacts_per_turn']:>8} "
-                  f"{m['wal_fsyncs_per_turn']:>11} {m['wal_bytes_per_turn']:>10} "
+                  f"{m['wal_fsyncs_per_turn'] or '-':>11} {m['wal_bytes_per_turn']:>10} "
                   f"{m['xact_rollback_per_turn']:>10}")  # fmt: skip
     if vllm_rows:
         print("\nvLLM CPU worker, tiny model: output tokens/s (usage), median of reps")
-        print(f"{'side':<16} {'conc':>4} {'turns':>6} {'tokens':>7} {'tokens/s':>9} "
+        print(f"{'side':<22} {'conc':>4} {'turns':>6} {'tokens':>7} {'tokens/s':>9} "
               f"{'p50 ms':>8} {'p99 ms':>8}  runs")  # fmt: skip
         for r in vllm_rows:
-            print(f"{r['side']:<16} {r['concurrency']:>4} {r['turns']:>6} {r['output_tokens']:>7} "
+            print(f"{r['side']:<22} {r['concurrency']:>4} {r['turns']:>6} {r['output_tokens']:>7} "
                   f"{r['tokens_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}  "
                   f"{r['runs_tokens_per_s']}")  # fmt: skip
         print_service_stages(results)
         print_cpu(results)
-    print("\nratios:", json.dumps(ratios))
+    print_ratios(ratios)
+    print("\nratios (medians):", json.dumps({k: v["median"] for k, v in ratios.items()}))
     if args.json:
         args.json.write_text(
             json.dumps({"settings": settings, "results": results, "ratios": ratios}, indent=2)

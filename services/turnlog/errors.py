@@ -145,6 +145,12 @@ class ContextLengthExceededError(InvalidArgumentError):
     reason = "CONTEXT_LENGTH_EXCEEDED"
 
 
+class ContextExhaustedError(FailedPreconditionError):
+    """The conversation's prompt no longer fits the model's context, and its policy leaves nothing out."""
+
+    reason = "CONTEXT_EXHAUSTED"
+
+
 class UnsupportedByModelError(TurnlogError):
     """The served model cannot do this (for example, embeddings from a generative model)."""
 

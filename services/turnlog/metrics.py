@@ -44,6 +44,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 STAGES = (
     "load",
     "request_guardrails",
+    "context",
     "begin_append",
     "first_token",
     "generation",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from json_shape import assert_paired
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,6 +42,8 @@ RATIOS = {
     "read_events_stream_vs_read_all",
     "export_in_process_vs_plain_query",
     "export_rpc_vs_plain_query",
+    "verify_vs_plain_parse",
+    "subscribe_rpc_vs_in_process",
 }
 
 
@@ -66,7 +69,8 @@ def test_quick_run_writes_positive_figures_and_ratios(
         assert figures[name]["median"] > 0, name
         assert figures[name]["runs"], name
         assert all(v > 0 for v in figures[name]["runs"]), name
-    assert RATIOS.issubset(result["ratios"]), result["ratios"]
-    assert all(v > 0 for v in result["ratios"].values()), result["ratios"]
+    assert set(result["ratios"]) == RATIOS, result["ratios"]
+    for name, ratio in result["ratios"].items():
+        assert_paired(name, ratio, result["settings"]["reps"])
     assert result["fold"]["events"] == result["settings"]["fold_events"]
     assert result["export"]["verified_exports"] == result["settings"]["conversations"]

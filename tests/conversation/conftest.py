@@ -31,6 +31,11 @@ SCRIPT: dict[str, Any] = {
         {"match": "the answer is", "text": "It is 42."},
         {"match": "slow story", "text": "Once upon a time " * 20, "token_delay_ms": 20},
         {"match": "leak a secret", "text": "Sure, the forbidden word is kaboom, enjoy."},
+        {
+            "match": "leak slowly",
+            "text": "Sure, the forbidden word is kaboom, enjoy.",
+            "token_delay_ms": 5,
+        },
         {"match": "mail me", "text": "Write to alice@example.com please."},
         {
             "match": "fail early",

@@ -181,16 +181,39 @@ async def test_cancel_mid_stream_records_cancellation(
     assert after.ended.turn.status is TurnStatus.COMPLETED
 
 
-async def test_guardrail_blocks_response_with_retraction(make_app: object) -> None:
+async def test_guardrail_blocks_response_with_retraction(
+    make_app: object, store: PostgresEventStore
+) -> None:
     from turnlog.guardrails import BuiltinSettings, default_registry
 
     app = make_app(guardrails=default_registry(BuiltinSettings(blocked_terms=("kaboom",))))  # type: ignore[operator]
     cid = (await app.create(CreateConversation(request_id="g"))).conversation_id
-    result = await app.send(TurnInput(conversation_id=cid, content="leak a secret", request_id="1"))
-    assert result.ended.turn.status is TurnStatus.BLOCKED
-    shown = "".join(u.payload.text for u in result.updates if isinstance(u.payload, TextPiece))
+    # Streamed a token at a time, the harmless prefix is shown before the
+    # blocked term arrives; then it is retracted (docs/guardrails.md).
+    turn_id = await app.start_turn(
+        TurnInput(conversation_id=cid, content="leak slowly", request_id="1")
+    )
+    payloads = [u.payload async for u in app.watch(cid, turn_id)]
+    [retraction] = [p for p in payloads if isinstance(p, ev.TextRetracted)]
+    at = payloads.index(retraction)
+    shown = "".join(p.text for p in payloads[:at] if isinstance(p, TextPiece))
+    assert shown  # something was shown, so something had to be retracted
+    assert "Sure, the forbidden word is kaboom, enjoy.".startswith(shown)
     assert "kaboom" not in shown
-    assert any(isinstance(u.payload, ev.TextRetracted) for u in result.updates) == bool(shown)
+    assert (retraction.start, retraction.end) == (0, len(shown))
+    assert not any(isinstance(p, TextPiece) for p in payloads[at:])
+    assert isinstance(payloads[-1], TurnEnded)
+    assert payloads[-1].turn.status is TurnStatus.BLOCKED
+    # The log says the same: the retraction, the block, no assistant text.
+    events = await store.read_stream(stream_id(cid))
+    types = [e.type for e in events]
+    [recorded] = [e for e in events if e.type == "TextRetracted"]
+    assert (recorded.data["start"], recorded.data["end"]) == (0, len(shown))
+    assert types[-1] == "TurnBlocked"
+    assert types.index("TextRetracted") < types.index("TurnBlocked")
+    assert "GenerationCompleted" not in types
+    state = await app.load(cid)
+    assert [m.role for m in state.messages] == [ev.Role.USER]
     blocked_request = await app.send(
         TurnInput(conversation_id=cid, content="say kaboom", request_id="2")
     )

@@ -127,17 +127,23 @@ async def test_converse_cancel_aborts_the_turn(stub: sgrpc.ConversationServiceSt
             )
         )
     )
-    kinds = []
+    events: list[spb.TurnEvent] = []
     async for response in call:
-        kinds.append(response.event.WhichOneof("kind"))
+        events.append(response.event)
+        kinds = [e.WhichOneof("kind") for e in events]
         if kinds[-1] == "text_delta" and kinds.count("text_delta") == 3:
             await call.write(
                 spb.ConverseRequest(cancel=spb.CancelTurn(turn_id=response.event.turn_id))
             )
         if kinds[-1] == "turn_ended":
-            assert response.event.turn_ended.turn.status == pb.TURN_STATUS_CANCELLED
             await call.done_writing()
+    kinds = [e.WhichOneof("kind") for e in events]
+    assert kinds.count("text_delta") >= 3  # the cancel was sent mid-turn
+    assert kinds.count("turn_ended") == 1
     assert kinds[-1] == "turn_ended"
+    assert events[-1].turn_ended.turn.status == pb.TURN_STATUS_CANCELLED
+    text = "".join(e.text_delta.text for e in events if e.HasField("text_delta"))
+    assert len(text) < len("Once upon a time " * 20)
 
 
 async def test_converse_client_side_tool(stub: sgrpc.ConversationServiceStub) -> None:
@@ -156,11 +162,14 @@ async def test_converse_client_side_tool(stub: sgrpc.ConversationServiceStub) ->
             )
         )
     )
+    by_kind: dict[str, list[spb.TurnEvent]] = {}
+    order: list[str] = []
     async for response in call:
         event = response.event
         kind = event.WhichOneof("kind")
+        by_kind.setdefault(kind, []).append(event)
+        order.append(kind)
         if kind == "tool_execution_started":
-            assert event.tool_execution_started.client_side
             await call.write(
                 spb.ConverseRequest(
                     tool_result=spb.ToolResult(
@@ -170,8 +179,14 @@ async def test_converse_client_side_tool(stub: sgrpc.ConversationServiceStub) ->
                     )
                 )
             )
-        if kind == "tool_execution_finished":
-            assert event.tool_execution_finished.execution.result == "found"
         if kind == "turn_ended":
-            assert event.turn_ended.turn.tool_round_limit_reached
             await call.done_writing()
+    [started] = by_kind["tool_execution_started"]
+    [finished] = by_kind["tool_execution_finished"]
+    [ended] = by_kind["turn_ended"]
+    assert started.tool_execution_started.client_side
+    assert started.tool_execution_started.call.name == "lookup"
+    assert finished.tool_execution_finished.execution.result == "found"
+    assert ended.turn_ended.turn.tool_round_limit_reached
+    assert order.index("tool_execution_started") < order.index("tool_execution_finished")
+    assert order[-1] == "turn_ended"

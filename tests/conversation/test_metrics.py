@@ -195,6 +195,7 @@ async def test_turns_move_the_turn_metrics(service: Service) -> None:
     # The failed turn got no text delta: three first tokens, three generations.
     assert stages == {
         "request_guardrails": 4,
+        "context": 4,
         "begin_append": 4,
         "first_token": 3,
         "generation": 3,

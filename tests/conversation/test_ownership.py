@@ -1,4 +1,4 @@
-"""Crash recovery with several replicas: liveness locks (turnlog.conversation.ownership).
+"""Crash recovery with several replicas: liveness locks (turnlog.storage.replica_lock).
 
 Two `ConversationApplication`s on one database play two replicas, each with
 its own lock connection (named "a" and "b"); the scripted worker and store
@@ -8,6 +8,7 @@ come from the fixtures in conftest.py.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from conversation_helpers import ScriptedWorker, scripted_worker_server
 
 from turnlog import errors
 from turnlog.conversation.application import ConversationApplication, CreateConversation, TurnInput
+from turnlog.conversation.options import TurnOptions
 from turnlog.domain import events as ev
 from turnlog.domain.state import TurnStatus
 from turnlog.eventlog import stream_id
@@ -26,6 +28,7 @@ from turnlog.storage.replica_lock import LOCK_CLASS_ID, PostgresReplicaLock, loc
 pytestmark = pytest.mark.timeout(60)
 
 SLOW = "take a while"  # this module's worker streams the reply for ~1 s
+LONG = "keep going"  # ... and this one for ~12 s
 
 
 @pytest.fixture
@@ -33,7 +36,10 @@ async def worker() -> AsyncIterator[ScriptedWorker]:
     """Overrides conftest's scripted worker: one reply slow enough to overlap, but short."""
     script = {
         "model": "scripted-test",
-        "replies": [{"match": SLOW, "text": "tick " * 5, "token_delay_ms": 40}],
+        "replies": [
+            {"match": SLOW, "text": "tick " * 5, "token_delay_ms": 40},
+            {"match": LONG, "text": "tick " * 60, "token_delay_ms": 40},
+        ],
         "default": {"text": "Hello there."},
     }
     async with scripted_worker_server(script) as started:
@@ -150,40 +156,69 @@ async def test_recovery_never_takes_a_turn_being_started_here(
     assert result.ended.turn.status is TurnStatus.COMPLETED
 
 
+async def lock_freed_at(database_url: str, pid: int, instance: str) -> float:
+    """When (monotonic) the session `pid` no longer holds `instance`'s replica lock."""
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
+        for _ in range(500):
+            cursor = await admin.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s"
+                " AND classid = %s AND objid = %s AND objsubid = 2",
+                (pid, LOCK_CLASS_ID, lock_key(instance) & 0xFFFFFFFF),
+            )
+            row = await cursor.fetchone()
+            assert row is not None
+            if row[0] == 0:
+                return time.monotonic()
+            await asyncio.sleep(0.01)
+    raise AssertionError("the lock was never freed")
+
+
 async def test_killed_lock_session_lets_periodic_recovery_take_over(
     replicas: Replicas, database_url: str
 ) -> None:
     a = await replicas.start("a")
     b = await replicas.start("b")
     cid = await new_conversation(a)
-    turn_id = await a.start_turn(TurnInput(conversation_id=cid, content=SLOW, request_id="t1"))
+    # A's turn would run ~12 s on its own: only B's recovery can end it sooner.
+    turn_id = await a.start_turn(TurnInput(conversation_id=cid, content=LONG, request_id="t1"))
     await wait_open(a, cid)
-    # Kill A's lock session (what a crash of A, or a network cut, does to it).
-    live = a._running[turn_id]
+    live = a.running.turns[turn_id]
     assert live.task is not None
     assert a.ownership is not None
     pid = a.ownership.backend_pid
+    assert pid is not None
+    b.start_recovery(0.2, jitter=0.1)
+    # Kill A's lock session (what a crash of A, or a network cut, does to it).
     with psycopg.connect(database_url, autocommit=True) as admin:
         assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
-    b.start_recovery(0.2, jitter=0.1)
-    # A's turn keeps running meanwhile; either B interrupts it first (A's end
-    # then conflicts) or A ends it first (B's interrupt then conflicts).
-    # Never both: exactly one terminal event.
-    for _ in range(100):
-        state = await b.load(cid)
-        if state.open_turn is None:
+    freed = await lock_freed_at(database_url, pid, "a")
+    # B's next recovery round (every 0.2 ± 0.02 s) interrupts the turn.
+    while True:
+        events = await b.store.read_stream(stream_id(cid))
+        types = [e.type for e in events]
+        if "TurnInterrupted" in types:
             break
-        await asyncio.sleep(0.05)
-    await asyncio.gather(live.task, return_exceptions=True)
+        assert time.monotonic() - freed < 1.0, (
+            f"no TurnInterrupted 1 s after A's lock was freed: {types}"
+        )
+        await asyncio.sleep(0.02)
+    terminal = [e for e in events if e.type.startswith("Turn") and e.type != "TurnStarted"]
+    assert [(e.type, e.data["turn_id"], e.metadata.actor) for e in terminal] == [
+        ("TurnInterrupted", turn_id, "b")
+    ]
+    # A's turn ends on its next append (a conflict), long before its reply would.
+    await asyncio.wait_for(asyncio.gather(live.task, return_exceptions=True), 5)
     state = await b.load(cid)
     assert state.open_turn is None
-    ended = [t for t in state.turns if t.turn_id == turn_id]
-    assert len(ended) == 1
+    assert state.turns[-1].status is TurnStatus.INTERRUPTED
     events = await b.store.read_stream(stream_id(cid))
-    terminal = [e.type for e in events if e.type.startswith("Turn") and e.type != "TurnStarted"]
-    assert len(terminal) == 1
-    # The conversation goes on, on B.
-    result = await b.send(TurnInput(conversation_id=cid, content="hi", request_id="t2"))
+    terminal = [e for e in events if e.type.startswith("Turn") and e.type != "TurnStarted"]
+    assert [e.type for e in terminal] == ["TurnInterrupted"]  # A's end was refused
+    # The conversation goes on, on B (a short reply: LONG is in its prompt too).
+    short = TurnOptions(sampling=ev.SamplingParams(max_tokens=3))
+    result = await b.send(
+        TurnInput(conversation_id=cid, content="hi", request_id="t2", options=short)
+    )
     assert result.ended.turn.status is TurnStatus.COMPLETED
 
 
@@ -251,7 +286,10 @@ async def test_one_instance_name_one_live_replica(database_url: str) -> None:
 
 
 async def test_recovery_is_one_query_over_many_closed_turns(
-    replicas: Replicas, store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch
+    replicas: Replicas,
+    store: PostgresEventStore,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     a = await replicas.start("a")
     b = await replicas.start("b")
@@ -270,7 +308,7 @@ async def test_recovery_is_one_query_over_many_closed_turns(
     started = ev.TurnStarted(turn_id="orphan", request_id="orphan", started_at_us=1)
     await store.append(
         stream_id(victim),
-        [a._new_event("22222222-2222-2222-2222-222222222222", started)],
+        [a.repository.new_event("22222222-2222-2222-2222-222222222222", started)],
         expected_version=version,
     )
 
@@ -290,7 +328,11 @@ async def test_recovery_is_one_query_over_many_closed_turns(
     monkeypatch.setattr(store, "latest_events_of_types", latest)
     assert await b.close_interrupted_turns() == []  # A is alive: left alone
     assert a.ownership is not None
+    pid = a.ownership.backend_pid
+    assert pid is not None
     await a.ownership.close()  # A dies
+    # The server frees a closed session's lock a moment later, not at once.
+    await lock_freed_at(database_url, pid, "a")
     assert await b.close_interrupted_turns() == [(victim, "orphan")]
     # The query returned the one open conversation, not 20 closed turns.
     assert calls == [[stream_id(victim)], [stream_id(victim)]]
@@ -311,7 +353,7 @@ async def test_a_replica_closes_its_own_orphans(
     started = ev.TurnStarted(turn_id="lost", request_id="lost", started_at_us=1)
     await store.append(
         stream_id(cid),
-        [a._new_event("33333333-3333-3333-3333-333333333333", started)],
+        [a.repository.new_event("33333333-3333-3333-3333-333333333333", started)],
         expected_version=version,
     )
     assert await b.close_interrupted_turns() == []  # A's, and A is alive

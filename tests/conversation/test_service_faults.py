@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from worker_processes import WorkerProcess
 
 from turnlog.api.servicer import ConversationServicer
 from turnlog.conversation.application import ConversationApplication, ServiceDefaults
@@ -35,18 +36,24 @@ from turnlog.worker.service import EngineServicer
 
 pytestmark = pytest.mark.timeout(60)
 
-# "long story" streams 200 one-character tokens for 2 s: longer than any wait below.
+# "long story" streams 200 one-character tokens for 2 s: longer than any wait
+# below. "endless story" streams 480 for 12 s: a cancel must show long before.
 SCRIPT: dict[str, Any] = {
     "model": "scripted-faults",
-    "replies": [{"match": "long story", "text": "word " * 40, "token_delay_ms": 10}],
+    "replies": [
+        {"match": "long story", "text": "word " * 40, "token_delay_ms": 10},
+        {"match": "endless story", "text": "word " * 96, "token_delay_ms": 25},
+    ],
     "default": {"text": "Fine."},
 }
+# How long an aborted request may still count at the worker once its turn ended.
+ABORT_DEADLINE_S = 0.5
 
 
 class Served:
     """An in-process scripted worker and a ConversationService in front of it."""
 
-    def __init__(self, worker: grpc.aio.Server, worker_target: str) -> None:
+    def __init__(self, worker: grpc.aio.Server | None, worker_target: str) -> None:
         self.worker = worker
         self.worker_target = worker_target
         self.stub: sgrpc.ConversationServiceStub
@@ -68,9 +75,12 @@ async def make_served() -> AsyncIterator[Callable[..., Any]]:
     """Start a worker and a service over `store`; everything is stopped afterwards."""
     cleanups: list[Callable[[], Any]] = []
 
-    async def make(store: PostgresEventStore) -> Served:
-        worker, worker_target = await _serve_worker()
-        cleanups.append(lambda: worker.stop(0))
+    async def make(store: PostgresEventStore, worker_target: str | None = None) -> Served:
+        """Without `worker_target`, in front of a new in-process scripted worker."""
+        worker: grpc.aio.Server | None = None
+        if worker_target is None:
+            worker, worker_target = await _serve_worker()
+            cleanups.append(lambda: worker.stop(0))
         served = Served(worker, worker_target)
         engine = EngineClient([worker_target], retries=1, retry_backoff_s=0.05)
         await engine.__aenter__()
@@ -134,6 +144,7 @@ async def test_every_worker_down_is_unavailable_and_retryable(
 ) -> None:
     served: Served = await make_served(store)
     name = await _create(served.stub)
+    assert served.worker is not None
     await served.worker.stop(0)
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -144,10 +155,12 @@ async def test_every_worker_down_is_unavailable_and_retryable(
     assert info.domain == "turnlog.dev"
     assert info.reason == "ENGINE_UNAVAILABLE"
     assert info.metadata["retryable"] == "true"
-    assert info.metadata["turnId"]
-    # The attempt is a recorded outcome, the log verifies, and the conversation is free again.
+    # The turn's window is decided on the worker (token counts) before anything
+    # is recorded: with no worker the request is refused and the log is
+    # unchanged, so a retry with the same request id starts the turn afresh.
     got = await served.stub.GetConversation(spb.GetConversationRequest(name=name), timeout=10)
-    assert [t.status for t in got.conversation.turns] == [pb.TURN_STATUS_FAILED]
+    assert list(got.conversation.turns) == []
+    assert got.conversation.version == 1
     assert (await store.verify(stream_id(name.removeprefix("conversations/")))).ok
 
 
@@ -233,18 +246,22 @@ async def test_deadline_shorter_than_the_reply(
     assert (await store.verify(stream_id(name.removeprefix("conversations/")))).ok
 
 
-async def test_cancel_mid_stream_aborts_the_worker_request(
-    make_served: Callable[..., Any], store: PostgresEventStore
-) -> None:
-    served: Served = await make_served(store)
-    name = await _create(served.stub)
-    call = served.stub.Converse(timeout=30)
-    await call.write(
-        spb.ConverseRequest(
-            user_message=spb.TurnInput(conversation=name, content="long story", request_id="x")
-        )
-    )
+async def _wait_idle(stub: engine_pb2_grpc.EngineServiceStub, requests: int = 0) -> None:
+    """Fail unless the worker holds `requests` requests within ABORT_DEADLINE_S."""
+    deadline = time.monotonic() + ABORT_DEADLINE_S
+    while (running := await _running_requests(stub)) != requests:
+        assert time.monotonic() < deadline, f"the worker still runs {running} requests"
+        await asyncio.sleep(0.02)
+
+
+async def _cancel_after_five_deltas(
+    served: Served, turn: spb.TurnInput
+) -> tuple[spb.TurnEnded, int]:
+    """Converse a turn, cancel it at its fifth text delta; its end, and the load then."""
+    call = served.stub.Converse(timeout=60)
+    await call.write(spb.ConverseRequest(user_message=turn))
     deltas = 0
+    running_at_cancel = -1
     cancelled_at = 0.0
     ended: spb.TurnEnded | None = None
     async for response in call:
@@ -252,21 +269,89 @@ async def test_cancel_mid_stream_aborts_the_worker_request(
         if event.HasField("text_delta"):
             deltas += 1
             if deltas == 5:
-                assert await _running_requests(served.engine_stub) == 1
+                running_at_cancel = await _running_requests(served.engine_stub)
                 await call.write(spb.ConverseRequest(cancel=spb.CancelTurn(turn_id=event.turn_id)))
                 cancelled_at = time.monotonic()
         if event.HasField("turn_ended"):
             ended = event.turn_ended
             await call.done_writing()
+    assert cancelled_at, "the turn ended before its fifth delta"
     assert ended is not None
+    assert time.monotonic() - cancelled_at < 1  # a small part of the 10+ s reply
+    return ended, running_at_cancel
+
+
+async def test_cancel_mid_stream_aborts_the_worker_request(
+    make_served: Callable[..., Any], store: PostgresEventStore
+) -> None:
+    served: Served = await make_served(store)
+    name = await _create(served.stub)
+    # "endless story" runs 12 s on its own.
+    turn = spb.TurnInput(conversation=name, content="endless story", request_id="x")
+    ended, running = await _cancel_after_five_deltas(served, turn)
+    assert running == 1
     assert ended.turn.status == pb.TURN_STATUS_CANCELLED
-    assert time.monotonic() - cancelled_at < 1  # well before the 2 s reply would end
-    deadline = time.monotonic() + 2
-    while await _running_requests(served.engine_stub):
-        assert time.monotonic() < deadline, "the worker still runs the cancelled request"
-        await asyncio.sleep(0.02)
+    await _wait_idle(served.engine_stub)
     recorded = await store.read_stream(stream_id(name.removeprefix("conversations/")))
     types = [r.type for r in recorded]
     assert types[-1] == "TurnCancelled"
     assert "GenerationCompleted" not in types
     assert (await store.verify(stream_id(name.removeprefix("conversations/")))).ok
+
+
+# The tiny model writes a turn's 440 tokens in ~0.5 s alone. So the worker
+# first takes VLLM_BACKGROUND requests of 480 tokens (fewer than the 128 it
+# runs at once, so the turn's request is not queued behind them), and the
+# turn's output is forced long by its regex: it would then run 5-6 s on 2 CPU
+# cores, not 10 (the tiny model's context is 512 tokens), still 10 times the
+# deadline. The background runs as long, so what remains after the cancel is
+# exactly the background.
+VLLM_BACKGROUND = 100
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(300)  # the first vLLM test of a session starts the worker
+async def test_cancel_mid_stream_aborts_the_vllm_request(
+    make_served: Callable[..., Any], store: PostgresEventStore, vllm_worker: WorkerProcess
+) -> None:
+    served: Served = await make_served(store, worker_target=vllm_worker.target)
+    created = await served.stub.CreateConversation(
+        spb.CreateConversationRequest(
+            request_id="c", defaults=pb.TurnDefaults(temperature=0, max_tokens=440)
+        ),
+        timeout=10,
+    )
+    name = created.conversation.name
+    background = served.engine_stub.Generate()
+    try:
+        for n in range(VLLM_BACKGROUND):
+            start = engine_pb2.StartGeneration(
+                request_id=f"bg{n}",
+                prompt_text="keep the worker busy",
+                sampling=engine_pb2.SamplingParams(max_tokens=480, ignore_eos=True),
+            )
+            start.min_delta_interval.FromSeconds(1)  # little for this process to read
+            await background.write(engine_pb2.GenerateRequest(start=start))
+        deadline = time.monotonic() + 30
+        while (running := await _running_requests(served.engine_stub)) < VLLM_BACKGROUND:
+            assert time.monotonic() < deadline, f"the worker took {running} of the background"
+            await asyncio.sleep(0.02)
+        turn = spb.TurnInput(
+            conversation=name,
+            content="endless story",
+            request_id="x",
+            options=pb.TurnDefaults(first_generation_regex="(a ){1000}"),
+        )
+        ended, running = await _cancel_after_five_deltas(served, turn)
+        assert running == VLLM_BACKGROUND + 1
+        assert ended.turn.status == pb.TURN_STATUS_CANCELLED
+        # The turn's request is gone; all the background (started earlier,
+        # as long) still runs: the turn's would have too.
+        await _wait_idle(served.engine_stub, VLLM_BACKGROUND)
+    finally:
+        background.cancel()
+    await _wait_idle(served.engine_stub)
+    recorded = await store.read_stream(stream_id(name.removeprefix("conversations/")))
+    types = [r.type for r in recorded]
+    assert types[-1] == "TurnCancelled"
+    assert "GenerationCompleted" not in types

@@ -97,7 +97,7 @@ async def test_a_turn_started_on_a_stale_cache_conflicts_then_reads_the_log(
         await one.send(TurnInput(conversation_id=cid, content="hi", request_id="r-1"))
         # Another replica runs the next turn: `one`'s cached state is behind.
         await other.send(TurnInput(conversation_id=cid, content="there", request_id="r-2"))
-        behind = one._states[cid].version
+        behind = one.repository.states[cid].version
         spy = _Spy(store, monkeypatch)
         result = await one.send(TurnInput(conversation_id=cid, content="again", request_id="r-3"))
         assert result.ended.turn.status is TurnStatus.COMPLETED
@@ -126,13 +126,13 @@ async def test_a_wrong_cached_state_conflicts_then_reloads_and_retries(
     # A cache entry ahead of the log (as after the log was restored from a
     # backup): the tail read finds nothing, the append names a version the
     # stream is not at → conflict → the entry is dropped, reloaded, retried.
-    app._states[cid] = replace(true_state, version=true_state.version + 5)
+    app.repository.states[cid] = replace(true_state, version=true_state.version + 5)
     result = await app.send(TurnInput(conversation_id=cid, content="hi", request_id="r-1"))
     assert result.ended.turn.status is TurnStatus.COMPLETED
     events = await store.read_stream(stream_id(cid))
     assert [e.stream_version for e in events] == list(range(1, len(events) + 1))
     assert (await store.verify(stream_id(cid))).ok
-    assert app._states[cid].version == len(events)
+    assert app.repository.states[cid].version == len(events)
     assert await app.load(cid) == await ConversationApplication(store, None).load(cid)
 
 
@@ -150,9 +150,9 @@ async def test_time_travel_with_a_cache(
         assert got.version == version
         assert got == await uncached.load(cid, version=version)
     # Loading an old version never moves the cached state back.
-    assert app._states[cid] == latest
+    assert app.repository.states[cid] == latest
     assert await app.load(cid) == latest
-    assert not uncached._states
+    assert not uncached.repository.states
 
 
 async def test_the_cache_is_bounded(
@@ -160,8 +160,8 @@ async def test_the_cache_is_bounded(
 ) -> None:
     app = make_app(defaults=ServiceDefaults(state_cache_size=2))
     cids = [await _conversation(app, f"c-{i}") for i in range(3)]
-    assert list(app._states) == cids[1:]
+    assert list(app.repository.states) == cids[1:]
     await app.load(cids[1])  # most recently used now
     await app.load(cids[0])  # evicts cids[2]
-    assert list(app._states) == [cids[1], cids[0]]
+    assert list(app.repository.states) == [cids[1], cids[0]]
     await app.shutdown()

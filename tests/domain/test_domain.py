@@ -183,13 +183,42 @@ def conversations(draw: st.DrawFn) -> list[ev.Event]:
     return events
 
 
+_ENDINGS: dict[type[ev.Event], tuple[TurnStatus, str]] = {
+    ev.TurnCompleted: (TurnStatus.COMPLETED, "completed_at_us"),
+    ev.TurnFailed: (TurnStatus.FAILED, "failed_at_us"),
+    ev.TurnCancelled: (TurnStatus.CANCELLED, "cancelled_at_us"),
+    ev.TurnInterrupted: (TurnStatus.INTERRUPTED, "detected_at_us"),
+}
+
+
 @settings(max_examples=200)
 @given(conversations())
-def test_fold_is_deterministic_and_counts_versions(events: list[ev.Event]) -> None:
-    first = fold(events)
-    assert fold(events) == first
-    assert first.version == len(events)
-    assert sum(t.status is TurnStatus.RUNNING for t in first.turns) <= 1
+def test_fold_counts_versions_and_ends_each_turn_as_its_log_says(events: list[ev.Event]) -> None:
+    state = fold(events)
+    assert state.version == len(events)
+    created = events[0]
+    assert isinstance(created, ev.ConversationCreated)
+    assert (state.conversation_id, state.created_at_us, state.system_prompt) == (
+        created.conversation_id,
+        created.created_at_us,
+        created.system_prompt,
+    )
+    # The turns, read from the script independently of `evolve`:
+    # (id, request id, status, start version, end time).
+    expected: list[tuple[str, str, TurnStatus, int, int | None]] = []
+    for version, event in enumerate(events, start=1):
+        if isinstance(event, ev.TurnStarted):
+            expected.append((event.turn_id, event.request_id, TurnStatus.RUNNING, version, None))
+        elif type(event) in _ENDINGS:
+            status, at_field = _ENDINGS[type(event)]
+            turn_id, request_id, _, started, _ = expected[-1]
+            expected[-1] = (turn_id, request_id, status, started, getattr(event, at_field))
+    assert [
+        (t.turn_id, t.request_id, t.status, t.start_version, t.ended_at_us) for t in state.turns
+    ] == expected
+    open_ids = [e[0] for e in expected if e[2] is TurnStatus.RUNNING]
+    open_turn = state.open_turn
+    assert ([open_turn.turn_id] if open_turn is not None else []) == open_ids
 
 
 @given(conversations(), st.data())

@@ -16,14 +16,28 @@ from worker_processes import VLLM_MAX_MODEL_LEN, WorkerProcess
 
 from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
 
-__all__ = ["SCRIPT", "Backend", "RawStream", "WorkerProcess", "request_id_of", "wait_idle"]
+__all__ = [
+    "ENDLESS_TOKENS",
+    "ENDLESS_TOKEN_DELAY_MS",
+    "SCRIPT",
+    "Backend",
+    "RawStream",
+    "WorkerProcess",
+    "request_id_of",
+    "wait_idle",
+]
 
-# Replies of the shared scripted worker; "slow" prompts give tests time to act mid-stream.
+# Replies of the shared scripted worker; "slow" prompts give tests time to act
+# mid-stream; "endless" ones outlast any abort deadline: ENDLESS_TOKENS of them
+# take 12 s on their own (tests/engine/test_faults.py checks the pace).
+ENDLESS_TOKENS = 480
+ENDLESS_TOKEN_DELAY_MS = 25
 SCRIPT: dict[str, Any] = {
     "model": "scripted-test",
     "max_context_tokens": VLLM_MAX_MODEL_LEN,
     "replies": [
         {"match": "slow", "text": "s" * 400, "token_delay_ms": 5},
+        {"match": "endless", "text": "e" * 400, "token_delay_ms": ENDLESS_TOKEN_DELAY_MS},
         {
             "match": "weather",
             "text": "Checking.",

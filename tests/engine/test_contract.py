@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import grpc
 import pytest
-from engine_helpers import Backend, RawStream, wait_idle
+from engine_helpers import ENDLESS_TOKENS, Backend, RawStream, wait_idle
 from google.rpc import code_pb2
+from worker_processes import VLLM_MAX_MODEL_LEN
 
 from turnlog import errors
 from turnlog.engine.v1 import engine_pb2 as pb
@@ -26,11 +28,48 @@ def long_request(rid: str, tokens: int = 300) -> pb.StartGeneration:
     )
 
 
+# An abort must show within ABORT_DEADLINE_S, while the work it stops would
+# run 10+ s on its own: on the scripted engine, "endless" replies (480 tokens
+# at 25 ms: 12 s). The tiny vLLM model writes 480 tokens in ~0.5 s, so there
+# the work is VLLM_BACKLOG such requests: four rounds of the 128 that vLLM
+# runs at once on CPU, ~16 s on 2 CPU cores. Their deltas are held for a
+# second: thousands a second would starve this process (it would send the
+# last starts late, and the cancels).
+ABORT_DEADLINE_S = 0.5
+VLLM_BACKLOG = 512
+
+
+def endless_requests(backend: Backend, prefix: str, scripted: int) -> list[pb.StartGeneration]:
+    """Requests that keep the worker busy for 10+ s unless aborted."""
+    count = VLLM_BACKLOG if backend.kind == "vllm" else scripted
+    starts = []
+    for n in range(count):
+        start = pb.StartGeneration(
+            request_id=f"{prefix}{n}",
+            prompt_text="endless: tell me a long story",
+            sampling=pb.SamplingParams(max_tokens=ENDLESS_TOKENS, ignore_eos=True, temperature=0),
+        )
+        start.min_delta_interval.FromSeconds(1)
+        starts.append(start)
+    return starts
+
+
+async def wait_load(stub: Stub, requests: int, timeout_s: float = 30) -> None:
+    """Wait until the worker holds `requests` unfinished requests (all of them accepted)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        load = await stub.GetLoad(pb.GetLoadRequest())
+        if load.running_requests + load.waiting_requests >= requests:
+            return
+        assert time.monotonic() < deadline, f"the worker never took {requests} requests: {load}"
+        await asyncio.sleep(0.02)
+
+
 async def test_model_info_names_the_backend(backend: Backend, stub: Stub) -> None:
     info = await stub.GetModelInfo(pb.GetModelInfoRequest())
     expected = pb.BACKEND_VLLM if backend.kind == "vllm" else pb.BACKEND_SCRIPTED
     assert info.backend == expected
-    assert info.max_context_tokens == 512
+    assert info.max_context_tokens == VLLM_MAX_MODEL_LEN
     assert info.tokenizer.vocab_size > 0
     assert info.tokenizer.HasField("eos_token_id")
     assert info.tokenizer.has_chat_template
@@ -135,6 +174,44 @@ async def test_render_chat_with_tools(stub: Stub) -> None:
     assert list(again.token_ids) == list(rendered.prompt_token_ids)
 
 
+async def test_chat_token_counts_add_up_to_the_rendered_prompt(stub: Stub) -> None:
+    """Head plus any run of counted messages is exactly the rendered prompt's length."""
+    head = pb.ChatPrompt(
+        messages=[pb.ChatMessage(role=pb.CHAT_ROLE_SYSTEM, content="Be brief.")],
+        tools=[pb.ToolDefinition(name="calculator", description="Evaluates arithmetic")],
+    )
+    call = pb.ToolCall(id="c1", name="calculator", arguments_json='{"expression": "6 * 7"}')
+    messages = [
+        pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="What is 6 * 7? Ünïcode too."),
+        pb.ChatMessage(role=pb.CHAT_ROLE_ASSISTANT, content="", tool_calls=[call]),
+        pb.ChatMessage(role=pb.CHAT_ROLE_TOOL, content="42", tool_call_id="c1"),
+        pb.ChatMessage(role=pb.CHAT_ROLE_ASSISTANT, content="It is 42.\n\nAnything else?"),
+        pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="no"),
+    ]
+    counted = await stub.CountChatTokens(pb.CountChatTokensRequest(head=head, messages=messages))
+    assert len(counted.message_tokens) == len(messages)
+    assert all(n > 0 for n in counted.message_tokens)
+    assert counted.max_context_tokens == VLLM_MAX_MODEL_LEN
+    for first in (0, 1, 3, 4):
+        chat = pb.ChatPrompt(
+            messages=[*head.messages, *messages[first:]],
+            tools=head.tools,
+            add_generation_prompt=True,
+        )
+        rendered = await stub.RenderChat(pb.RenderChatRequest(chat=chat))
+        expected = counted.head_tokens + sum(counted.message_tokens[first:])
+        assert len(rendered.prompt_token_ids) == expected, first
+    # A head without a system message or tools counts the generation prompt only.
+    bare = await stub.CountChatTokens(pb.CountChatTokensRequest(messages=messages[:1]))
+    rendered = await stub.RenderChat(
+        pb.RenderChatRequest(chat=pb.ChatPrompt(messages=messages[:1], add_generation_prompt=True))
+    )
+    assert bare.head_tokens + bare.message_tokens[0] == len(rendered.prompt_token_ids)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CountChatTokens(pb.CountChatTokensRequest(messages=[*head.messages]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_render_chat_rejects_empty_chat_with_status(stub: Stub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.RenderChat(pb.RenderChatRequest(chat=pb.ChatPrompt()))
@@ -168,15 +245,15 @@ async def test_cancel_one_request_leaves_others_intact(stub: Stub) -> None:
     stream.call.cancel()
 
 
-async def test_closing_the_stream_aborts_all_its_requests(stub: Stub) -> None:
+async def test_closing_the_stream_aborts_all_its_requests(backend: Backend, stub: Stub) -> None:
     stream = RawStream(stub)
-    for rid in ("x", "y", "z"):
-        await stream.start(long_request(rid, tokens=400))
+    requests = endless_requests(backend, "x", scripted=3)
+    for start in requests:
+        await stream.start(start)
     await stream.read()  # generation is under way
-    load = await stub.GetLoad(pb.GetLoadRequest())
-    assert load.running_requests + load.waiting_requests >= 1
+    await wait_load(stub, len(requests))
     stream.call.cancel()
-    await wait_idle(stub, timeout_s=3)
+    await wait_idle(stub, timeout_s=ABORT_DEADLINE_S)
 
 
 async def test_bad_requests_get_per_request_errors_and_the_stream_survives(
@@ -245,7 +322,7 @@ async def test_client_maps_request_errors_to_turnlog_errors(backend: Backend) ->
                 pb.StartGeneration(prompt_text="hi", sampling=pb.SamplingParams(max_tokens=9999))
             ):
                 pass
-        assert caught.value.metadata["maxContextTokens"] == "512"
+        assert caught.value.metadata["maxContextTokens"] == str(VLLM_MAX_MODEL_LEN)
         with pytest.raises(errors.InvalidArgumentError):
             async for _ in conn.generate(pb.StartGeneration(prompt_text="")):
                 pass
@@ -259,17 +336,21 @@ async def test_cancelling_the_consumer_task_cancels_the_request(
     conn = WorkerConnection(backend.target)
     first_token = asyncio.Event()
 
-    async def consume() -> None:
-        async for _ in conn.generate(long_request("", tokens=400)):
+    async def consume(start: pb.StartGeneration) -> None:
+        async for _ in conn.generate(start):
             first_token.set()
 
+    requests = endless_requests(backend, "task-", scripted=1)
     try:
-        task = asyncio.create_task(consume())
+        # One consuming task per request (one on the scripted engine).
+        tasks = [asyncio.create_task(consume(start)) for start in requests]
         await asyncio.wait_for(first_token.wait(), 30)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await wait_idle(stub, timeout_s=3)
+        await wait_load(stub, len(requests))
+        for task in tasks:
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
+        await wait_idle(stub, timeout_s=ABORT_DEADLINE_S)
         assert conn.in_flight == 0
     finally:
         await conn.close()

@@ -7,11 +7,13 @@ import time
 from typing import Any
 
 import pytest
-from engine_helpers import SCRIPT
+from engine_helpers import ENDLESS_TOKEN_DELAY_MS, ENDLESS_TOKENS, SCRIPT
 
 from turnlog import errors
 from turnlog.engine.v1 import engine_pb2 as pb
+from turnlog.worker.backend import RequestProgress
 from turnlog.worker.client import EngineClient, WorkerConnection
+from turnlog.worker.scripted import Script, ScriptedEngine
 
 
 def slow(tokens: int = 300) -> pb.StartGeneration:
@@ -138,5 +140,26 @@ async def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
         await conn.close()
 
 
-def test_script_keys_used_by_tests_exist() -> None:
-    assert any(r["match"] == "slow" for r in SCRIPT["replies"])
+async def test_the_endless_reply_outlasts_the_abort_deadlines() -> None:
+    """The abort checks of test_contract.py wait 0.5 s for what takes 10+ s on its own:
+    the scripted engine must pace the "endless" reply as scripted, and pick it."""
+    engine = ScriptedEngine(Script.from_json(SCRIPT))
+    start = pb.StartGeneration(
+        request_id="pace",
+        prompt_text="endless: tell me a long story",
+        sampling=pb.SamplingParams(max_tokens=ENDLESS_TOKENS, ignore_eos=True),
+    )
+    stamps: list[float] = []
+    text = ""
+    generation = engine.generate(start, engine_request_id="pace", progress=RequestProgress())
+    async for event in generation:
+        assert isinstance(event, pb.GenerationDelta)
+        stamps.append(time.monotonic())
+        text += event.text
+        if len(stamps) == 21:
+            break
+    await generation.aclose()
+    assert text == "e" * 21
+    per_token_s = (stamps[-1] - stamps[0]) / 20
+    assert per_token_s >= 0.9 * ENDLESS_TOKEN_DELAY_MS / 1000
+    assert per_token_s * ENDLESS_TOKENS >= 10

@@ -23,6 +23,56 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ContextPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ContextPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ContextPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONTEXT_POLICY_UNSPECIFIED: _ContextPolicy.ValueType  # 0
+    """Not set: inherit (turn, then conversation, then the service's default,
+    which is TRUNCATE).
+    """
+    CONTEXT_POLICY_DISABLED: _ContextPolicy.ValueType  # 1
+    """Nothing is left out of the prompt and max_tokens is never clamped: a
+    turn whose prompt plus max_tokens does not fit is refused before it
+    starts (FAILED_PRECONDITION, reason CONTEXT_EXHAUSTED, with the counts).
+    """
+    CONTEXT_POLICY_TRUNCATE: _ContextPolicy.ValueType  # 2
+    """The oldest whole turns are left out of the prompt until it fits; never
+    the system prompt, never the current turn, never a tool call without its
+    result. The window moves in steps (prefix caching stays warm).
+    """
+    CONTEXT_POLICY_COMPACT: _ContextPolicy.ValueType  # 3
+    """Reserved for summaries of the oldest turns; not built yet (acts as
+    TRUNCATE).
+    """
+
+class ContextPolicy(_ContextPolicy, metaclass=_ContextPolicyEnumTypeWrapper):
+    """ContextPolicy is what a turn does when the conversation outgrows the
+    model's context.
+    """
+
+CONTEXT_POLICY_UNSPECIFIED: ContextPolicy.ValueType  # 0
+"""Not set: inherit (turn, then conversation, then the service's default,
+which is TRUNCATE).
+"""
+CONTEXT_POLICY_DISABLED: ContextPolicy.ValueType  # 1
+"""Nothing is left out of the prompt and max_tokens is never clamped: a
+turn whose prompt plus max_tokens does not fit is refused before it
+starts (FAILED_PRECONDITION, reason CONTEXT_EXHAUSTED, with the counts).
+"""
+CONTEXT_POLICY_TRUNCATE: ContextPolicy.ValueType  # 2
+"""The oldest whole turns are left out of the prompt until it fits; never
+the system prompt, never the current turn, never a tool call without its
+result. The window moves in steps (prefix caching stays warm).
+"""
+CONTEXT_POLICY_COMPACT: ContextPolicy.ValueType  # 3
+"""Reserved for summaries of the oldest turns; not built yet (acts as
+TRUNCATE).
+"""
+Global___ContextPolicy: _TypeAlias = ContextPolicy  # noqa: Y015
+
 class _ConversationState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -197,6 +247,7 @@ class Conversation(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     TURNS_FIELD_NUMBER: _builtins.int
     FORK_ORIGIN_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: "conversations/{conversation_id}"."""
     version: _builtins.int
@@ -235,6 +286,12 @@ class Conversation(_message.Message):
     def fork_origin(self) -> Global___ForkOrigin:
         """Set when this conversation was forked from another."""
 
+    @_builtins.property
+    def context_window(self) -> Global___ContextWindow:
+        """The window of the latest generation's prompt: what the model was last
+        given of this conversation (unset before any generation recorded one).
+        """
+
     def __init__(
         self,
         *,
@@ -250,14 +307,67 @@ class Conversation(_message.Message):
         messages: _abc.Iterable[Global___Message] | None = ...,
         turns: _abc.Iterable[Global___Turn] | None = ...,
         fork_origin: Global___ForkOrigin | None = ...,
+        context_window: Global___ContextWindow | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "defaults", b"defaults", "fork_origin", b"fork_origin"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context_window", b"context_window", "create_time", b"create_time", "defaults", b"defaults", "fork_origin", b"fork_origin"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "defaults", b"defaults", "fork_origin", b"fork_origin", "guardrail_profile", b"guardrail_profile", "labels", b"labels", "messages", b"messages", "name", b"name", "state", b"state", "system_prompt", b"system_prompt", "tools", b"tools", "turns", b"turns", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window", b"context_window", "create_time", b"create_time", "defaults", b"defaults", "fork_origin", b"fork_origin", "guardrail_profile", b"guardrail_profile", "labels", b"labels", "messages", b"messages", "name", b"name", "state", b"state", "system_prompt", b"system_prompt", "tools", b"tools", "turns", b"turns", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Conversation: _TypeAlias = Conversation  # noqa: Y015
+
+@_typing.final
+class ContextWindow(_message.Message):
+    """ContextWindow says which part of a conversation one prompt held."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    FIRST_VERSION_FIELD_NUMBER: _builtins.int
+    LEFT_OUT_TURNS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    REQUESTED_MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    policy: Global___ContextPolicy.ValueType
+    """The policy that chose it."""
+    first_version: _builtins.int
+    """Messages of turns started before this conversation version were left
+    out (0: nothing left out).
+    """
+    left_out_turns: _builtins.int
+    """How many turns were left out."""
+    prompt_tokens: _builtins.int
+    """The prompt's tokens (the worker's tokenizer and chat template)."""
+    max_context_tokens: _builtins.int
+    """The model's context length."""
+    max_tokens: _builtins.int
+    """The generation's max_tokens."""
+    requested_max_tokens: _builtins.int
+    """Set when max_tokens was clamped to the room the prompt left: what was
+    asked for.
+    """
+    def __init__(
+        self,
+        *,
+        policy: Global___ContextPolicy.ValueType = ...,
+        first_version: _builtins.int = ...,
+        left_out_turns: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
+        max_context_tokens: _builtins.int = ...,
+        max_tokens: _builtins.int = ...,
+        requested_max_tokens: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_requested_max_tokens", b"_requested_max_tokens", "requested_max_tokens", b"requested_max_tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_requested_max_tokens", b"_requested_max_tokens", "first_version", b"first_version", "left_out_turns", b"left_out_turns", "max_context_tokens", b"max_context_tokens", "max_tokens", b"max_tokens", "policy", b"policy", "prompt_tokens", b"prompt_tokens", "requested_max_tokens", b"requested_max_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__requested_max_tokens: _TypeAlias = _typing.Literal["requested_max_tokens"]  # noqa: Y015
+    _WhichOneofArgType__requested_max_tokens: _TypeAlias = _typing.Literal["_requested_max_tokens", b"_requested_max_tokens"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__requested_max_tokens) -> _WhichOneofReturnType__requested_max_tokens | None: ...
+
+Global___ContextWindow: _TypeAlias = ContextWindow  # noqa: Y015
 
 @_typing.final
 class ForkOrigin(_message.Message):
@@ -303,6 +413,8 @@ class TurnDefaults(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     MAX_TOOL_ROUND_TRIPS_FIELD_NUMBER: _builtins.int
     FIRST_GENERATION_REGEX_FIELD_NUMBER: _builtins.int
+    CONTEXT_POLICY_FIELD_NUMBER: _builtins.int
+    STRICT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name as the workers know it (empty: the worker's model); at most
     128.
@@ -328,6 +440,13 @@ class TurnDefaults(_message.Message):
     Python regular-expression syntax without lookaround, (?...) groups other
     than (?:...), backreferences, or \\b \\B \\A \\Z \\G \\p \\k.
     """
+    context_policy: Global___ContextPolicy.ValueType
+    """What to do when the conversation outgrows the model's context."""
+    strict_max_tokens: _builtins.bool
+    """Refuse (INVALID_ARGUMENT, reason CONTEXT_LENGTH_EXCEEDED) instead of
+    clamping a max_tokens beyond the room the prompt leaves (a clamped
+    generation may end with finish reason LENGTH). Per turn only.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Stop strings: at most 16, each 1-256."""
@@ -344,11 +463,15 @@ class TurnDefaults(_message.Message):
         stop: _abc.Iterable[_builtins.str] | None = ...,
         max_tool_round_trips: _builtins.int | None = ...,
         first_generation_regex: _builtins.str | None = ...,
+        context_policy: Global___ContextPolicy.ValueType | None = ...,
+        strict_max_tokens: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_first_generation_regex", b"_first_generation_regex", "_max_tokens", b"_max_tokens", "_max_tool_round_trips", b"_max_tool_round_trips", "_model", b"_model", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "first_generation_regex", b"first_generation_regex", "max_tokens", b"max_tokens", "max_tool_round_trips", b"max_tool_round_trips", "model", b"model", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_context_policy", b"_context_policy", "_first_generation_regex", b"_first_generation_regex", "_max_tokens", b"_max_tokens", "_max_tool_round_trips", b"_max_tool_round_trips", "_model", b"_model", "_seed", b"_seed", "_strict_max_tokens", b"_strict_max_tokens", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "context_policy", b"context_policy", "first_generation_regex", b"first_generation_regex", "max_tokens", b"max_tokens", "max_tool_round_trips", b"max_tool_round_trips", "model", b"model", "seed", b"seed", "strict_max_tokens", b"strict_max_tokens", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_first_generation_regex", b"_first_generation_regex", "_max_tokens", b"_max_tokens", "_max_tool_round_trips", b"_max_tool_round_trips", "_model", b"_model", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "first_generation_regex", b"first_generation_regex", "max_tokens", b"max_tokens", "max_tool_round_trips", b"max_tool_round_trips", "model", b"model", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_context_policy", b"_context_policy", "_first_generation_regex", b"_first_generation_regex", "_max_tokens", b"_max_tokens", "_max_tool_round_trips", b"_max_tool_round_trips", "_model", b"_model", "_seed", b"_seed", "_strict_max_tokens", b"_strict_max_tokens", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "context_policy", b"context_policy", "first_generation_regex", b"first_generation_regex", "max_tokens", b"max_tokens", "max_tool_round_trips", b"max_tool_round_trips", "model", b"model", "seed", b"seed", "stop", b"stop", "strict_max_tokens", b"strict_max_tokens", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__context_policy: _TypeAlias = _typing.Literal["context_policy"]  # noqa: Y015
+    _WhichOneofArgType__context_policy: _TypeAlias = _typing.Literal["_context_policy", b"_context_policy"]  # noqa: Y015
     _WhichOneofReturnType__first_generation_regex: _TypeAlias = _typing.Literal["first_generation_regex"]  # noqa: Y015
     _WhichOneofArgType__first_generation_regex: _TypeAlias = _typing.Literal["_first_generation_regex", b"_first_generation_regex"]  # noqa: Y015
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
@@ -359,12 +482,16 @@ class TurnDefaults(_message.Message):
     _WhichOneofArgType__model: _TypeAlias = _typing.Literal["_model", b"_model"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__strict_max_tokens: _TypeAlias = _typing.Literal["strict_max_tokens"]  # noqa: Y015
+    _WhichOneofArgType__strict_max_tokens: _TypeAlias = _typing.Literal["_strict_max_tokens", b"_strict_max_tokens"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
     _WhichOneofReturnType__top_k: _TypeAlias = _typing.Literal["top_k"]  # noqa: Y015
     _WhichOneofArgType__top_k: _TypeAlias = _typing.Literal["_top_k", b"_top_k"]  # noqa: Y015
     _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
     _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__context_policy) -> _WhichOneofReturnType__context_policy | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__first_generation_regex) -> _WhichOneofReturnType__first_generation_regex | None: ...
     @_typing.overload
@@ -375,6 +502,8 @@ class TurnDefaults(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__model) -> _WhichOneofReturnType__model | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__strict_max_tokens) -> _WhichOneofReturnType__strict_max_tokens | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
     @_typing.overload

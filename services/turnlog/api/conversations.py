@@ -73,6 +73,8 @@ class ConversationRpcs:
         if request.conversation_id and not ID_PATTERN.match(request.conversation_id):
             v.add("conversation_id", "1-63 letters, digits, - or _")
         defaults = turn_options(request.defaults, "defaults", v)
+        if request.defaults.HasField("strict_max_tokens"):
+            v.add("defaults.strict_max_tokens", "a turn option only")
         tools = []
         for i, tool in enumerate(request.tools):
             if not TOOL_NAME_PATTERN.match(tool.name):

@@ -105,6 +105,29 @@ def defaults_message(state: ConversationState) -> pb.TurnDefaults:
         message.max_tool_round_trips = state.max_tool_round_trips
     if s.regex is not None:
         message.first_generation_regex = s.regex
+    if state.context_policy is not None:
+        message.context_policy = CONTEXT_POLICY[state.context_policy]
+    return message
+
+
+CONTEXT_POLICY = {
+    ev.ContextPolicy.DISABLED: pb.CONTEXT_POLICY_DISABLED,
+    ev.ContextPolicy.TRUNCATE: pb.CONTEXT_POLICY_TRUNCATE,
+    ev.ContextPolicy.COMPACT: pb.CONTEXT_POLICY_COMPACT,
+}
+
+
+def context_window_message(window: ev.ContextWindow) -> pb.ContextWindow:
+    message = pb.ContextWindow(
+        policy=CONTEXT_POLICY[window.policy],
+        first_version=window.first_version,
+        left_out_turns=window.left_out_turns,
+        prompt_tokens=window.prompt_tokens,
+        max_context_tokens=window.max_context_tokens,
+        max_tokens=window.max_tokens,
+    )
+    if window.requested_max_tokens is not None:
+        message.requested_max_tokens = window.requested_max_tokens
     return message
 
 
@@ -132,6 +155,8 @@ def conversation_message(state: ConversationState, *, full: bool = True) -> pb.C
     if state.forked_from is not None:
         message.fork_origin.conversation = f"conversations/{state.forked_from[0]}"
         message.fork_origin.version = state.forked_from[1]
+    if state.context_window is not None:
+        message.context_window.CopyFrom(context_window_message(state.context_window))
     if full:
         for m in state.messages:
             message.messages.append(

@@ -34,6 +34,13 @@ MAX_EVENT_TYPES = 64
 MAX_IMPORT_BYTES = 256 * 1024 * 1024
 
 
+_CONTEXT_POLICIES = {
+    pb.CONTEXT_POLICY_DISABLED: ev.ContextPolicy.DISABLED,
+    pb.CONTEXT_POLICY_TRUNCATE: ev.ContextPolicy.TRUNCATE,
+    pb.CONTEXT_POLICY_COMPACT: ev.ContextPolicy.COMPACT,
+}
+
+
 class Violations:
     def __init__(self) -> None:
         self.items: list[tuple[str, str]] = []
@@ -73,6 +80,11 @@ def turn_options(message: pb.TurnDefaults, field: str, v: Violations) -> TurnOpt
         0 < len(message.first_generation_regex) <= MAX_REGEX_CHARS
     ):
         v.add(f"{field}.first_generation_regex", f"1-{MAX_REGEX_CHARS} characters")
+    policy = None
+    if message.HasField("context_policy"):
+        policy = _CONTEXT_POLICIES.get(message.context_policy)
+        if policy is None:
+            v.add(f"{field}.context_policy", "must be DISABLED, TRUNCATE or COMPACT")
     return TurnOptions(
         model=message.model if message.HasField("model") else None,
         sampling=ev.SamplingParams(
@@ -90,6 +102,10 @@ def turn_options(message: pb.TurnDefaults, field: str, v: Violations) -> TurnOpt
         ),
         max_tool_round_trips=(
             message.max_tool_round_trips if message.HasField("max_tool_round_trips") else None
+        ),
+        context_policy=policy,
+        strict_max_tokens=(
+            message.strict_max_tokens if message.HasField("strict_max_tokens") else None
         ),
     )
 

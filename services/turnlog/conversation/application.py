@@ -31,12 +31,12 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from turnlog import errors, metrics
 from turnlog.conversation import turn
+from turnlog.conversation.context import TokenCounter
 from turnlog.conversation.listing import ConversationIndex, ConversationSummary, ListQuery
 from turnlog.conversation.options import ServiceDefaults, TurnOptions
 from turnlog.conversation.projection import TextPiece, TurnProjector, TurnResult, TurnUpdate
@@ -44,12 +44,11 @@ from turnlog.conversation.recovery import TurnRecovery
 from turnlog.conversation.repository import ConversationRepository
 from turnlog.conversation.running import RunningTurns
 from turnlog.conversation.tools import ToolRegistry
-from turnlog.conversation.turn import RunningTurn
 from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, evolve, fold
 from turnlog.eventlog import Clock, derived_id, stream_id, wall_clock_us
 from turnlog.guardrails import GuardrailPipeline, GuardrailRegistry, default_registry
-from turnlog.storage import NO_STREAM, EventStore, NewEvent, ReplicaLiveness
+from turnlog.storage import NO_STREAM, EventStore, ReplicaLiveness
 from turnlog.worker.client import EngineClient
 
 
@@ -136,25 +135,14 @@ class ConversationApplication:
                 guardrails=self.guardrails,
                 clock=clock,
                 defaults=self.defaults,
+                tokens=TokenCounter(engine, cache_size=self.defaults.token_count_cache_size),
             )
         )
-        self._turns = RunningTurns()
+        self.running = RunningTurns()
         self._index = ConversationIndex(self.repository)
         self._recovery = TurnRecovery(
-            self.repository, clock=clock, liveness=ownership, is_live_here=self._turns.is_live
+            self.repository, clock=clock, liveness=ownership, is_live_here=self.running.is_live
         )
-
-    # Tests look into these.
-    @property
-    def _states(self) -> OrderedDict[str, ConversationState]:
-        return self.repository.states
-
-    @property
-    def _running(self) -> dict[str, RunningTurn]:
-        return self._turns.turns
-
-    def _new_event(self, event_id: str, event: ev.Event, *, correlation: str = "") -> NewEvent:
-        return self.repository.new_event(event_id, event, correlation=correlation)
 
     # -- conversations --------------------------------------------------------
 
@@ -193,6 +181,7 @@ class ConversationApplication:
             labels=tuple(sorted(command.labels)),
             request_id=command.request_id,
             max_tool_round_trips=command.defaults.max_tool_round_trips,
+            context_policy=command.defaults.context_policy,
         )
         event = self.repository.new_event(
             derived_id(conversation_id, "created"), created, correlation=command.request_id
@@ -273,7 +262,7 @@ class ConversationApplication:
     async def send(self, command: TurnInput) -> TurnResult:
         """Run a turn (or find the one this request id started) and wait for its end."""
         turn_id = await self.start_turn(command, streamed=False)
-        live = self._turns.get(command.conversation_id, turn_id)
+        live = self.running.get(command.conversation_id, turn_id)
         if live is not None:
             updates = await live.outcome()
         else:
@@ -295,7 +284,7 @@ class ConversationApplication:
         request_id = command.request_id or str(uuid.uuid4())
         # A concurrent send of the same request waits for this one's start,
         # then finds its turn like any retry: one engine request.
-        async with self._turns.one_start(command.conversation_id, request_id):
+        async with self.running.one_start(command.conversation_id, request_id):
             return await self._start(command, request_id, arrived, streamed)
 
     async def _start(
@@ -334,7 +323,7 @@ class ConversationApplication:
                 arrived=arrived,
             )
             try:
-                await self._turns.begin(run)
+                await self.running.begin(run)
             except (errors.VersionConflictError, errors.DuplicateEventError):
                 # Lost a race (or the cached state was stale): reload from the
                 # log and decide again (same request → watch the winner's
@@ -355,7 +344,7 @@ class ConversationApplication:
         Raises:
             NotFoundError: No such conversation or turn.
         """
-        live = self._turns.get(conversation_id, turn_id)
+        live = self.running.get(conversation_id, turn_id)
         if live is not None:
             async for update in live.watch(after_sequence):
                 yield update
@@ -383,7 +372,7 @@ class ConversationApplication:
         Raises:
             TurnNotRunningHereError: The turn is not running in this process.
         """
-        self._turns.cancel(conversation_id, turn_id, reason or "cancelled by the client")
+        self.running.cancel(conversation_id, turn_id, reason or "cancelled by the client")
 
     def submit_tool_result(
         self, conversation_id: str, turn_id: str, call_id: str, *, result: str, error: str
@@ -393,7 +382,7 @@ class ConversationApplication:
         Raises:
             TurnNotRunningHereError: The turn is not running here or awaits no such call.
         """
-        self._turns.submit_tool_result(
+        self.running.submit_tool_result(
             conversation_id, turn_id, call_id, result=result, error=error
         )
 
@@ -403,7 +392,7 @@ class ConversationApplication:
         Does not close `ownership` (its owner does, after this).
         """
         await self._recovery.stop()
-        await self._turns.cancel_all("the service is shutting down")
+        await self.running.cancel_all("the service is shutting down")
 
 
 def _refusal(state: ConversationState, command: TurnInput) -> errors.TurnlogError | None:

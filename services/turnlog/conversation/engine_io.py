@@ -11,11 +11,12 @@ and its final message become the guardrails' `TextDelta`s and one
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from turnlog import metrics
 from turnlog.domain import events as ev
-from turnlog.domain.state import ConversationState
+from turnlog.domain.state import ConversationState, Message
 from turnlog.engine.v1 import engine_pb2
 from turnlog.eventlog import derived_id
 from turnlog.guardrails import GenerationFinished, TextDelta
@@ -42,14 +43,21 @@ EngineMessage = engine_pb2.GenerationDelta | engine_pb2.GenerationDone
 
 
 def start_generation(
-    state: ConversationState, sampling: ev.SamplingParams, *, min_delta_interval_s: float = 0.0
+    state: ConversationState,
+    sampling: ev.SamplingParams,
+    *,
+    first_version: int = 0,
+    min_delta_interval_s: float = 0.0,
 ) -> engine_pb2.StartGeneration:
     """The engine request of a generation over the conversation as it stands.
 
-    `min_delta_interval_s` > 0 lets the worker hold text pieces up to that
-    long (for a generation nobody streams).
+    `first_version`: the window (see `chat_prompt`). `min_delta_interval_s`
+    > 0 lets the worker hold text pieces up to that long (for a generation
+    nobody streams).
     """
-    start = engine_pb2.StartGeneration(chat=chat_prompt(state), sampling=engine_sampling(sampling))
+    start = engine_pb2.StartGeneration(
+        chat=chat_prompt(state, first_version=first_version), sampling=engine_sampling(sampling)
+    )
     if min_delta_interval_s > 0:
         start.min_delta_interval.FromNanoseconds(round(min_delta_interval_s * 1e9))
     return start
@@ -62,20 +70,53 @@ def copy_of(start: engine_pb2.StartGeneration) -> engine_pb2.StartGeneration:
     return attempt
 
 
-def chat_prompt(state: ConversationState) -> engine_pb2.ChatPrompt:
-    """The conversation as chat messages and tool definitions, for the worker's template.
+def window_messages(state: ConversationState, first_version: int) -> tuple[Message, ...]:
+    """The messages of the turns started at or after `first_version` (all when it is 0 or 1).
 
-    Assistant tool calls that never got a result (cut by the round-trip cap,
-    or left by an ended turn) are left out: chat templates expect every call
-    to be answered.
+    Walks back from the newest message only as far as the window reaches, so
+    the cost follows the window, not the conversation.
     """
-    answered = {m.tool_call_id for m in state.messages if m.role is ev.Role.TOOL}
-    prompt = engine_pb2.ChatPrompt(add_generation_prompt=True)
+    if first_version <= 1:
+        return state.messages
+    inside: set[str] = set()
+    for turn in reversed(state.turns):
+        if turn.start_version < first_version:
+            break
+        inside.add(turn.turn_id)
+    start = len(state.messages)
+    while start > 0 and state.messages[start - 1].turn_id in inside:
+        start -= 1
+    return state.messages[start:]
+
+
+def chat_head(state: ConversationState) -> engine_pb2.ChatPrompt:
+    """What every prompt of the conversation starts with: the system message and the tools."""
+    head = engine_pb2.ChatPrompt()
     if state.system_prompt:
-        prompt.messages.append(
+        head.messages.append(
             engine_pb2.ChatMessage(role=engine_pb2.CHAT_ROLE_SYSTEM, content=state.system_prompt)
         )
-    for message in state.messages:
+    for tool in state.tools:
+        head.tools.append(
+            engine_pb2.ToolDefinition(
+                name=tool.name,
+                description=tool.description,
+                parameters_json_schema=tool.parameters_json_schema,
+            )
+        )
+    return head
+
+
+def chat_messages(messages: Sequence[Message]) -> list[engine_pb2.ChatMessage]:
+    """Messages as the template gets them.
+
+    Assistant tool calls that got no result among `messages` (cut by the
+    round-trip cap, or left by an ended turn) are left out: chat templates
+    expect every call to be answered.
+    """
+    answered = {m.tool_call_id for m in messages if m.role is ev.Role.TOOL}
+    out = []
+    for message in messages:
         chat = engine_pb2.ChatMessage(
             role=_ROLES[message.role], content=message.content, tool_call_id=message.tool_call_id
         )
@@ -86,15 +127,15 @@ def chat_prompt(state: ConversationState) -> engine_pb2.ChatPrompt:
                         id=call.call_id, name=call.name, arguments_json=call.arguments_json
                     )
                 )
-        prompt.messages.append(chat)
-    for tool in state.tools:
-        prompt.tools.append(
-            engine_pb2.ToolDefinition(
-                name=tool.name,
-                description=tool.description,
-                parameters_json_schema=tool.parameters_json_schema,
-            )
-        )
+        out.append(chat)
+    return out
+
+
+def chat_prompt(state: ConversationState, *, first_version: int = 0) -> engine_pb2.ChatPrompt:
+    """The prompt: the head, then the window's messages (`window_messages`), for the worker's template."""
+    prompt = chat_head(state)
+    prompt.add_generation_prompt = True
+    prompt.messages.extend(chat_messages(window_messages(state, first_version)))
     return prompt
 
 
@@ -172,8 +213,11 @@ __all__ = [
     "EngineMessage",
     "EngineRequest",
     "GenerationReader",
+    "chat_head",
+    "chat_messages",
     "chat_prompt",
     "copy_of",
     "engine_sampling",
     "start_generation",
+    "window_messages",
 ]

@@ -20,6 +20,8 @@ class TurnOptions:
     model: str | None = None
     sampling: ev.SamplingParams = field(default_factory=ev.SamplingParams)
     max_tool_round_trips: int | None = None
+    context_policy: ev.ContextPolicy | None = None
+    strict_max_tokens: bool | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,6 +55,10 @@ class ServiceDefaults:
     guardrail_profile: str = ""
     state_cache_size: int = 1024
     unwatched_delta_interval_s: float = 0.05
+    context_policy: ev.ContextPolicy = ev.ContextPolicy.TRUNCATE
+    context_keep_fraction: float = 0.6
+    context_min_reply_tokens: int = 16
+    token_count_cache_size: int = 100_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,6 +68,8 @@ class ResolvedOptions:
     model: str
     sampling: ev.SamplingParams
     max_tool_round_trips: int
+    context_policy: ev.ContextPolicy
+    strict_max_tokens: bool
 
 
 def resolve(
@@ -81,6 +89,10 @@ def resolve(
         model=overrides.model or state.model or defaults.model,
         sampling=defaults.sampling.overridden_by(state.sampling).overridden_by(overrides.sampling),
         max_tool_round_trips=rounds,
+        context_policy=(
+            overrides.context_policy or state.context_policy or defaults.context_policy
+        ),
+        strict_max_tokens=bool(overrides.strict_max_tokens),
     )
 
 

@@ -34,7 +34,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, replace
 
 from turnlog import errors, metrics
-from turnlog.conversation import engine_io
+from turnlog.conversation import context, engine_io
 from turnlog.conversation.options import ServiceDefaults, TurnOptions, resolve
 from turnlog.conversation.projection import TurnProjector, TurnUpdate
 from turnlog.conversation.repository import ConversationRepository
@@ -73,6 +73,7 @@ class TurnDependencies:
     guardrails: GuardrailRegistry
     clock: Clock
     defaults: ServiceDefaults
+    tokens: context.TokenCounter
 
 
 class RunningTurn:
@@ -183,6 +184,8 @@ async def prepare(
         resolved.model,
         resolved.sampling,
         resolved.max_tool_round_trips,
+        context_policy=resolved.context_policy,
+        strict_max_tokens=resolved.strict_max_tokens,
     )
     run.arrived = arrived
     run.live.streamed = streamed
@@ -193,6 +196,8 @@ async def prepare(
             started_at_us=deps.clock(),
             sampling=resolved.sampling,
             max_tool_round_trips=resolved.max_tool_round_trips,
+            context_policy=resolved.context_policy,
+            strict_max_tokens=resolved.strict_max_tokens,
         )
     )
     # The log keeps the user text as the request stages left it (redacted).
@@ -209,8 +214,19 @@ async def prepare(
     if outcome.blocked is not None:
         run.add(outcome.blocked.to_event(turn_id=turn_id, blocked_at_us=deps.clock()))
     else:
-        run.prestart()
+        # The window is decided (and a turn that cannot fit refused) before
+        # anything is recorded or generated.
+        await run.prestart()
     return run
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Plan:
+    """One generation, decided before it starts: its prompt's window, its sampling, its request."""
+
+    window: ev.ContextWindow
+    sampling: ev.SamplingParams
+    start: engine_io.EngineRequest
 
 
 class _Moment(enum.Enum):
@@ -259,8 +275,15 @@ class TurnRunner:
         model: str,
         sampling: ev.SamplingParams,
         rounds: int,
+        *,
+        context_policy: ev.ContextPolicy = ev.ContextPolicy.TRUNCATE,
+        strict_max_tokens: bool = False,
     ) -> None:
         self.deps = deps
+        self.context_policy = context_policy
+        self.strict_max_tokens = strict_max_tokens
+        #: The first generation's plan, made by `prestart`.
+        self.first_plan: _Plan | None = None
         self.pipeline = pipeline
         self.model = model
         self.sampling = sampling
@@ -428,18 +451,46 @@ class TurnRunner:
 
     # -- the generation and tool loop -------------------------------------------
 
-    def _start_message(self, sampling: ev.SamplingParams) -> engine_io.EngineRequest:
-        interval = self.deps.defaults.unwatched_delta_interval_s
-        return engine_io.start_generation(
-            self.state, sampling, min_delta_interval_s=0.0 if self.live.streamed else interval
-        )
+    async def _plan(self, sampling: ev.SamplingParams) -> _Plan:
+        """The next generation's window, sampling (max_tokens as clamped) and engine request.
 
-    def prestart(self) -> None:
-        """Send the first generation's engine request now (see `_engine_call`)."""
-        self.generates = True
-        stream = self.deps.engine.generate(
-            self._start_message(self.sampling), affinity_key=self.cid
+        Raises:
+            ContextLengthExceededError, ContextExhaustedError: it cannot fit
+                (`context.plan_window`).
+        """
+        defaults = self.deps.defaults
+        with metrics.stage_timer("context"):
+            window = await context.decide_window(
+                self.deps.tokens,
+                self.state,
+                context.WindowRules(
+                    policy=self.context_policy,
+                    max_context_tokens=0,
+                    requested_max_tokens=sampling.max_tokens,
+                    strict_max_tokens=self.strict_max_tokens,
+                    keep_fraction=defaults.context_keep_fraction,
+                    min_reply_tokens=defaults.context_min_reply_tokens,
+                ),
+                affinity_key=self.cid,
+            )
+        used = replace(sampling, max_tokens=window.max_tokens)
+        interval = 0.0 if self.live.streamed else defaults.unwatched_delta_interval_s
+        start = engine_io.start_generation(
+            self.state, used, first_version=window.first_version, min_delta_interval_s=interval
         )
+        return _Plan(window=window, sampling=used, start=start)
+
+    async def prestart(self) -> None:
+        """Plan the first generation and send its engine request now (see `_engine_call`).
+
+        Raises:
+            ContextLengthExceededError, ContextExhaustedError: the turn
+                cannot fit; nothing was sent.
+        """
+        plan = await self._plan(self.sampling)
+        self.first_plan = plan
+        self.generates = True
+        stream = self.deps.engine.generate(engine_io.copy_of(plan.start), affinity_key=self.cid)
         stream.start()
         self.prestarted = stream
         self.prestarted_at = time.perf_counter()
@@ -538,6 +589,10 @@ class TurnRunner:
         number: int,
     ) -> ev.GenerationCompleted | None:
         generation_id = f"{self.turn_id}/{number}"
+        plan, self.first_plan = self.first_plan, None
+        if plan is None or number != 1:
+            plan = await self._plan(sampling)
+        sampling = plan.sampling
         self.add(
             ev.GenerationStarted(
                 turn_id=self.turn_id,
@@ -545,12 +600,13 @@ class TurnRunner:
                 worker="",
                 model=model,
                 sampling=sampling,
+                prompt_token_count=plan.window.prompt_tokens,
+                context=plan.window,
             )
         )
         self.publish_pending()
-        context = ResponseContext(tool_definitions=self.state.tools)
-        stream = pipeline.response_stream(context)
-        call = pipeline.wrap_execution(self._engine_call(sampling))
+        stream = pipeline.response_stream(ResponseContext(tool_definitions=self.state.tools))
+        call = pipeline.wrap_execution(self._engine_call(plan.start))
         final: GenerationFinished | None = None
         user_text = self.state.messages[-1].content if self.state.messages else ""
         request = GenerationRequest(model=model, text=user_text, labels=self.state.labels)
@@ -621,7 +677,7 @@ class TurnRunner:
         return stopped
 
     def _engine_call(
-        self, sampling: ev.SamplingParams
+        self, start: engine_io.EngineRequest
     ) -> Callable[[GenerationRequest], AsyncGenerator[ExecutionEvent, None]]:
         """The engine call of one generation, for the execution intercepts to wrap.
 
@@ -629,7 +685,6 @@ class TurnRunner:
         request, which is exactly the request it would send (same chat, same
         sampling); every other call (a retry, a later generation) sends anew.
         """
-        start = self._start_message(sampling)
         engine = self.deps.engine
         affinity = self.cid
 

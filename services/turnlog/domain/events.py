@@ -32,6 +32,17 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"
 
 
+class ContextPolicy(enum.StrEnum):
+    """What a turn does when the conversation outgrows the model's context."""
+
+    DISABLED = "disabled"
+    """Nothing is left out and max_tokens is never clamped: what does not fit is refused."""
+    TRUNCATE = "truncate"
+    """The oldest whole turns are left out of the prompt until it fits (the default)."""
+    COMPACT = "compact"
+    """Reserved: summarize the oldest turns (not built yet; acts as TRUNCATE)."""
+
+
 class GuardrailStage(enum.StrEnum):
     REQUEST_INTERCEPT = "request_intercept"
     SANITIZE_REQUEST = "sanitize_request"
@@ -115,6 +126,8 @@ class ConversationCreated:
     labels: tuple[tuple[str, str], ...] = ()
     request_id: str = ""
     max_tool_round_trips: int | None = None
+    context_policy: ContextPolicy | None = None
+    """The conversation's context policy (None: the service default)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,6 +164,32 @@ class TurnStarted:
     started_at_us: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tool_round_trips: int = 0
+    context_policy: ContextPolicy | None = None
+    """The turn's resolved context policy (None in logs written before policies)."""
+    strict_max_tokens: bool = False
+    """Refuse rather than clamp a max_tokens beyond the room the prompt leaves."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ContextWindow:
+    """Which part of the conversation one generation's prompt held, and its token counts.
+
+    The prompt is the system prompt and tools, then every message of the
+    turns started at or after `first_version` (whole turns: a tool call is
+    never apart from its result), the current turn always included.
+    """
+
+    policy: ContextPolicy
+    first_version: int
+    """Messages of turns whose TurnStarted is before this stream version are left out (0: none)."""
+    left_out_turns: int
+    prompt_tokens: int
+    """The prompt's token count through the worker's tokenizer and chat template."""
+    max_context_tokens: int
+    max_tokens: int
+    """The reply's room: the generation's max_tokens."""
+    requested_max_tokens: int | None = None
+    """Set when max_tokens was clamped to the room left: what was asked for."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -161,6 +200,8 @@ class GenerationStarted:
     model: str
     sampling: SamplingParams
     prompt_token_count: int = 0
+    context: ContextWindow | None = None
+    """The prompt's window (None in logs written before windows: the whole conversation)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -75,6 +75,9 @@ class ConversationState:
     pending_tool_calls: tuple[ev.ToolCall, ...] = ()
     create_request_id: str = ""
     max_tool_round_trips: int | None = None
+    context_policy: ev.ContextPolicy | None = None
+    context_window: ev.ContextWindow | None = None
+    """The window of the latest generation's prompt (None before any was recorded)."""
 
     @property
     def open_turn(self) -> Turn | None:
@@ -148,6 +151,7 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
                 labels=event.labels,
                 create_request_id=event.request_id,
                 max_tool_round_trips=event.max_tool_round_trips,
+                context_policy=event.context_policy,
             )
         case ev.ConversationForked():
             if state.exists:
@@ -181,6 +185,8 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
             return replace(state, turns=(*state.turns, turn))
         case ev.GenerationStarted():
             open_turn = _require_open(state, event.turn_id)
+            if event.context is not None:
+                state = replace(state, context_window=event.context)
             return _replace_open_turn(state, event.turn_id, generations=open_turn.generations + 1)
         case ev.GenerationCompleted():
             open_turn = _require_open(state, event.turn_id)

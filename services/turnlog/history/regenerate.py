@@ -34,6 +34,7 @@ from turnlog.conversation.application import (
     TurnOptions,
 )
 from turnlog.conversation.tools import ToolRegistry
+from turnlog.domain import events as ev
 from turnlog.domain.state import TurnStatus
 from turnlog.eventlog import conversation_of
 from turnlog.guardrails.registry import GuardrailRegistry
@@ -218,6 +219,10 @@ async def _regenerate_turn(
                     model=turn.model or None,
                     sampling=turn.sampling,
                     max_tool_round_trips=turn.max_tool_round_trips,
+                    # A log from before context policies had no window: the
+                    # whole conversation, as DISABLED builds it.
+                    context_policy=turn.context_policy or ev.ContextPolicy.DISABLED,
+                    strict_max_tokens=turn.strict_max_tokens,
                 ),
             )
         )
@@ -226,6 +231,16 @@ async def _regenerate_turn(
     regenerated = build_transcript(await store.read_stream(f"conversation-{target}")).turns[-1]
     comparison.regenerated = regenerated
     comparison.differences = compare_turns(turn, regenerated)
+
+
+def _window(window: ev.ContextWindow | None) -> str:
+    """A window as compared: what was left out and the counts (versions differ in a fork)."""
+    if window is None:
+        return "none"
+    return (
+        f"{window.left_out_turns} turns left out, prompt {window.prompt_tokens} tokens, "
+        f"max_tokens {window.max_tokens}"
+    )
 
 
 def _text_difference(label: str, recorded: str, regenerated: str) -> str:
@@ -277,6 +292,10 @@ def compare_turns(recorded: TurnRecord, regenerated: TurnRecord) -> list[str]:
         calls_b = [(c.name, c.arguments_json) for c in b.tool_calls]
         if calls_a != calls_b:
             differences.append(f"generation {number} tool calls: {calls_a} -> {calls_b}")
+        if _window(a.context) != _window(b.context) and a.context is not None:
+            differences.append(
+                f"generation {number} window: {_window(a.context)} -> {_window(b.context)}"
+            )
     results_a = [(o.ok, o.text) for o in recorded.tool_outcomes]
     results_b = [(o.ok, o.text) for o in regenerated.tool_outcomes]
     if results_a != results_b:

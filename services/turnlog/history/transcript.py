@@ -21,9 +21,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from turnlog.conversation import engine_io
 from turnlog.domain import codec
 from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, InvalidTransitionError, TurnStatus, evolve
+from turnlog.engine.v1 import engine_pb2
 from turnlog.storage.port import RecordedEvent
 
 
@@ -64,6 +66,16 @@ class GenerationRecord:
     streamed: list[str] = field(default_factory=list)
     retracted: list[tuple[int, int, str]] = field(default_factory=list)
     usage: ev.Usage = field(default_factory=ev.Usage)
+    context: ev.ContextWindow | None = None
+    """The prompt's window as recorded (None in logs written before windows)."""
+    state_before: ConversationState | None = None
+    """The conversation just before the generation started (states are immutable)."""
+
+    def prompt(self) -> engine_pb2.ChatPrompt:
+        """The prompt the model was given, rebuilt from the log: the recorded window over the state."""
+        assert self.state_before is not None
+        first = self.context.first_version if self.context is not None else 0
+        return engine_io.chat_prompt(self.state_before, first_version=first)
 
     @property
     def completed(self) -> bool:
@@ -104,6 +116,8 @@ class TurnRecord:
     start_version: int
     sampling: ev.SamplingParams
     max_tool_round_trips: int
+    context_policy: ev.ContextPolicy | None = None
+    strict_max_tokens: bool = False
     user_text: str = ""
     status: TurnStatus = TurnStatus.RUNNING
     finish_reason: ev.FinishReason | None = None
@@ -182,7 +196,8 @@ class _Builder:
         return self.transcript.turns[-1]
 
     def add(self, event: ev.Event) -> None:
-        state = evolve(self.transcript.state, event)  # refuses what does not apply
+        before = self.transcript.state
+        state = evolve(before, event)  # refuses what does not apply
         self.transcript.state = state
         match event:
             case ev.TurnStarted():
@@ -194,13 +209,19 @@ class _Builder:
                         start_version=state.version,
                         sampling=event.sampling,
                         max_tool_round_trips=event.max_tool_round_trips,
+                        context_policy=event.context_policy,
+                        strict_max_tokens=event.strict_max_tokens,
                     )
                 )
             case ev.MessageAppended(role=ev.Role.USER) if event.turn_id:
                 self._turn().user_text = event.content
             case ev.GenerationStarted():
                 record = GenerationRecord(
-                    generation_id=event.generation_id, model=event.model, sampling=event.sampling
+                    generation_id=event.generation_id,
+                    model=event.model,
+                    sampling=event.sampling,
+                    context=event.context,
+                    state_before=before,
                 )
                 self._generations[event.generation_id] = record
                 self._turn().steps.append(record)
@@ -309,6 +330,21 @@ def _quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
+def describe_window(window: ev.ContextWindow) -> str:
+    """One line: the policy, what was left out, the prompt's tokens and the reply's room."""
+    if window.left_out_turns:
+        kept = f"turns from version {window.first_version} ({window.left_out_turns} left out)"
+    else:
+        kept = "whole conversation"
+    room = f"max_tokens {window.max_tokens}"
+    if window.requested_max_tokens is not None:
+        room += f" (clamped from {window.requested_max_tokens})"
+    return (
+        f"{window.policy}, {kept}, prompt {window.prompt_tokens} of "
+        f"{window.max_context_tokens} tokens, {room}"
+    )
+
+
 def _sampling(sampling: ev.SamplingParams) -> str:
     parts = []
     for f in dataclasses.fields(sampling):
@@ -379,6 +415,8 @@ def _render_step(step: Step) -> list[str]:
             ]
         case GenerationRecord():
             lines = [f"  generation {step.generation_id} ({step.model or 'default model'})"]
+            if step.context is not None:
+                lines.append(f"    context: {describe_window(step.context)}")
             if step.completed:
                 if step.text:
                     lines.append(f"    assistant: {_quote(step.text)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -76,6 +76,12 @@ class EngineBackend(Protocol):
         self, request: engine_pb2.RenderChatRequest
     ) -> engine_pb2.RenderChatResponse:
         """A chat rendered through the model's chat template."""
+        ...
+
+    async def count_chat_tokens(
+        self, request: engine_pb2.CountChatTokensRequest
+    ) -> engine_pb2.CountChatTokensResponse:
+        """Token counts of a chat's head and of each message (`count_chat_tokens`)."""
         ...
 
     async def embed(self, request: engine_pb2.EmbedRequest) -> engine_pb2.EmbedResponse:
@@ -189,6 +195,68 @@ def output_budget(start: engine_pb2.StartGeneration, prompt_tokens: int, max_con
             metadata={"promptTokens": str(prompt_tokens), "maxContextTokens": str(max_context)},
         )
     return left
+
+
+#: The most messages one CountChatTokens request may count.
+MAX_COUNTED_MESSAGES = 1000
+
+_PROBE = engine_pb2.ChatMessage(role=engine_pb2.CHAT_ROLE_USER, content="x")
+
+
+async def count_chat_tokens(
+    request: engine_pb2.CountChatTokensRequest,
+    rendered_length: Callable[[engine_pb2.ChatPrompt], Awaitable[int]],
+    max_context: int,
+) -> engine_pb2.CountChatTokensResponse:
+    """Counts of a chat's parts through the template, by differences of whole renders.
+
+    `rendered_length(chat)` is the token count of the chat as Generate would
+    render it. A message counts as what it adds after the head (so a template
+    that renders each message on its own makes the counts add up exactly);
+    the generation prompt is what opening the assistant turn adds after a
+    probe message. An empty head renders to nothing.
+
+    Raises:
+        InvalidArgumentError: a head that is not at most one system message,
+            a system message among the counted ones, or too many messages.
+    """
+    head = request.head
+    if len(head.messages) > 1 or any(m.role != engine_pb2.CHAT_ROLE_SYSTEM for m in head.messages):
+        raise errors.InvalidArgumentError(
+            "the head is at most one system message", metadata={"field": "head.messages"}
+        )
+    if len(request.messages) > MAX_COUNTED_MESSAGES:
+        raise errors.InvalidArgumentError(
+            f"at most {MAX_COUNTED_MESSAGES} messages per request",
+            metadata={"field": "messages"},
+        )
+    if any(m.role == engine_pb2.CHAT_ROLE_SYSTEM for m in request.messages):
+        raise errors.InvalidArgumentError(
+            "a system message belongs in the head", metadata={"field": "messages"}
+        )
+    validate_start(
+        engine_pb2.StartGeneration(
+            request_id="count",
+            chat=engine_pb2.ChatPrompt(
+                messages=[*head.messages, *request.messages], tools=head.tools
+            ),
+        )
+    )
+
+    def chat(messages: Sequence[engine_pb2.ChatMessage], opened: bool) -> engine_pb2.ChatPrompt:
+        return engine_pb2.ChatPrompt(
+            messages=[*head.messages, *messages], tools=head.tools, add_generation_prompt=opened
+        )
+
+    base = await rendered_length(chat((), False)) if head.messages or head.tools else 0
+    probe = await rendered_length(chat((_PROBE,), False))
+    opened = await rendered_length(chat((_PROBE,), True))
+    counts = [await rendered_length(chat((m,), False)) - base for m in request.messages]
+    return engine_pb2.CountChatTokensResponse(
+        head_tokens=base + opened - probe,
+        message_tokens=counts,
+        max_context_tokens=max_context,
+    )
 
 
 def chat_to_openai(

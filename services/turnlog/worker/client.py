@@ -310,6 +310,15 @@ class WorkerConnection:
         except grpc.aio.AioRpcError as e:
             raise status.error_from_rpc(e) from e
 
+    async def count_chat_tokens(
+        self, request: engine_pb2.CountChatTokensRequest
+    ) -> engine_pb2.CountChatTokensResponse:
+        """Token counts of a chat's parts (see EngineService.CountChatTokens)."""
+        try:
+            return await self._stub.CountChatTokens(request)
+        except grpc.aio.AioRpcError as e:
+            raise status.error_from_rpc(e) from e
+
     async def embed(self, request: engine_pb2.EmbedRequest) -> engine_pb2.EmbedResponse:
         """Embeddings (see EngineService.Embed)."""
         try:
@@ -480,6 +489,12 @@ class EngineClient:
     ) -> engine_pb2.RenderChatResponse:
         """Render a chat on the conversation's worker (or any healthy one)."""
         return await self.pick_worker(affinity_key).render_chat(request)
+
+    async def count_chat_tokens(
+        self, request: engine_pb2.CountChatTokensRequest, *, affinity_key: str | None = None
+    ) -> engine_pb2.CountChatTokensResponse:
+        """Count a chat's parts on the conversation's worker (or any healthy one)."""
+        return await self.pick_worker(affinity_key).count_chat_tokens(request)
 
     async def embed(self, request: engine_pb2.EmbedRequest) -> engine_pb2.EmbedResponse:
         """Embed on any healthy worker."""

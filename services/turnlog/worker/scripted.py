@@ -48,6 +48,7 @@ from turnlog.worker.backend import (
     RequestProgress,
     add_generation_prompt,
     chat_to_openai,
+    count_chat_tokens,
     output_budget,
     validate_start,
 )
@@ -374,6 +375,14 @@ class ScriptedEngine:
         return engine_pb2.RenderChatResponse(
             prompt_text=text, prompt_token_ids=encode(text, add_special_tokens=False)
         )
+
+    async def count_chat_tokens(
+        self, request: engine_pb2.CountChatTokensRequest
+    ) -> engine_pb2.CountChatTokensResponse:
+        async def length(chat: engine_pb2.ChatPrompt) -> int:
+            return len(encode(render_chatml(chat), add_special_tokens=False))
+
+        return await count_chat_tokens(request, length, self.max_context_tokens)
 
     async def embed(self, request: engine_pb2.EmbedRequest) -> engine_pb2.EmbedResponse:
         out = engine_pb2.EmbedResponse()

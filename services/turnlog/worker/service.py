@@ -362,6 +362,13 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     ) -> engine_pb2.RenderChatResponse:
         return await self._unary(context, lambda: self._backend.render_chat(request))
 
+    async def CountChatTokens(  # noqa: N802
+        self,
+        request: engine_pb2.CountChatTokensRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> engine_pb2.CountChatTokensResponse:
+        return await self._unary(context, lambda: self._backend.count_chat_tokens(request))
+
     async def Embed(  # noqa: N802
         self, request: engine_pb2.EmbedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> engine_pb2.EmbedResponse:

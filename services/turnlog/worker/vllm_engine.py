@@ -27,6 +27,7 @@ from turnlog.worker.backend import (
     RequestProgress,
     add_generation_prompt,
     chat_to_openai,
+    count_chat_tokens,
     output_budget,
     validate_start,
 )
@@ -468,6 +469,14 @@ class VllmEngine:
         ids = list(engine_input["prompt_token_ids"])
         text = engine_input.get("prompt") or self._tokenizer.decode(ids, skip_special_tokens=False)
         return engine_pb2.RenderChatResponse(prompt_text=text, prompt_token_ids=ids)
+
+    async def count_chat_tokens(
+        self, request: engine_pb2.CountChatTokensRequest
+    ) -> engine_pb2.CountChatTokensResponse:
+        async def length(chat: engine_pb2.ChatPrompt) -> int:
+            return len((await self._render_chat(chat))["prompt_token_ids"])
+
+        return await count_chat_tokens(request, length, self._max_len)
 
     async def embed(self, request: engine_pb2.EmbedRequest) -> engine_pb2.EmbedResponse:
         raise errors.UnsupportedByModelError(

@@ -1081,6 +1081,74 @@ class RenderChatResponse(_message.Message):
 Global___RenderChatResponse: _TypeAlias = RenderChatResponse  # noqa: Y015
 
 @_typing.final
+class CountChatTokensRequest(_message.Message):
+    """CountChatTokensRequest asks for the token counts of a chat's parts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def head(self) -> Global___ChatPrompt:
+        """The head every prompt starts with: at most one message, the system
+        message, and the tool definitions.
+        """
+
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """Messages to count, each as the template renders it after the head."""
+
+    def __init__(
+        self,
+        *,
+        head: Global___ChatPrompt | None = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountChatTokensRequest: _TypeAlias = CountChatTokensRequest  # noqa: Y015
+
+@_typing.final
+class CountChatTokensResponse(_message.Message):
+    """CountChatTokensResponse gives the counts. For a template that renders each
+    message on its own (ChatML, Llama 3, Qwen), a prompt of the head followed
+    by some of the messages has exactly head_tokens plus the messages' counts
+    tokens.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_TOKENS_FIELD_NUMBER: _builtins.int
+    MESSAGE_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    head_tokens: _builtins.int
+    """The head rendered with the generation prompt opened."""
+    max_context_tokens: _builtins.int
+    """The model's context length (prompt plus output)."""
+    @_builtins.property
+    def message_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """One count per requested message, in order."""
+
+    def __init__(
+        self,
+        *,
+        head_tokens: _builtins.int = ...,
+        message_tokens: _abc.Iterable[_builtins.int] | None = ...,
+        max_context_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_tokens", b"head_tokens", "max_context_tokens", b"max_context_tokens", "message_tokens", b"message_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountChatTokensResponse: _TypeAlias = CountChatTokensResponse  # noqa: Y015
+
+@_typing.final
 class EmbedRequest(_message.Message):
     """EmbedRequest asks for embeddings."""
 

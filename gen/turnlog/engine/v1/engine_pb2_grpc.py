@@ -56,6 +56,11 @@ class EngineServiceStub:
                 request_serializer=turnlog_dot_engine_dot_v1_dot_engine__pb2.RenderChatRequest.SerializeToString,
                 response_deserializer=turnlog_dot_engine_dot_v1_dot_engine__pb2.RenderChatResponse.FromString,
                 _registered_method=True)
+        self.CountChatTokens = channel.unary_unary(
+                '/turnlog.engine.v1.EngineService/CountChatTokens',
+                request_serializer=turnlog_dot_engine_dot_v1_dot_engine__pb2.CountChatTokensRequest.SerializeToString,
+                response_deserializer=turnlog_dot_engine_dot_v1_dot_engine__pb2.CountChatTokensResponse.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/turnlog.engine.v1.EngineService/Embed',
                 request_serializer=turnlog_dot_engine_dot_v1_dot_engine__pb2.EmbedRequest.SerializeToString,
@@ -106,6 +111,15 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountChatTokens(self, request, context):
+        """CountChatTokens counts, through the model's chat template, the tokens of
+        a chat's head (system message and tools) and of each given message, so
+        that a client can count a conversation once per message and add.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Embed(self, request, context):
         """Embed returns one embedding per input text (pooling models only).
         """
@@ -149,6 +163,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.RenderChat,
                     request_deserializer=turnlog_dot_engine_dot_v1_dot_engine__pb2.RenderChatRequest.FromString,
                     response_serializer=turnlog_dot_engine_dot_v1_dot_engine__pb2.RenderChatResponse.SerializeToString,
+            ),
+            'CountChatTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountChatTokens,
+                    request_deserializer=turnlog_dot_engine_dot_v1_dot_engine__pb2.CountChatTokensRequest.FromString,
+                    response_serializer=turnlog_dot_engine_dot_v1_dot_engine__pb2.CountChatTokensResponse.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
@@ -275,6 +294,33 @@ class EngineService:
             '/turnlog.engine.v1.EngineService/RenderChat',
             turnlog_dot_engine_dot_v1_dot_engine__pb2.RenderChatRequest.SerializeToString,
             turnlog_dot_engine_dot_v1_dot_engine__pb2.RenderChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountChatTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turnlog.engine.v1.EngineService/CountChatTokens',
+            turnlog_dot_engine_dot_v1_dot_engine__pb2.CountChatTokensRequest.SerializeToString,
+            turnlog_dot_engine_dot_v1_dot_engine__pb2.CountChatTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,11 @@ class EngineServiceStub:
     """RenderChat renders chat messages and tool definitions through the
     model's chat template into a prompt.
     """
+    CountChatTokens: _grpc.UnaryUnaryMultiCallable[_engine_pb2.CountChatTokensRequest, _engine_pb2.CountChatTokensResponse]
+    """CountChatTokens counts, through the model's chat template, the tokens of
+    a chat's head (system message and tools) and of each given message, so
+    that a client can count a conversation once per message and add.
+    """
     Embed: _grpc.UnaryUnaryMultiCallable[_engine_pb2.EmbedRequest, _engine_pb2.EmbedResponse]
     """Embed returns one embedding per input text (pooling models only)."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_engine_pb2.GetModelInfoRequest, _engine_pb2.GetModelInfoResponse]
@@ -74,6 +79,11 @@ class EngineServiceAsyncStub(EngineServiceStub):
     RenderChat: _aio.UnaryUnaryMultiCallable[_engine_pb2.RenderChatRequest, _engine_pb2.RenderChatResponse]  # type: ignore[assignment]
     """RenderChat renders chat messages and tool definitions through the
     model's chat template into a prompt.
+    """
+    CountChatTokens: _aio.UnaryUnaryMultiCallable[_engine_pb2.CountChatTokensRequest, _engine_pb2.CountChatTokensResponse]  # type: ignore[assignment]
+    """CountChatTokens counts, through the model's chat template, the tokens of
+    a chat's head (system message and tools) and of each given message, so
+    that a client can count a conversation once per message and add.
     """
     Embed: _aio.UnaryUnaryMultiCallable[_engine_pb2.EmbedRequest, _engine_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embed returns one embedding per input text (pooling models only)."""
@@ -117,6 +127,17 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_engine_pb2.RenderChatResponse, _abc.Awaitable[_engine_pb2.RenderChatResponse]]:
         """RenderChat renders chat messages and tool definitions through the
         model's chat template into a prompt.
+        """
+
+    @_abc_1.abstractmethod
+    def CountChatTokens(
+        self,
+        request: _engine_pb2.CountChatTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_engine_pb2.CountChatTokensResponse, _abc.Awaitable[_engine_pb2.CountChatTokensResponse]]:
+        """CountChatTokens counts, through the model's chat template, the tokens of
+        a chat's head (system message and tools) and of each given message, so
+        that a client can count a conversation once per message and add.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,65 @@
+"""Long-conversation fixtures: the service over loopback gRPC on the session's vLLM worker.
+
+The worker runs the tiny random-weight model at a 1,024-token context
+(`VLLM_MAX_MODEL_LEN`), so a few turns with long replies pass the context.
+`RecordingEngine` keeps every engine request the service sent, so tests
+compare the prompts the model was given with the prompts rebuilt from the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from worker_processes import WorkerProcess
+
+from turnlog.api.servicer import ConversationServicer
+from turnlog.conversation.application import ConversationApplication
+from turnlog.conversation.tools import builtin_tools
+from turnlog.engine.v1 import engine_pb2
+from turnlog.eventlog import wall_clock_us
+from turnlog.storage import PostgresEventStore
+from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
+from turnlog.worker.client import EngineClient, PooledRequestStream
+
+
+class RecordingEngine(EngineClient):
+    """An `EngineClient` that keeps a copy of every generation request it sends."""
+
+    def __init__(self, targets: list[str]) -> None:
+        super().__init__(targets)
+        self.sent: list[engine_pb2.StartGeneration] = []
+
+    def generate(
+        self, start: engine_pb2.StartGeneration, *, affinity_key: str | None = None
+    ) -> PooledRequestStream:
+        copy = engine_pb2.StartGeneration()
+        copy.CopyFrom(start)
+        self.sent.append(copy)
+        return super().generate(start, affinity_key=affinity_key)
+
+
+@dataclass
+class Service:
+    stub: sgrpc.ConversationServiceStub
+    app: ConversationApplication
+    engine: RecordingEngine
+    store: PostgresEventStore
+
+
+@pytest.fixture
+async def service(store: PostgresEventStore, vllm_worker: WorkerProcess) -> AsyncIterator[Service]:
+    async with RecordingEngine([vllm_worker.target]) as engine:
+        app = ConversationApplication(store, engine, tools=builtin_tools(wall_clock_us))
+        server = grpc.aio.server()
+        sgrpc.add_ConversationServiceServicer_to_server(ConversationServicer(app), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                yield Service(sgrpc.ConversationServiceStub(channel), app, engine, store)
+        finally:
+            await server.stop(0)
+            await app.shutdown()
