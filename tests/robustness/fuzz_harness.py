@@ -116,7 +116,7 @@ class Serving:
 
     async def quiet(self) -> None:
         """Wait until no turn runs here, so that nothing writes between two examples."""
-        while running := [t.task for t in self.app._running.values() if t.task is not None]:
+        while running := [t.task for t in self.app.running.turns.values() if t.task is not None]:
             await asyncio.gather(*running, return_exceptions=True)
 
     async def health(self) -> int:

@@ -393,6 +393,13 @@ RULES: Final[Mapping[str, Mapping[str, Rule]]] = {
         "stop": Items(MAX_STOP_STRINGS, each=Text(required=True, max_chars=MAX_STOP_CHARS)),
         "max_tool_round_trips": Range(low=0, high=MAX_TOOL_ROUND_TRIPS),
         "first_generation_regex": EngineRegex(MAX_REGEX_CHARS),
+        "context_policy": Member(
+            pb.ContextPolicy.DESCRIPTOR,
+            frozenset(
+                {pb.CONTEXT_POLICY_DISABLED, pb.CONTEXT_POLICY_TRUNCATE, pb.CONTEXT_POLICY_COMPACT}
+            ),
+        ),
+        "strict_max_tokens": Unchecked("a flag"),
     },
     pb.ToolDefinition.DESCRIPTOR.full_name: {
         "name": Text(
