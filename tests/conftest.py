@@ -16,8 +16,10 @@ afterwards.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -34,17 +36,23 @@ from turnlog.storage.postgres import PostgresEventStore
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_admin_url() -> Iterator[str]:
     """A URL on the test server from which databases can be created."""
     url = os.environ.get("TURNLOG_TEST_DATABASE_URL")
     if url:
         yield url
         return
-    server = EmbeddedPostgres(Path(tmp_path_factory.mktemp("embedded-pg")) / "data")
+    # Not under pytest's base temp folder: run as root, the server runs as
+    # another user that must traverse the folder's ancestors, and every
+    # pytest session that starts chmods /tmp/pytest-of-<user> back to 0700,
+    # which would cut off a server another session is running.
+    folder = Path(tempfile.mkdtemp(prefix="turnlog-test-pg-"))
+    server = EmbeddedPostgres(folder / "data")
     try:
         yield server.start()
     finally:
         server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _create_database(admin_url: str, name: str, template: str = "template0") -> str:
