@@ -78,6 +78,16 @@ class ConversationState:
     context_policy: ev.ContextPolicy | None = None
     context_window: ev.ContextWindow | None = None
     """The window of the latest generation's prompt (None before any was recorded)."""
+    compactions: tuple[ev.ContextCompacted, ...] = ()
+    """Every summary recorded, oldest first (a window names the one it used)."""
+
+    def compaction(self, compaction_id: str) -> ev.ContextCompacted | None:
+        """The compaction with this id, if any ("" : none)."""
+        if compaction_id:
+            for c in reversed(self.compactions):
+                if c.compaction_id == compaction_id:
+                    return c
+        return None
 
     @property
     def open_turn(self) -> Turn | None:
@@ -223,6 +233,9 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
         case ev.ToolRoundLimitReached():
             _require_open(state, event.turn_id)
             return _replace_open_turn(state, event.turn_id, tool_round_limit_reached=True)
+        case ev.ContextCompacted():
+            _require_open(state, event.turn_id)
+            return replace(state, compactions=(*state.compactions, event))
         case ev.GuardrailDecided() | ev.TextStreamed() | ev.TextRetracted():
             # Audit and stream-resume records: they change no conversation state
             # (the completed generation carries the final text).

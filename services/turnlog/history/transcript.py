@@ -75,7 +75,10 @@ class GenerationRecord:
         """The prompt the model was given, rebuilt from the log: the recorded window over the state."""
         assert self.state_before is not None
         first = self.context.first_version if self.context is not None else 0
-        return engine_io.chat_prompt(self.state_before, first_version=first)
+        compaction = self.context.compaction_id if self.context is not None else ""
+        return engine_io.chat_prompt(
+            self.state_before, first_version=first, compaction_id=compaction
+        )
 
     @property
     def completed(self) -> bool:
@@ -147,6 +150,7 @@ class TurnRecord:
 Step = (
     GenerationRecord
     | ev.GuardrailDecided
+    | ev.ContextCompacted
     | ev.ToolCallRequested
     | ToolOutcome
     | ev.ToolRoundLimitReached
@@ -237,7 +241,12 @@ class _Builder:
                 record.tool_calls = event.tool_calls
                 record.finish_reason = event.finish_reason
                 record.usage = event.usage
-            case ev.GuardrailDecided() | ev.ToolCallRequested() | ev.ToolRoundLimitReached():
+            case (
+                ev.GuardrailDecided()
+                | ev.ToolCallRequested()
+                | ev.ToolRoundLimitReached()
+                | ev.ContextCompacted()
+            ):
                 self._turn().steps.append(event)
             case ev.ToolCallCompleted():
                 self._turn().steps.append(
@@ -336,6 +345,8 @@ def describe_window(window: ev.ContextWindow) -> str:
         kept = f"turns from version {window.first_version} ({window.left_out_turns} left out)"
     else:
         kept = "whole conversation"
+    if window.compaction_id:
+        kept += f", summary {window.compaction_id}"
     room = f"max_tokens {window.max_tokens}"
     if window.requested_max_tokens is not None:
         room += f" (clamped from {window.requested_max_tokens})"
@@ -437,4 +448,12 @@ def _render_step(step: Step) -> list[str]:
             return [f"  tool {label} {step.call_id}: {_quote(step.text)}"]
         case ev.ToolRoundLimitReached():
             return [f"  tool round limit reached ({step.limit})"]
+        case ev.ContextCompacted():
+            return [
+                f"  compacted {step.compaction_id} ({step.model or 'default model'}):"
+                f" {step.summarized_turns} turn(s) from version {step.first_version}"
+                f" to {step.through_version}, {step.replaced_tokens} tokens into"
+                f" {step.summary_tokens}",
+                f"    summary: {_quote(step.summary)}",
+            ]
     return []
