@@ -34,6 +34,7 @@ from turnlog.domain.state import ConversationState, TurnStatus, evolve
 from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
 from turnlog.eventlog import wall_clock_us
 from turnlog.guardrails import BuiltinSettings, default_registry
+from turnlog.history.regenerate import regenerate
 from turnlog.history.transcript import GenerationRecord, build_transcript, render_transcript
 from turnlog.storage import PostgresEventStore
 from turnlog.v1 import conversation_pb2 as pb
@@ -270,7 +271,7 @@ async def test_a_crash_mid_compaction_is_closed_as_interrupted_and_the_conversat
 @pytest.fixture
 async def grpc_service(
     store: PostgresEventStore,
-) -> AsyncIterator[tuple[sgrpc.ConversationServiceStub, ConversationApplication]]:
+) -> AsyncIterator[tuple[sgrpc.ConversationServiceStub, RecordingEngine]]:
     async with scripted(SCRIPT) as target, RecordingEngine([target]) as engine:
         app = make_app(store, engine)
         server = grpc.aio.server()
@@ -279,14 +280,14 @@ async def grpc_service(
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                yield sgrpc.ConversationServiceStub(channel), app
+                yield sgrpc.ConversationServiceStub(channel), engine
         finally:
             await server.stop(0)
             await app.shutdown()
 
 
 async def test_compact_conversation_over_grpc_and_streamed_compactions(
-    grpc_service: tuple[sgrpc.ConversationServiceStub, ConversationApplication],
+    grpc_service: tuple[sgrpc.ConversationServiceStub, RecordingEngine],
     store: PostgresEventStore,
 ) -> None:
     stub, _ = grpc_service
@@ -354,3 +355,73 @@ async def test_compact_conversation_over_grpc_and_streamed_compactions(
             break
     assert "context_compacted" in seen
     assert seen.index("context_compacted") < seen.index("assistant_message")
+
+
+async def test_regenerate_reproduces_compactions_and_a_fork_keeps_them(
+    grpc_service: tuple[sgrpc.ConversationServiceStub, RecordingEngine],
+    store: PostgresEventStore,
+) -> None:
+    stub, engine = grpc_service
+    created = await stub.CreateConversation(
+        spb.CreateConversationRequest(
+            request_id="c",
+            system_prompt=SYSTEM,
+            defaults=pb.TurnDefaults(context_policy=pb.CONTEXT_POLICY_COMPACT, max_tokens=200),
+        )
+    )
+    name = created.conversation.name
+    for n in range(6):
+        await stub.SendMessage(
+            spb.SendMessageRequest(
+                input=spb.TurnInput(conversation=name, request_id=f"t{n}", content=f"Sea {n}.")
+            )
+        )
+    await stub.CompactConversation(spb.CompactConversationRequest(name=name, request_id="k"))
+    await stub.SendMessage(
+        spb.SendMessageRequest(
+            input=spb.TurnInput(conversation=name, request_id="t9", content="Go.")
+        )
+    )
+    events = await store.read_stream(f"conversation-{name.removeprefix('conversations/')}")
+    transcript = build_transcript(events)
+    assert len(transcript.state.compactions) >= 2
+    assert any(t.compaction_only for t in transcript.turns)
+    # Regenerated turn by turn, compactions (and the on-demand one) included, all the same.
+    report = await regenerate(
+        events, engine=engine, guardrails=default_registry(), tools=builtin_tools(wall_clock_us)
+    )
+    assert report.all_same, [t.differences for t in report.turns]
+    assert sum(len(t.regenerated.compactions) for t in report.turns if t.regenerated) == len(
+        transcript.state.compactions
+    )
+    # A fork after the first compaction keeps it, and its next prompt holds it.
+    first = transcript.state.compactions[0]
+    at = (
+        next(
+            t.start_version
+            for t in transcript.turns
+            if t.turn_id != first.turn_id and t.start_version > first.through_version
+        )
+        - 1
+    )
+    forked = await stub.ForkConversation(
+        spb.ForkConversationRequest(name=name, version=at, request_id="f")
+    )
+    fork = forked.conversation.name
+    reply = await stub.SendMessage(
+        spb.SendMessageRequest(
+            input=spb.TurnInput(conversation=fork, request_id="f1", content="Hi.")
+        )
+    )
+    assert reply.turn.status == pb.TURN_STATUS_COMPLETED
+    fork_events = await store.read_stream(f"conversation-{fork.removeprefix('conversations/')}")
+    fork_transcript = build_transcript(fork_events)
+    assert fork_transcript.state.compactions[0].summary == first.summary
+    generation = fork_transcript.turns[-1].generations[-1]
+    assert generation.context is not None
+    assert generation.context.compaction_id
+    rebuilt = generation.prompt()
+    assert first.summary in rebuilt.messages[0].content or fork_transcript.turns[-1].compactions
+    assert rebuilt.SerializeToString(deterministic=True) == engine.sent[-1].chat.SerializeToString(
+        deterministic=True
+    )

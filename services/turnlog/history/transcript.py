@@ -121,6 +121,7 @@ class TurnRecord:
     max_tool_round_trips: int
     context_policy: ev.ContextPolicy | None = None
     strict_max_tokens: bool = False
+    compaction_only: bool = False
     user_text: str = ""
     status: TurnStatus = TurnStatus.RUNNING
     finish_reason: ev.FinishReason | None = None
@@ -131,6 +132,10 @@ class TurnRecord:
     @property
     def generations(self) -> list[GenerationRecord]:
         return [s for s in self.steps if isinstance(s, GenerationRecord)]
+
+    @property
+    def compactions(self) -> list[ev.ContextCompacted]:
+        return [s for s in self.steps if isinstance(s, ev.ContextCompacted)]
 
     @property
     def decisions(self) -> list[ev.GuardrailDecided]:
@@ -215,6 +220,7 @@ class _Builder:
                         max_tool_round_trips=event.max_tool_round_trips,
                         context_policy=event.context_policy,
                         strict_max_tokens=event.strict_max_tokens,
+                        compaction_only=event.compaction_only,
                     )
                 )
             case ev.MessageAppended(role=ev.Role.USER) if event.turn_id:
@@ -398,7 +404,10 @@ def render_transcript(transcript: Transcript) -> str:
             f"turn {turn.number} [{turn.turn_id}] request {turn.request_id}: {_outcome(turn)}"
         )
         out.append(f"  sampling: {_sampling(turn.sampling)}")
-        out.append(f"  user: {_quote(turn.user_text)}")
+        if turn.compaction_only:
+            out.append("  compaction (CompactConversation)")
+        else:
+            out.append(f"  user: {_quote(turn.user_text)}")
         for step in turn.steps:
             out.extend(_render_step(step))
         usage = turn.usage
