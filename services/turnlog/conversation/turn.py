@@ -782,7 +782,9 @@ class TurnRunner:
         if plan is None:
             return
         compaction_id = f"{self.turn_id}/compaction"
-        sampling = ev.SamplingParams(temperature=0.0, max_tokens=plan.max_tokens)
+        # The turn's sampling (its seed makes the summary reproducible), with
+        # the summary's room and no structured-output constraint.
+        sampling = replace(self.sampling, max_tokens=plan.max_tokens, regex=None)
         request_outcome = await pipeline.check_request(
             RequestSubject(
                 user_text=context.SUMMARY_INSTRUCTION,
