@@ -44,8 +44,12 @@ class _ContextPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Context
     result. The window moves in steps (prefix caching stays warm).
     """
     CONTEXT_POLICY_COMPACT: _ContextPolicy.ValueType  # 3
-    """Reserved for summaries of the oldest turns; not built yet (acts as
-    TRUNCATE).
+    """When the prompt plus the reply's room passes a threshold of the context
+    (a service setting, 0.8 by default), the oldest turns the window would
+    leave out are summarized first (a generation through the guardrails,
+    recorded as a ContextCompaction) and later prompts hold the summary,
+    with the system prompt, in their place. Falls back to TRUNCATE when no
+    summary is made or it would not fit.
     """
 
 class ContextPolicy(_ContextPolicy, metaclass=_ContextPolicyEnumTypeWrapper):
@@ -68,8 +72,12 @@ the system prompt, never the current turn, never a tool call without its
 result. The window moves in steps (prefix caching stays warm).
 """
 CONTEXT_POLICY_COMPACT: ContextPolicy.ValueType  # 3
-"""Reserved for summaries of the oldest turns; not built yet (acts as
-TRUNCATE).
+"""When the prompt plus the reply's room passes a threshold of the context
+(a service setting, 0.8 by default), the oldest turns the window would
+leave out are summarized first (a generation through the guardrails,
+recorded as a ContextCompaction) and later prompts hold the summary,
+with the system prompt, in their place. Falls back to TRUNCATE when no
+summary is made or it would not fit.
 """
 Global___ContextPolicy: _TypeAlias = ContextPolicy  # noqa: Y015
 
