@@ -220,6 +220,36 @@ async def test_a_blocked_summary_falls_back_to_truncation(store: PostgresEventSt
     assert blocked
 
 
+async def test_a_failing_summary_falls_back_to_truncation(store: PostgresEventStore) -> None:
+    failing = {
+        **SCRIPT,
+        "replies": [
+            {
+                "match": "Summarize the conversation so far",
+                "text": "never",
+                "fail_at_token": 0,
+                "fail_reason": "ENGINE_INTERNAL",
+            }
+        ],
+    }
+    async with scripted(failing) as target, RecordingEngine([target]) as engine:
+        app = make_app(store, engine)
+        try:
+            cid = await new_conversation(app, "compact-failing")
+            for n in range(1, 9):
+                result = await app.send(
+                    TurnInput(conversation_id=cid, content=f"Turn {n}.", request_id=f"t{n}")
+                )
+                assert result.ended.turn.status is TurnStatus.COMPLETED, n
+            state = await app.load(cid)
+        finally:
+            await app.shutdown()
+    assert sum(1 for s in engine.sent if is_summary_request(s)) >= 2
+    assert not state.compactions
+    assert state.context_window is not None
+    assert state.context_window.left_out_turns > 0
+
+
 async def test_a_crash_mid_compaction_is_closed_as_interrupted_and_the_conversation_goes_on(
     store: PostgresEventStore, database_url: str
 ) -> None:

@@ -809,18 +809,24 @@ class TurnRunner:
         )
         final: GenerationFinished | None = None
         stopped = False
-        async with contextlib.aclosing(call(request)) as events:
-            async for item in events:
-                if isinstance(item, GuardrailDecision):
-                    self.add(item.to_event(turn_id=self.turn_id))
-                    self.publish_pending()
-                elif isinstance(item, TextDelta):
-                    # The summary is not the turn's text: nothing is streamed.
-                    if any(isinstance(a, StopResponse) for a in stream.feed(item.text)):
-                        stopped = True
-                        break
-                else:
-                    final = item
+        try:
+            async with contextlib.aclosing(call(request)) as events:
+                async for item in events:
+                    if isinstance(item, GuardrailDecision):
+                        self.add(item.to_event(turn_id=self.turn_id))
+                        self.publish_pending()
+                    elif isinstance(item, TextDelta):
+                        # The summary is not the turn's text: nothing is streamed.
+                        if any(isinstance(a, StopResponse) for a in stream.feed(item.text)):
+                            stopped = True
+                            break
+                    else:
+                        final = item
+        except errors.TurnlogError as e:
+            # A summary that fails must not fail every later turn: truncate
+            # instead (an engine that is down fails the generation that follows).
+            log.warning("the summary of %s failed (%s); truncating instead", self.cid, e.reason)
+            return
         outcome = stream.finish(())
         for decided in decisions_to_events(outcome.decisions, turn_id=self.turn_id):
             self.add(decided)
