@@ -346,6 +346,7 @@ async def test_compact_conversation_over_grpc_and_streamed_compactions(
         spb.CompactConversationRequest(name=name, request_id="k1")
     )
     assert compacted.turn.status == pb.TURN_STATUS_COMPLETED
+    assert compacted.turn.compaction_only
     assert compacted.compaction.summarized_turns == 2
     assert compacted.compaction.summary.startswith("SUMMARY: we talked about the sea")
     assert any(d.guardrail == "pii_redaction" for d in compacted.guardrail_decisions)

@@ -741,6 +741,7 @@ class Turn(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     OUTCOME_REASON_FIELD_NUMBER: _builtins.int
     TOOL_ROUND_LIMIT_REACHED_FIELD_NUMBER: _builtins.int
+    COMPACTION_ONLY_FIELD_NUMBER: _builtins.int
     turn_id: _builtins.str
     """Turn id."""
     request_id: _builtins.str
@@ -753,6 +754,10 @@ class Turn(_message.Message):
     """For blocked, failed or cancelled turns: why, safe to show."""
     tool_round_limit_reached: _builtins.bool
     """The tool round-trip cap ended the tool loop."""
+    compaction_only: _builtins.bool
+    """A CompactConversation unit: no messages, one summary (a
+    ContextCompaction), no reply.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Tokens used by all generations of the turn."""
@@ -777,10 +782,11 @@ class Turn(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         outcome_reason: _builtins.str = ...,
         tool_round_limit_reached: _builtins.bool = ...,
+        compaction_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "finish_reason", b"finish_reason", "outcome_reason", b"outcome_reason", "request_id", b"request_id", "start_time", b"start_time", "status", b"status", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_id", b"turn_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compaction_only", b"compaction_only", "end_time", b"end_time", "finish_reason", b"finish_reason", "outcome_reason", b"outcome_reason", "request_id", b"request_id", "start_time", b"start_time", "status", b"status", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_id", b"turn_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

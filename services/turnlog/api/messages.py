@@ -86,6 +86,7 @@ def turn_message(turn: Turn) -> pb.Turn:
         start_time=timestamp(turn.started_at_us),
         outcome_reason=turn.outcome_reason,
         tool_round_limit_reached=turn.tool_round_limit_reached,
+        compaction_only=turn.compaction_only,
     )
     if turn.ended_at_us is not None:
         message.end_time.FromMicroseconds(turn.ended_at_us)

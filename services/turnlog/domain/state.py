@@ -48,6 +48,8 @@ class Turn:
     outcome_reason: str = ""
     start_version: int = 0
     """The stream version of the turn's `TurnStarted` event."""
+    compaction_only: bool = False
+    """A `CompactConversation` unit (no messages)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,6 +193,7 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
                 status=TurnStatus.RUNNING,
                 started_at_us=event.started_at_us,
                 start_version=state.version + 1,
+                compaction_only=event.compaction_only,
             )
             return replace(state, turns=(*state.turns, turn))
         case ev.GenerationStarted():
