@@ -447,12 +447,18 @@ async def test_regenerate_reproduces_compactions_and_a_fork_keeps_them(
     assert reply.turn.status == pb.TURN_STATUS_COMPLETED
     fork_events = await store.read_stream(f"conversation-{fork.removeprefix('conversations/')}")
     fork_transcript = build_transcript(fork_events)
-    assert fork_transcript.state.compactions[0].summary == first.summary
+    fork_state = fork_transcript.state
+    assert fork_state.compactions[0].summary == first.summary
+    inherited = {c.compaction_id for c in fork_state.compactions if c.turn_id != reply.turn.turn_id}
+    assert first.compaction_id in inherited
     generation = fork_transcript.turns[-1].generations[-1]
     assert generation.context is not None
-    assert generation.context.compaction_id
+    # The fork's next prompt holds an inherited summary, or a new one folded from one.
+    used = fork_state.compaction(generation.context.compaction_id)
+    assert used is not None
+    assert used.compaction_id in inherited or used.previous_compaction_id in inherited
     rebuilt = generation.prompt()
-    assert first.summary in rebuilt.messages[0].content or fork_transcript.turns[-1].compactions
+    assert used.summary in rebuilt.messages[0].content
     assert rebuilt.SerializeToString(deterministic=True) == engine.sent[-1].chat.SerializeToString(
         deterministic=True
     )
