@@ -18,7 +18,10 @@ conversation application in this process, the worker as its own process
     python bench/context.py [--quick] [--turns N] [--worker HOST:PORT] [--dsn URL] [--json PATH]
 
 `--quick` runs 12 turns (checkpoints 1 and 10): a smoke run, not figures.
-The `compact` policy is not built yet; its rows say so.
+A third run uses the `compact` policy (stepped window, summaries of the
+turns it leaves out): same checkpoints; a compacting turn's time to first
+token includes its summary's generation, and the medians of compacting and
+other turns are printed apart.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ async def one_side(
     turns: int,
     max_tokens: int,
     timer: DecideTimer,
+    policy: ev.ContextPolicy = ev.ContextPolicy.TRUNCATE,
 ) -> list[dict[str, Any]]:
     app = ConversationApplication(
         store,
@@ -106,7 +110,8 @@ async def one_side(
                 request_id=f"context-{side}",
                 system_prompt=SYSTEM,
                 defaults=TurnOptions(
-                    sampling=ev.SamplingParams(temperature=0.8, seed=7, max_tokens=max_tokens)
+                    sampling=ev.SamplingParams(temperature=0.8, seed=7, max_tokens=max_tokens),
+                    context_policy=policy,
                 ),
             )
         )
@@ -144,6 +149,10 @@ async def one_side(
                     "cached_prompt_tokens": turn.usage.cached_prompt_tokens,
                     "left_out_turns": window.left_out_turns,
                     "first_version": window.first_version,
+                    # This turn summarized old turns first (its TTFT includes the summary).
+                    "compacted": bool(state.compactions)
+                    and state.compactions[-1].turn_id == turn_id,
+                    "summary_in_prompt": bool(window.compaction_id),
                 }
             )
     finally:
@@ -190,10 +199,14 @@ async def run(args: argparse.Namespace, dsn: str, target: str) -> dict[str, Any]
     sides: dict[str, list[dict[str, Any]]] = {}
     try:
         async with EngineClient([target]) as engine:
-            for side, keep in (("stepped", 0.6), ("one_per_turn", 1.0)):
+            for side, keep, policy in (
+                ("stepped", 0.6, ev.ContextPolicy.TRUNCATE),
+                ("one_per_turn", 1.0, ev.ContextPolicy.TRUNCATE),
+                ("compact", 0.6, ev.ContextPolicy.COMPACT),
+            ):
                 sides[side] = await one_side(
                     store, engine, side=side, keep_fraction=keep, turns=args.turns,
-                    max_tokens=args.max_tokens, timer=timer,
+                    max_tokens=args.max_tokens, timer=timer, policy=policy,
                 )  # fmt: skip
     finally:
         await store.close()
@@ -206,7 +219,8 @@ def report(results: dict[str, Any], turns: int) -> dict[str, Any]:
     ratios: dict[str, float] = {}
     for side, rows in results["sides"].items():
         base = rows[0]
-        print(f"\n{side} (truncate, keep fraction {'0.6' if side == 'stepped' else '1.0'})")
+        policy = "compact" if side == "compact" else "truncate"
+        print(f"\n{side} ({policy}, keep fraction {'1.0' if side == 'one_per_turn' else '0.6'})")
         print(
             f"{'turn':>5} {'prompt tok':>10} {'vs t1':>6} {'TTFT ms':>8} {'vs t1':>6} {'TTFT med5':>9} {'decide ms':>9} {'left out':>8}"
         )
@@ -232,12 +246,26 @@ def report(results: dict[str, Any], turns: int) -> dict[str, Any]:
         figures[f"{side}_prefix_cache_hit_rate"] = rate
         figures[f"{side}_window_moves"] = moves
         figures[f"{side}_decide_ms_median"] = statistics.median(decide)
+        if side == "compact":
+            compacting = [r["ttft_ms"] for r in rows if r["compacted"]]
+            others = [r["ttft_ms"] for r in rows[1:] if not r["compacted"]]
+            figures["compact_compactions"] = len(compacting)
+            figures["compact_ttft_ms_median_compacting_turns"] = (
+                statistics.median(compacting) if compacting else 0.0
+            )
+            figures["compact_ttft_ms_median_other_turns"] = (
+                statistics.median(others) if others else 0.0
+            )
+            print(
+                f"compactions: {len(compacting)}; TTFT median of compacting turns "
+                f"{figures['compact_ttft_ms_median_compacting_turns']:.1f} ms, of the others "
+                f"{figures['compact_ttft_ms_median_other_turns']:.1f} ms"
+            )
     if "stepped" in results["sides"] and "one_per_turn" in results["sides"]:
         one = figures["one_per_turn_prefix_cache_hit_rate"]
         ratios["hit_rate_stepped_vs_one_per_turn"] = (
             figures["stepped_prefix_cache_hit_rate"] / one if one else float("inf")
         )
-    print("\ncompact: not built yet (no figures)")
     print("ratios:", json.dumps(ratios, indent=None))
     return {"figures": figures, "ratios": ratios}
 

@@ -151,6 +151,12 @@ class ContextExhaustedError(FailedPreconditionError):
     reason = "CONTEXT_EXHAUSTED"
 
 
+class NothingToCompactError(FailedPreconditionError):
+    """`CompactConversation` found no turn in the window to summarize."""
+
+    reason = "NOTHING_TO_COMPACT"
+
+
 class UnsupportedByModelError(TurnlogError):
     """The served model cannot do this (for example, embeddings from a generative model)."""
 

@@ -35,7 +35,7 @@ def test_quick_run_writes_figures_beside_the_first_turn(
     assert "ratios:" in run.stdout
     result = json.loads(out.read_text())
     assert result["settings"]["checkpoints"] == [1, 10]
-    for side in ("stepped", "one_per_turn"):
+    for side in ("stepped", "one_per_turn", "compact"):
         for turn in (1, 10):
             row = result["figures"][f"{side}_turn_{turn}"]
             assert row["prompt_tokens"] > 0
@@ -51,3 +51,7 @@ def test_quick_run_writes_figures_beside_the_first_turn(
         ratio = result["ratios"][f"{side}_prompt_tokens_turn_10_vs_turn_1"]
         assert ratio > 0
     assert "hit_rate_stepped_vs_one_per_turn" in result["ratios"]
+    # Under compact, 12 long turns summarize old turns and later prompts hold the summary.
+    compact = result["turns"]["compact"]
+    assert result["figures"]["compact_compactions"] == sum(t["compacted"] for t in compact) > 0
+    assert any(t["summary_in_prompt"] for t in compact)

@@ -21,8 +21,11 @@ from context.conftest import Service
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from turnlog.conversation import context, engine_io
 from turnlog.conversation.tools import builtin_tools
 from turnlog.domain import events as ev
+from turnlog.domain.codec import decode_stored as replayed_event
+from turnlog.domain.state import ConversationState, evolve
 from turnlog.engine.v1 import engine_pb2
 from turnlog.eventlog import wall_clock_us
 from turnlog.guardrails import default_registry
@@ -254,3 +257,64 @@ async def test_windows_replay_regenerate_and_survive_a_fork(service: Service) ->
     assert rebuilt.SerializeToString(deterministic=True) == service.engine.sent[
         -1
     ].chat.SerializeToString(deterministic=True)
+
+
+async def test_a_long_conversation_with_tool_calls_never_fails_under_compact(
+    service: Service,
+) -> None:
+    turns = TURNS
+    name = await create(service, "long-compact", policy=pb.CONTEXT_POLICY_COMPACT)
+    for n in range(1, turns + 1):
+        options = {"first_generation_regex": TOOL_CALL_REGEX} if n % 6 == 0 else {}
+        reply = await send(service, name, n, **options)
+        assert reply.turn.status == pb.TURN_STATUS_COMPLETED, (n, reply.turn.outcome_reason)
+    compacted = await service.stub.CompactConversation(
+        spb.CompactConversationRequest(name=name, request_id="on-demand")
+    )
+    assert compacted.turn.status == pb.TURN_STATUS_COMPLETED
+    reply = await send(service, name, turns + 1)
+    assert reply.turn.status == pb.TURN_STATUS_COMPLETED
+
+    events = await stream_of(service, name)
+    transcript = build_transcript(events)
+    state = transcript.state
+    assert len(state.compactions) >= 2
+    assert state.compactions[-1].compaction_id == compacted.compaction.compaction_id
+    instruction = context.SUMMARY_INSTRUCTION
+    summaries = [s for s in service.engine.sent if s.chat.messages[-1].content == instruction]
+    sent = [s for s in service.engine.sent if s.chat.messages[-1].content != instruction]
+    generations = [g for t in transcript.turns for g in t.generations]
+    assert len(generations) == len(sent)
+    assert len(summaries) >= len(state.compactions)
+    used = set()
+    for generation, start in zip(generations, sent, strict=True):
+        window = generation.context
+        assert window is not None
+        rebuilt = generation.prompt()
+        assert rebuilt.SerializeToString(deterministic=True) == start.chat.SerializeToString(
+            deterministic=True
+        )
+        # The system prompt leads every prompt (the summary, if any, after it in the
+        # same message); every tool call is with its result.
+        assert rebuilt.messages[0].role == engine_pb2.CHAT_ROLE_SYSTEM
+        assert rebuilt.messages[0].content.startswith(SYSTEM)
+        calls = {c.id for m in rebuilt.messages for c in m.tool_calls}
+        results = {m.tool_call_id for m in rebuilt.messages if m.role == engine_pb2.CHAT_ROLE_TOOL}
+        assert calls == results
+        assert generation.usage.prompt_tokens == window.prompt_tokens
+        assert window.prompt_tokens + window.max_tokens <= 1024
+        used.add(window.compaction_id)
+    assert used - {""}  # later prompts held summaries
+    # Each summary's prompt is rebuilt from the log too (the state just before it).
+    folded = ConversationState()
+    prompts = []
+    for stored in events:
+        event = replayed_event(stored)
+        if isinstance(event, ev.ContextCompacted):
+            prompts.append(engine_io.summary_prompt(folded, event))
+        folded = evolve(folded, event)
+    wire = {s.chat.SerializeToString(deterministic=True) for s in summaries}
+    for prompt in prompts:
+        assert prompt.SerializeToString(deterministic=True) in wire
+    text = render_transcript(transcript)
+    assert text.count("  compacted ") == len(state.compactions)

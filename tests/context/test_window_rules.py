@@ -188,3 +188,35 @@ def test_stepped_window_moves_rarely_over_a_long_conversation() -> None:
         assert window.prompt_tokens + window.max_tokens <= 1000
     assert left_out > 150
     assert moves <= 200 // 4  # each move frees room for ~5 turns
+
+
+def test_compact_moves_at_its_threshold_before_the_budget_is_reached() -> None:
+    # 50 + 6 * 100 = 650 fits the budget (800), but with the reply (200) it
+    # passes 0.8 of the context (800 - 200 = 600): compact moves (and the turns
+    # it leaves out are the ones a summary replaces); truncate does not.
+    compact = rules(policy=ev.ContextPolicy.COMPACT, trigger_fraction=0.8)
+    moved = plan_window(
+        head_tokens=50,
+        turns=turns(*[100] * 6),
+        previous_first_version=0,
+        left_out_before=0,
+        rules=compact,
+    )
+    assert moved.left_out_turns == 3
+    assert moved.prompt_tokens == 350
+    kept = plan_window(
+        head_tokens=50,
+        turns=turns(*[100] * 6),
+        previous_first_version=0,
+        left_out_before=0,
+        rules=rules(),
+    )
+    assert kept.left_out_turns == 0
+    below = plan_window(
+        head_tokens=50,
+        turns=turns(*[100] * 5),
+        previous_first_version=0,
+        left_out_before=0,
+        rules=compact,
+    )
+    assert below.left_out_turns == 0

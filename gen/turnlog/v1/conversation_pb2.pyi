@@ -44,8 +44,12 @@ class _ContextPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Context
     result. The window moves in steps (prefix caching stays warm).
     """
     CONTEXT_POLICY_COMPACT: _ContextPolicy.ValueType  # 3
-    """Reserved for summaries of the oldest turns; not built yet (acts as
-    TRUNCATE).
+    """When the prompt plus the reply's room passes a threshold of the context
+    (a service setting, 0.8 by default), the oldest turns the window would
+    leave out are summarized first (a generation through the guardrails,
+    recorded as a ContextCompaction) and later prompts hold the summary,
+    with the system prompt, in their place. Falls back to TRUNCATE when no
+    summary is made or it would not fit.
     """
 
 class ContextPolicy(_ContextPolicy, metaclass=_ContextPolicyEnumTypeWrapper):
@@ -68,8 +72,12 @@ the system prompt, never the current turn, never a tool call without its
 result. The window moves in steps (prefix caching stays warm).
 """
 CONTEXT_POLICY_COMPACT: ContextPolicy.ValueType  # 3
-"""Reserved for summaries of the oldest turns; not built yet (acts as
-TRUNCATE).
+"""When the prompt plus the reply's room passes a threshold of the context
+(a service setting, 0.8 by default), the oldest turns the window would
+leave out are summarized first (a generation through the guardrails,
+recorded as a ContextCompaction) and later prompts hold the summary,
+with the system prompt, in their place. Falls back to TRUNCATE when no
+summary is made or it would not fit.
 """
 Global___ContextPolicy: _TypeAlias = ContextPolicy  # noqa: Y015
 
@@ -330,6 +338,7 @@ class ContextWindow(_message.Message):
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     REQUESTED_MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPACTION_ID_FIELD_NUMBER: _builtins.int
     policy: Global___ContextPolicy.ValueType
     """The policy that chose it."""
     first_version: _builtins.int
@@ -348,6 +357,10 @@ class ContextWindow(_message.Message):
     """Set when max_tokens was clamped to the room the prompt left: what was
     asked for.
     """
+    compaction_id: _builtins.str
+    """The summary (ContextCompaction.compaction_id) the prompt held with the
+    system prompt, in place of the turns it summarized; empty: none.
+    """
     def __init__(
         self,
         *,
@@ -358,16 +371,83 @@ class ContextWindow(_message.Message):
         max_context_tokens: _builtins.int = ...,
         max_tokens: _builtins.int = ...,
         requested_max_tokens: _builtins.int | None = ...,
+        compaction_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_requested_max_tokens", b"_requested_max_tokens", "requested_max_tokens", b"requested_max_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_requested_max_tokens", b"_requested_max_tokens", "first_version", b"first_version", "left_out_turns", b"left_out_turns", "max_context_tokens", b"max_context_tokens", "max_tokens", b"max_tokens", "policy", b"policy", "prompt_tokens", b"prompt_tokens", "requested_max_tokens", b"requested_max_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_requested_max_tokens", b"_requested_max_tokens", "compaction_id", b"compaction_id", "first_version", b"first_version", "left_out_turns", b"left_out_turns", "max_context_tokens", b"max_context_tokens", "max_tokens", b"max_tokens", "policy", b"policy", "prompt_tokens", b"prompt_tokens", "requested_max_tokens", b"requested_max_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__requested_max_tokens: _TypeAlias = _typing.Literal["requested_max_tokens"]  # noqa: Y015
     _WhichOneofArgType__requested_max_tokens: _TypeAlias = _typing.Literal["_requested_max_tokens", b"_requested_max_tokens"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__requested_max_tokens) -> _WhichOneofReturnType__requested_max_tokens | None: ...
 
 Global___ContextWindow: _TypeAlias = ContextWindow  # noqa: Y015
+
+@_typing.final
+class ContextCompaction(_message.Message):
+    """ContextCompaction is a summary of a conversation's oldest turns that later
+    prompts (under CONTEXT_POLICY_COMPACT) hold in their place, appended to
+    the system message. Nothing is deleted: the summarized turns stay in the
+    conversation's messages and its log.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPACTION_ID_FIELD_NUMBER: _builtins.int
+    TURN_ID_FIELD_NUMBER: _builtins.int
+    FIRST_VERSION_FIELD_NUMBER: _builtins.int
+    THROUGH_VERSION_FIELD_NUMBER: _builtins.int
+    SUMMARIZED_TURNS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SUMMARY_TOKENS_FIELD_NUMBER: _builtins.int
+    REPLACED_TOKENS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_COMPACTION_ID_FIELD_NUMBER: _builtins.int
+    compaction_id: _builtins.str
+    """The compaction's id, named by the windows that use it."""
+    turn_id: _builtins.str
+    """The turn (or CompactConversation unit) that made it."""
+    first_version: _builtins.int
+    """The summarized turns: those started at or after first_version and
+    before through_version (the previous summary, if any, folded in).
+    """
+    through_version: _builtins.int
+    """The first turn not summarized: later prompts start at or after it."""
+    summarized_turns: _builtins.int
+    """How many turns were summarized."""
+    summary: _builtins.str
+    """The summary as the model wrote it (after the response guardrails)."""
+    model: _builtins.str
+    """The model that wrote it."""
+    summary_tokens: _builtins.int
+    """The summary's tokens in the prompt."""
+    replaced_tokens: _builtins.int
+    """The tokens of what it replaces (the turns' messages and the previous
+    summary).
+    """
+    previous_compaction_id: _builtins.str
+    """The summary it folded in; empty for the first."""
+    def __init__(
+        self,
+        *,
+        compaction_id: _builtins.str = ...,
+        turn_id: _builtins.str = ...,
+        first_version: _builtins.int = ...,
+        through_version: _builtins.int = ...,
+        summarized_turns: _builtins.int = ...,
+        summary: _builtins.str = ...,
+        model: _builtins.str = ...,
+        summary_tokens: _builtins.int = ...,
+        replaced_tokens: _builtins.int = ...,
+        previous_compaction_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compaction_id", b"compaction_id", "first_version", b"first_version", "model", b"model", "previous_compaction_id", b"previous_compaction_id", "replaced_tokens", b"replaced_tokens", "summarized_turns", b"summarized_turns", "summary", b"summary", "summary_tokens", b"summary_tokens", "through_version", b"through_version", "turn_id", b"turn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContextCompaction: _TypeAlias = ContextCompaction  # noqa: Y015
 
 @_typing.final
 class ForkOrigin(_message.Message):
@@ -668,6 +748,7 @@ class Turn(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     OUTCOME_REASON_FIELD_NUMBER: _builtins.int
     TOOL_ROUND_LIMIT_REACHED_FIELD_NUMBER: _builtins.int
+    COMPACTION_ONLY_FIELD_NUMBER: _builtins.int
     turn_id: _builtins.str
     """Turn id."""
     request_id: _builtins.str
@@ -680,6 +761,10 @@ class Turn(_message.Message):
     """For blocked, failed or cancelled turns: why, safe to show."""
     tool_round_limit_reached: _builtins.bool
     """The tool round-trip cap ended the tool loop."""
+    compaction_only: _builtins.bool
+    """A CompactConversation unit: no messages, one summary (a
+    ContextCompaction), no reply.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Tokens used by all generations of the turn."""
@@ -704,10 +789,11 @@ class Turn(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         outcome_reason: _builtins.str = ...,
         tool_round_limit_reached: _builtins.bool = ...,
+        compaction_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "finish_reason", b"finish_reason", "outcome_reason", b"outcome_reason", "request_id", b"request_id", "start_time", b"start_time", "status", b"status", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_id", b"turn_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compaction_only", b"compaction_only", "end_time", b"end_time", "finish_reason", b"finish_reason", "outcome_reason", b"outcome_reason", "request_id", b"request_id", "start_time", b"start_time", "status", b"status", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_id", b"turn_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

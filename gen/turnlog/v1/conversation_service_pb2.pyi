@@ -383,6 +383,80 @@ class ArchiveConversationRequest(_message.Message):
 Global___ArchiveConversationRequest: _TypeAlias = ArchiveConversationRequest  # noqa: Y015
 
 @_typing.final
+class CompactConversationRequest(_message.Message):
+    """CompactConversationRequest asks for a summary of the window's turns now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"conversations/{conversation_id}"."""
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    expected_version: _builtins.int
+    """Fail with ABORTED unless the conversation is at this version."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        expected_version: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
+
+Global___CompactConversationRequest: _TypeAlias = CompactConversationRequest  # noqa: Y015
+
+@_typing.final
+class CompactConversationResponse(_message.Message):
+    """CompactConversationResponse is the compaction's outcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURN_FIELD_NUMBER: _builtins.int
+    COMPACTION_FIELD_NUMBER: _builtins.int
+    GUARDRAIL_DECISIONS_FIELD_NUMBER: _builtins.int
+    CONVERSATION_VERSION_FIELD_NUMBER: _builtins.int
+    conversation_version: _builtins.int
+    """The conversation's version afterwards."""
+    @_builtins.property
+    def turn(self) -> _conversation_pb2.Turn:
+        """The unit it ran as (a turn with no messages)."""
+
+    @_builtins.property
+    def compaction(self) -> _conversation_pb2.ContextCompaction:
+        """The summary; unset when a guardrail blocked it (the window then
+        truncates as before).
+        """
+
+    @_builtins.property
+    def guardrail_decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuardrailDecision]:
+        """The guardrail decisions of the summary's generation, in order."""
+
+    def __init__(
+        self,
+        *,
+        turn: _conversation_pb2.Turn | None = ...,
+        compaction: _conversation_pb2.ContextCompaction | None = ...,
+        guardrail_decisions: _abc.Iterable[Global___GuardrailDecision] | None = ...,
+        conversation_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compaction", b"compaction", "turn", b"turn"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compaction", b"compaction", "conversation_version", b"conversation_version", "guardrail_decisions", b"guardrail_decisions", "turn", b"turn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactConversationResponse: _TypeAlias = CompactConversationResponse  # noqa: Y015
+
+@_typing.final
 class ArchiveConversationResponse(_message.Message):
     """ArchiveConversationResponse returns the archived conversation."""
 
@@ -822,6 +896,7 @@ class TurnEvent(_message.Message):
     ASSISTANT_MESSAGE_FIELD_NUMBER: _builtins.int
     TOOL_ROUND_LIMIT_REACHED_FIELD_NUMBER: _builtins.int
     TURN_ENDED_FIELD_NUMBER: _builtins.int
+    CONTEXT_COMPACTED_FIELD_NUMBER: _builtins.int
     turn_id: _builtins.str
     """The turn."""
     sequence: _builtins.int
@@ -868,6 +943,12 @@ class TurnEvent(_message.Message):
     def turn_ended(self) -> Global___TurnEnded:
         """The turn ended; the last event of the stream."""
 
+    @_builtins.property
+    def context_compacted(self) -> _conversation_pb2.ContextCompaction:
+        """The oldest turns were summarized before this turn's generation (the
+        COMPACT policy); its prompt holds the summary in their place.
+        """
+
     def __init__(
         self,
         *,
@@ -883,12 +964,13 @@ class TurnEvent(_message.Message):
         assistant_message: _conversation_pb2.Message | None = ...,
         tool_round_limit_reached: Global___ToolRoundLimitReached | None = ...,
         turn_ended: Global___TurnEnded | None = ...,
+        context_compacted: _conversation_pb2.ContextCompaction | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant_message", b"assistant_message", "guardrail_decision", b"guardrail_decision", "kind", b"kind", "retraction", b"retraction", "text_delta", b"text_delta", "tool_call_delta", b"tool_call_delta", "tool_execution_finished", b"tool_execution_finished", "tool_execution_started", b"tool_execution_started", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_ended", b"turn_ended", "turn_started", b"turn_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant_message", b"assistant_message", "context_compacted", b"context_compacted", "guardrail_decision", b"guardrail_decision", "kind", b"kind", "retraction", b"retraction", "text_delta", b"text_delta", "tool_call_delta", b"tool_call_delta", "tool_execution_finished", b"tool_execution_finished", "tool_execution_started", b"tool_execution_started", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_ended", b"turn_ended", "turn_started", b"turn_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant_message", b"assistant_message", "guardrail_decision", b"guardrail_decision", "kind", b"kind", "retraction", b"retraction", "sequence", b"sequence", "text_delta", b"text_delta", "tool_call_delta", b"tool_call_delta", "tool_execution_finished", b"tool_execution_finished", "tool_execution_started", b"tool_execution_started", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_ended", b"turn_ended", "turn_id", b"turn_id", "turn_started", b"turn_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant_message", b"assistant_message", "context_compacted", b"context_compacted", "guardrail_decision", b"guardrail_decision", "kind", b"kind", "retraction", b"retraction", "sequence", b"sequence", "text_delta", b"text_delta", "tool_call_delta", b"tool_call_delta", "tool_execution_finished", b"tool_execution_finished", "tool_execution_started", b"tool_execution_started", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_ended", b"turn_ended", "turn_id", b"turn_id", "turn_started", b"turn_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "tool_call_delta", "tool_execution_started", "tool_execution_finished", "guardrail_decision", "retraction", "assistant_message", "tool_round_limit_reached", "turn_ended"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "tool_call_delta", "tool_execution_started", "tool_execution_finished", "guardrail_decision", "retraction", "assistant_message", "tool_round_limit_reached", "turn_ended", "context_compacted"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -61,6 +61,11 @@ class ConversationServiceStub:
                 request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.SendMessageRequest.SerializeToString,
                 response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.SendMessageResponse.FromString,
                 _registered_method=True)
+        self.CompactConversation = channel.unary_unary(
+                '/turnlog.v1.ConversationService/CompactConversation',
+                request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.CompactConversationRequest.SerializeToString,
+                response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.CompactConversationResponse.FromString,
+                _registered_method=True)
         self.StreamTurn = channel.unary_stream(
                 '/turnlog.v1.ConversationService/StreamTurn',
                 request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.StreamTurnRequest.SerializeToString,
@@ -138,6 +143,18 @@ class ConversationServiceServicer:
     def SendMessage(self, request, context):
         """SendMessage runs one turn and returns it completed. Idempotent by
         request_id: a retry returns the same turn and never generates twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompactConversation(self, request, context):
+        """CompactConversation summarizes the turns of the conversation's current
+        window now (as the COMPACT policy does when a prompt passes its
+        threshold): later COMPACT prompts hold the summary in their place. It
+        runs as a unit recorded like a turn (it holds the conversation while it
+        runs, a crash closes it as interrupted). Idempotent by request_id.
+        FAILED_PRECONDITION NOTHING_TO_COMPACT when the window holds no turn.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -234,6 +251,11 @@ def add_ConversationServiceServicer_to_server(servicer, server):
                     servicer.SendMessage,
                     request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.SendMessageRequest.FromString,
                     response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.SendMessageResponse.SerializeToString,
+            ),
+            'CompactConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompactConversation,
+                    request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.CompactConversationRequest.FromString,
+                    response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.CompactConversationResponse.SerializeToString,
             ),
             'StreamTurn': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamTurn,
@@ -412,6 +434,33 @@ class ConversationService:
             '/turnlog.v1.ConversationService/SendMessage',
             turnlog_dot_v1_dot_conversation__service__pb2.SendMessageRequest.SerializeToString,
             turnlog_dot_v1_dot_conversation__service__pb2.SendMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompactConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turnlog.v1.ConversationService/CompactConversation',
+            turnlog_dot_v1_dot_conversation__service__pb2.CompactConversationRequest.SerializeToString,
+            turnlog_dot_v1_dot_conversation__service__pb2.CompactConversationResponse.FromString,
             options,
             channel_credentials,
             insecure,

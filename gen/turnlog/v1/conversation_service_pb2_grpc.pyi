@@ -61,6 +61,14 @@ class ConversationServiceStub:
     """SendMessage runs one turn and returns it completed. Idempotent by
     request_id: a retry returns the same turn and never generates twice.
     """
+    CompactConversation: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.CompactConversationRequest, _conversation_service_pb2.CompactConversationResponse]
+    """CompactConversation summarizes the turns of the conversation's current
+    window now (as the COMPACT policy does when a prompt passes its
+    threshold): later COMPACT prompts hold the summary in their place. It
+    runs as a unit recorded like a turn (it holds the conversation while it
+    runs, a crash closes it as interrupted). Idempotent by request_id.
+    FAILED_PRECONDITION NOTHING_TO_COMPACT when the window holds no turn.
+    """
     StreamTurn: _grpc.UnaryStreamMultiCallable[_conversation_service_pb2.StreamTurnRequest, _conversation_service_pb2.StreamTurnResponse]
     """StreamTurn runs one turn (or resumes watching one) and streams its
     events, each with a sequence number.
@@ -107,6 +115,14 @@ class ConversationServiceAsyncStub(ConversationServiceStub):
     SendMessage: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.SendMessageRequest, _conversation_service_pb2.SendMessageResponse]  # type: ignore[assignment]
     """SendMessage runs one turn and returns it completed. Idempotent by
     request_id: a retry returns the same turn and never generates twice.
+    """
+    CompactConversation: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.CompactConversationRequest, _conversation_service_pb2.CompactConversationResponse]  # type: ignore[assignment]
+    """CompactConversation summarizes the turns of the conversation's current
+    window now (as the COMPACT policy does when a prompt passes its
+    threshold): later COMPACT prompts hold the summary in their place. It
+    runs as a unit recorded like a turn (it holds the conversation while it
+    runs, a crash closes it as interrupted). Idempotent by request_id.
+    FAILED_PRECONDITION NOTHING_TO_COMPACT when the window holds no turn.
     """
     StreamTurn: _aio.UnaryStreamMultiCallable[_conversation_service_pb2.StreamTurnRequest, _conversation_service_pb2.StreamTurnResponse]  # type: ignore[assignment]
     """StreamTurn runs one turn (or resumes watching one) and streams its
@@ -181,6 +197,20 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_conversation_service_pb2.SendMessageResponse, _abc.Awaitable[_conversation_service_pb2.SendMessageResponse]]:
         """SendMessage runs one turn and returns it completed. Idempotent by
         request_id: a retry returns the same turn and never generates twice.
+        """
+
+    @_abc_1.abstractmethod
+    def CompactConversation(
+        self,
+        request: _conversation_service_pb2.CompactConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conversation_service_pb2.CompactConversationResponse, _abc.Awaitable[_conversation_service_pb2.CompactConversationResponse]]:
+        """CompactConversation summarizes the turns of the conversation's current
+        window now (as the COMPACT policy does when a prompt passes its
+        threshold): later COMPACT prompts hold the summary in their place. It
+        runs as a unit recorded like a turn (it holds the conversation while it
+        runs, a crash closes it as interrupted). Idempotent by request_id.
+        FAILED_PRECONDITION NOTHING_TO_COMPACT when the window holds no turn.
         """
 
     @_abc_1.abstractmethod

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from turnlog import errors
 from turnlog.api.messages import (
     assistant_message,
+    compaction_message,
     conversation_message,
     decision_message,
     execution_message,
@@ -186,6 +187,30 @@ class ConversationRpcs:
         assistant = result.assistant_message
         if assistant is not None and ended.turn.status is not TurnStatus.BLOCKED:
             response.assistant_message.CopyFrom(assistant_message(assistant))
+        return response
+
+    @maps_errors
+    async def CompactConversation(  # noqa: N802
+        self, request: spb.CompactConversationRequest, context: Context
+    ) -> spb.CompactConversationResponse:
+        v = Violations()
+        cid = conversation_id(request.name, "name", v)
+        check_request_id(request.request_id, "request_id", v)
+        v.raise_if_any()
+        expected = request.expected_version if request.HasField("expected_version") else None
+        result = await self.app.compact(
+            cid, request_id=request.request_id, expected_version=expected
+        )
+        ended = result.ended
+        _raise_if_no_worker(ended.turn)
+        response = spb.CompactConversationResponse(
+            turn=turn_message(ended.turn),
+            guardrail_decisions=[decision_message(d) for d in result.decisions],
+            conversation_version=ended.conversation_version,
+        )
+        for update in result.updates:
+            if isinstance(update.payload, ev.ContextCompacted):
+                response.compaction.CopyFrom(compaction_message(update.payload))
         return response
 
     @maps_errors

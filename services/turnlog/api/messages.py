@@ -86,6 +86,7 @@ def turn_message(turn: Turn) -> pb.Turn:
         start_time=timestamp(turn.started_at_us),
         outcome_reason=turn.outcome_reason,
         tool_round_limit_reached=turn.tool_round_limit_reached,
+        compaction_only=turn.compaction_only,
     )
     if turn.ended_at_us is not None:
         message.end_time.FromMicroseconds(turn.ended_at_us)
@@ -128,7 +129,23 @@ def context_window_message(window: ev.ContextWindow) -> pb.ContextWindow:
     )
     if window.requested_max_tokens is not None:
         message.requested_max_tokens = window.requested_max_tokens
+    message.compaction_id = window.compaction_id
     return message
+
+
+def compaction_message(c: ev.ContextCompacted) -> pb.ContextCompaction:
+    return pb.ContextCompaction(
+        compaction_id=c.compaction_id,
+        turn_id=c.turn_id,
+        first_version=c.first_version,
+        through_version=c.through_version,
+        summarized_turns=c.summarized_turns,
+        summary=c.summary,
+        model=c.model,
+        summary_tokens=c.summary_tokens,
+        replaced_tokens=c.replaced_tokens,
+        previous_compaction_id=c.previous_compaction_id,
+    )
 
 
 def conversation_message(state: ConversationState, *, full: bool = True) -> pb.Conversation:
@@ -225,6 +242,8 @@ def turn_event(update: TurnUpdate) -> spb.TurnEvent:
         message.tool_execution_finished.execution.CopyFrom(execution_message(p))
     elif isinstance(p, ev.ToolRoundLimitReached):
         message.tool_round_limit_reached.limit = p.limit
+    elif isinstance(p, ev.ContextCompacted):
+        message.context_compacted.CopyFrom(compaction_message(p))
     elif isinstance(p, TurnEnded):
         message.turn_ended.turn.CopyFrom(turn_message(p.turn))
         message.turn_ended.conversation_version = p.conversation_version

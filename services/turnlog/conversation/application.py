@@ -74,6 +74,8 @@ class TurnInput:
     request_id: str = ""
     options: TurnOptions = field(default_factory=TurnOptions)
     expected_version: int | None = None
+    compaction_only: bool = False
+    """A `CompactConversation` unit: `content` is unused (docs/context.md)."""
 
 
 class ConversationApplication:
@@ -269,6 +271,25 @@ class ConversationApplication:
             updates = [u async for u in self.watch(command.conversation_id, turn_id)]
         return TurnResult(updates=tuple(updates))
 
+    async def compact(
+        self, conversation_id: str, *, request_id: str = "", expected_version: int | None = None
+    ) -> TurnResult:
+        """Summarize the window's turns now (`CompactConversation`); a unit recorded like a turn.
+
+        Raises:
+            NothingToCompactError: nothing to summarize (nothing recorded);
+            what `start_turn` raises.
+        """
+        return await self.send(
+            TurnInput(
+                conversation_id=conversation_id,
+                content="",
+                request_id=request_id,
+                expected_version=expected_version,
+                compaction_only=True,
+            )
+        )
+
     async def start_turn(self, command: TurnInput, *, streamed: bool = True) -> str:
         """Start a turn, or find the turn this request id already started; returns its id.
 
@@ -321,6 +342,7 @@ class ConversationApplication:
                 request_id=request_id,
                 streamed=streamed,
                 arrived=arrived,
+                compaction_only=command.compaction_only,
             )
             try:
                 await self.running.begin(run)

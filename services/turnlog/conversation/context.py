@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from turnlog import errors
@@ -46,6 +46,8 @@ class WindowRules:
     strict_max_tokens: bool = False
     keep_fraction: float = 0.6
     min_reply_tokens: int = 16
+    trigger_fraction: float = 1.0
+    """The window moves when the prompt plus the reply's room passes this fraction of the context (compact: `context_compact_threshold`)."""
 
 
 def plan_window(
@@ -83,7 +85,7 @@ def plan_window(
     start = 0
     if rules.policy is not ev.ContextPolicy.DISABLED:
         budget = limit - reply
-        if head_tokens + suffix[0] > budget:
+        if head_tokens + suffix[0] > min(budget, int(limit * rules.trigger_fraction) - reply):
             # Move in a step: far enough that several turns fit before the next move.
             target = max(0, int(budget * rules.keep_fraction))
             while start < len(turns) - 1 and head_tokens + suffix[start] > target:
@@ -161,10 +163,20 @@ class TokenCounter:
         self.counted = 0
 
     async def count(
-        self, state: ConversationState, messages: Sequence[Message], *, affinity_key: str
+        self,
+        state: ConversationState,
+        messages: Sequence[Message],
+        *,
+        affinity_key: str,
+        head: engine_pb2.ChatPrompt | None = None,
     ) -> tuple[int, list[int], int]:
-        """(head tokens, one count per message, the model's context length)."""
-        head = engine_io.chat_head(state)
+        """(head tokens, one count per message, the model's context length).
+
+        `head`: another head than the conversation's plain one (a summary in
+        the system message, or a summary request's).
+        """
+        if head is None:
+            head = engine_io.chat_head(state)
         head_key = head.SerializeToString(deterministic=True)
         rendered = engine_io.chat_messages(messages)
         keys = [(m.message_id, len(r.tool_calls)) for m, r in zip(messages, rendered, strict=True)]
@@ -203,43 +215,137 @@ async def decide_window(
     rules: WindowRules,
     *,
     affinity_key: str,
+    compaction_id: str = "",
 ) -> ev.ContextWindow:
-    """The window of the next generation over `state` (whose last turn is the current one)."""
+    """The window of the next generation over `state` (whose last turn is the current one).
+
+    `compaction_id`: the summary the prompt holds after the system prompt;
+    the window then starts no earlier than the first turn it did not summarize.
+    """
     previous = state.context_window
     first = 0
     if rules.policy is not ev.ContextPolicy.DISABLED and previous is not None:
         first = previous.first_version
+    compaction = state.compaction(compaction_id)
+    if compaction is not None:
+        first = max(first, compaction.through_version)
     candidates, before = candidate_turns(state, first)
     messages = engine_io.window_messages(state, first)
     head_tokens, counts, max_context = await counter.count(
-        state, messages, affinity_key=affinity_key
+        state, messages, affinity_key=affinity_key, head=engine_io.chat_head(state, compaction_id)
     )
     per_turn = dict.fromkeys((turn_id for turn_id, _ in candidates), 0)
     for message, tokens in zip(messages, counts, strict=True):
         if message.turn_id in per_turn:
             per_turn[message.turn_id] += tokens
     turns = [TurnTokens(start_version=v, tokens=per_turn[t]) for t, v in candidates]
-    return plan_window(
+    window = plan_window(
         head_tokens=head_tokens,
         turns=turns,
         previous_first_version=first,
         left_out_before=before,
-        rules=WindowRules(
-            policy=rules.policy,
-            max_context_tokens=max_context,
-            requested_max_tokens=rules.requested_max_tokens,
-            strict_max_tokens=rules.strict_max_tokens,
-            keep_fraction=rules.keep_fraction,
-            min_reply_tokens=rules.min_reply_tokens,
-        ),
+        rules=replace(rules, max_context_tokens=max_context),
+    )
+    return replace(window, compaction_id=compaction.compaction_id) if compaction else window
+
+
+SUMMARY_INSTRUCTION = engine_io.SUMMARY_INSTRUCTION
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompactionPlan:
+    """What a compaction summarizes, and the prompt that asks for the summary."""
+
+    first_version: int
+    through_version: int
+    turns: int
+    replaced_tokens: int
+    previous_compaction_id: str
+    prompt: engine_pb2.ChatPrompt
+    prompt_tokens: int
+    max_tokens: int
+
+
+async def plan_compaction(
+    counter: TokenCounter,
+    state: ConversationState,
+    *,
+    through_version: int,
+    summary_max_tokens: int,
+    affinity_key: str,
+) -> CompactionPlan | None:
+    """The summary of the turns of the current window started before `through_version`, or None.
+
+    The summary's prompt is the system prompt with the previous summary (no
+    tools), the turns' messages as they are (so tool calls stay with their
+    results), then `SUMMARY_INSTRUCTION`. If it does not fit with
+    `summary_max_tokens` of reply, the oldest of those turns are left out of
+    it (truncated, not summarized); None when nothing is left to summarize.
+    """
+    previous = state.compactions[-1] if state.compactions else None
+    previous_id = previous.compaction_id if previous is not None else ""
+    start = state.context_window.first_version if state.context_window is not None else 0
+    if previous is not None:
+        start = max(start, previous.through_version)
+    turns = [
+        (turn_id, version)
+        for turn_id, version in candidate_turns(state, start)[0]
+        if version < through_version
+    ]
+    if not turns:
+        return None
+    inside = {turn_id for turn_id, _ in turns}
+    summary = engine_io.summary_messages(state, turns[0][1], through_version)
+    messages = summary[:-1]
+    head = engine_io.chat_head(state, previous_id, tools=False)
+    head_tokens, counts, limit = await counter.count(
+        state, summary, affinity_key=affinity_key, head=head
+    )
+    plain_head, _, _ = await counter.count(
+        state, [], affinity_key=affinity_key, head=engine_io.chat_head(state, tools=False)
+    )
+    per_turn = dict.fromkeys(inside, 0)
+    for message, tokens in zip(messages, counts, strict=False):
+        per_turn[message.turn_id] += tokens
+    total = head_tokens + sum(counts)
+    while turns and total + summary_max_tokens > limit:
+        total -= per_turn[turns.pop(0)[0]]
+    if not turns:
+        return None
+    kept = {turn_id for turn_id, _ in turns}
+    prompt = engine_io.summary_request_prompt(state, turns[0][1], through_version, previous_id)
+    return CompactionPlan(
+        first_version=turns[0][1],
+        through_version=through_version,
+        turns=len(turns),
+        replaced_tokens=head_tokens - plain_head + sum(per_turn[t] for t in kept),
+        previous_compaction_id=previous_id,
+        prompt=prompt,
+        prompt_tokens=total,
+        max_tokens=summary_max_tokens,
     )
 
 
+async def summary_tokens(
+    counter: TokenCounter, state: ConversationState, compaction_id: str, *, affinity_key: str
+) -> int:
+    """What a summary adds to the head: the head with it minus the plain head."""
+    with_summary, _, _ = await counter.count(
+        state, [], affinity_key=affinity_key, head=engine_io.chat_head(state, compaction_id)
+    )
+    plain, _, _ = await counter.count(state, [], affinity_key=affinity_key)
+    return with_summary - plain
+
+
 __all__ = [
+    "SUMMARY_INSTRUCTION",
+    "CompactionPlan",
     "TokenCounter",
     "TurnTokens",
     "WindowRules",
     "candidate_turns",
     "decide_window",
+    "plan_compaction",
     "plan_window",
+    "summary_tokens",
 ]

@@ -47,6 +47,7 @@ def start_generation(
     sampling: ev.SamplingParams,
     *,
     first_version: int = 0,
+    compaction_id: str = "",
     min_delta_interval_s: float = 0.0,
 ) -> engine_pb2.StartGeneration:
     """The engine request of a generation over the conversation as it stands.
@@ -56,7 +57,8 @@ def start_generation(
     nobody streams).
     """
     start = engine_pb2.StartGeneration(
-        chat=chat_prompt(state, first_version=first_version), sampling=engine_sampling(sampling)
+        chat=chat_prompt(state, first_version=first_version, compaction_id=compaction_id),
+        sampling=engine_sampling(sampling),
     )
     if min_delta_interval_s > 0:
         start.min_delta_interval.FromNanoseconds(round(min_delta_interval_s * 1e9))
@@ -89,14 +91,34 @@ def window_messages(state: ConversationState, first_version: int) -> tuple[Messa
     return state.messages[start:]
 
 
-def chat_head(state: ConversationState) -> engine_pb2.ChatPrompt:
-    """What every prompt of the conversation starts with: the system message and the tools."""
+#: How a summary joins the system prompt (docs/context.md, "Compaction").
+SUMMARY_HEADER = "Summary of the earlier conversation:\n"
+
+
+def system_content(state: ConversationState, compaction_id: str = "") -> str:
+    """The system message: the system prompt, then the named compaction's summary (if any)."""
+    compaction = state.compaction(compaction_id)
+    if compaction is None:
+        return state.system_prompt
+    summary = SUMMARY_HEADER + compaction.summary
+    return f"{state.system_prompt}\n\n{summary}" if state.system_prompt else summary
+
+
+def chat_head(
+    state: ConversationState, compaction_id: str = "", *, tools: bool = True
+) -> engine_pb2.ChatPrompt:
+    """What every prompt of the conversation starts with: the system message and the tools.
+
+    With `compaction_id`, that compaction's summary is part of the system
+    message (one system message: every chat template accepts it).
+    """
     head = engine_pb2.ChatPrompt()
-    if state.system_prompt:
+    system = system_content(state, compaction_id)
+    if system:
         head.messages.append(
-            engine_pb2.ChatMessage(role=engine_pb2.CHAT_ROLE_SYSTEM, content=state.system_prompt)
+            engine_pb2.ChatMessage(role=engine_pb2.CHAT_ROLE_SYSTEM, content=system)
         )
-    for tool in state.tools:
+    for tool in state.tools if tools else ():
         head.tools.append(
             engine_pb2.ToolDefinition(
                 name=tool.name,
@@ -131,11 +153,62 @@ def chat_messages(messages: Sequence[Message]) -> list[engine_pb2.ChatMessage]:
     return out
 
 
-def chat_prompt(state: ConversationState, *, first_version: int = 0) -> engine_pb2.ChatPrompt:
-    """The prompt: the head, then the window's messages (`window_messages`), for the worker's template."""
-    prompt = chat_head(state)
+def chat_prompt(
+    state: ConversationState, *, first_version: int = 0, compaction_id: str = ""
+) -> engine_pb2.ChatPrompt:
+    """The prompt: the head (with the window's summary), then the window's messages (`window_messages`)."""
+    prompt = chat_head(state, compaction_id)
     prompt.add_generation_prompt = True
     prompt.messages.extend(chat_messages(window_messages(state, first_version)))
+    return prompt
+
+
+#: The request that ends a summary's prompt (docs/context.md, "Compaction").
+SUMMARY_INSTRUCTION = (
+    "Summarize the conversation so far in a few sentences, for yourself to continue it: "
+    "keep names, numbers, decisions and open questions. Do not call tools. "
+    "Reply with the summary only."
+)
+_INSTRUCTION = Message(
+    message_id="turnlog/summary-instruction", role=ev.Role.USER, content=SUMMARY_INSTRUCTION
+)
+
+
+def range_messages(state: ConversationState, first: int, through: int) -> list[Message]:
+    """The messages of the turns started at or after `first` and before `through`."""
+    inside = set()
+    for turn in reversed(state.turns):  # back only as far as the range reaches
+        if turn.start_version < first:
+            break
+        if turn.start_version < through:
+            inside.add(turn.turn_id)
+    return [m for m in window_messages(state, first) if m.turn_id in inside]
+
+
+def summary_messages(state: ConversationState, first: int, through: int) -> list[Message]:
+    """A summary request's messages: the range's, then the instruction."""
+    return [*range_messages(state, first, through), _INSTRUCTION]
+
+
+def summary_prompt(
+    state: ConversationState, compacted: ev.ContextCompacted
+) -> engine_pb2.ChatPrompt:
+    """The prompt that asked for `compacted`'s summary, over the state just before it was recorded.
+
+    The system message with the previous summary (no tools), the summarized
+    turns' messages as they are, then `SUMMARY_INSTRUCTION`.
+    """
+    return summary_request_prompt(
+        state, compacted.first_version, compacted.through_version, compacted.previous_compaction_id
+    )
+
+
+def summary_request_prompt(
+    state: ConversationState, first: int, through: int, previous_compaction_id: str
+) -> engine_pb2.ChatPrompt:
+    prompt = chat_head(state, previous_compaction_id, tools=False)
+    prompt.add_generation_prompt = True
+    prompt.messages.extend(chat_messages(summary_messages(state, first, through)))
     return prompt
 
 
@@ -210,6 +283,7 @@ class GenerationReader:
 
 
 __all__ = [
+    "SUMMARY_INSTRUCTION",
     "EngineMessage",
     "EngineRequest",
     "GenerationReader",
@@ -218,6 +292,10 @@ __all__ = [
     "chat_prompt",
     "copy_of",
     "engine_sampling",
+    "range_messages",
     "start_generation",
+    "summary_messages",
+    "summary_prompt",
+    "summary_request_prompt",
     "window_messages",
 ]

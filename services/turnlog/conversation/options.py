@@ -58,6 +58,10 @@ class ServiceDefaults:
     context_policy: ev.ContextPolicy = ev.ContextPolicy.TRUNCATE
     context_keep_fraction: float = 0.6
     context_min_reply_tokens: int = 16
+    context_compact_threshold: float = 0.8
+    """Under `compact`, the oldest turns are summarized once the prompt plus the reply's room passes this fraction of the context."""
+    context_summary_max_tokens: int = 160
+    """The room of a summary (its generation's max_tokens)."""
     token_count_cache_size: int = 100_000
 
 

@@ -18,6 +18,7 @@ Mapping (events not listed produce nothing):
 | `ToolCallRequested` | one `ToolStarted` |
 | `ToolCallCompleted` / `ToolCallFailed` | one `ToolFinished` |
 | `ToolRoundLimitReached` | one limit notice |
+| `ContextCompacted` | one compaction notice |
 | terminal (`TurnCompleted` … `TurnInterrupted`) | one `TurnEnded`, the last |
 
 `TurnResult` is a whole turn's updates, as a unary `SendMessage` returns it.
@@ -86,6 +87,7 @@ UpdatePayload = (
     | ToolStarted
     | ToolFinished
     | ev.ToolRoundLimitReached
+    | ev.ContextCompacted
     | TurnEnded
 )
 
@@ -172,7 +174,7 @@ class TurnProjector:
                     for call in event.tool_calls
                 ]
                 return [*calls, self._next(event)]
-            case ev.ToolRoundLimitReached():
+            case ev.ToolRoundLimitReached() | ev.ContextCompacted():
                 return [self._next(event)]
             case ev.TextStreamed():
                 if self._live_text:

@@ -35,12 +35,13 @@ from dataclasses import dataclass, replace
 
 from turnlog import errors, metrics
 from turnlog.conversation import context, engine_io
-from turnlog.conversation.options import ServiceDefaults, TurnOptions, resolve
+from turnlog.conversation.options import ResolvedOptions, ServiceDefaults, TurnOptions, resolve
 from turnlog.conversation.projection import TurnProjector, TurnUpdate
 from turnlog.conversation.repository import ConversationRepository
 from turnlog.conversation.tools import ToolError, ToolRegistry
 from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, evolve
+from turnlog.engine.v1 import engine_pb2
 from turnlog.eventlog import Clock, derived_id
 from turnlog.guardrails import (
     EmitText,
@@ -153,6 +154,7 @@ async def prepare(
     request_id: str,
     streamed: bool,
     arrived: float,
+    compaction_only: bool = False,
 ) -> TurnRunner:
     """The turn's start events (after the request guardrails), not yet recorded.
 
@@ -165,6 +167,8 @@ async def prepare(
         state.guardrail_profile or deps.defaults.guardrail_profile, deps.guardrails
     )
     resolved = resolve(deps.defaults, state, options)
+    if compaction_only:
+        return await _prepare_compaction(deps, state, pipeline, turn_id, request_id, resolved)
     with metrics.stage_timer("request_guardrails"):
         outcome = await pipeline.check_request(
             RequestSubject(
@@ -217,6 +221,59 @@ async def prepare(
         # The window is decided (and a turn that cannot fit refused) before
         # anything is recorded or generated.
         await run.prestart()
+    return run
+
+
+async def _prepare_compaction(
+    deps: TurnDependencies,
+    state: ConversationState,
+    pipeline: GuardrailPipeline,
+    turn_id: str,
+    request_id: str,
+    resolved: ResolvedOptions,
+) -> TurnRunner:
+    """A `CompactConversation` unit: a turn with no message whose one piece of work is a summary.
+
+    Raises:
+        NothingToCompactError: the window holds no turn to summarize (nothing
+            is recorded).
+    """
+    plan = await context.plan_compaction(
+        deps.tokens,
+        state,
+        through_version=state.version + 1,
+        summary_max_tokens=deps.defaults.context_summary_max_tokens,
+        affinity_key=state.conversation_id,
+    )
+    if plan is None:
+        raise errors.NothingToCompactError(
+            "the conversation's window holds no turn to summarize",
+            metadata={"conversation": state.conversation_id},
+        )
+    run = TurnRunner(
+        deps,
+        state,
+        turn_id,
+        request_id,
+        pipeline,
+        resolved.model,
+        resolved.sampling,
+        0,
+        context_policy=ev.ContextPolicy.COMPACT,
+    )
+    run.compaction_only = True
+    run.compaction = plan
+    run.generates = True
+    run.add(
+        ev.TurnStarted(
+            turn_id=turn_id,
+            request_id=request_id,
+            started_at_us=deps.clock(),
+            sampling=resolved.sampling,
+            context_policy=ev.ContextPolicy.COMPACT,
+            compaction_only=True,
+        )
+    )
     return run
 
 
@@ -284,6 +341,12 @@ class TurnRunner:
         self.strict_max_tokens = strict_max_tokens
         #: The first generation's plan, made by `prestart`.
         self.first_plan: _Plan | None = None
+        #: A `CompactConversation` unit (no message, no reply).
+        self.compaction_only = False
+        #: The summary to make before the first generation (its plan, or the
+        #: version the window must start at: `prestart` found it due).
+        self.compaction: context.CompactionPlan | None = None
+        self.compaction_due = 0
         self.pipeline = pipeline
         self.model = model
         self.sampling = sampling
@@ -451,7 +514,18 @@ class TurnRunner:
 
     # -- the generation and tool loop -------------------------------------------
 
-    async def _plan(self, sampling: ev.SamplingParams) -> _Plan:
+    def _summary_id(self) -> str:
+        """The latest summary (what a compact window holds), "" when none."""
+        return self.state.compactions[-1].compaction_id if self.state.compactions else ""
+
+    def _window_start(self) -> int:
+        """Where the next compact window starts at the earliest (without moving)."""
+        window = self.state.context_window
+        start = window.first_version if window is not None else 0
+        summary = self.state.compaction(self._summary_id())
+        return max(start, summary.through_version) if summary is not None else start
+
+    async def _plan(self, sampling: ev.SamplingParams, *, use_summary: bool = True) -> _Plan:
         """The next generation's window, sampling (max_tokens as clamped) and engine request.
 
         Raises:
@@ -459,6 +533,8 @@ class TurnRunner:
                 (`context.plan_window`).
         """
         defaults = self.deps.defaults
+        compact = self.context_policy is ev.ContextPolicy.COMPACT
+        summary = self._summary_id() if compact and use_summary else ""
         with metrics.stage_timer("context"):
             window = await context.decide_window(
                 self.deps.tokens,
@@ -470,13 +546,19 @@ class TurnRunner:
                     strict_max_tokens=self.strict_max_tokens,
                     keep_fraction=defaults.context_keep_fraction,
                     min_reply_tokens=defaults.context_min_reply_tokens,
+                    trigger_fraction=defaults.context_compact_threshold if compact else 1.0,
                 ),
                 affinity_key=self.cid,
+                compaction_id=summary,
             )
         used = replace(sampling, max_tokens=window.max_tokens)
         interval = 0.0 if self.live.streamed else defaults.unwatched_delta_interval_s
         start = engine_io.start_generation(
-            self.state, used, first_version=window.first_version, min_delta_interval_s=interval
+            self.state,
+            used,
+            first_version=window.first_version,
+            compaction_id=window.compaction_id,
+            min_delta_interval_s=interval,
         )
         return _Plan(window=window, sampling=used, start=start)
 
@@ -487,9 +569,15 @@ class TurnRunner:
             ContextLengthExceededError, ContextExhaustedError: the turn
                 cannot fit; nothing was sent.
         """
+        start = self._window_start()
         plan = await self._plan(self.sampling)
-        self.first_plan = plan
         self.generates = True
+        if self.context_policy is ev.ContextPolicy.COMPACT and plan.window.first_version > start:
+            # The window must move: summarize the turns it would leave out
+            # first (in `run`, once the turn's start is recorded), then plan again.
+            self.compaction_due = plan.window.first_version
+            return
+        self.first_plan = plan
         stream = self.deps.engine.generate(engine_io.copy_of(plan.start), affinity_key=self.cid)
         stream.start()
         self.prestarted = stream
@@ -507,6 +595,19 @@ class TurnRunner:
         clock = self.deps.clock
         phase = "generation"
         try:
+            if self.compaction is not None or self.compaction_due:
+                phase = "compaction"
+                await self._compact()
+                if self.compaction_only:
+                    await self.finish(
+                        ev.TurnCompleted(
+                            turn_id=self.turn_id,
+                            completed_at_us=clock(),
+                            finish_reason=ev.FinishReason.STOP,
+                            usage=self._turn_usage(),
+                        )
+                    )
+                    return
             round_trips = 0
             generation = 0
             while True:
@@ -591,7 +692,13 @@ class TurnRunner:
         generation_id = f"{self.turn_id}/{number}"
         plan, self.first_plan = self.first_plan, None
         if plan is None or number != 1:
-            plan = await self._plan(sampling)
+            try:
+                plan = await self._plan(sampling)
+            except errors.ContextLengthExceededError:
+                if not self._summary_id():
+                    raise
+                # The summary itself leaves no room: truncate without it.
+                plan = await self._plan(sampling, use_summary=False)
         sampling = plan.sampling
         self.add(
             ev.GenerationStarted(
@@ -654,6 +761,105 @@ class TurnRunner:
         )
         self.add(completed)
         return completed
+
+    async def _compact(self) -> None:
+        """Summarize the oldest turns of the window (a generation through the guardrails).
+
+        Records the guardrail decisions and, unless a guardrail blocked the
+        summary or it came back empty, one `ContextCompacted`. Without one,
+        the turn's window truncates instead (docs/context.md, "Compaction").
+        """
+        deps, pipeline = self.deps, self.pipeline
+        plan = self.compaction
+        if plan is None:
+            plan = await context.plan_compaction(
+                deps.tokens,
+                self.state,
+                through_version=self.compaction_due,
+                summary_max_tokens=deps.defaults.context_summary_max_tokens,
+                affinity_key=self.cid,
+            )
+        if plan is None:
+            return
+        compaction_id = f"{self.turn_id}/compaction"
+        # The turn's sampling (its seed makes the summary reproducible), with
+        # the summary's room and no structured-output constraint.
+        sampling = replace(self.sampling, max_tokens=plan.max_tokens, regex=None)
+        request_outcome = await pipeline.check_request(
+            RequestSubject(
+                user_text=context.SUMMARY_INSTRUCTION,
+                system_prompt=self.state.system_prompt,
+                model=self.model,
+                tool_definitions=(),
+                labels=self.state.labels,
+            )
+        )
+        for decided in decisions_to_events(request_outcome.decisions, turn_id=self.turn_id):
+            self.add(decided)
+        self.publish_pending()
+        if request_outcome.blocked is not None:
+            return
+        start = engine_pb2.StartGeneration(
+            chat=plan.prompt, sampling=engine_io.engine_sampling(sampling)
+        )
+        stream = pipeline.response_stream(ResponseContext(tool_definitions=()))
+        call = pipeline.wrap_execution(self._engine_call(start))
+        request = GenerationRequest(
+            model=self.model, text=context.SUMMARY_INSTRUCTION, labels=self.state.labels
+        )
+        final: GenerationFinished | None = None
+        stopped = False
+        try:
+            async with contextlib.aclosing(call(request)) as events:
+                async for item in events:
+                    if isinstance(item, GuardrailDecision):
+                        self.add(item.to_event(turn_id=self.turn_id))
+                        self.publish_pending()
+                    elif isinstance(item, TextDelta):
+                        # The summary is not the turn's text: nothing is streamed.
+                        if any(isinstance(a, StopResponse) for a in stream.feed(item.text)):
+                            stopped = True
+                            break
+                    else:
+                        final = item
+        except errors.TurnlogError as e:
+            # A summary that fails must not fail every later turn: truncate
+            # instead (an engine that is down fails the generation that follows).
+            log.warning("the summary of %s failed (%s); truncating instead", self.cid, e.reason)
+            return
+        outcome = stream.finish(())
+        for decided in decisions_to_events(outcome.decisions, turn_id=self.turn_id):
+            self.add(decided)
+        self.publish_pending()
+        summary = outcome.final_text.strip()
+        if outcome.blocked is not None or stopped or final is None or not summary:
+            return
+        compacted = ev.ContextCompacted(
+            turn_id=self.turn_id,
+            compaction_id=compaction_id,
+            first_version=plan.first_version,
+            through_version=plan.through_version,
+            summarized_turns=plan.turns,
+            summary=summary,
+            model=final.model or self.model,
+            sampling=sampling,
+            summary_tokens=0,
+            replaced_tokens=plan.replaced_tokens,
+            usage=final.usage,
+            previous_compaction_id=plan.previous_compaction_id,
+        )
+        tokens = await context.summary_tokens(
+            deps.tokens, evolve(self.state, compacted), compaction_id, affinity_key=self.cid
+        )
+        self.add(replace(compacted, summary_tokens=tokens))
+        self.publish_pending()
+        log.info(
+            "compacted %d turn(s) of %s: %d tokens into %d",
+            plan.turns,
+            self.cid,
+            plan.replaced_tokens,
+            tokens,
+        )
 
     def _apply(self, generation_id: str, actions: Sequence[StreamAction]) -> bool:
         stopped = False

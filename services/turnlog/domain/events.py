@@ -168,6 +168,8 @@ class TurnStarted:
     """The turn's resolved context policy (None in logs written before policies)."""
     strict_max_tokens: bool = False
     """Refuse rather than clamp a max_tokens beyond the room the prompt leaves."""
+    compaction_only: bool = False
+    """A `CompactConversation` unit: no user message, one summary, no reply."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,6 +192,35 @@ class ContextWindow:
     """The reply's room: the generation's max_tokens."""
     requested_max_tokens: int | None = None
     """Set when max_tokens was clamped to the room left: what was asked for."""
+    compaction_id: str = ""
+    """The summary (`ContextCompacted.compaction_id`) the prompt holds after the system prompt ("" none)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ContextCompacted:
+    """A summary of the oldest turns, generated in a turn, that later prompts hold in their place.
+
+    Nothing is deleted: the summarized turns stay in the log and in the
+    conversation's messages; a window that names this compaction holds the
+    summary (with the system prompt) and the turns from `through_version` on.
+    """
+
+    turn_id: str
+    compaction_id: str
+    first_version: int
+    """The summarized range starts with the turn started at this version (the previous summary, if any, was folded in)."""
+    through_version: int
+    """The first turn not summarized: later windows start at or after it."""
+    summarized_turns: int
+    summary: str
+    model: str
+    sampling: SamplingParams
+    summary_tokens: int
+    """The summary's tokens as it sits in the prompt (head with it minus head without)."""
+    replaced_tokens: int
+    """The tokens of the summarized turns' messages (and the previous summary) it replaces."""
+    usage: Usage = field(default_factory=Usage)
+    previous_compaction_id: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -345,6 +376,7 @@ Event = (
     | ToolCallFailed
     | ToolRoundLimitReached
     | GuardrailDecided
+    | ContextCompacted
     | TurnCompleted
     | TurnFailed
     | TurnCancelled
@@ -367,6 +399,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     ToolCallFailed,
     ToolRoundLimitReached,
     GuardrailDecided,
+    ContextCompacted,
     TurnCompleted,
     TurnFailed,
     TurnCancelled,

@@ -48,6 +48,8 @@ class Turn:
     outcome_reason: str = ""
     start_version: int = 0
     """The stream version of the turn's `TurnStarted` event."""
+    compaction_only: bool = False
+    """A `CompactConversation` unit (no messages)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +80,16 @@ class ConversationState:
     context_policy: ev.ContextPolicy | None = None
     context_window: ev.ContextWindow | None = None
     """The window of the latest generation's prompt (None before any was recorded)."""
+    compactions: tuple[ev.ContextCompacted, ...] = ()
+    """Every summary recorded, oldest first (a window names the one it used)."""
+
+    def compaction(self, compaction_id: str) -> ev.ContextCompacted | None:
+        """The compaction with this id, if any ("" : none)."""
+        if compaction_id:
+            for c in reversed(self.compactions):
+                if c.compaction_id == compaction_id:
+                    return c
+        return None
 
     @property
     def open_turn(self) -> Turn | None:
@@ -181,6 +193,7 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
                 status=TurnStatus.RUNNING,
                 started_at_us=event.started_at_us,
                 start_version=state.version + 1,
+                compaction_only=event.compaction_only,
             )
             return replace(state, turns=(*state.turns, turn))
         case ev.GenerationStarted():
@@ -223,6 +236,9 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
         case ev.ToolRoundLimitReached():
             _require_open(state, event.turn_id)
             return _replace_open_turn(state, event.turn_id, tool_round_limit_reached=True)
+        case ev.ContextCompacted():
+            _require_open(state, event.turn_id)
+            return replace(state, compactions=(*state.compactions, event))
         case ev.GuardrailDecided() | ev.TextStreamed() | ev.TextRetracted():
             # Audit and stream-resume records: they change no conversation state
             # (the completed generation carries the final text).

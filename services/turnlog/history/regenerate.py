@@ -215,6 +215,7 @@ async def _regenerate_turn(
                 conversation_id=target,
                 content=turn.user_text,
                 request_id=turn.request_id,
+                compaction_only=turn.compaction_only,
                 options=TurnOptions(
                     model=turn.model or None,
                     sampling=turn.sampling,
@@ -237,9 +238,18 @@ def _window(window: ev.ContextWindow | None) -> str:
     """A window as compared: what was left out and the counts (versions differ in a fork)."""
     if window is None:
         return "none"
+    summary = ", with a summary" if window.compaction_id else ""
     return (
-        f"{window.left_out_turns} turns left out, prompt {window.prompt_tokens} tokens, "
+        f"{window.left_out_turns} turns left out{summary}, prompt {window.prompt_tokens} tokens, "
         f"max_tokens {window.max_tokens}"
+    )
+
+
+def _compaction(c: ev.ContextCompacted) -> str:
+    """A compaction as compared (its versions differ in a fork)."""
+    return (
+        f"{c.summarized_turns} turns, {c.replaced_tokens} tokens into {c.summary_tokens}: "
+        f"{c.summary!r}"
     )
 
 
@@ -296,6 +306,10 @@ def compare_turns(recorded: TurnRecord, regenerated: TurnRecord) -> list[str]:
             differences.append(
                 f"generation {number} window: {_window(a.context)} -> {_window(b.context)}"
             )
+    summaries_a = [_compaction(c) for c in recorded.compactions]
+    summaries_b = [_compaction(c) for c in regenerated.compactions]
+    if summaries_a != summaries_b:
+        differences.append(f"compactions: {summaries_a} -> {summaries_b}")
     results_a = [(o.ok, o.text) for o in recorded.tool_outcomes]
     results_b = [(o.ok, o.text) for o in regenerated.tool_outcomes]
     if results_a != results_b:

@@ -75,7 +75,10 @@ class GenerationRecord:
         """The prompt the model was given, rebuilt from the log: the recorded window over the state."""
         assert self.state_before is not None
         first = self.context.first_version if self.context is not None else 0
-        return engine_io.chat_prompt(self.state_before, first_version=first)
+        compaction = self.context.compaction_id if self.context is not None else ""
+        return engine_io.chat_prompt(
+            self.state_before, first_version=first, compaction_id=compaction
+        )
 
     @property
     def completed(self) -> bool:
@@ -118,6 +121,7 @@ class TurnRecord:
     max_tool_round_trips: int
     context_policy: ev.ContextPolicy | None = None
     strict_max_tokens: bool = False
+    compaction_only: bool = False
     user_text: str = ""
     status: TurnStatus = TurnStatus.RUNNING
     finish_reason: ev.FinishReason | None = None
@@ -128,6 +132,10 @@ class TurnRecord:
     @property
     def generations(self) -> list[GenerationRecord]:
         return [s for s in self.steps if isinstance(s, GenerationRecord)]
+
+    @property
+    def compactions(self) -> list[ev.ContextCompacted]:
+        return [s for s in self.steps if isinstance(s, ev.ContextCompacted)]
 
     @property
     def decisions(self) -> list[ev.GuardrailDecided]:
@@ -147,6 +155,7 @@ class TurnRecord:
 Step = (
     GenerationRecord
     | ev.GuardrailDecided
+    | ev.ContextCompacted
     | ev.ToolCallRequested
     | ToolOutcome
     | ev.ToolRoundLimitReached
@@ -211,6 +220,7 @@ class _Builder:
                         max_tool_round_trips=event.max_tool_round_trips,
                         context_policy=event.context_policy,
                         strict_max_tokens=event.strict_max_tokens,
+                        compaction_only=event.compaction_only,
                     )
                 )
             case ev.MessageAppended(role=ev.Role.USER) if event.turn_id:
@@ -237,7 +247,12 @@ class _Builder:
                 record.tool_calls = event.tool_calls
                 record.finish_reason = event.finish_reason
                 record.usage = event.usage
-            case ev.GuardrailDecided() | ev.ToolCallRequested() | ev.ToolRoundLimitReached():
+            case (
+                ev.GuardrailDecided()
+                | ev.ToolCallRequested()
+                | ev.ToolRoundLimitReached()
+                | ev.ContextCompacted()
+            ):
                 self._turn().steps.append(event)
             case ev.ToolCallCompleted():
                 self._turn().steps.append(
@@ -336,6 +351,8 @@ def describe_window(window: ev.ContextWindow) -> str:
         kept = f"turns from version {window.first_version} ({window.left_out_turns} left out)"
     else:
         kept = "whole conversation"
+    if window.compaction_id:
+        kept += f", summary {window.compaction_id}"
     room = f"max_tokens {window.max_tokens}"
     if window.requested_max_tokens is not None:
         room += f" (clamped from {window.requested_max_tokens})"
@@ -387,7 +404,10 @@ def render_transcript(transcript: Transcript) -> str:
             f"turn {turn.number} [{turn.turn_id}] request {turn.request_id}: {_outcome(turn)}"
         )
         out.append(f"  sampling: {_sampling(turn.sampling)}")
-        out.append(f"  user: {_quote(turn.user_text)}")
+        if turn.compaction_only:
+            out.append("  compaction (CompactConversation)")
+        else:
+            out.append(f"  user: {_quote(turn.user_text)}")
         for step in turn.steps:
             out.extend(_render_step(step))
         usage = turn.usage
@@ -437,4 +457,12 @@ def _render_step(step: Step) -> list[str]:
             return [f"  tool {label} {step.call_id}: {_quote(step.text)}"]
         case ev.ToolRoundLimitReached():
             return [f"  tool round limit reached ({step.limit})"]
+        case ev.ContextCompacted():
+            return [
+                f"  compacted {step.compaction_id} ({step.model or 'default model'}):"
+                f" {step.summarized_turns} turn(s) from version {step.first_version}"
+                f" to {step.through_version}, {step.replaced_tokens} tokens into"
+                f" {step.summary_tokens}",
+                f"    summary: {_quote(step.summary)}",
+            ]
     return []
