@@ -427,6 +427,11 @@ RULES: Final[Mapping[str, Mapping[str, Rule]]] = {
         "name": CONVERSATION_NAME,
         "expected_version": EXPECTED_VERSION,
     },
+    spb.CompactConversationRequest.DESCRIPTOR.full_name: {
+        "name": CONVERSATION_NAME,
+        "request_id": REQUEST_ID,
+        "expected_version": EXPECTED_VERSION,
+    },
     spb.TurnInput.DESCRIPTOR.full_name: {
         "conversation": CONVERSATION_NAME,
         "request_id": REQUEST_ID,
