@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import grpc
 import pytest
+from conversation_helpers import conversation_stub
 from worker_processes import WorkerProcess
 
-from turnlog.api.servicer import ConversationServicer
 from turnlog.conversation.application import ConversationApplication
 from turnlog.conversation.tools import builtin_tools
 from turnlog.engine.v1 import engine_pb2
@@ -53,13 +52,8 @@ class Service:
 async def service(store: PostgresEventStore, vllm_worker: WorkerProcess) -> AsyncIterator[Service]:
     async with RecordingEngine([vllm_worker.target]) as engine:
         app = ConversationApplication(store, engine, tools=builtin_tools(wall_clock_us))
-        server = grpc.aio.server()
-        sgrpc.add_ConversationServiceServicer_to_server(ConversationServicer(app), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                yield Service(sgrpc.ConversationServiceStub(channel), app, engine, store)
+            async with conversation_stub(app) as stub:
+                yield Service(stub, app, engine, store)
         finally:
-            await server.stop(0)
             await app.shutdown()

@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 import pytest
 from context.conftest import RecordingEngine
+from conversation_helpers import conversation_stub, scripted_worker_server
 
-from turnlog.api.servicer import ConversationServicer
 from turnlog.conversation import context, engine_io
 from turnlog.conversation.application import (
     ConversationApplication,
@@ -31,7 +31,7 @@ from turnlog.conversation.tools import builtin_tools
 from turnlog.domain import events as ev
 from turnlog.domain.codec import decode_stored
 from turnlog.domain.state import ConversationState, TurnStatus, evolve
-from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
+from turnlog.engine.v1 import engine_pb2
 from turnlog.eventlog import wall_clock_us
 from turnlog.guardrails import BuiltinSettings, default_registry
 from turnlog.history.regenerate import regenerate
@@ -40,8 +40,6 @@ from turnlog.storage import PostgresEventStore
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
-from turnlog.worker.scripted import Script, ScriptedEngine
-from turnlog.worker.service import EngineServicer
 
 SYSTEM = "You are a patient assistant."
 SUMMARY = "SUMMARY: we talked about the sea; write to alice@example.com for more."
@@ -68,16 +66,8 @@ COMPACT = TurnOptions(
 
 @contextlib.asynccontextmanager
 async def scripted(script: dict[str, Any]) -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    engine_pb2_grpc.add_EngineServiceServicer_to_server(
-        EngineServicer(ScriptedEngine(Script.from_json(script))), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
+    async with scripted_worker_server(script) as worker:
+        yield worker.target
 
 
 def make_app(
@@ -304,15 +294,10 @@ async def grpc_service(
 ) -> AsyncIterator[tuple[sgrpc.ConversationServiceStub, RecordingEngine]]:
     async with scripted(SCRIPT) as target, RecordingEngine([target]) as engine:
         app = make_app(store, engine)
-        server = grpc.aio.server()
-        sgrpc.add_ConversationServiceServicer_to_server(ConversationServicer(app), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                yield sgrpc.ConversationServiceStub(channel), engine
+            async with conversation_stub(app) as stub:
+                yield stub, engine
         finally:
-            await server.stop(0)
             await app.shutdown()
 
 

@@ -11,17 +11,16 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import pytest
+from conversation_helpers import engine_server
 
 from turnlog.conversation.application import ConversationApplication, CreateConversation, TurnInput
 from turnlog.domain.state import TurnStatus
-from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
+from turnlog.engine.v1 import engine_pb2
 from turnlog.storage import PostgresEventStore
 from turnlog.worker.backend import GenerationEvent, RequestProgress
 from turnlog.worker.client import EngineClient
 from turnlog.worker.scripted import Script, ScriptedEngine
-from turnlog.worker.service import EngineServicer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,14 +60,8 @@ class CountingEngine(ScriptedEngine):
 @contextlib.asynccontextmanager
 async def counting_worker(release: asyncio.Event) -> AsyncIterator[tuple[CountingEngine, str]]:
     engine = CountingEngine(release)
-    server = grpc.aio.server()
-    engine_pb2_grpc.add_EngineServiceServicer_to_server(EngineServicer(engine), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield engine, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
+    async with engine_server(engine) as target:
+        yield engine, target
 
 
 async def test_a_conversation_stays_on_its_worker_and_conversations_spread(

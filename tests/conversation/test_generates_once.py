@@ -9,26 +9,22 @@ generation requests it receives, and every event gets its own timestamp.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import grpc
 import pytest
+from conversation_helpers import conversation_stub, engine_server
 
-from turnlog.api.servicer import ConversationServicer
 from turnlog.conversation.application import ConversationApplication, CreateConversation, TurnInput
 from turnlog.domain.state import TurnStatus
-from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
+from turnlog.engine.v1 import engine_pb2
 from turnlog.eventlog import stream_id
 from turnlog.storage import PostgresEventStore
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
-from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
 from turnlog.worker.backend import GenerationEvent, RequestProgress
 from turnlog.worker.scripted import Script, ScriptedEngine
-from turnlog.worker.service import EngineServicer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,14 +88,8 @@ class CountingWorker:
 async def worker() -> AsyncIterator[CountingWorker]:
     """Overrides conftest's scripted worker with one that counts requests."""
     engine = CountingEngine(Script.from_json(SCRIPT))
-    server = grpc.aio.server()
-    engine_pb2_grpc.add_EngineServiceServicer_to_server(EngineServicer(engine), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield CountingWorker(engine, f"127.0.0.1:{port}")
-    finally:
-        await server.stop(0)
+    async with engine_server(engine) as target:
+        yield CountingWorker(engine, target)
 
 
 def ticking_clock() -> Callable[[], int]:
@@ -206,24 +196,15 @@ async def test_concurrent_send_message_calls_over_grpc_generate_once(
     ticking: Callable[[], ConversationApplication], worker: CountingWorker
 ) -> None:
     app = ticking()
-    server = grpc.aio.server()
-    sgrpc.add_ConversationServiceServicer_to_server(ConversationServicer(app), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = sgrpc.ConversationServiceStub(channel)
-            created = await stub.CreateConversation(spb.CreateConversationRequest(request_id="c"))
-            request = spb.SendMessageRequest(
-                input=spb.TurnInput(
-                    conversation=created.conversation.name, content="hi", request_id="same"
-                )
+    async with conversation_stub(app) as stub:
+        created = await stub.CreateConversation(spb.CreateConversationRequest(request_id="c"))
+        request = spb.SendMessageRequest(
+            input=spb.TurnInput(
+                conversation=created.conversation.name, content="hi", request_id="same"
             )
-            replies = await asyncio.gather(*(stub.SendMessage(request) for _ in range(3)))
-            again = await stub.SendMessage(request)
-    finally:
-        with contextlib.suppress(Exception):
-            await server.stop(0)
+        )
+        replies = await asyncio.gather(*(stub.SendMessage(request) for _ in range(3)))
+        again = await stub.SendMessage(request)
     assert {r.turn.turn_id for r in [*replies, again]} == {again.turn.turn_id}
     assert again.turn.status == pb.TURN_STATUS_COMPLETED
     await worker.engine.settled()

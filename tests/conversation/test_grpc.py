@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from conversation_helpers import conversation_stub
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from turnlog.api.servicer import ConversationServicer
 from turnlog.conversation.application import ConversationApplication
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
@@ -18,13 +18,8 @@ from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
 
 @pytest.fixture
 async def stub(app: ConversationApplication) -> AsyncIterator[sgrpc.ConversationServiceStub]:
-    server = grpc.aio.server()
-    sgrpc.add_ConversationServiceServicer_to_server(ConversationServicer(app), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield sgrpc.ConversationServiceStub(channel)
-    await server.stop(0)
+    async with conversation_stub(app) as served:
+        yield served
 
 
 def _details(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, list[str]]:
