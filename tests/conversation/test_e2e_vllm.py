@@ -14,11 +14,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import pytest
+from conversation_helpers import conversation_stub
 from worker_processes import WorkerProcess
 
-from turnlog.api.servicer import ConversationServicer
 from turnlog.conversation.application import ConversationApplication
 from turnlog.conversation.tools import builtin_tools
 from turnlog.domain import codec
@@ -45,15 +44,10 @@ async def vllm_stub(
     """ConversationService over loopback gRPC, generating on the session's vLLM worker."""
     async with EngineClient([vllm_worker.target]) as engine:
         app = ConversationApplication(store, engine, tools=builtin_tools(wall_clock_us))
-        server = grpc.aio.server()
-        sgrpc.add_ConversationServiceServicer_to_server(ConversationServicer(app), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                yield sgrpc.ConversationServiceStub(channel)
+            async with conversation_stub(app) as stub:
+                yield stub
         finally:
-            await server.stop(0)
             await app.shutdown()
 
 

@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from worker_processes import WorkerProcess
 
-from turnlog.api.servicer import ConversationServicer
+from turnlog.api.server import grpc_server
 from turnlog.conversation.application import ConversationApplication, ServiceDefaults
 from turnlog.conversation.tools import builtin_tools
 from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
@@ -92,8 +92,7 @@ async def make_served() -> AsyncIterator[Callable[..., Any]]:
             defaults=ServiceDefaults(text_flush_interval_s=0.1),
         )
         cleanups.append(app.shutdown)
-        server = grpc.aio.server()
-        sgrpc.add_ConversationServiceServicer_to_server(ConversationServicer(app), server)
+        server, _ = grpc_server(app)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         cleanups.append(lambda: server.stop(0))

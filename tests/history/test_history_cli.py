@@ -17,7 +17,6 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import jsonschema
 import psycopg
 import pytest
@@ -27,8 +26,8 @@ from conversation.conftest import (  # noqa: F401 (fixtures)
     make_app,
     worker,
 )
+from conversation_helpers import conversation_stub
 
-from turnlog.api.servicer import ConversationServicer
 from turnlog.conversation.application import ConversationApplication
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
@@ -42,13 +41,8 @@ VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
 @pytest.fixture
 async def stub(app: ConversationApplication) -> AsyncIterator[Stub]:
-    server = grpc.aio.server()
-    sgrpc.add_ConversationServiceServicer_to_server(ConversationServicer(app), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield Stub(channel)
-    await server.stop(0)
+    async with conversation_stub(app) as served:
+        yield served
 
 
 async def conversation(stub: Stub, prompts: list[str]) -> str:

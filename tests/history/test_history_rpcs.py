@@ -23,11 +23,11 @@ from conversation.conftest import (  # noqa: F401 (fixtures)
     make_app,
     worker,
 )
+from conversation_helpers import conversation_stub
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from turnlog.api.messages import log_event
-from turnlog.api.servicer import ConversationServicer
 from turnlog.conversation.application import ConversationApplication
 from turnlog.domain import codec
 from turnlog.domain.state import fold
@@ -54,20 +54,10 @@ from turnlog.v1 import history_pb2 as hpb
 Stub = sgrpc.ConversationServiceStub
 
 
-async def serve(application: ConversationApplication) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server()
-    sgrpc.add_ConversationServiceServicer_to_server(ConversationServicer(application), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, port
-
-
 @pytest.fixture
 async def stub(app: ConversationApplication) -> AsyncIterator[Stub]:
-    server, port = await serve(app)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield Stub(channel)
-    await server.stop(0)
+    async with conversation_stub(app) as served:
+        yield served
 
 
 async def conversation(stub: Stub, prompts: list[str]) -> str:
@@ -184,10 +174,8 @@ async def test_export_import_export_is_byte_identical(
     await migrate(url)
     other_store = await PostgresEventStore.open(url)
     other_app = ConversationApplication(other_store, None)
-    server, port = await serve(other_app)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            other = Stub(channel)
+        async with conversation_stub(other_app) as other:
             imported = await import_file(other, exported)
             assert imported.conversation.name == name
             assert imported.events_already_present == 0
@@ -199,7 +187,6 @@ async def test_export_import_export_is_byte_identical(
             )
             assert await export(other, name) == exported
     finally:
-        await server.stop(0)
         await other_app.shutdown()
         await other_store.close()
 
