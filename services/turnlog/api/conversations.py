@@ -1,6 +1,6 @@
 """The conversation RPCs: create, get, list, archive, and turns (unary, streamed, bidi).
 
-Thin: validate and parse the request (`requests`), call
+Thin: parse the request (`requests`; the validation interceptor has checked it), call
 `ConversationApplication`, build the response (`messages`). Errors become
 statuses in `status.maps_errors`; no business rule lives here.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 
 from turnlog import errors
@@ -23,11 +22,6 @@ from turnlog.api.messages import (
     turn_message,
 )
 from turnlog.api.requests import (
-    ID_PATTERN,
-    MAX_PAGE_SIZE,
-    TOOL_NAME_PATTERN,
-    Violations,
-    check_request_id,
     conversation_id,
     microseconds,
     turn_input,
@@ -69,42 +63,22 @@ class ConversationRpcs:
     async def CreateConversation(  # noqa: N802 (gRPC method name)
         self, request: spb.CreateConversationRequest, context: Context
     ) -> spb.CreateConversationResponse:
-        v = Violations()
-        check_request_id(request.request_id, "request_id", v)
-        if request.conversation_id and not ID_PATTERN.match(request.conversation_id):
-            v.add("conversation_id", "1-63 letters, digits, - or _")
-        defaults = turn_options(request.defaults, "defaults", v)
-        if request.defaults.HasField("strict_max_tokens"):
-            v.add("defaults.strict_max_tokens", "a turn option only")
-        tools = []
-        for i, tool in enumerate(request.tools):
-            if not TOOL_NAME_PATTERN.match(tool.name):
-                v.add(f"tools[{i}].name", "a function name (letters, digits, _ . -)")
-            if tool.parameters_json_schema:
-                try:
-                    if not isinstance(json.loads(tool.parameters_json_schema), dict):
-                        raise ValueError
-                except ValueError:
-                    v.add(f"tools[{i}].parameters_json_schema", "must be a JSON object")
-            tools.append(
-                ev.ToolDefinition(
-                    name=tool.name,
-                    description=tool.description,
-                    parameters_json_schema=tool.parameters_json_schema or "{}",
-                    client_side=tool.client_side,
-                )
+        tools = tuple(
+            ev.ToolDefinition(
+                name=tool.name,
+                description=tool.description,
+                parameters_json_schema=tool.parameters_json_schema or "{}",
+                client_side=tool.client_side,
             )
-        for key in request.labels:
-            if not key or len(key) > 63:
-                v.add(f"labels[{key}]", "keys are 1-63 characters")
-        v.raise_if_any()
+            for tool in request.tools
+        )
         state = await self.app.create(
             CreateConversation(
                 request_id=request.request_id,
                 conversation_id=request.conversation_id,
                 system_prompt=request.system_prompt,
-                defaults=defaults,
-                tools=tuple(tools),
+                defaults=turn_options(request.defaults),
+                tools=tools,
                 guardrail_profile=request.guardrail_profile,
                 labels=tuple(sorted(request.labels.items())),
             )
@@ -115,23 +89,14 @@ class ConversationRpcs:
     async def GetConversation(  # noqa: N802
         self, request: spb.GetConversationRequest, context: Context
     ) -> spb.GetConversationResponse:
-        v = Violations()
-        cid = conversation_id(request.name, "name", v)
-        if request.HasField("version") and request.version < 1:
-            v.add("version", "must be at least 1")
-        v.raise_if_any()
         version = request.version if request.HasField("version") else None
-        state = await self.app.load(cid, version=version)
+        state = await self.app.load(conversation_id(request.name), version=version)
         return spb.GetConversationResponse(conversation=conversation_message(state))
 
     @maps_errors
     async def ListConversations(  # noqa: N802
         self, request: spb.ListConversationsRequest, context: Context
     ) -> spb.ListConversationsResponse:
-        v = Violations()
-        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            v.add("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
-        v.raise_if_any()
         page, token = await self.app.list_conversations(
             ListQuery(
                 page_size=request.page_size or 50,
@@ -159,20 +124,15 @@ class ConversationRpcs:
     async def ArchiveConversation(  # noqa: N802
         self, request: spb.ArchiveConversationRequest, context: Context
     ) -> spb.ArchiveConversationResponse:
-        v = Violations()
-        cid = conversation_id(request.name, "name", v)
-        v.raise_if_any()
         expected = request.expected_version if request.HasField("expected_version") else None
-        state = await self.app.archive(cid, expected_version=expected)
+        state = await self.app.archive(conversation_id(request.name), expected_version=expected)
         return spb.ArchiveConversationResponse(conversation=conversation_message(state))
 
     @maps_errors
     async def SendMessage(  # noqa: N802
         self, request: spb.SendMessageRequest, context: Context
     ) -> spb.SendMessageResponse:
-        v = Violations()
-        command = turn_input(request.input, "input", v)
-        v.raise_if_any()
+        command = turn_input(request.input)
         # The turn runs on even if this call's deadline passes; a retry
         # with the same request id returns it.
         result = await self.app.send(command)
@@ -193,13 +153,9 @@ class ConversationRpcs:
     async def CompactConversation(  # noqa: N802
         self, request: spb.CompactConversationRequest, context: Context
     ) -> spb.CompactConversationResponse:
-        v = Violations()
-        cid = conversation_id(request.name, "name", v)
-        check_request_id(request.request_id, "request_id", v)
-        v.raise_if_any()
         expected = request.expected_version if request.HasField("expected_version") else None
         result = await self.app.compact(
-            cid, request_id=request.request_id, expected_version=expected
+            conversation_id(request.name), request_id=request.request_id, expected_version=expected
         )
         ended = result.ended
         _raise_if_no_worker(ended.turn)
@@ -217,26 +173,15 @@ class ConversationRpcs:
     async def StreamTurn(  # noqa: N802
         self, request: spb.StreamTurnRequest, context: Context
     ) -> AsyncIterator[spb.StreamTurnResponse]:
-        v = Violations()
-        action = request.WhichOneof("action")
-        if action == "start":
-            command = turn_input(request.start, "start", v)
-            v.raise_if_any()
+        # `action` is a required oneof (validation.REQUIRED_ONEOFS).
+        if request.WhichOneof("action") == "start":
+            command = turn_input(request.start)
             cid = command.conversation_id
             turn_id = await self.app.start_turn(command)
             after = 0
-        elif action == "resume":
-            cid = conversation_id(request.resume.conversation, "resume.conversation", v)
-            if not request.resume.turn_id:
-                v.add("resume.turn_id", "required")
-            if request.resume.after_sequence < 0:
-                v.add("resume.after_sequence", "must not be negative")
-            v.raise_if_any()
-            turn_id, after = request.resume.turn_id, request.resume.after_sequence
         else:
-            v.add("action", "start or resume is required")
-            v.raise_if_any()
-            return
+            cid = conversation_id(request.resume.conversation)
+            turn_id, after = request.resume.turn_id, request.resume.after_sequence
         # A disconnect ends only this watch; the turn runs on and can be resumed.
         async for update in self.app.watch(cid, turn_id, after_sequence=after):
             yield spb.StreamTurnResponse(event=turn_event(update))
@@ -255,11 +200,10 @@ class ConversationRpcs:
         async def read() -> None:
             try:
                 async for message in request_iterator:
+                    # Each message has passed validation; `action` is required.
                     action = message.WhichOneof("action")
-                    v = Violations()
                     if action == "user_message":
-                        command = turn_input(message.user_message, "user_message", v)
-                        v.raise_if_any()
+                        command = turn_input(message.user_message)
                         turn_id = await self.app.start_turn(command)
                         task = asyncio.create_task(forward(command.conversation_id, turn_id))
                         running[turn_id] = (command.conversation_id, task)
@@ -270,13 +214,10 @@ class ConversationRpcs:
                         self.app.submit_tool_result(
                             cid, r.turn_id, r.call_id, result=r.result, error=r.error
                         )
-                    elif action == "cancel":
+                    else:
                         c = message.cancel
                         cid = running.get(c.turn_id, ("", None))[0]
                         await self.app.cancel_turn(cid, c.turn_id, c.reason)
-                    else:
-                        v.add("action", "user_message, tool_result or cancel is required")
-                        v.raise_if_any()
                 # The client finished sending: end once every turn it started has ended.
                 await asyncio.gather(*(t for _, t in running.values()), return_exceptions=True)
                 await out.put(None)

@@ -1,6 +1,6 @@
 """The history RPCs: read and follow events, fork, verify, export and import.
 
-Thin: validate and parse the request (`requests`), call `HistoryService`,
+Thin: parse the request (`requests`; already validated), call `HistoryService`,
 build the response (`messages`). Errors become statuses in
 `status.maps_errors`.
 """
@@ -12,11 +12,7 @@ from collections.abc import AsyncIterator
 from turnlog.api.messages import PROBLEM, conversation_message, log_event
 from turnlog.api.requests import (
     DEFAULT_EVENTS_PAGE,
-    ID_PATTERN,
-    MAX_EVENTS_PAGE,
     MAX_IMPORT_BYTES,
-    Violations,
-    check_request_id,
     conversation_id,
     event_query,
 )
@@ -35,13 +31,8 @@ class HistoryRpcs:
     async def ReadEvents(  # noqa: N802
         self, request: spb.ReadEventsRequest, context: Context
     ) -> spb.ReadEventsResponse:
-        v = Violations()
-        query = event_query(request, v)
-        if not 0 <= request.page_size <= MAX_EVENTS_PAGE:
-            v.add("page_size", f"must be between 0 and {MAX_EVENTS_PAGE}")
-        v.raise_if_any()
         page = await self.history.read_events(
-            query,
+            event_query(request),
             page_size=request.page_size or DEFAULT_EVENTS_PAGE,
             page_token=request.page_token,
         )
@@ -53,9 +44,7 @@ class HistoryRpcs:
     async def SubscribeEvents(  # noqa: N802
         self, request: spb.SubscribeEventsRequest, context: Context
     ) -> AsyncIterator[spb.SubscribeEventsResponse]:
-        v = Violations()
-        query = event_query(request, v)
-        v.raise_if_any()
+        query = event_query(request)
         async for item in self.history.subscribe(query):
             if isinstance(item, history_service.CaughtUp):
                 position = "" if query.conversation_id is not None else str(item.position)
@@ -69,17 +58,9 @@ class HistoryRpcs:
     async def ForkConversation(  # noqa: N802
         self, request: spb.ForkConversationRequest, context: Context
     ) -> spb.ForkConversationResponse:
-        v = Violations()
-        cid = conversation_id(request.name, "name", v)
-        if request.HasField("version") and request.version < 1:
-            v.add("version", "must be at least 1")
-        if request.fork_conversation_id and not ID_PATTERN.match(request.fork_conversation_id):
-            v.add("fork_conversation_id", "1-63 letters, digits, - or _")
-        check_request_id(request.request_id, "request_id", v)
-        v.raise_if_any()
         result = await self.history.fork(
             history_service.ForkCommand(
-                source_id=cid,
+                source_id=conversation_id(request.name),
                 version=request.version if request.HasField("version") else None,
                 fork_id=request.fork_conversation_id,
                 request_id=request.request_id,
@@ -95,10 +76,7 @@ class HistoryRpcs:
     async def VerifyConversation(  # noqa: N802
         self, request: spb.VerifyConversationRequest, context: Context
     ) -> spb.VerifyConversationResponse:
-        v = Violations()
-        cid = conversation_id(request.name, "name", v)
-        v.raise_if_any()
-        report = await self.history.verify(cid)
+        report = await self.history.verify(conversation_id(request.name))
         return spb.VerifyConversationResponse(
             intact=report.ok,
             events_checked=report.events_checked,
@@ -112,13 +90,7 @@ class HistoryRpcs:
     async def ExportConversation(  # noqa: N802
         self, request: spb.ExportConversationRequest, context: Context
     ) -> AsyncIterator[spb.ExportConversationResponse]:
-        v = Violations()
-        cid = conversation_id(request.name, "name", v)
-        if request.format not in (hpb.EXPORT_FORMAT_JSONL, hpb.EXPORT_FORMAT_ATIF):
-            v.add("format", "EXPORT_FORMAT_JSONL or EXPORT_FORMAT_ATIF")
-        if request.HasField("version") and request.version < 1:
-            v.add("version", "must be at least 1")
-        v.raise_if_any()
+        cid = conversation_id(request.name)
         version = request.version if request.HasField("version") else None
         if request.format == hpb.EXPORT_FORMAT_JSONL:
             chunks = self.history.export_jsonl(cid, version=version)

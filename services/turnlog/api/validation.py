@@ -527,11 +527,20 @@ def _unique_tool_names(request: Any) -> list[Violation]:
     ]
 
 
+def _strict_is_per_turn(request: Any) -> list[Violation]:
+    if request.defaults.HasField("strict_max_tokens"):
+        return [("defaults.strict_max_tokens", "a turn option only")]
+    return []
+
+
 #: Rules across fields of one message.
 CHECKS: Final[Mapping[str, Sequence[Callable[[Any], list[Violation]]]]] = {
     spb.ReadEventsRequest.DESCRIPTOR.full_name: (_event_scope,),
     spb.SubscribeEventsRequest.DESCRIPTOR.full_name: (_event_scope,),
-    spb.CreateConversationRequest.DESCRIPTOR.full_name: (_unique_tool_names,),
+    spb.CreateConversationRequest.DESCRIPTOR.full_name: (
+        _unique_tool_names,
+        _strict_is_per_turn,
+    ),
 }
 
 
