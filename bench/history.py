@@ -78,7 +78,7 @@ from paired import format_paired, paired_ratio, rotated
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import namedtuple_row
 
-from turnlog.api.servicer import ConversationServicer
+from turnlog.api.server import grpc_server
 from turnlog.conversation.application import ConversationApplication, ServiceDefaults
 from turnlog.domain import codec
 from turnlog.domain import events as ev
@@ -852,8 +852,7 @@ async def bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
     figures = Figures()
     store = await PostgresEventStore.open(dsn, min_size=clients_pool(args), max_size=20)
     app = ConversationApplication(store, None, defaults=ServiceDefaults(state_cache_size=0))
-    server = grpc.aio.server()
-    sgrpc.add_ConversationServiceServicer_to_server(ConversationServicer(app), server)
+    server, _ = grpc_server(app)  # turnlog serve's own server, validation included
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     target = f"127.0.0.1:{port}"
