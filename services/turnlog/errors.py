@@ -167,3 +167,75 @@ class EngineInternalError(TurnlogError):
     """The engine failed a request for a cause internal to the worker."""
 
     reason = "ENGINE_INTERNAL"
+
+
+class UnauthenticatedError(TurnlogError):
+    """The call carries no credential, or one that does not verify.
+
+    The subclasses name what is wrong; none says more than that (no key
+    material, no claim values a caller did not send).
+    """
+
+    reason = "UNAUTHENTICATED"
+
+
+class CredentialMissingError(UnauthenticatedError):
+    """No credential: no bearer token, no API key, no client certificate."""
+
+    reason = "CREDENTIAL_MISSING"
+
+
+class CredentialMalformedError(UnauthenticatedError):
+    """The credential cannot be parsed (not a JWT, not an API key)."""
+
+    reason = "CREDENTIAL_MALFORMED"
+
+
+class CredentialInvalidError(UnauthenticatedError):
+    """The credential does not verify: bad signature, unknown key, unknown or removed API key."""
+
+    reason = "CREDENTIAL_INVALID"
+
+
+class CredentialExpiredError(UnauthenticatedError):
+    """The credential's lifetime is over (or has not begun)."""
+
+    reason = "CREDENTIAL_EXPIRED"
+
+
+class CredentialWrongIssuerError(UnauthenticatedError):
+    """The token was issued by an issuer this service does not trust."""
+
+    reason = "CREDENTIAL_WRONG_ISSUER"
+
+
+class CredentialWrongAudienceError(UnauthenticatedError):
+    """The token is meant for another audience."""
+
+    reason = "CREDENTIAL_WRONG_AUDIENCE"
+
+
+class PermissionDeniedError(TurnlogError):
+    """The caller is authenticated but may not do this."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class ScopeMissingError(PermissionDeniedError):
+    """The credential lacks the scope the RPC needs (metadata `requiredScope`)."""
+
+    reason = "SCOPE_MISSING"
+
+
+class ResourceExhaustedError(TurnlogError):
+    """A limit is reached; retry after `metadata["retryAfterMs"]` milliseconds."""
+
+    reason = "RESOURCE_EXHAUSTED"
+    retryable = True
+
+
+class TenantLimitExceededError(ResourceExhaustedError):
+    """The tenant's running turns or request rate is at its limit (metadata `limit`)."""
+
+    reason = "TENANT_LIMIT_EXCEEDED"
+

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, NoReturn, TypeVar, overload
 
 import grpc
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 
@@ -72,6 +73,13 @@ def to_status(error: BaseException) -> grpc.Status:
         # Found past the validation table (a page token that is not ours):
         # still a field violation, so every malformed field reads the same.
         violations = ((error.metadata["field"], error.message),)
+    retry_after_ms = error.metadata.get("retryAfterMs") if isinstance(error, errors.ResourceExhaustedError) else None
+    if retry_after_ms is not None and retry_after_ms.isdigit():
+        extra.append(
+            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+                seconds=int(retry_after_ms) // 1000, nanos=int(retry_after_ms) % 1000 * 1_000_000
+            ))
+        )
     if violations:
         extra.append(
             error_details_pb2.BadRequest(
