@@ -238,4 +238,3 @@ class TenantLimitExceededError(ResourceExhaustedError):
     """The tenant's running turns or request rate is at its limit (metadata `limit`)."""
 
     reason = "TENANT_LIMIT_EXCEEDED"
-

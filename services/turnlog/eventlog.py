@@ -11,11 +11,16 @@ ids and stamp events the same way:
 - The clock is a value passed in (`Clock`, microseconds since the Unix
   epoch); `wall_clock_us` is the real one.
 - `new_event` turns a domain event into what the store appends: its codec
-  payload, the writer as actor, the correlation id and the shape version.
+  payload, the writer as actor, the correlation id and the shape version;
+  `with_tenant` stamps the owning tenant into its metadata.
+- Ids derived from request ids include the tenant (`derived_id(tenant, ...)`
+  where a request creates a resource), so two tenants reusing a request id
+  get resources of their own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
@@ -68,6 +73,13 @@ def new_event(event_id: str, event: ev.Event, *, actor: str, correlation: str = 
     )
 
 
+def with_tenant(event: NewEvent, tenant: str) -> NewEvent:
+    """`event` with `tenant` in its metadata (where the hash chain covers it)."""
+    if event.metadata.tenant == tenant:
+        return event
+    return dataclasses.replace(event, metadata=dataclasses.replace(event.metadata, tenant=tenant))
+
+
 __all__ = [
     "ID_NAMESPACE",
     "STREAM_PREFIX",
@@ -77,4 +89,5 @@ __all__ = [
     "new_event",
     "stream_id",
     "wall_clock_us",
+    "with_tenant",
 ]

@@ -12,6 +12,8 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from turnlog import errors
+from turnlog.api.access import TenantAccess
+from turnlog.api.authentication import own_tenant
 from turnlog.api.messages import (
     assistant_message,
     compaction_message,
@@ -54,7 +56,7 @@ def _raise_if_no_worker(turn: Turn) -> None:
         )
 
 
-class ConversationRpcs:
+class ConversationRpcs(TenantAccess):
     """The conversation RPCs of `turnlog.v1.ConversationService` (a part of `ConversationServicer`)."""
 
     app: ConversationApplication
@@ -74,6 +76,7 @@ class ConversationRpcs:
         )
         state = await self.app.create(
             CreateConversation(
+                tenant=own_tenant(),
                 request_id=request.request_id,
                 conversation_id=request.conversation_id,
                 system_prompt=request.system_prompt,
@@ -90,7 +93,11 @@ class ConversationRpcs:
         self, request: spb.GetConversationRequest, context: Context
     ) -> spb.GetConversationResponse:
         version = request.version if request.HasField("version") else None
-        state = await self.app.load(conversation_id(request.name), version=version)
+        state = await self.app.load(
+            conversation_id(request.name),
+            tenant=await self.read_tenant("GetConversation", request.name),
+            version=version,
+        )
         return spb.GetConversationResponse(conversation=conversation_message(state))
 
     @maps_errors
@@ -99,6 +106,7 @@ class ConversationRpcs:
     ) -> spb.ListConversationsResponse:
         page, token = await self.app.list_conversations(
             ListQuery(
+                tenant=await self.read_tenant("ListConversations"),
                 page_size=request.page_size or 50,
                 page_token=request.page_token,
                 labels=tuple(sorted(request.labels.items())),
@@ -125,14 +133,16 @@ class ConversationRpcs:
         self, request: spb.ArchiveConversationRequest, context: Context
     ) -> spb.ArchiveConversationResponse:
         expected = request.expected_version if request.HasField("expected_version") else None
-        state = await self.app.archive(conversation_id(request.name), expected_version=expected)
+        state = await self.app.archive(
+            conversation_id(request.name), tenant=own_tenant(), expected_version=expected
+        )
         return spb.ArchiveConversationResponse(conversation=conversation_message(state))
 
     @maps_errors
     async def SendMessage(  # noqa: N802
         self, request: spb.SendMessageRequest, context: Context
     ) -> spb.SendMessageResponse:
-        command = turn_input(request.input)
+        command = turn_input(request.input, tenant=own_tenant())
         # The turn runs on even if this call's deadline passes; a retry
         # with the same request id returns it.
         result = await self.app.send(command)
@@ -155,7 +165,10 @@ class ConversationRpcs:
     ) -> spb.CompactConversationResponse:
         expected = request.expected_version if request.HasField("expected_version") else None
         result = await self.app.compact(
-            conversation_id(request.name), request_id=request.request_id, expected_version=expected
+            conversation_id(request.name),
+            tenant=own_tenant(),
+            request_id=request.request_id,
+            expected_version=expected,
         )
         ended = result.ended
         _raise_if_no_worker(ended.turn)
@@ -175,7 +188,7 @@ class ConversationRpcs:
     ) -> AsyncIterator[spb.StreamTurnResponse]:
         # `action` is a required oneof (validation.REQUIRED_ONEOFS).
         if request.WhichOneof("action") == "start":
-            command = turn_input(request.start)
+            command = turn_input(request.start, tenant=own_tenant())
             cid = command.conversation_id
             turn_id = await self.app.start_turn(command)
             after = 0
@@ -183,7 +196,7 @@ class ConversationRpcs:
             cid = conversation_id(request.resume.conversation)
             turn_id, after = request.resume.turn_id, request.resume.after_sequence
         # A disconnect ends only this watch; the turn runs on and can be resumed.
-        async for update in self.app.watch(cid, turn_id, after_sequence=after):
+        async for update in self.app.watch(cid, turn_id, tenant=own_tenant(), after_sequence=after):
             yield spb.StreamTurnResponse(event=turn_event(update))
 
     @maps_errors
@@ -194,7 +207,7 @@ class ConversationRpcs:
         running: dict[str, tuple[str, asyncio.Task[None]]] = {}
 
         async def forward(cid: str, turn_id: str) -> None:
-            async for update in self.app.watch(cid, turn_id):
+            async for update in self.app.watch(cid, turn_id, tenant=own_tenant()):
                 await out.put(spb.ConverseResponse(event=turn_event(update)))
 
         async def read() -> None:
@@ -203,7 +216,7 @@ class ConversationRpcs:
                     # Each message has passed validation; `action` is required.
                     action = message.WhichOneof("action")
                     if action == "user_message":
-                        command = turn_input(message.user_message)
+                        command = turn_input(message.user_message, tenant=own_tenant())
                         turn_id = await self.app.start_turn(command)
                         task = asyncio.create_task(forward(command.conversation_id, turn_id))
                         running[turn_id] = (command.conversation_id, task)
@@ -212,12 +225,17 @@ class ConversationRpcs:
                         r = message.tool_result
                         cid = running.get(r.turn_id, ("", None))[0]
                         self.app.submit_tool_result(
-                            cid, r.turn_id, r.call_id, result=r.result, error=r.error
+                            cid,
+                            r.turn_id,
+                            r.call_id,
+                            result=r.result,
+                            error=r.error,
+                            tenant=own_tenant(),
                         )
                     else:
                         c = message.cancel
                         cid = running.get(c.turn_id, ("", None))[0]
-                        await self.app.cancel_turn(cid, c.turn_id, c.reason)
+                        await self.app.cancel_turn(cid, c.turn_id, c.reason, tenant=own_tenant())
                 # The client finished sending: end once every turn it started has ended.
                 await asyncio.gather(*(t for _, t in running.values()), return_exceptions=True)
                 await out.put(None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from turnlog.api.access import TenantAccess
+from turnlog.api.authentication import caller, own_tenant
 from turnlog.api.messages import PROBLEM, conversation_message, log_event
 from turnlog.api.requests import (
     DEFAULT_EVENTS_PAGE,
@@ -17,12 +19,13 @@ from turnlog.api.requests import (
     event_query,
 )
 from turnlog.api.status import Context, FieldViolationsError, maps_errors
+from turnlog.auth.principal import Scope
 from turnlog.history import service as history_service
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import history_pb2 as hpb
 
 
-class HistoryRpcs:
+class HistoryRpcs(TenantAccess):
     """The history RPCs of `turnlog.v1.ConversationService` (a part of `ConversationServicer`)."""
 
     history: history_service.HistoryService
@@ -31,8 +34,9 @@ class HistoryRpcs:
     async def ReadEvents(  # noqa: N802
         self, request: spb.ReadEventsRequest, context: Context
     ) -> spb.ReadEventsResponse:
+        tenant = await self.read_tenant("ReadEvents", request.conversation)
         page = await self.history.read_events(
-            event_query(request),
+            event_query(request, tenant=tenant),
             page_size=request.page_size or DEFAULT_EVENTS_PAGE,
             page_token=request.page_token,
         )
@@ -44,7 +48,8 @@ class HistoryRpcs:
     async def SubscribeEvents(  # noqa: N802
         self, request: spb.SubscribeEventsRequest, context: Context
     ) -> AsyncIterator[spb.SubscribeEventsResponse]:
-        query = event_query(request)
+        tenant = await self.read_tenant("SubscribeEvents", request.conversation)
+        query = event_query(request, tenant=tenant)
         async for item in self.history.subscribe(query):
             if isinstance(item, history_service.CaughtUp):
                 position = "" if query.conversation_id is not None else str(item.position)
@@ -64,6 +69,7 @@ class HistoryRpcs:
                 version=request.version if request.HasField("version") else None,
                 fork_id=request.fork_conversation_id,
                 request_id=request.request_id,
+                tenant=own_tenant(),
             )
         )
         return spb.ForkConversationResponse(
@@ -76,7 +82,10 @@ class HistoryRpcs:
     async def VerifyConversation(  # noqa: N802
         self, request: spb.VerifyConversationRequest, context: Context
     ) -> spb.VerifyConversationResponse:
-        report = await self.history.verify(conversation_id(request.name))
+        report = await self.history.verify(
+            conversation_id(request.name),
+            tenant=await self.read_tenant("VerifyConversation", request.name),
+        )
         return spb.VerifyConversationResponse(
             intact=report.ok,
             events_checked=report.events_checked,
@@ -92,10 +101,11 @@ class HistoryRpcs:
     ) -> AsyncIterator[spb.ExportConversationResponse]:
         cid = conversation_id(request.name)
         version = request.version if request.HasField("version") else None
+        tenant = await self.read_tenant("ExportConversation", request.name)
         if request.format == hpb.EXPORT_FORMAT_JSONL:
-            chunks = self.history.export_jsonl(cid, version=version)
+            chunks = self.history.export_jsonl(cid, version=version, tenant=tenant)
         else:
-            chunks = self.history.export_atif(cid, version=version)
+            chunks = self.history.export_atif(cid, version=version, tenant=tenant)
         async for chunk in chunks:
             yield spb.ExportConversationResponse(data=chunk)
 
@@ -110,7 +120,12 @@ class HistoryRpcs:
             if size > MAX_IMPORT_BYTES:
                 raise FieldViolationsError([("data", f"at most {MAX_IMPORT_BYTES} bytes")])
             parts.append(message.data)
-        outcome = await self.history.import_jsonl(b"".join(parts))
+        # An administrator imports a file into the tenant it names; anyone
+        # else only a file of their own tenant.
+        principal = caller()
+        outcome = await self.history.import_jsonl(
+            b"".join(parts), tenant=None if principal.has(Scope.ADMIN) else principal.tenant
+        )
         return spb.ImportConversationResponse(
             conversation=conversation_message(outcome.state),
             events_written=outcome.written,

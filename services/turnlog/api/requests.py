@@ -72,8 +72,10 @@ def turn_options(message: pb.TurnDefaults) -> TurnOptions:
     )
 
 
-def turn_input(message: spb.TurnInput) -> TurnInput:
+def turn_input(message: spb.TurnInput, *, tenant: str) -> TurnInput:
+    """The turn command of `message`, for the caller's `tenant`."""
     return TurnInput(
+        tenant=tenant,
         conversation_id=conversation_id(message.conversation),
         content=message.content,
         request_id=message.request_id,
@@ -88,8 +90,12 @@ def microseconds(ts: timestamp_pb2.Timestamp) -> int:
     return int(ts.ToMicroseconds())
 
 
-def event_query(request: spb.ReadEventsRequest | spb.SubscribeEventsRequest) -> EventQuery:
+def event_query(
+    request: spb.ReadEventsRequest | spb.SubscribeEventsRequest, *, tenant: str | None
+) -> EventQuery:
+    """The history query of `request`, limited to `tenant` (None: every tenant)."""
     return EventQuery(
+        tenant=tenant,
         conversation_id=conversation_id(request.conversation) if request.conversation else None,
         after_version=request.after_version,
         after_position=(

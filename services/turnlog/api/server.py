@@ -21,6 +21,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from turnlog.api.authentication import DEFAULT_RECHECK_INTERVAL_S, Authenticates, Authentication
+from turnlog.api.limits import RateLimit, TenantRateLimiter
 from turnlog.api.servicer import ConversationServicer
 from turnlog.api.validation import RequestValidation
 from turnlog.config import Settings
@@ -66,15 +68,29 @@ async def migrate_only(settings: Settings) -> int:
     return 0
 
 
-def grpc_server(app: ConversationApplication) -> tuple[grpc.aio.Server, Any]:
+def grpc_server(
+    app: ConversationApplication,
+    *,
+    authenticator: Authenticates,
+    rate_limit: RateLimit | None = None,
+    recheck_interval_s: float = DEFAULT_RECHECK_INTERVAL_S,
+) -> tuple[grpc.aio.Server, Any]:
     """The gRPC server of `turnlog serve` over `app`, with no port and not started.
 
-    Every request passes `RequestValidation` (the one validation table, and
-    INVALID_ARGUMENT for a body that is not a message) before any handler.
-    Serves the conversation API, health checking (not yet SERVING) and
-    reflection. Returns the server and its health servicer.
+    Every call is first admitted by `Authentication` (a verified credential
+    from `authenticator`, the method's scope, the tenant's request rate;
+    health checks excepted), then every request passes `RequestValidation`
+    (the one validation table, and INVALID_ARGUMENT for a body that is not
+    a message) before any handler. Serves the conversation API, health
+    checking (not yet SERVING) and reflection. Returns the server and its
+    health servicer.
     """
-    server = grpc.aio.server(interceptors=[RequestValidation()])
+    admission = Authentication(
+        authenticator,
+        rate_limiter=None if rate_limit is None else TenantRateLimiter(rate_limit),
+        recheck_interval_s=recheck_interval_s,
+    )
+    server = grpc.aio.server(interceptors=[admission, RequestValidation()])
     conversation_service_pb2_grpc.add_ConversationServiceServicer_to_server(
         ConversationServicer(app), server
     )

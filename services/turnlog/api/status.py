@@ -73,12 +73,19 @@ def to_status(error: BaseException) -> grpc.Status:
         # Found past the validation table (a page token that is not ours):
         # still a field violation, so every malformed field reads the same.
         violations = ((error.metadata["field"], error.message),)
-    retry_after_ms = error.metadata.get("retryAfterMs") if isinstance(error, errors.ResourceExhaustedError) else None
+    retry_after_ms = (
+        error.metadata.get("retryAfterMs")
+        if isinstance(error, errors.ResourceExhaustedError)
+        else None
+    )
     if retry_after_ms is not None and retry_after_ms.isdigit():
         extra.append(
-            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
-                seconds=int(retry_after_ms) // 1000, nanos=int(retry_after_ms) % 1000 * 1_000_000
-            ))
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(
+                    seconds=int(retry_after_ms) // 1000,
+                    nanos=int(retry_after_ms) % 1000 * 1_000_000,
+                )
+            )
         )
     if violations:
         extra.append(

@@ -63,6 +63,8 @@ class CreateConversation:
     tools: tuple[ev.ToolDefinition, ...] = ()
     guardrail_profile: str = ""
     labels: tuple[tuple[str, str], ...] = ()
+    tenant: str = ev.DEFAULT_TENANT
+    """The caller's tenant (from its verified credential), which will own the conversation."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +78,8 @@ class TurnInput:
     expected_version: int | None = None
     compaction_only: bool = False
     """A `CompactConversation` unit: `content` is unused (docs/context.md)."""
+    tenant: str = ev.DEFAULT_TENANT
+    """The caller's tenant: the conversation must be one of its own."""
 
 
 class ConversationApplication:
@@ -148,13 +152,23 @@ class ConversationApplication:
 
     # -- conversations --------------------------------------------------------
 
-    async def load(self, conversation_id: str, *, version: int | None = None) -> ConversationState:
+    async def load(
+        self,
+        conversation_id: str,
+        *,
+        tenant: str | None = ev.DEFAULT_TENANT,
+        version: int | None = None,
+    ) -> ConversationState:
         """The conversation folded up to `version` (latest when None); see `ConversationRepository.load`.
 
+        `tenant`: the caller's tenant; another tenant's conversation is not
+        found, exactly as one that does not exist. None reads any tenant's
+        (an administrator's read; the API layer records it).
+
         Raises:
-            NotFoundError: No such conversation (or it has no such version).
+            NotFoundError: No such conversation of `tenant` (or no such version).
         """
-        return await self.repository.load(conversation_id, version=version)
+        return owned(await self.repository.load(conversation_id, version=version), tenant)
 
     async def create(self, command: CreateConversation) -> ConversationState:
         """Create a conversation; idempotent by `request_id`.
@@ -164,7 +178,7 @@ class ConversationApplication:
             InvalidArgumentError: Unknown guardrail profile or server tool.
         """
         conversation_id = command.conversation_id or (
-            derived_id("conversation", command.request_id)
+            derived_id("conversation", command.tenant, command.request_id)
             if command.request_id
             else str(uuid.uuid4())
         )
@@ -184,6 +198,7 @@ class ConversationApplication:
             request_id=command.request_id,
             max_tool_round_trips=command.defaults.max_tool_round_trips,
             context_policy=command.defaults.context_policy,
+            tenant=command.tenant,
         )
         event = self.repository.new_event(
             derived_id(conversation_id, "created"), created, correlation=command.request_id
@@ -194,8 +209,14 @@ class ConversationApplication:
                 conversation_id, [event], expected_version=NO_STREAM, state=state
             )
         except (errors.VersionConflictError, errors.DuplicateEventError) as e:
-            existing = await self.load(conversation_id)
-            if command.request_id and existing.create_request_id == command.request_id:
+            # Conversation ids are one namespace for all tenants: an id taken
+            # by another tenant reads as taken, and nothing more is said of it.
+            existing = await self.repository.load(conversation_id)
+            if (
+                command.request_id
+                and existing.tenant == command.tenant
+                and existing.create_request_id == command.request_id
+            ):
                 return existing
             raise errors.AlreadyExistsError(
                 f"conversation {conversation_id!r} exists already",
@@ -204,7 +225,11 @@ class ConversationApplication:
         return state
 
     async def archive(
-        self, conversation_id: str, *, expected_version: int | None = None
+        self,
+        conversation_id: str,
+        *,
+        tenant: str = ev.DEFAULT_TENANT,
+        expected_version: int | None = None,
     ) -> ConversationState:
         """Archive a conversation (idempotent once archived).
 
@@ -213,7 +238,7 @@ class ConversationApplication:
             VersionConflictError: `expected_version` is not the current version.
             TurnInProgressError: A turn is running.
         """
-        state = await self.load(conversation_id)
+        state = await self.load(conversation_id, tenant=tenant)
         if expected_version is not None and expected_version != state.version:
             raise errors.VersionConflictError(
                 stream_id(conversation_id), expected_version, state.version
@@ -268,11 +293,18 @@ class ConversationApplication:
         if live is not None:
             updates = await live.outcome()
         else:
-            updates = [u async for u in self.watch(command.conversation_id, turn_id)]
+            updates = [
+                u async for u in self.watch(command.conversation_id, turn_id, tenant=command.tenant)
+            ]
         return TurnResult(updates=tuple(updates))
 
     async def compact(
-        self, conversation_id: str, *, request_id: str = "", expected_version: int | None = None
+        self,
+        conversation_id: str,
+        *,
+        tenant: str = ev.DEFAULT_TENANT,
+        request_id: str = "",
+        expected_version: int | None = None,
     ) -> TurnResult:
         """Summarize the window's turns now (`CompactConversation`); a unit recorded like a turn.
 
@@ -287,6 +319,7 @@ class ConversationApplication:
                 request_id=request_id,
                 expected_version=expected_version,
                 compaction_only=True,
+                tenant=tenant,
             )
         )
 
@@ -320,10 +353,10 @@ class ConversationApplication:
             # state just read from the log.
             cached = self.repository.cached(cid) if attempt == 0 else None
             if cached is not None:
-                state = cached
+                state = owned(cached, command.tenant)
             else:
                 with metrics.stage_timer("load"):
-                    state = await self.load(cid)
+                    state = await self.load(cid, tenant=command.tenant)
             existing = state.turn_for_request(request_id)
             if existing is not None:
                 return existing.turn_id
@@ -334,6 +367,8 @@ class ConversationApplication:
                 raise refusal
             if self._turn_deps is None:
                 raise errors.EngineUnavailableError("no engine worker is configured")
+            # Before any engine work; `begin` checks again, race-free.
+            self.running.check_room(state.tenant, self.defaults.tenant_max_running_turns)
             run = await turn.prepare(
                 self._turn_deps,
                 state,
@@ -345,7 +380,7 @@ class ConversationApplication:
                 compaction_only=command.compaction_only,
             )
             try:
-                await self.running.begin(run)
+                await self.running.begin(run, tenant_limit=self.defaults.tenant_max_running_turns)
             except (errors.VersionConflictError, errors.DuplicateEventError):
                 # Lost a race (or the cached state was stale): reload from the
                 # log and decide again (same request → watch the winner's
@@ -356,7 +391,12 @@ class ConversationApplication:
         raise errors.TurnInProgressError("the conversation is busy", metadata={"conversation": cid})
 
     async def watch(
-        self, conversation_id: str, turn_id: str, *, after_sequence: int = 0
+        self,
+        conversation_id: str,
+        turn_id: str,
+        *,
+        tenant: str | None = ev.DEFAULT_TENANT,
+        after_sequence: int = 0,
     ) -> AsyncIterator[TurnUpdate]:
         """The turn's updates after `after_sequence`, live until it ends.
 
@@ -366,16 +406,16 @@ class ConversationApplication:
         Raises:
             NotFoundError: No such conversation or turn.
         """
+        state = await self.load(conversation_id, tenant=tenant)
         live = self.running.get(conversation_id, turn_id)
         if live is not None:
             async for update in live.watch(after_sequence):
                 yield update
             return
-        state = await self.load(conversation_id)
         found = state.turn(turn_id)
         if found is None:
             raise errors.NotFoundError(f"turn {turn_id!r} not found", metadata={"turnId": turn_id})
-        current = await self.load(conversation_id, version=found.start_version - 1)
+        current = await self.load(conversation_id, tenant=None, version=found.start_version - 1)
         projector = TurnProjector(conversation_id, turn_id)
         async with contextlib.aclosing(
             self.repository.follow(conversation_id, after_version=found.start_version - 1)
@@ -388,22 +428,40 @@ class ConversationApplication:
                     if update.is_last:
                         return
 
-    async def cancel_turn(self, conversation_id: str, turn_id: str, reason: str = "") -> None:
+    async def cancel_turn(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        reason: str = "",
+        *,
+        tenant: str = ev.DEFAULT_TENANT,
+    ) -> None:
         """Cancel a running turn: aborts its generation, records `TurnCancelled`.
 
         Raises:
+            NotFoundError: No such conversation of `tenant`.
             TurnNotRunningHereError: The turn is not running in this process.
         """
+        _check_owner(self.running.get(conversation_id, turn_id), tenant, turn_id)
         self.running.cancel(conversation_id, turn_id, reason or "cancelled by the client")
 
     def submit_tool_result(
-        self, conversation_id: str, turn_id: str, call_id: str, *, result: str, error: str
+        self,
+        conversation_id: str,
+        turn_id: str,
+        call_id: str,
+        *,
+        result: str,
+        error: str,
+        tenant: str = ev.DEFAULT_TENANT,
     ) -> None:
         """Answer a client-side tool call the turn awaits.
 
         Raises:
+            NotFoundError: No such conversation of `tenant`.
             TurnNotRunningHereError: The turn is not running here or awaits no such call.
         """
+        _check_owner(self.running.get(conversation_id, turn_id), tenant, turn_id)
         self.running.submit_tool_result(
             conversation_id, turn_id, call_id, result=result, error=error
         )
@@ -415,6 +473,24 @@ class ConversationApplication:
         """
         await self._recovery.stop()
         await self.running.cancel_all("the service is shutting down")
+
+
+def _check_owner(live: turn.RunningTurn | None, tenant: str, turn_id: str) -> None:
+    """Another tenant's running turn is answered exactly as a turn not running here."""
+    if live is not None and live.tenant != tenant:
+        raise errors.TurnNotRunningHereError(
+            "the turn is not running on this server", metadata={"turnId": turn_id}
+        )
+
+
+def owned(state: ConversationState, tenant: str | None) -> ConversationState:
+    """`state` when `tenant` owns it (or is None: any tenant); else not found, as if absent."""
+    if tenant is not None and state.tenant != tenant:
+        raise errors.NotFoundError(
+            f"conversation {state.conversation_id!r} not found",
+            metadata={"conversation": state.conversation_id},
+        )
+    return state
 
 
 def _refusal(state: ConversationState, command: TurnInput) -> errors.TurnlogError | None:

@@ -31,6 +31,8 @@ class ListQuery:
     created_after_us: int | None = None
     created_before_us: int | None = None
     show_archived: bool = False
+    tenant: str | None = ev.DEFAULT_TENANT
+    """Only this tenant's conversations (the caller's); None: every tenant's (an administrator)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,7 +51,9 @@ class ConversationIndex:
 
     def __init__(self, repository: ConversationRepository) -> None:
         self._repository = repository
-        self._index: dict[str, ConversationSummary] = {}
+        #: tenant -> conversation id -> entry: a page sorts one tenant's only.
+        self._index: dict[str, dict[str, ConversationSummary]] = {}
+        self._tenant_of: dict[str, str] = {}
         self._fork_heads: dict[str, ev.ConversationForked] = {}
         self._position: Position = START_POSITION
         self._lock = asyncio.Lock()
@@ -72,8 +76,15 @@ class ConversationIndex:
                     "malformed page token", metadata={"field": "page_token"}
                 ) from e
         wanted = set(query.labels)
+        tenants = (
+            list(self._index.values())
+            if query.tenant is None
+            else [self._index.get(query.tenant, {})]
+        )
         items = sorted(
-            self._index.values(), key=lambda s: (s.created_at_us, s.conversation_id), reverse=True
+            (item for entries in tenants for item in entries.values()),
+            key=lambda s: (s.created_at_us, s.conversation_id),
+            reverse=True,
         )
         page: list[ConversationSummary] = []
         for item in items:
@@ -115,16 +126,18 @@ class ConversationIndex:
                     elif isinstance(event, ev.ConversationCreated):
                         fork_head = self._fork_heads.pop(cid, None)
                         state = fold([fork_head, event] if fork_head else [event])
-                        self._index[cid] = ConversationSummary(
+                        self._tenant_of[cid] = state.tenant
+                        self._index.setdefault(state.tenant, {})[cid] = ConversationSummary(
                             conversation_id=cid,
                             created_at_us=state.created_at_us,
                             labels=event.labels,
                             archived=False,
                             state=state,
                         )
-                    elif cid in self._index:
-                        entry = self._index[cid]
-                        self._index[cid] = replace(
+                    elif cid in self._tenant_of:
+                        entries = self._index[self._tenant_of[cid]]
+                        entry = entries[cid]
+                        entries[cid] = replace(
                             entry, archived=True, state=replace(entry.state, archived=True)
                         )
                 self._position = page.next_position

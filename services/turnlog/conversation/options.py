@@ -63,6 +63,10 @@ class ServiceDefaults:
     context_summary_max_tokens: int = 160
     """The room of a summary (its generation's max_tokens)."""
     token_count_cache_size: int = 100_000
+    tenant_max_running_turns: int = 128
+    """Turns one tenant may run at once on this replica (0: no limit); more are
+    refused RESOURCE_EXHAUSTED (TENANT_LIMIT_EXCEEDED), so no tenant takes every
+    worker slot from the others."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

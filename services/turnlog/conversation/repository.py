@@ -27,7 +27,7 @@ from turnlog import errors
 from turnlog.domain import codec
 from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, fold
-from turnlog.eventlog import STREAM_PREFIX, conversation_of, new_event, stream_id
+from turnlog.eventlog import STREAM_PREFIX, conversation_of, new_event, stream_id, with_tenant
 from turnlog.storage import NO_STREAM, EventFilter, EventStore, NewEvent, Position
 
 log = logging.getLogger(__name__)
@@ -195,16 +195,19 @@ class ConversationRepository:
     ) -> None:
         """Append `events` at `expected_version`; `state` is the conversation after them.
 
-        On success `state` is cached. A version conflict at a version taken
+        Every event is stamped with the conversation's tenant (`state.tenant`)
+        in its metadata, which the hash chain covers and the log's indexed
+        `tenant` column is derived from. On success `state` is cached. A version conflict at a version taken
         from a state (not `NO_STREAM`) proves that state stale: the cached
         entry is forgotten before the conflict is raised.
 
         Raises:
             VersionConflictError, DuplicateEventError, StorageUnavailableError.
         """
+        stamped = [with_tenant(e, state.tenant) for e in events]
         try:
             await self.store.append(
-                stream_id(conversation_id), events, expected_version=expected_version
+                stream_id(conversation_id), stamped, expected_version=expected_version
             )
         except errors.VersionConflictError:
             if expected_version != NO_STREAM:

@@ -10,6 +10,7 @@ client-tool results find their turn through it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -28,6 +29,20 @@ class RunningTurns:
         self._starting: set[str] = set()
         #: Starts in progress by (conversation, request id).
         self._requests: dict[tuple[str, str], asyncio.Event] = {}
+        #: Turns running or starting here, per tenant (`TenantLimits`).
+        self.per_tenant: collections.Counter[str] = collections.Counter()
+
+    def check_room(self, tenant: str, limit: int) -> None:
+        """Raises when `tenant` runs `limit` turns here already (0: no limit).
+
+        Raises:
+            TenantLimitExceededError: retry after a second or so.
+        """
+        if limit and self.per_tenant[tenant] >= limit:
+            raise errors.TenantLimitExceededError(
+                f"the tenant runs {limit} turns already; retry when one has ended",
+                metadata={"limit": "running_turns", "retryAfterMs": "1000"},
+            )
 
     def get(self, conversation_id: str, turn_id: str) -> RunningTurn | None:
         """The turn if it runs here (and belongs to that conversation)."""
@@ -56,17 +71,29 @@ class RunningTurns:
             del self._requests[key]
             done.set()
 
-    async def begin(self, run: TurnRunner) -> None:
+    async def begin(self, run: TurnRunner, *, tenant_limit: int = 0) -> None:
         """Record the turn's start and run it in a task of its own.
 
         No lock: the `TurnStarted` append names the version it expects, so of
         two starts racing (on any replicas) one wins and the other reloads.
+        The tenant's running turns are counted from here until the turn's
+        task ends; at `tenant_limit` (0: none) the start is refused and its
+        prestarted engine request cancelled.
 
         Raises:
             VersionConflictError, DuplicateEventError: the start lost a race.
+            TenantLimitExceededError: the tenant runs `tenant_limit` turns.
         """
         turn_id = run.turn_id
+        tenant = run.live.tenant
+        try:
+            self.check_room(tenant, tenant_limit)
+        except errors.TenantLimitExceededError:
+            await run.abandon()
+            raise
+        self.per_tenant[tenant] += 1
         self._starting.add(turn_id)
+        running = False
         try:
             await run.begin()
             if not run.generates:
@@ -75,11 +102,20 @@ class RunningTurns:
             live = run.live
             self.turns[turn_id] = live
             live.task = asyncio.create_task(run.run(), name=f"turn-{turn_id}")
+            running = True
         finally:
             self._starting.discard(turn_id)
+            if not running:
+                self._release(tenant)
         metrics.TURNS_RUNNING.inc()
         live.task.add_done_callback(lambda _: self.turns.pop(turn_id, None))
         live.task.add_done_callback(lambda _: metrics.TURNS_RUNNING.dec())
+        live.task.add_done_callback(lambda _: self._release(tenant))
+
+    def _release(self, tenant: str) -> None:
+        self.per_tenant[tenant] -= 1
+        if self.per_tenant[tenant] <= 0:
+            del self.per_tenant[tenant]
 
     def cancel(self, conversation_id: str, turn_id: str, reason: str) -> None:
         """Cancel a running turn (it records `TurnCancelled`).

@@ -80,9 +80,11 @@ class TurnDependencies:
 class RunningTurn:
     """The live side of one turn in this process: updates so far and their waiters."""
 
-    def __init__(self, conversation_id: str, turn_id: str) -> None:
+    def __init__(self, conversation_id: str, turn_id: str, *, tenant: str) -> None:
         self.conversation_id = conversation_id
         self.turn_id = turn_id
+        #: The tenant owning the conversation (limits count running turns by it).
+        self.tenant = tenant
         self.updates: list[TurnUpdate] = []
         self.task: asyncio.Task[None] | None = None
         self.cancel_reason = ""
@@ -366,7 +368,7 @@ class TurnRunner:
         self.turn_id = turn_id
         self.request_id = request_id
         self.cid = state.conversation_id
-        self.live = RunningTurn(self.cid, turn_id)
+        self.live = RunningTurn(self.cid, turn_id, tenant=state.tenant)
         self.projector = TurnProjector(self.cid, turn_id, text_already_published=True)
         self.pending: list[ev.Event] = []
         self.unpublished: list[TurnUpdate] = []

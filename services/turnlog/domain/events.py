@@ -15,6 +15,11 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+#: The tenant of conversations recorded before tenancy (their events name
+#: none), and the tenant `turnlog serve`'s local token is for. The event log's
+#: `tenant` column uses the same name (turnlog.storage.DEFAULT_TENANT).
+DEFAULT_TENANT = "default"
+
 
 class Role(enum.StrEnum):
     SYSTEM = "system"
@@ -128,6 +133,8 @@ class ConversationCreated:
     max_tool_round_trips: int | None = None
     context_policy: ContextPolicy | None = None
     """The conversation's context policy (None: the service default)."""
+    tenant: str = ""
+    """The tenant that owns the conversation ("": recorded before tenancy, `DEFAULT_TENANT`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,6 +145,8 @@ class ConversationForked:
     source_conversation_id: str
     source_version: int
     forked_at_us: int
+    tenant: str = ""
+    """The tenant of the fork (always the source's: no fork crosses tenants)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

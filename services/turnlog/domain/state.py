@@ -63,6 +63,8 @@ class ConversationState:
     conversation_id: str = ""
     version: int = 0
     exists: bool = False
+    tenant: str = ev.DEFAULT_TENANT
+    """The tenant that owns the conversation (`DEFAULT_TENANT` for one recorded before tenancy)."""
     created_at_us: int = 0
     system_prompt: str = ""
     model: str = ""
@@ -153,6 +155,9 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
             return replace(
                 state,
                 conversation_id=state.conversation_id or event.conversation_id,
+                # A fork's copy of its source's creation keeps the fork's tenant
+                # (the same, since no fork crosses tenants).
+                tenant=state.tenant if state.forked_from else event.tenant or ev.DEFAULT_TENANT,
                 exists=True,
                 created_at_us=state.created_at_us or event.created_at_us,
                 system_prompt=event.system_prompt,
@@ -171,6 +176,7 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
             return replace(
                 state,
                 conversation_id=event.conversation_id,
+                tenant=event.tenant or ev.DEFAULT_TENANT,
                 created_at_us=event.forked_at_us,
                 forked_from=(event.source_conversation_id, event.source_version),
             )

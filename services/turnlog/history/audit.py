@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from turnlog.domain import codec
+from turnlog.domain.events import DEFAULT_TENANT
 from turnlog.domain.state import ConversationState, InvalidTransitionError, evolve
 from turnlog.storage.hashchain import verify_chain
 from turnlog.storage.port import RecordedEvent
@@ -70,6 +71,15 @@ def audit_stream(stream_id: str, events: Sequence[RecordedEvent]) -> AuditReport
             break
         try:
             state = evolve(state, codec.decode_stored(event))
+            tenant = event.metadata.tenant or DEFAULT_TENANT
+            if tenant != state.tenant:
+                # The tenant column derives from the hashed metadata, so an
+                # event moved to another tenant breaks the chain; an event
+                # naming another tenant than its conversation fails here.
+                fold_failure = (
+                    event.stream_version,
+                    f"the event names tenant {tenant!r}, its conversation is {state.tenant!r}'s",
+                )
         except codec.UnknownEventTypeError:
             fold_failure = (event.stream_version, f"unknown event type {event.type!r}")
         except InvalidTransitionError as e:

@@ -29,13 +29,16 @@ from turnlog.eventlog import (
     new_event,
     stream_id,
     wall_clock_us,
+    with_tenant,
 )
 from turnlog.history import jsonl
 from turnlog.history.audit import AuditReport, audit_stream
 from turnlog.storage import (
+    ANY_VERSION,
     NO_STREAM,
     START_POSITION,
     EventFilter,
+    EventMetadata,
     EventStore,
     NewEvent,
     Position,
@@ -132,6 +135,8 @@ class EventQuery:
     after_version: int = 0
     after_position: Position = START_POSITION
     types: frozenset[str] | None = None
+    tenant: str | None = ev.DEFAULT_TENANT
+    """The caller's tenant: only its conversations (None: every tenant's, an administrator)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -163,6 +168,8 @@ class ForkCommand:
     version: int | None = None
     fork_id: str = ""
     request_id: str = ""
+    tenant: str = ev.DEFAULT_TENANT
+    """The caller's tenant: the source must be its own, and so is the fork."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,6 +216,11 @@ def _untoken(token: str) -> dict[str, object]:
     if not isinstance(value, dict):
         raise errors.InvalidArgumentError("malformed page token", metadata={"field": "page_token"})
     return value
+
+
+#: The stream recording administrators' cross-tenant reads (not a conversation:
+#: no conversation read returns it).
+ADMIN_READS_STREAM = "admin-reads"
 
 
 class HistoryService:
@@ -278,6 +290,7 @@ class HistoryService:
         full = False  # the byte cap cut the page
         if query.conversation_id is not None:
             sid = stream_id(query.conversation_id)
+            await self._check_owner(query.conversation_id, query.tenant)
             more = True
             while more and not full and len(collected) < page_size:
                 batch = await self.store.read_stream(
@@ -297,7 +310,9 @@ class HistoryService:
                     after_version = batch[-1].stream_version
             token = _token({**scope, "a": after_version}) if more or full else ""
             return EventPage(events=tuple(collected), next_page_token=token)
-        event_filter = EventFilter(types=query.types, stream_prefix=STREAM_PREFIX)
+        event_filter = EventFilter(
+            types=query.types, stream_prefix=STREAM_PREFIX, tenant=query.tenant
+        )
         reached_end = False
         while not reached_end and not full and len(collected) < page_size:
             page = await self.store.read_all(
@@ -337,6 +352,7 @@ class HistoryService:
         live: AsyncGenerator[RecordedEvent, None]
         if query.conversation_id is not None:
             sid = stream_id(query.conversation_id)
+            await self._check_owner(query.conversation_id, query.tenant)
             types = query.types
             version = query.after_version
             while True:
@@ -356,7 +372,9 @@ class HistoryService:
                 live = _only_types(live, types)
         else:
             position = query.after_position
-            event_filter = EventFilter(types=query.types, stream_prefix=STREAM_PREFIX)
+            event_filter = EventFilter(
+                types=query.types, stream_prefix=STREAM_PREFIX, tenant=query.tenant
+            )
             while True:
                 all_page = await self.store.read_all(
                     after=position, limit=_READ_BATCH, filter=event_filter
@@ -400,13 +418,13 @@ class HistoryService:
             )
         prefix = await self.store.read_stream(src_sid, limit=version)
         source_state = fold(codec.decode_stored(e) for e in prefix)
-        if not source_state.exists:
+        if not source_state.exists or source_state.tenant != command.tenant:
             raise errors.NotFoundError(
                 f"conversation {command.source_id!r} does not exist at version {version}",
                 metadata={"conversation": command.source_id, "version": str(version)},
             )
         fork_id = command.fork_id or (
-            derived_id("fork", command.source_id, str(version), command.request_id)
+            derived_id("fork", command.tenant, command.source_id, str(version), command.request_id)
             if command.request_id
             else str(uuid.uuid4())
         )
@@ -415,6 +433,7 @@ class HistoryService:
             source_conversation_id=command.source_id,
             source_version=version,
             forked_at_us=self.clock(),
+            tenant=command.tenant,
         )
         new_events = [self._event(derived_id(fork_id, "forked"), forked, command.request_id)]
         domain_events: list[ev.Event] = [forked]
@@ -442,6 +461,7 @@ class HistoryService:
             )
             domain_events.append(interrupted)
         fork_sid = stream_id(fork_id)
+        new_events = [with_tenant(e, command.tenant) for e in new_events]
         try:
             await self.store.append(fork_sid, new_events, expected_version=NO_STREAM)
         except (errors.VersionConflictError, errors.DuplicateEventError) as e:
@@ -450,6 +470,7 @@ class HistoryService:
                 command.request_id
                 and first
                 and first[0].type == "ConversationForked"
+                and first[0].metadata.tenant == command.tenant
                 and first[0].metadata.correlation_id == command.request_id
                 and first[0].data.get("source_conversation_id") == command.source_id
                 and first[0].data.get("source_version") == version
@@ -471,6 +492,32 @@ class HistoryService:
             interrupted_turn_id=open_turn.turn_id if open_turn else "",
         )
 
+    async def record_admin_read(
+        self, *, subject: str, tenant: str, method: str, target: str
+    ) -> None:
+        """Records that an administrator read across tenants (stream `ADMIN_READS_STREAM`).
+
+        Raises:
+            StorageUnavailableError: not recorded; the read must not go ahead.
+        """
+        read = {"subject": subject, "method": method, "target": target, "at_us": self.clock()}
+        event = NewEvent(
+            event_id=uuid.uuid4(),
+            type="AdminRead",
+            data=read,
+            metadata=EventMetadata(actor=self.instance, tenant=tenant),
+        )
+        await self.store.append(ADMIN_READS_STREAM, [event], expected_version=ANY_VERSION)
+
+    async def _check_owner(self, conversation_id: str, tenant: str | None) -> None:
+        """Not found unless the conversation exists and is `tenant`'s (None: anyone's)."""
+        first = await self.store.read_stream(stream_id(conversation_id), limit=1)
+        if not first or not _owned_by(first[0], tenant):
+            raise errors.NotFoundError(
+                f"conversation {conversation_id!r} not found",
+                metadata={"conversation": conversation_id},
+            )
+
     def _event(self, event_id: str, event: ev.Event, request_id: str) -> NewEvent:
         return new_event(event_id, event, actor=self.instance, correlation=request_id)
 
@@ -487,15 +534,17 @@ class HistoryService:
             if len(batch) < limit:
                 return events
 
-    async def verify(self, conversation_id: str) -> AuditReport:
+    async def verify(
+        self, conversation_id: str, *, tenant: str | None = ev.DEFAULT_TENANT
+    ) -> AuditReport:
         """Checks the conversation's hash chain and folds it (no snapshot is used).
 
         Raises:
-            NotFoundError: the stream holds no events.
+            NotFoundError: the stream holds no events, or is not `tenant`'s.
         """
         sid = stream_id(conversation_id)
         events = await self.store.read_stream(sid)
-        if not events:
+        if not events or not _owned_by(events[0], tenant):
             raise errors.NotFoundError(
                 f"conversation {conversation_id!r} not found",
                 metadata={"conversation": conversation_id},
@@ -503,7 +552,11 @@ class HistoryService:
         return audit_stream(sid, events)
 
     async def export_jsonl(
-        self, conversation_id: str, *, version: int | None = None
+        self,
+        conversation_id: str,
+        *,
+        version: int | None = None,
+        tenant: str | None = ev.DEFAULT_TENANT,
     ) -> AsyncIterator[bytes]:
         """The conversation's JSONL export, in chunks of whole lines.
 
@@ -512,7 +565,11 @@ class HistoryService:
         """
         sid = stream_id(conversation_id)
         events = await self._all_events(sid, version)
-        if not events or (version is not None and len(events) < version):
+        if (
+            not events
+            or not _owned_by(events[0], tenant)
+            or (version is not None and len(events) < version)
+        ):
             raise errors.NotFoundError(
                 f"conversation {conversation_id!r} not found at that version",
                 metadata={"conversation": conversation_id},
@@ -529,7 +586,11 @@ class HistoryService:
         yield b"".join(chunk)
 
     async def export_atif(
-        self, conversation_id: str, *, version: int | None = None
+        self,
+        conversation_id: str,
+        *,
+        version: int | None = None,
+        tenant: str | None = ev.DEFAULT_TENANT,
     ) -> AsyncIterator[bytes]:
         """The conversation as one ATIF trajectory (JSON), from `turnlog.history.atif`.
 
@@ -545,7 +606,11 @@ class HistoryService:
             raise ExportFormatUnavailableError("ATIF export is not available") from e
         sid = stream_id(conversation_id)
         events = await self._all_events(sid, version)
-        if not events or (version is not None and len(events) < version):
+        if (
+            not events
+            or not _owned_by(events[0], tenant)
+            or (version is not None and len(events) < version)
+        ):
             raise errors.NotFoundError(
                 f"conversation {conversation_id!r} not found at that version",
                 metadata={"conversation": conversation_id},
@@ -555,7 +620,9 @@ class HistoryService:
         for start in range(0, len(raw), EXPORT_CHUNK_BYTES):
             yield raw[start : start + EXPORT_CHUNK_BYTES]
 
-    async def import_jsonl(self, data: bytes) -> ImportOutcome:
+    async def import_jsonl(
+        self, data: bytes, *, tenant: str | None = ev.DEFAULT_TENANT
+    ) -> ImportOutcome:
         """Imports one conversation's JSONL export, keeping event ids, times and hashes.
 
         The file is checked completely (format, one conversation stream from
@@ -586,6 +653,19 @@ class HistoryService:
                 f"version {report.broken_at_version}: {report.problem}",
                 version=report.broken_at_version,
             )
+        if tenant is not None and report.state.tenant != tenant:
+            # The tenant is inside the hashed metadata: the file cannot be
+            # moved to the caller's tenant without breaking its chain.
+            raise ImportTenantError(
+                "the file's conversation belongs to another tenant; "
+                "import it with a credential of that tenant"
+            )
+        existing = await self.store.read_stream(sid, limit=1)
+        if existing and not _owned_by(existing[0], tenant):
+            raise errors.HistoryDivergedError(
+                f"conversation {cid!r} exists with other history",
+                metadata={"conversation": cid},
+            )
         result = await self.store.import_events(sid, [e.to_imported() for e in events])
         state = report.state
         if result.last_version > state.version:
@@ -594,6 +674,11 @@ class HistoryService:
         return ImportOutcome(
             state=state, written=result.written, already_present=result.already_present
         )
+
+
+def _owned_by(event: RecordedEvent, tenant: str | None) -> bool:
+    """Whether the stream of `event` is `tenant`'s (every event of a stream names the same)."""
+    return tenant is None or (event.metadata.tenant or ev.DEFAULT_TENANT) == tenant
 
 
 async def _only_types(
@@ -692,3 +777,9 @@ def normalized(state: ConversationState, *, version_offset: int) -> Conversation
             for t in state.turns
         ),
     )
+
+
+class ImportTenantError(errors.PermissionDeniedError):
+    """The import file's conversation names another tenant than the caller's (an admin may import it)."""
+
+    reason = "IMPORT_TENANT_MISMATCH"
