@@ -32,7 +32,7 @@ from turnlog.eventlog import wall_clock_us
 from turnlog.metrics import start_metrics_server
 from turnlog.storage import PostgresReplicaLock, open_event_store
 from turnlog.v1 import conversation_service_pb2, conversation_service_pb2_grpc
-from turnlog.worker.client import EngineClient
+from turnlog.worker.client import EngineClient, WorkerTarget
 from turnlog.worker.spawn import spawned_worker
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ async def run_server(
             processes (and use) for the server's lifetime.
     """
     address = listen or settings.listen
-    worker_addresses = list(worker_addresses or [])
+    workers: list[str | WorkerTarget] = list(worker_addresses or [])
     metrics_address = metrics_listen or settings.metrics_listen
     if metrics_address:
         # First, so that a bad address fails before anything starts; the
@@ -145,11 +145,12 @@ async def run_server(
         )
     async with contextlib.AsyncExitStack() as stack:
         for worker_args in spawn_workers or []:
-            worker_addresses.append(await stack.enter_async_context(spawned_worker(worker_args)))
+            # Spawned workers come with their own mTLS credentials.
+            workers.append(await stack.enter_async_context(spawned_worker(worker_args)))
         opened = await stack.enter_async_context(open_event_store(settings))
         engine = None
-        if worker_addresses:
-            engine = await stack.enter_async_context(EngineClient(worker_addresses))
+        if workers:
+            engine = await stack.enter_async_context(EngineClient(workers))
         else:
             log.warning(
                 "no --worker or --spawn-worker given: conversations can be managed, "

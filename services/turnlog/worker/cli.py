@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from turnlog.worker.backend import EngineBackend
+
+if TYPE_CHECKING:
+    import grpc
 
 
 def _at_least_one(text: str) -> int:
@@ -41,6 +45,21 @@ def add_worker_commands(subparsers: Any) -> None:
     worker.add_argument("--listen", default="127.0.0.1:50061", help="host:port to bind")
     worker.add_argument(
         "--grace", type=float, default=30.0, help="seconds in-flight requests get on shutdown"
+    )
+    tls = worker.add_argument_group(
+        "TLS",
+        "Without --tls-cert the worker serves plaintext: only for loopback or a network "
+        "that is already private. The files are read again when they change (docs/tls.md).",
+    )
+    tls.add_argument(
+        "--tls-cert", type=Path, metavar="FILE", help="PEM certificate chain: serve TLS"
+    )
+    tls.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    tls.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM CA bundle: require a client certificate signed by it (mTLS)",
     )
     vllm = worker.add_argument_group("vLLM engine options")
     vllm.add_argument("--dtype", default="auto")
@@ -90,6 +109,10 @@ def add_worker_commands(subparsers: Any) -> None:
 
 
 def _check_worker_args(args: argparse.Namespace) -> str | None:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return "--tls-cert and --tls-key go together"
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        return "--tls-client-ca (mTLS) needs --tls-cert and --tls-key"
     if args.backend == "scripted":
         if args.model:
             return "--model serves a real model; the scripted backend takes only --script"
@@ -112,6 +135,14 @@ def _run_worker(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from turnlog.worker.server import serve
+
+    credentials = _server_credentials(args)
+    if credentials is None and not _is_loopback(args.listen):
+        logging.getLogger("turnlog.worker").warning(
+            "serving plaintext on %s: anyone who can reach it can generate; "
+            "use --tls-cert, --tls-key and --tls-client-ca (docs/tls.md)",
+            args.listen,
+        )
 
     async def make_backend() -> EngineBackend:
         if args.backend == "scripted":
@@ -137,8 +168,33 @@ def _run_worker(args: argparse.Namespace) -> int:
             )
         )
 
-    asyncio.run(serve(make_backend, listen=args.listen, grace_s=args.grace))
+    asyncio.run(
+        serve(make_backend, listen=args.listen, grace_s=args.grace, credentials=credentials)
+    )
     return 0
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    """The worker's TLS credentials from its flags, checked before the model loads."""
+    if args.tls_cert is None:
+        return None
+    from turnlog.tls import TlsFiles, TlsFilesError, server_credentials
+
+    files = TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_client_ca)
+    try:
+        return server_credentials(files, require_client_cert=args.tls_client_ca is not None)
+    except TlsFilesError as e:
+        raise SystemExit(f"turnlog worker: {e}") from None
 
 
 def _run_tiny_model(args: argparse.Namespace) -> int:

@@ -28,6 +28,13 @@ Guarantees:
       worker is healthy (its prefix cache stays warm); otherwise the least
       loaded healthy worker is chosen, by this client's in-flight requests
       plus the load the worker last reported through GetLoad.
+
+TLS: a target given as a `WorkerTarget` with credentials (or any target,
+with the client's `credentials`) is reached over TLS; a plain address with
+no credentials is plaintext, as before. With `ReloadingChannelCredentials`
+the certificate files are read again when the connection to a worker is
+opened anew after its stream failed, so rotated client certificates are
+used from the next connection on without a restart (see turnlog.tls).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -46,6 +54,7 @@ import grpc
 
 from turnlog import errors
 from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
+from turnlog.tls import ChannelCredentialsSource, current_channel_credentials
 from turnlog.worker import status
 
 log = logging.getLogger(__name__)
@@ -66,6 +75,23 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+#: Seconds calls still running on a replaced channel (new credentials) get to finish.
+REPLACED_CHANNEL_GRACE_S = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerTarget:
+    """A worker's address and how to secure the connection to it.
+
+    Attributes:
+        address: host:port. Its host is the name the worker's certificate
+            must carry (an IP address needs an IP subject alternative name).
+        credentials: TLS credentials (with a client certificate for a worker
+            that requires mTLS), or None for plaintext.
+    """
+
+    address: str
+    credentials: ChannelCredentialsSource | None = None
 
 
 class _Stream:
@@ -230,23 +256,65 @@ class WorkerConnection:
 
     Args:
         target: the worker's gRPC address (host:port).
+        credentials: TLS credentials for the connection; None for plaintext.
+            With `ReloadingChannelCredentials`, a connection opened after the
+            stream failed uses the files as they are then.
         channel_options: extra gRPC channel options.
     """
 
     def __init__(
-        self, target: str, *, channel_options: Sequence[tuple[str, int | str]] = ()
+        self,
+        target: str,
+        *,
+        credentials: ChannelCredentialsSource | None = None,
+        channel_options: Sequence[tuple[str, int | str]] = (),
     ) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(
-            target, options=[*CHANNEL_OPTIONS, *channel_options]
+        self._credentials_source = credentials
+        self._options = [*CHANNEL_OPTIONS, *channel_options]
+        self._channel_credentials: grpc.ChannelCredentials | None = None
+        self._channel = self._open_channel(
+            None if credentials is None else current_channel_credentials(credentials)
         )
         self._stub = engine_pb2_grpc.EngineServiceStub(self._channel)
+        self._replaced: set[asyncio.Task[None]] = set()
         self._stream: _Stream | None = None
         self.in_flight = 0
         self.healthy = True
         self.reported_load = 0
         self.draining = False
         self._closed = False
+
+    def _open_channel(self, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+        self._channel_credentials = credentials
+        if credentials is None:
+            return grpc.aio.insecure_channel(self.target, options=self._options)
+        return grpc.aio.secure_channel(self.target, credentials, options=self._options)
+
+    def _renew_channel_if_credentials_changed(self) -> None:
+        """Open a new channel when the credentials changed; only between streams.
+
+        Called only while no Generate stream is alive (the last one failed, or
+        none was opened yet), so a working stream is never dropped for new
+        credentials; the old channel's unary calls get a grace to finish.
+        """
+        if self._credentials_source is None:
+            return
+        fresh = current_channel_credentials(self._credentials_source)
+        if fresh is self._channel_credentials:
+            return
+        old = self._channel
+        self._channel = self._open_channel(fresh)
+        self._stub = engine_pb2_grpc.EngineServiceStub(self._channel)
+        log.info("engine worker %s: connecting with renewed TLS credentials", self.target)
+        task = asyncio.create_task(old.close(REPLACED_CHANNEL_GRACE_S))
+        self._replaced.add(task)
+        task.add_done_callback(self._replaced.discard)
+
+    def _unary_stub(self) -> engine_pb2_grpc.EngineServiceAsyncStub:
+        if self._stream is None or self._stream.dead:
+            self._renew_channel_if_credentials_changed()
+        return self._stub
 
     def _stream_died(self, stream: _Stream) -> None:
         if self._stream is stream:
@@ -257,6 +325,7 @@ class WorkerConnection:
         if self._closed:
             raise errors.EngineUnavailableError("the engine connection is closed")
         if self._stream is None or self._stream.dead:
+            self._renew_channel_if_credentials_changed()
             self._stream = _Stream(self._stub, self._stream_died)
         return self._stream
 
@@ -288,7 +357,7 @@ class WorkerConnection:
     async def tokenize(self, request: engine_pb2.TokenizeRequest) -> engine_pb2.TokenizeResponse:
         """Token ids of a text (see EngineService.Tokenize)."""
         try:
-            return await self._stub.Tokenize(request)
+            return await self._unary_stub().Tokenize(request)
         except grpc.aio.AioRpcError as e:
             raise status.error_from_rpc(e) from e
 
@@ -297,7 +366,7 @@ class WorkerConnection:
     ) -> engine_pb2.DetokenizeResponse:
         """Text of token ids (see EngineService.Detokenize)."""
         try:
-            return await self._stub.Detokenize(request)
+            return await self._unary_stub().Detokenize(request)
         except grpc.aio.AioRpcError as e:
             raise status.error_from_rpc(e) from e
 
@@ -306,7 +375,7 @@ class WorkerConnection:
     ) -> engine_pb2.RenderChatResponse:
         """A chat rendered with the model's template (see EngineService.RenderChat)."""
         try:
-            return await self._stub.RenderChat(request)
+            return await self._unary_stub().RenderChat(request)
         except grpc.aio.AioRpcError as e:
             raise status.error_from_rpc(e) from e
 
@@ -315,28 +384,28 @@ class WorkerConnection:
     ) -> engine_pb2.CountChatTokensResponse:
         """Token counts of a chat's parts (see EngineService.CountChatTokens)."""
         try:
-            return await self._stub.CountChatTokens(request)
+            return await self._unary_stub().CountChatTokens(request)
         except grpc.aio.AioRpcError as e:
             raise status.error_from_rpc(e) from e
 
     async def embed(self, request: engine_pb2.EmbedRequest) -> engine_pb2.EmbedResponse:
         """Embeddings (see EngineService.Embed)."""
         try:
-            return await self._stub.Embed(request)
+            return await self._unary_stub().Embed(request)
         except grpc.aio.AioRpcError as e:
             raise status.error_from_rpc(e) from e
 
     async def model_info(self) -> engine_pb2.GetModelInfoResponse:
         """Facts about the served model."""
         try:
-            return await self._stub.GetModelInfo(engine_pb2.GetModelInfoRequest())
+            return await self._unary_stub().GetModelInfo(engine_pb2.GetModelInfoRequest())
         except grpc.aio.AioRpcError as e:
             raise status.error_from_rpc(e) from e
 
     async def get_load(self, timeout_s: float | None = None) -> engine_pb2.GetLoadResponse:
         """The worker's load; also refreshes `healthy`, `reported_load` and `draining`."""
         try:
-            load = await self._stub.GetLoad(engine_pb2.GetLoadRequest(), timeout=timeout_s)
+            load = await self._unary_stub().GetLoad(engine_pb2.GetLoadRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
             self.healthy = False
             raise status.error_from_rpc(e) from e
@@ -352,13 +421,21 @@ class WorkerConnection:
             await self._stream.close()
             self._stream = None
         await self._channel.close(None)
+        replaced = list(self._replaced)
+        for task in replaced:
+            task.cancel()
+        await asyncio.gather(*replaced, return_exceptions=True)
 
 
 class EngineClient:
     """Requests balanced over engine workers, with conversation affinity and retries.
 
     Args:
-        targets: worker addresses (host:port). All must serve the same model.
+        targets: workers, as addresses (host:port) or `WorkerTarget`s. All
+            must serve the same model.
+        credentials: TLS credentials for the targets given as plain
+            addresses; None (the default) connects to those in plaintext. A
+            `WorkerTarget` brings its own.
         retries: extra attempts for a request that fails retryably before its
             first token.
         retry_backoff_s: pause before a retry, multiplied by the attempt number.
@@ -369,8 +446,9 @@ class EngineClient:
 
     def __init__(
         self,
-        targets: Sequence[str],
+        targets: Sequence[str | WorkerTarget],
         *,
+        credentials: ChannelCredentialsSource | None = None,
         retries: int = 2,
         retry_backoff_s: float = 0.2,
         load_poll_interval_s: float = 1.0,
@@ -378,7 +456,12 @@ class EngineClient:
     ) -> None:
         if not targets:
             raise ValueError("at least one engine worker target is needed")
-        self.workers = [WorkerConnection(t) for t in targets]
+        self.workers = [
+            WorkerConnection(t, credentials=credentials)
+            if isinstance(t, str)
+            else WorkerConnection(t.address, credentials=t.credentials)
+            for t in targets
+        ]
         self._retries = retries
         self._retry_backoff_s = retry_backoff_s
         self._poll_interval_s = load_poll_interval_s

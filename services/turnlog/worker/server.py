@@ -36,6 +36,7 @@ async def serve(
     listen: str,
     grace_s: float = 30.0,
     stop: asyncio.Event | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> None:
     """Serve EngineService until SIGTERM/SIGINT (or `stop`), then drain and exit.
 
@@ -50,6 +51,8 @@ async def serve(
         listen: host:port to bind.
         grace_s: how long in-flight requests may take to finish on shutdown.
         stop: an event that stops the worker like a signal (for embedding and tests).
+        credentials: TLS (or mTLS) server credentials, e.g. from
+            `turnlog.tls.server_credentials`; None serves plaintext.
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -71,12 +74,17 @@ async def serve(
         ),
         server,
     )
-    port = server.add_insecure_port(listen)
+    if credentials is None:
+        port = server.add_insecure_port(listen)
+        transport = "plaintext"
+    else:
+        port = server.add_secure_port(listen, credentials)
+        transport = "TLS"
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     # Tests and supervisors may wait for this line.
-    print(f"turnlog worker serving on port {port}", flush=True)
+    print(f"turnlog worker serving on port {port} ({transport})", flush=True)
 
     await stop.wait()
     log.info("draining (grace %.1fs)", grace_s)

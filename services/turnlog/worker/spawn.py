@@ -5,6 +5,14 @@ For a one-machine setup (and the README's `make serve`): the service starts
 port it serves on, and talks to it over gRPC like any other worker. The
 child is stopped with SIGTERM (it drains) when the service stops, and killed
 if it does not exit in time.
+
+The connection is mTLS, with nothing to set up: a CA made for this one
+worker (`turnlog.worker.certs`) issues the worker a certificate for
+127.0.0.1 and localhost and the service a client certificate, and is then
+dropped. The worker's key, certificate and the CA certificate are written to
+a private temporary folder (0700, the key 0600) that is removed when the
+worker has stopped; the service's client key never touches the disk. So
+another local user cannot use the worker's port, nor pose as the worker.
 """
 
 from __future__ import annotations
@@ -15,9 +23,15 @@ import logging
 import re
 import shlex
 import sys
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
 
 from turnlog import errors
+from turnlog.worker.certs import CertificateAuthority
+from turnlog.worker.client import WorkerTarget
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +46,60 @@ async def _echo(stream: asyncio.StreamReader, prefix: str) -> None:
         log.info("%s%s", prefix, line.decode(errors="replace").rstrip())
 
 
+_TLS_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca")
+
+
+def _worker_tls(folder: Path) -> tuple[list[str], grpc.ChannelCredentials]:
+    """Certificates for one spawned worker in `folder`: its TLS flags and our credentials."""
+    ca = CertificateAuthority.create("turnlog spawned worker CA")
+    server = ca.issue_server("turnlog spawned worker", hosts=["127.0.0.1", "localhost"])
+    client = ca.issue_client("turnlog serve")
+    ca_path, cert_path, key_path = folder / "ca.pem", folder / "worker.pem", folder / "worker.key"
+    ca_path.write_bytes(ca.cert_pem)
+    server.write(cert_path, key_path)
+    flags = ["--tls-cert", str(cert_path), "--tls-key", str(key_path)]
+    flags += ["--tls-client-ca", str(ca_path)]
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.cert_pem,
+        private_key=client.key_pem,
+        certificate_chain=client.cert_pem,
+    )
+    return flags, credentials
+
+
 @contextlib.asynccontextmanager
-async def spawned_worker(worker_args: str) -> AsyncIterator[str]:
-    """Run `turnlog worker <worker_args>` on a free loopback port for the context.
+async def spawned_worker(worker_args: str) -> AsyncIterator[WorkerTarget]:
+    """Run `turnlog worker <worker_args>` on a free loopback port, over mTLS, for the context.
 
     Args:
         worker_args: the worker's command-line arguments as one shell-quoted
-            string, e.g. "--model /models/tiny --enforce-eager".
+            string, e.g. "--model /models/tiny --enforce-eager". TLS flags
+            are not allowed: the worker's certificates are made here.
 
     Yields:
-        The worker's address, "127.0.0.1:PORT".
+        The worker's address, "127.0.0.1:PORT", with the client credentials
+        that it accepts (and that accept only it), for `EngineClient`.
 
     Raises:
+        ValueError: `worker_args` holds TLS flags.
         EngineUnavailableError: the worker exited, or did not start serving
             within START_TIMEOUT_S.
     """
-    args = [*shlex.split(worker_args), "--listen", "127.0.0.1:0"]
+    args = shlex.split(worker_args)
+    if given := [a for a in args if a.split("=", 1)[0] in _TLS_FLAGS]:
+        raise ValueError(
+            f"a spawned worker gets its TLS certificates from turnlog serve; drop {given[0]}"
+        )
+    # mkdtemp makes the folder 0700; it goes when the worker has stopped.
+    with tempfile.TemporaryDirectory(prefix="turnlog-worker-tls-") as folder:
+        flags, credentials = _worker_tls(Path(folder))
+        async with _worker_process([*args, *flags, "--listen", "127.0.0.1:0"]) as address:
+            yield WorkerTarget(address=address, credentials=credentials)
+
+
+@contextlib.asynccontextmanager
+async def _worker_process(args: list[str]) -> AsyncIterator[str]:
+    """`turnlog worker <args>` as a child process for the context; yields its address."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
