@@ -4,6 +4,7 @@
   checking do not count: they never run).
 - The layers point one way: `api` above `conversation` and `history`;
   `history` may use `conversation`, never the other way; neither imports `api`.
+  `auth` (credentials) sits beside them, used by `api` only.
 - psycopg is imported only under `storage/`; the domain imports neither
   grpc nor psycopg.
 - Every name a public module exports in `__all__` exists.
@@ -122,6 +123,14 @@ def test_no_import_cycles() -> None:
         ("turnlog.storage", "turnlog.conversation"),
         ("turnlog.eventlog", "turnlog.conversation"),
         ("turnlog.eventlog", "turnlog.history"),
+        # Credentials are the API's business: below it a tenant is a plain
+        # string, and `auth` knows nothing of conversations or the log.
+        ("turnlog.conversation", "turnlog.auth"),
+        ("turnlog.history", "turnlog.auth"),
+        ("turnlog.auth", "turnlog.api"),
+        ("turnlog.auth", "turnlog.conversation"),
+        ("turnlog.auth", "turnlog.history"),
+        ("turnlog.auth", "turnlog.storage"),
     ],
 )
 def test_layers_point_one_way(lower: str, upper: str) -> None:

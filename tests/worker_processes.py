@@ -26,6 +26,15 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 VLLM_MAX_MODEL_LEN = 1024
+#: The token `turnlog serve` prints when it uses its local signing key.
+SERVE_TOKEN = re.compile(r"turnlog token for tenant '[^']+' \([^)]*\): (\S+)")
+
+
+def printed_token(output: str) -> str:
+    """The token a `turnlog serve` printed in `output` (its latest)."""
+    found = SERVE_TOKEN.findall(output)
+    assert found, "turnlog serve printed no token"
+    return str(found[-1])
 
 
 class TurnlogProcess:

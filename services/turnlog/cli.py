@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def _add_service_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -55,6 +57,47 @@ def _add_service_commands(subparsers: argparse._SubParsersAction[argparse.Argume
         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free port); "
         "default $TURNLOG_METRICS_LISTEN, else no endpoint (docs/metrics.md)",
     )
+    serve.add_argument(
+        "--config",
+        dest="config_file",
+        type=Path,
+        metavar="FILE",
+        help="TOML configuration; its [auth] table says which credentials to accept "
+        "(docs/security.md). Default $TURNLOG_CONFIG; with none, on loopback, the data "
+        "folder's local signing key (a token is printed)",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve WITHOUT authentication (every caller is tenant 'default'); needed to "
+        "listen beyond loopback with no [auth] configured. Logged loudly",
+    )
+    serve.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="the port's certificate chain (PEM); reloaded when it changes (docs/tls.md)",
+    )
+    serve.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (PEM)")
+    serve.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="FILE",
+        help="CA bundle of client certificates: requires mTLS",
+    )
+    serve.add_argument(
+        "--worker-tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="CA bundle of --worker certificates (TLS to workers)",
+    )
+    serve.add_argument(
+        "--worker-tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="client certificate towards workers (mTLS)",
+    )
+    serve.add_argument("--worker-tls-key", type=Path, metavar="FILE", help="its private key")
     serve.set_defaults(func=_serve)
 
     migrate = subparsers.add_parser("migrate", help="apply the event log's migrations and exit")
@@ -77,6 +120,20 @@ def _serve(args: argparse.Namespace) -> int:
     from turnlog.config import Settings
 
     settings = Settings.from_env()
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "config_file",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+            "worker_tls_ca",
+            "worker_tls_cert",
+            "worker_tls_key",
+        )
+        if getattr(args, name, None) is not None
+    }
+    settings = dataclasses.replace(settings, insecure=args.insecure, **overrides)
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
         return runner.run(
             run_server(

@@ -20,9 +20,10 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
-from worker_processes import TurnlogProcess, WorkerProcess, start_scripted_worker
+from worker_processes import TurnlogProcess, WorkerProcess, printed_token, start_scripted_worker
 
 from turnlog.api.server import run_server
+from turnlog.auth.channel import credentialed_channel
 from turnlog.cli import main
 from turnlog.config import Settings
 from turnlog.metrics import STAGES, observe_stage, parse_listen, stage_timer
@@ -60,6 +61,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 class Service:
     target: str
     metrics_url: str
+    token: str
 
     def scrape_text(self) -> str:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
@@ -93,11 +95,17 @@ def service(database_url: str, scripted_worker: WorkerProcess, tmp_path: Path) -
         tmp_path / "serve.log",
         READY,
     )
-    process.env = {"TURNLOG_DATABASE_URL": database_url, "TURNLOG_LISTEN": "127.0.0.1:0"}
+    process.env = {
+        "TURNLOG_DATABASE_URL": database_url,
+        "TURNLOG_LISTEN": "127.0.0.1:0",
+        "TURNLOG_DATA_DIR": str(tmp_path / "serve-data"),
+    }
     found = process.start(timeout_s=60)
     try:
         yield Service(
-            target=f"{found[2]}:{found[3]}", metrics_url=f"http://127.0.0.1:{found[1]}/metrics"
+            target=f"{found[2]}:{found[3]}",
+            metrics_url=f"http://127.0.0.1:{found[1]}/metrics",
+            token=printed_token((tmp_path / "serve.log").read_text(errors="replace")),
         )
     finally:
         assert process.terminate(15) == 0, process.log_tail()
@@ -138,7 +146,7 @@ def wait_for_samples(
 
 async def test_turns_move_the_turn_metrics(service: Service) -> None:
     before = service.scrape()
-    async with grpc.aio.insecure_channel(service.target) as channel:
+    async with credentialed_channel(service.target, service.token) as channel:
         stub = sgrpc.ConversationServiceStub(channel)
         names = []
         for i in range(2):

@@ -17,8 +17,9 @@ from typing import Any
 
 import grpc
 import pytest
-from worker_processes import TurnlogProcess, WorkerProcess, start_scripted_worker
+from worker_processes import TurnlogProcess, WorkerProcess, printed_token, start_scripted_worker
 
+from turnlog.auth.channel import credentialed_channel
 from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
 from turnlog.eventlog import stream_id
 from turnlog.storage import PostgresEventStore
@@ -45,13 +46,21 @@ class ServiceProcess(TurnlogProcess):
         self.env = {
             "TURNLOG_DATABASE_URL": database_url,
             "TURNLOG_LISTEN": "127.0.0.1:0",
+            # Its local signing key (so its printed token) stays with the test.
+            "TURNLOG_DATA_DIR": str(log_path.parent / "serve-data"),
         }
         self.target = ""
+        self.token = ""
 
     def start(self, timeout_s: float = 60.0) -> ServiceProcess:  # type: ignore[override]
         found = super().start(timeout_s)
         self.target = f"{found[1]}:{found[2]}"
+        self.token = printed_token(self.log_path.read_text(errors="replace"))
         return self
+
+    def channel(self) -> grpc.aio.Channel:
+        """A channel to the service sending its printed token."""
+        return credentialed_channel(self.target, self.token)
 
     def stop(self) -> None:
         """SIGTERM (graceful) and wait; SIGKILL if it hangs."""
@@ -84,7 +93,7 @@ async def test_killed_service_leaves_an_interrupted_turn_and_a_usable_conversati
     log = tmp_path / "serve.log"
     first = ServiceProcess(database_url, slow_worker.target, log).start()
     try:
-        async with grpc.aio.insecure_channel(first.target) as channel:
+        async with first.channel() as channel:
             stub = sgrpc.ConversationServiceStub(channel)
             created = await stub.CreateConversation(spb.CreateConversationRequest(request_id="r"))
             name = created.conversation.name
@@ -114,7 +123,7 @@ async def test_killed_service_leaves_an_interrupted_turn_and_a_usable_conversati
 
     second = ServiceProcess(database_url, slow_worker.target, log).start()
     try:
-        async with grpc.aio.insecure_channel(second.target) as channel:
+        async with second.channel() as channel:
             stub = sgrpc.ConversationServiceStub(channel)
             got = await stub.GetConversation(spb.GetConversationRequest(name=name), timeout=10)
             assert [t.status for t in got.conversation.turns] == [pb.TURN_STATUS_INTERRUPTED]

@@ -21,7 +21,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from worker_processes import WorkerProcess
 
-from turnlog.api.server import grpc_server
+from conversation_helpers import served
+
+from turnlog.auth.channel import credentialed_channel
 from turnlog.conversation.application import ConversationApplication, ServiceDefaults
 from turnlog.conversation.tools import builtin_tools
 from turnlog.engine.v1 import engine_pb2, engine_pb2_grpc
@@ -92,11 +94,10 @@ async def make_served() -> AsyncIterator[Callable[..., Any]]:
             defaults=ServiceDefaults(text_flush_interval_s=0.1),
         )
         cleanups.append(app.shutdown)
-        server, _ = grpc_server(app)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        cleanups.append(lambda: server.stop(0))
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        serving_context = served(app)
+        serving = await serving_context.__aenter__()
+        cleanups.append(lambda: serving_context.__aexit__(None, None, None))
+        channel = credentialed_channel(serving.address, serving.token())
         cleanups.append(channel.close)
         worker_channel = grpc.aio.insecure_channel(worker_target)
         cleanups.append(worker_channel.close)

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
+from conversation_helpers import USER_SCOPES
 from fuzz_harness import FIXED_NOW_US, SCRIPT, LogRecords, Serving, seed_data
 from grpc_health.v1 import health_pb2
 
 from turnlog.api.server import grpc_server
+from turnlog.auth.authenticator import Authenticator
+from turnlog.auth.channel import credentialed_channel
+from turnlog.auth.settings import AuthSettings
 from turnlog.conversation.application import ConversationApplication, ServiceDefaults
 from turnlog.conversation.tools import builtin_tools
 from turnlog.engine.v1 import engine_pb2_grpc
@@ -41,7 +46,7 @@ def server_log() -> Iterator[LogRecords]:
 
 @pytest.fixture
 async def serving(
-    store: PostgresEventStore, database_url: str, server_log: LogRecords
+    store: PostgresEventStore, database_url: str, server_log: LogRecords, tmp_path: Path
 ) -> AsyncIterator[Serving]:
     worker = grpc.aio.server()
     engine_pb2_grpc.add_EngineServiceServicer_to_server(
@@ -58,13 +63,18 @@ async def serving(
             defaults=ServiceDefaults(max_tool_round_trips=2),
             clock=clock,
         )
-        server, health = grpc_server(app)
+        authenticator = Authenticator(AuthSettings.local_default(tmp_path / "data"))
+        assert authenticator.local_key is not None
+        token = authenticator.local_key.mint_token(
+            subject="fuzz", scopes=USER_SCOPES, ttl_s=3600
+        )
+        server, health = grpc_server(app, authenticator=authenticator)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
         try:
             async with (
-                grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+                credentialed_channel(f"127.0.0.1:{port}", token) as channel,
                 await psycopg.AsyncConnection.connect(database_url, autocommit=True) as reader,
             ):
                 seed = await seed_data(sgrpc.ConversationServiceStub(channel))
@@ -72,5 +82,6 @@ async def serving(
                 yield Serving(channel, app, reader, seed, server_log)
         finally:
             await server.stop(0)
+            await authenticator.aclose()
             await app.shutdown()
     await worker.stop(0)

@@ -12,11 +12,13 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
+from worker_processes import printed_token
 
 from turnlog.v1 import conversation_service_pb2 as spb
 
@@ -34,9 +36,13 @@ def _reason(error: grpc.RpcError) -> str:
     return ""
 
 
-def test_bad_input_to_the_serve_process(database_url: str) -> None:
+def test_bad_input_to_the_serve_process(database_url: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TURNLOG_")}
-    env |= {"TURNLOG_DATABASE_URL": database_url, "TURNLOG_LISTEN": "127.0.0.1:0"}
+    env |= {
+        "TURNLOG_DATABASE_URL": database_url,
+        "TURNLOG_LISTEN": "127.0.0.1:0",
+        "TURNLOG_DATA_DIR": str(tmp_path / "data"),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "turnlog.cli", "serve"],
         env=env,
@@ -66,17 +72,18 @@ def test_bad_input_to_the_serve_process(database_url: str) -> None:
                 "INVALID_REQUEST",
             ),
         ]
+        credential = (("authorization", f"Bearer {printed_token(''.join(seen))}"),)
         with grpc.insecure_channel(address) as channel:
             for method, body, reason in calls * 3:
                 path = S + method
                 if method == "StreamTurn":
                     stream = channel.unary_stream(path)
                     with pytest.raises(grpc.RpcError) as info:
-                        list(stream(body, timeout=30))
+                        list(stream(body, timeout=30, metadata=credential))
                 else:
                     unary = channel.unary_unary(path)
                     with pytest.raises(grpc.RpcError) as info:
-                        unary(body, timeout=30)
+                        unary(body, timeout=30, metadata=credential)
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
                 assert _reason(info.value) == reason
     finally:

@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from turnlog.v1 import conversation_pb2, conversation_service_pb2, conversation_service_pb2_grpc
+from worker_processes import printed_token
 
 LISTENING = re.compile(r"turnlog serving gRPC on (\S+:\d+)")
 SPAWNED = re.compile(r"spawned engine worker (\d+) serving on")
@@ -93,18 +94,30 @@ def test_serve_spawns_its_own_worker_and_runs_a_turn(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         address = worker_pid = None
+        printed = []
         for line in proc.stdout:
+            printed.append(line)
             if spawned := SPAWNED.search(line):
                 worker_pid = int(spawned.group(1))
             if match := LISTENING.search(line):
                 address = match.group(1)
                 break
         assert address is not None, "turnlog serve exited without listening"
+        # Deny by default: the printed token is the way in.
+        token = printed_token("".join(printed))
+        credential = (("authorization", f"Bearer {token}"),)
         with grpc.insecure_channel(address) as channel:
             stub = conversation_service_pb2_grpc.ConversationServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.CreateConversation(
+                    conversation_service_pb2.CreateConversationRequest(request_id="demo-1"),
+                    timeout=30,
+                )
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
             created = stub.CreateConversation(
                 conversation_service_pb2.CreateConversationRequest(request_id="demo-1"),
                 timeout=30,
+                metadata=credential,
             ).conversation
             sent = stub.SendMessage(
                 conversation_service_pb2.SendMessageRequest(
@@ -113,6 +126,7 @@ def test_serve_spawns_its_own_worker_and_runs_a_turn(tmp_path: Path) -> None:
                     )
                 ),
                 timeout=60,
+                metadata=credential,
             )
         assert sent.turn.status == conversation_pb2.TURN_STATUS_COMPLETED
         assert sent.assistant_message.content == "Hello from a child."
@@ -144,3 +158,57 @@ def test_migrate_command_applies_pending_migrations_once(fresh_database_url: str
     again = migrate()
     assert "none pending" in again
     assert "0001_event_log" not in again
+
+
+def _serve_exit(args: list[str], data_dir: Path) -> tuple[int, str]:
+    """Runs `turnlog serve ARGS` that is expected to exit at once; (code, output)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TURNLOG_")}
+    env["TURNLOG_DATA_DIR"] = str(data_dir)
+    done = subprocess.run(
+        [sys.executable, "-m", "turnlog.cli", "serve", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_serve_refuses_a_non_loopback_address_without_authentication(tmp_path: Path) -> None:
+    code, output = _serve_exit(["--listen", "0.0.0.0:0"], tmp_path / "data")
+    assert code == 2
+    assert "refusing to serve 0.0.0.0:0 without authentication" in output
+    assert not (tmp_path / "data" / "postgres").exists()  # refused before anything started
+
+
+def test_serve_insecure_is_explicit_and_loud(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TURNLOG_")}
+    env |= {"TURNLOG_DATA_DIR": str(tmp_path / "data"), "TURNLOG_LISTEN": "127.0.0.1:0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "turnlog.cli", "serve", "--insecure"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        printed = []
+        address = None
+        for line in proc.stdout:
+            printed.append(line)
+            if match := LISTENING.search(line):
+                address = match.group(1)
+                break
+        assert address is not None, "".join(printed)
+        output = "".join(printed)
+        assert "AUTHENTICATION IS OFF (--insecure)" in output
+        assert "turnlog token" not in output
+        with grpc.insecure_channel(address) as channel:
+            stub = conversation_service_pb2_grpc.ConversationServiceStub(channel)
+            listed = stub.ListConversations(
+                conversation_service_pb2.ListConversationsRequest(), timeout=30
+            )
+        assert list(listed.conversations) == []
+    finally:
+        assert _stop(proc) == 0

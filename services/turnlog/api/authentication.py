@@ -96,15 +96,19 @@ class Authenticates(Protocol):
 
     async def recheck(self, principal: Principal) -> None: ...
 
+    async def aclose(self) -> None: ...
+
 
 class InsecureAuthenticator:
-    """Every call is the default tenant with every scope: `turnlog serve --insecure` only."""
+    """Every call is the default tenant with every scope but admin: `turnlog serve --insecure` only."""
 
     def __init__(self, tenant: str = "default") -> None:
         self.principal = Principal(
             tenant=tenant,
             subject="insecure",
-            scopes=frozenset(Scope),
+            # Not admin: an administrator's reads are recorded, and here
+            # every caller would be one.
+            scopes=frozenset(Scope) - {Scope.ADMIN},
             expires_at=None,
             method="insecure",
             key_id=None,
@@ -116,6 +120,9 @@ class InsecureAuthenticator:
         return self.principal
 
     async def recheck(self, principal: Principal) -> None:
+        return None
+
+    async def aclose(self) -> None:
         return None
 
 

@@ -23,14 +23,19 @@ from grpc_reflection.v1alpha import reflection
 
 from turnlog.api.authentication import DEFAULT_RECHECK_INTERVAL_S, Authenticates, Authentication
 from turnlog.api.limits import RateLimit, TenantRateLimiter
+from turnlog.api.security import SecurityConfigError, public_security
 from turnlog.api.servicer import ConversationServicer
 from turnlog.api.validation import RequestValidation
+from turnlog.auth.principal import DEFAULT_TENANT
+from turnlog.auth.settings import AuthSettingsError
 from turnlog.config import Settings
 from turnlog.conversation.application import ConversationApplication
+from turnlog.conversation.options import ServiceDefaults
 from turnlog.conversation.tools import builtin_tools
 from turnlog.eventlog import wall_clock_us
 from turnlog.metrics import start_metrics_server
 from turnlog.storage import PostgresReplicaLock, open_event_store
+from turnlog.tls import ReloadingChannelCredentials, TlsFilesError
 from turnlog.v1 import conversation_service_pb2, conversation_service_pb2_grpc
 from turnlog.worker.client import EngineClient, WorkerTarget
 from turnlog.worker.spawn import spawned_worker
@@ -127,7 +132,14 @@ async def run_server(
             processes (and use) for the server's lifetime.
     """
     address = listen or settings.listen
-    workers: list[str | WorkerTarget] = list(worker_addresses or [])
+    worker_credentials = None
+    if settings.worker_tls_ca is not None:
+        worker_credentials = ReloadingChannelCredentials(
+            ca=settings.worker_tls_ca, cert=settings.worker_tls_cert, key=settings.worker_tls_key
+        )
+    workers: list[str | WorkerTarget] = [
+        WorkerTarget(address=w, credentials=worker_credentials) for w in worker_addresses or []
+    ]
     metrics_address = metrics_listen or settings.metrics_listen
     if metrics_address:
         # First, so that a bad address fails before anything starts; the
@@ -143,7 +155,13 @@ async def run_server(
             f"(http://{metrics_host}:{metrics_port}/metrics)",
             flush=True,
         )
+    try:
+        security = public_security(settings, address)
+    except (SecurityConfigError, AuthSettingsError, TlsFilesError, OSError) as e:
+        log.error("cannot start: %s", e)
+        return 2
     async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(security.authenticator.aclose)
         for worker_args in spawn_workers or []:
             # Spawned workers come with their own mTLS credentials.
             workers.append(await stack.enter_async_context(spawned_worker(worker_args)))
@@ -165,7 +183,11 @@ async def run_server(
         )
         stack.push_async_callback(ownership.close)
         app = ConversationApplication(
-            opened.store, engine, tools=builtin_tools(wall_clock_us), ownership=ownership
+            opened.store,
+            engine,
+            tools=builtin_tools(wall_clock_us),
+            ownership=ownership,
+            defaults=ServiceDefaults(tenant_max_running_turns=settings.tenant_max_running_turns),
         )
         # Before serving, and then periodically: turns whose replica died
         # (this one before a restart, or any other) are closed.
@@ -174,18 +196,37 @@ async def run_server(
             log.warning("closed %d interrupted turn(s)", len(closed))
         stack.push_async_callback(app.shutdown)
         app.start_recovery(recovery_interval_s())
-        server, health_servicer = grpc_server(app)
-        port = server.add_insecure_port(address)
+        server, health_servicer = grpc_server(
+            app,
+            authenticator=security.authenticator,
+            rate_limit=RateLimit(rate=settings.tenant_requests_per_s, burst=settings.tenant_burst),
+        )
+        if security.port_credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, security.port_credentials)
         if port == 0:
             log.error("cannot bind %s", address)
             return 2
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         host = address.rsplit(":", 1)[0]
+        if security.local_token is not None:
+            # Printed, never logged: the one place a secret is shown, to the
+            # person who started the service (as Jupyter prints its token).
+            # Before the "serving" line, which readers wait for.
+            print(
+                f"turnlog token for tenant {DEFAULT_TENANT!r} (24 h; `turnlog token` mints "
+                f"more): {security.local_token}",
+                flush=True,
+            )
+        transport = "TLS" if security.port_credentials is not None else "plain text"
         print(
-            f"turnlog serving gRPC on {host}:{port} (event log: {describe_event_log(settings)})",
+            f"turnlog serving gRPC on {host}:{port} ({transport}; "
+            f"event log: {describe_event_log(settings)})",
             flush=True,
         )
+
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
