@@ -7,6 +7,8 @@
     turnlog import     JSONL export files into the event log
     turnlog verify     conversations' hash chains and folds (in the log, or files)
     turnlog replay     a conversation's transcript from the log or a file; --regenerate
+    turnlog token      a token signed by the local key (TURNLOG_DATA_DIR)
+    turnlog api-key    new API keys and their entries for the keys file
     turnlog dev ...    developer tools (tiny local model)
 
 Subcommands import their modules lazily, so `turnlog migrate` does not pay
@@ -175,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     from turnlog.history.cli import add_history_commands
 
     add_history_commands(subparsers)
+    from turnlog.auth.cli import add_auth_commands
+
+    add_auth_commands(subparsers)
     return parser
 
 
