@@ -21,8 +21,6 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from worker_processes import WorkerProcess
 
-from conversation_helpers import served
-
 from turnlog.auth.channel import credentialed_channel
 from turnlog.conversation.application import ConversationApplication, ServiceDefaults
 from turnlog.conversation.tools import builtin_tools

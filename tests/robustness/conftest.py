@@ -65,9 +65,7 @@ async def serving(
         )
         authenticator = Authenticator(AuthSettings.local_default(tmp_path / "data"))
         assert authenticator.local_key is not None
-        token = authenticator.local_key.mint_token(
-            subject="fuzz", scopes=USER_SCOPES, ttl_s=3600
-        )
+        token = authenticator.local_key.mint_token(subject="fuzz", scopes=USER_SCOPES, ttl_s=3600)
         server, health = grpc_server(app, authenticator=authenticator)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()

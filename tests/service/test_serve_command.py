@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from worker_processes import printed_token
 
 from turnlog.v1 import conversation_pb2, conversation_service_pb2, conversation_service_pb2_grpc
-from worker_processes import printed_token
 
 LISTENING = re.compile(r"turnlog serving gRPC on (\S+:\d+)")
 SPAWNED = re.compile(r"spawned engine worker (\d+) serving on")

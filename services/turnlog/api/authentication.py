@@ -27,7 +27,7 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import grpc
@@ -91,7 +91,7 @@ class Authenticates(Protocol):
     """What the interceptor needs of an authenticator (`turnlog.auth.Authenticator`)."""
 
     async def authenticate(
-        self, metadata: Sequence[tuple[str, str | bytes]], auth_context: Mapping[str, Any]
+        self, metadata: Iterable[tuple[str, str | bytes]], auth_context: Mapping[str, Any]
     ) -> Principal: ...
 
     async def recheck(self, principal: Principal) -> None: ...
@@ -115,7 +115,7 @@ class InsecureAuthenticator:
         )
 
     async def authenticate(
-        self, metadata: Sequence[tuple[str, str | bytes]], auth_context: Mapping[str, Any]
+        self, metadata: Iterable[tuple[str, str | bytes]], auth_context: Mapping[str, Any]
     ) -> Principal:
         return self.principal
 

@@ -227,7 +227,6 @@ async def run_server(
             flush=True,
         )
 
-
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

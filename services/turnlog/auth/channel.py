@@ -9,7 +9,7 @@ over either kind of channel. Tests, benchmarks and local tools use it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -19,13 +19,20 @@ def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-class _AddMetadata(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds fixed metadata to every call (all four call kinds)."""
+if TYPE_CHECKING:
+    _UU = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
+    _US = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
+    _SU = grpc.aio.StreamUnaryClientInterceptor[Any, Any]
+    _SS = grpc.aio.StreamStreamClientInterceptor[Any, Any]
+else:
+    _UU = grpc.aio.UnaryUnaryClientInterceptor
+    _US = grpc.aio.UnaryStreamClientInterceptor
+    _SU = grpc.aio.StreamUnaryClientInterceptor
+    _SS = grpc.aio.StreamStreamClientInterceptor
+
+
+class _AddMetadata:
+    """Adds fixed metadata to a call's details."""
 
     def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
         self._metadata = tuple(metadata)
@@ -36,21 +43,27 @@ class _AddMetadata(
             extra.add(key, value)
         return details._replace(metadata=extra)
 
+
+# grpc.aio files each interceptor under the first call kind it is an instance
+# of, so each kind needs an object of its own.
+class _UnaryUnary(_AddMetadata, _UU):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _UnaryStream(_AddMetadata, _US):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
-    async def intercept_stream_unary(
-        self, continuation: Any, details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(self._details(details), request_iterator)
 
-    async def intercept_stream_stream(
-        self, continuation: Any, details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(self._details(details), request_iterator)
+class _StreamUnary(_AddMetadata, _SU):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+class _StreamStream(_AddMetadata, _SS):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
 
 
 def credentialed_channel(
@@ -68,7 +81,11 @@ def credentialed_channel(
         credentials: TLS channel credentials; None for a plain-text channel.
         options: channel options.
     """
-    interceptors = [_AddMetadata(bearer_metadata(token))] if token is not None else []
+    interceptors: list[Any] = []
+    if token is not None:
+        metadata = bearer_metadata(token)
+        kinds = (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)
+        interceptors = [kind(metadata) for kind in kinds]
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
