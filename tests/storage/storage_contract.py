@@ -24,11 +24,13 @@ from turnlog.errors import (
 from turnlog.storage.hashchain import GENESIS_HASH, event_hash
 from turnlog.storage.port import (
     ANY_VERSION,
+    DEFAULT_TENANT,
     NO_STREAM,
     START_POSITION,
     Direction,
     EventFilter,
     EventMetadata,
+    EventPage,
     EventStore,
     ImportedEvent,
     NewEvent,
@@ -42,12 +44,41 @@ def new_event(event_type: str = "Happened", **data: Any) -> NewEvent:
     return NewEvent(event_id=uuid.uuid4(), type=event_type, data=data or {"n": 0})
 
 
+def tenant_event(tenant: str | None, event_type: str = "Happened", **data: Any) -> NewEvent:
+    """An event whose metadata names `tenant` (None: no tenant in the metadata)."""
+    return NewEvent(
+        event_id=uuid.uuid4(),
+        type=event_type,
+        data=data or {"n": 0},
+        metadata=EventMetadata(tenant=tenant, actor="u"),
+    )
+
+
+async def read_everything(
+    store: EventStore, *, limit: int = 1000, filter: EventFilter | None = None
+) -> tuple[list[RecordedEvent], list[EventPage]]:
+    """Pages through `read_all` from the start: every event, and every page."""
+    events: list[RecordedEvent] = []
+    pages: list[EventPage] = []
+    position = START_POSITION
+    while True:
+        page = await store.read_all(after=position, limit=limit, filter=filter)
+        assert page.next_position > position or page.reached_end
+        events.extend(page.events)
+        pages.append(page)
+        position = page.next_position
+        if page.reached_end:
+            return events, pages
+
+
 async def take(iterator: AsyncIterator[RecordedEvent], count: int) -> list[RecordedEvent]:
     """The next `count` events of a subscription (bounded by the test timeout)."""
     return [await anext(iterator) for _ in range(count)]
 
 
-def foreign_chain(stream_id: str, count: int, *, seed: str = "x") -> list[ImportedEvent]:
+def foreign_chain(
+    stream_id: str, count: int, *, seed: str = "x", metadata_json: str = '{"actor":"elsewhere"}'
+) -> list[ImportedEvent]:
     """A hash chain made elsewhere (here: in Python), with times in the past."""
     events: list[ImportedEvent] = []
     prev = GENESIS_HASH
@@ -58,7 +89,7 @@ def foreign_chain(stream_id: str, count: int, *, seed: str = "x") -> list[Import
             "event_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{seed}/{stream_id}/{version}"),
             "type": "Happened",
             "data_json": f'{{ "n" : {version}, "s":"{seed} ✓" }}',
-            "metadata_json": '{"actor":"elsewhere"}',
+            "metadata_json": metadata_json,
             "recorded_at": start + timedelta(microseconds=7 * version),
             "prev_hash": prev,
         }
@@ -222,6 +253,125 @@ class EventStoreContract:
         assert none.events == ()
         assert none.next_position == seen[-1].position
 
+    async def test_read_all_for_one_tenant_pages_past_the_other_tenants(
+        self, store: EventStore
+    ) -> None:
+        # Tenant "a" writes one event for every 7 of "b" and "c" (and some
+        # without a tenant), across several streams of each.
+        versions: dict[str, int] = {}
+
+        async def append(stream: str, events: list[NewEvent]) -> None:
+            result = await store.append(stream, events, expected_version=versions.get(stream, 0))
+            versions[stream] = result.last_version
+
+        for i in range(12):
+            for k in range(7):
+                other = "b" if k % 2 else "c"
+                await append(f"{other}-{k % 3}", [tenant_event(other, n=i)])
+            await append("old", [tenant_event(None)])
+            batch = [tenant_event("a", n=i)] + ([tenant_event("a", "Other")] if i % 4 == 0 else [])
+            await append(f"a-{i % 3}", batch)
+        await append("c-0", [tenant_event("c")])  # the log ends with another tenant's event
+
+        everything, _ = await read_everything(store)
+        expected = [e for e in everything if e.tenant == "a"]
+        assert len(expected) == 15
+        assert all(e.stream_id.startswith("a-") for e in expected)
+
+        # One page at a time: only tenant a's events, in the all-stream order,
+        # none skipped; the limit counts tenant a's events alone.
+        only_a = EventFilter(tenant="a")
+        got, pages = await read_everything(store, limit=2, filter=only_a)
+        assert [e.event_id for e in got] == [e.event_id for e in expected]
+        assert all(len(p.events) == 2 for p in pages[:-1])
+        assert len(pages) == 8
+        # The last page moves past the other tenants' events after a's last one.
+        assert pages[-1].next_position == everything[-1].position
+        whole = await store.read_all(filter=only_a)
+        assert [e.event_id for e in whole.events] == [e.event_id for e in expected]
+        assert whole.reached_end
+        assert whole.next_position == everything[-1].position
+
+        # A tenant filter combined with a type filter; a tenant with no events.
+        typed = await store.read_all(
+            limit=3, filter=EventFilter(tenant="a", types=frozenset({"Other"}))
+        )
+        assert [e.type for e in typed.events] == ["Other"]
+        assert not typed.reached_end
+        assert typed.next_position == expected[2].position
+        nobody = await store.read_all(after=expected[0].position, filter=EventFilter(tenant="z"))
+        assert (nobody.events, nobody.reached_end) == ((), True)
+        assert nobody.next_position == everything[-1].position
+        # Reading on from the end finds nothing and stays there.
+        after_end = await store.read_all(after=whole.next_position, filter=only_a)
+        assert after_end.events == ()
+        assert after_end.next_position == whole.next_position
+
+    async def test_events_without_a_tenant_belong_to_the_default_tenant(
+        self, store: EventStore
+    ) -> None:
+        await store.append(
+            "s",
+            [tenant_event(None), tenant_event("acme"), tenant_event(""), new_event()],
+            expected_version=0,
+        )
+        await store.import_events("imported", foreign_chain("imported", 1))
+        await store.import_events("null", foreign_chain("null", 1, metadata_json='{"tenant":null}'))
+        named = foreign_chain("named", 1, metadata_json='{"tenant":"acme"}')
+        await store.import_events("named", named)
+        events, _ = await read_everything(store)
+        assert [e.tenant for e in events] == [
+            DEFAULT_TENANT,
+            "acme",
+            "",
+            DEFAULT_TENANT,
+            DEFAULT_TENANT,
+            DEFAULT_TENANT,
+            "acme",
+        ]
+        assert events[0].metadata.tenant is None
+        assert events[1].metadata.tenant == "acme"
+        default = await store.read_all(filter=EventFilter(tenant=DEFAULT_TENANT))
+        assert [(e.stream_id, e.stream_version) for e in default.events] == [
+            ("s", 1),
+            ("s", 4),
+            ("imported", 1),
+            ("null", 1),
+        ]
+        acme = await store.read_all(filter=EventFilter(tenant="acme"))
+        assert [e.stream_id for e in acme.events] == ["s", "named"]
+        empty_name = await store.read_all(filter=EventFilter(tenant=""))
+        assert [e.stream_version for e in empty_name.events] == [3]
+
+    async def test_metadata_the_tenant_cannot_be_read_from_is_rejected(
+        self, store: EventStore
+    ) -> None:
+        for metadata in (
+            EventMetadata(tenant="a\x00b"),
+            EventMetadata(tenant="a", actor="nul \x00 inside"),
+        ):
+            bad = NewEvent(event_id=uuid.uuid4(), type="T", data={}, metadata=metadata)
+            with pytest.raises(InvalidArgumentError, match="metadata"):
+                await store.append("s", [new_event(), bad], expected_version=0)
+        for metadata_json in (
+            '{"tenant":7}',
+            '{"tenant":["a"]}',
+            '{"tenant":"a","actor":"\\u0000"}',
+            '{"tenant":"a","x":{"y":["\\ud800"]}}',
+            '{"\\udc00":1}',
+        ):
+            chain = foreign_chain("i", 2, metadata_json=metadata_json)
+            with pytest.raises(InvalidArgumentError, match="metadata"):
+                await store.import_events("i", chain)
+        assert (await store.read_all()).events == ()
+        # A paired surrogate escape is one character, and fine.
+        fine = foreign_chain("i", 1, metadata_json='{"tenant":"\\ud83d\\ude00"}')
+        await store.import_events("i", fine)
+        (event,) = await store.read_stream("i")
+        assert event.tenant == "\U0001f600"
+        page = await store.read_all(filter=EventFilter(tenant="\U0001f600"))
+        assert [e.event_id for e in page.events] == [event.event_id]
+
     async def test_latest_events_of_types_per_stream(self, store: EventStore) -> None:
         # conv-a: started, ended, started again (open); conv-b: started, ended;
         # conv-c: started (open); tool-d: started, outside the prefix.
@@ -248,6 +398,37 @@ class EventStoreContract:
         assert await store.latest_events_of_types(["Nope"]) == ()
         with pytest.raises(InvalidArgumentError):
             await store.latest_events_of_types([])
+
+    async def test_latest_events_of_types_of_one_tenant(self, store: EventStore) -> None:
+        await store.append("conv-a", [tenant_event("a", "Start")], expected_version=0)
+        await store.append(
+            "conv-b", [tenant_event("b", "Start"), tenant_event("b", "End")], expected_version=0
+        )
+        await store.append("conv-old", [tenant_event(None, "Start")], expected_version=0)
+        # A stream whose events name two tenants: each tenant sees its own latest.
+        await store.append(
+            "conv-mixed",
+            [tenant_event("a", "Start"), tenant_event("b", "End"), tenant_event("b", "Start")],
+            expected_version=0,
+        )
+        types = ["Start", "End"]
+
+        async def latest(**kwargs: Any) -> list[tuple[str, int]]:
+            found = await store.latest_events_of_types(types, **kwargs)
+            return [(e.stream_id, e.stream_version) for e in found]
+
+        assert await latest(tenant="a") == [("conv-a", 1), ("conv-mixed", 1)]
+        assert await latest(tenant="b") == [("conv-b", 2), ("conv-mixed", 3)]
+        assert await latest(tenant="b", last_type="Start") == [("conv-mixed", 3)]
+        assert await latest(tenant="a", last_type="End") == []
+        assert await latest(tenant=DEFAULT_TENANT) == [("conv-old", 1)]
+        assert await latest(tenant="b", stream_prefix="conv-m") == [("conv-mixed", 3)]
+        assert await latest() == [
+            ("conv-a", 1),
+            ("conv-b", 2),
+            ("conv-mixed", 3),
+            ("conv-old", 1),
+        ]
 
     async def test_snapshots_latest_at_or_below_a_version(self, store: EventStore) -> None:
         await store.append("s", [new_event() for _ in range(5)], expected_version=0)
@@ -307,6 +488,57 @@ class EventStoreContract:
             await store.append("a", [new_event()], expected_version=1)
             live = await asyncio.wait_for(pending, 5)
             assert [(e.stream_id, e.stream_version) for e in live] == [("c", 1), ("a", 2)]
+        finally:
+            await subscription.aclose()
+
+    async def test_subscribe_all_for_one_tenant_while_another_writes(
+        self, store: EventStore
+    ) -> None:
+        # Catch-up over both tenants' history, then live while both write at
+        # once from several tasks: tenant a's subscriber gets exactly a's
+        # events, each once, in each stream's order.
+        await store.append("a-0", [tenant_event("a"), tenant_event("a")], expected_version=0)
+        await store.append("b-0", [tenant_event("b") for _ in range(5)], expected_version=0)
+        written: dict[str, list[uuid.UUID]] = {"a": [], "b": []}
+        for stream, tenant in (("a-0", "a"), ("b-0", "b")):
+            written[tenant] += [e.event_id for e in await store.read_stream(stream)]
+        subscription = store.subscribe_all(filter=EventFilter(tenant="a"))
+        try:
+            (first,) = await take(subscription, 1)
+            assert first.event_id == written["a"][0]
+
+            async def writer(tenant: str, w: int) -> None:
+                version = 0
+                for i in range(15):
+                    size = 2 if i % 5 == 0 else 1
+                    events = [tenant_event(tenant, n=i) for _ in range(size)]
+                    result = await store.append(f"{tenant}-w{w}", events, expected_version=version)
+                    version = result.last_version
+                    written[tenant] += [e.event_id for e in events]
+                    await asyncio.sleep(0)
+
+            tasks = [writer(tenant, w) for tenant in ("b", "a") for w in range(3)]
+            pending = asyncio.ensure_future(take(subscription, 1 + 3 * 18))
+            await asyncio.gather(*tasks)
+            got = [first, *await asyncio.wait_for(pending, 10)]
+            assert all(e.tenant == "a" for e in got)
+            ids = [e.event_id for e in got]
+            assert len(set(ids)) == len(ids)
+            assert set(ids) == set(written["a"])
+            for stream in {e.stream_id for e in got}:
+                versions = [e.stream_version for e in got if e.stream_id == stream]
+                assert versions == list(range(1, len(versions) + 1))
+            # Nothing else was delivered: the next event is a's next append,
+            # not one of b's written before it.
+            nxt = asyncio.ensure_future(take(subscription, 1))
+            await store.append("b-0", [tenant_event("b")], expected_version=5)
+            last = tenant_event("a")
+            await store.append("a-0", [last], expected_version=2)
+            (after,) = await asyncio.wait_for(nxt, 5)
+            assert after.event_id == last.event_id
+            # The subscription's order is the all-stream read's.
+            page = await store.read_all(filter=EventFilter(tenant="a"))
+            assert [e.event_id for e in page.events] == [*ids, last.event_id]
         finally:
             await subscription.aclose()
 

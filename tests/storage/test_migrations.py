@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import psycopg
 import pytest
 
 from turnlog.errors import IntegrityError
+from turnlog.storage import migrations
 from turnlog.storage.migrations import available_migrations, migrate
+from turnlog.storage.port import DEFAULT_TENANT, EventFilter, EventMetadata, NewEvent
+from turnlog.storage.postgres import PostgresEventStore
 
 
 def applied_rows(url: str) -> list[tuple[int, str]]:
@@ -45,3 +49,29 @@ async def test_a_database_newer_than_the_code_is_refused(fresh_database_url: str
         )
     with pytest.raises(IntegrityError):
         await migrate(fresh_database_url)
+
+
+async def test_0002_gives_the_events_recorded_before_it_their_tenant(
+    fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A log written before tenancy (0001 only): events with no tenant in
+    # their metadata, and one that named a tenant already.
+    shipped = available_migrations()
+    with monkeypatch.context() as patch:
+        patch.setattr(migrations, "available_migrations", lambda: shipped[:1])
+        assert await migrate(fresh_database_url) == ["0001_event_log"]
+    events = [
+        NewEvent(event_id=uuid.uuid4(), type="T", data={"n": n}, metadata=metadata)
+        for n, metadata in enumerate(
+            [EventMetadata(actor="u"), EventMetadata(tenant="acme"), EventMetadata()]
+        )
+    ]
+    async with await PostgresEventStore.open(fresh_database_url) as store:
+        await store.append("old", events, expected_version=0)
+    assert await migrate(fresh_database_url) == ["0002_tenant"]
+    async with await PostgresEventStore.open(fresh_database_url) as store:
+        default = await store.read_all(filter=EventFilter(tenant=DEFAULT_TENANT))
+        assert [e.stream_version for e in default.events] == [1, 3]
+        acme = await store.read_all(filter=EventFilter(tenant="acme"))
+        assert [e.stream_version for e in acme.events] == [2]
+        assert (await store.verify("old")).ok  # the migration changed nothing hashed

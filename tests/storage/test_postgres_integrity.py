@@ -6,9 +6,10 @@ import dataclasses
 import uuid
 
 import psycopg
+import pytest
 
 from turnlog.storage.hashchain import GENESIS_HASH, event_hash, verify_chain
-from turnlog.storage.port import EventMetadata, NewEvent
+from turnlog.storage.port import EventFilter, EventMetadata, NewEvent
 from turnlog.storage.postgres import PostgresEventStore
 
 
@@ -81,6 +82,35 @@ async def test_verify_names_edited_metadata(store: PostgresEventStore, database_
     )
     report = await store.verify("s")
     assert report.broken_at_version == 5
+
+
+async def test_moving_an_event_to_another_tenant_breaks_the_chain(
+    store: PostgresEventStore, database_url: str
+) -> None:
+    # The tenant column is generated from the hashed metadata: the only way
+    # to move an event to another tenant is to edit that metadata, which
+    # verify names. (Nothing else guards the table: raw SQL is the attacker.)
+    await fill(store, "s")
+    run_sql(
+        database_url,
+        "UPDATE turnlog.events SET metadata = json_build_object('actor', 'a', 'tenant', 'other')"
+        " WHERE stream_id = 's' AND stream_version = 4",
+    )
+    moved = await store.read_all(filter=EventFilter(tenant="other"))
+    assert [(e.stream_id, e.stream_version, e.tenant) for e in moved.events] == [("s", 4, "other")]
+    staying = await store.read_all(filter=EventFilter(tenant="t"))
+    assert [e.stream_version for e in staying.events] == [1, 2, 3, 5]
+    report = await store.verify("s")
+    assert report.broken_at_version == 4
+    assert report.problem == "hash mismatch: the event's content was changed"
+
+
+async def test_the_tenant_column_cannot_be_written(
+    store: PostgresEventStore, database_url: str
+) -> None:
+    await fill(store, "s", 1)
+    with pytest.raises(psycopg.errors.GeneratedAlways):
+        run_sql(database_url, "UPDATE turnlog.events SET tenant = 'other'")
 
 
 async def test_verify_names_a_deleted_event(store: PostgresEventStore, database_url: str) -> None:

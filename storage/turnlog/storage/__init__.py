@@ -15,6 +15,7 @@ from turnlog.storage.memory import InMemoryEventStore
 from turnlog.storage.migrations import migrate
 from turnlog.storage.port import (
     ANY_VERSION,
+    DEFAULT_TENANT,
     NO_STREAM,
     START_POSITION,
     AppendResult,
@@ -37,6 +38,7 @@ from turnlog.storage.replica_lock import PostgresReplicaLock
 
 __all__ = [
     "ANY_VERSION",
+    "DEFAULT_TENANT",
     "NO_STREAM",
     "START_POSITION",
     "AppendResult",

@@ -19,6 +19,11 @@ runs on both):
   events the next global positions, so the all-stream order
   (transaction_id, global_position) is simply the order of writing and a
   `Position` works as a checkpoint as it does on PostgreSQL;
+- each event's tenant (`RecordedEvent.tenant`) is decoded once, when it
+  is written, into a per-tenant list in the all-stream order: a tenant
+  filter reads only that list, its limit counts that tenant's events, and a
+  page that reaches the end moves past the whole log, as PostgreSQL's index
+  read does (migration 0002);
 - `recorded_at` is UTC with microsecond precision and never earlier than
   any time stored before (the clock is clamped if it steps back);
 - subscriptions read the log (catch-up), then wait on an `asyncio.Event`
@@ -56,7 +61,7 @@ from turnlog.errors import (
 
 # The PostgreSQL adapter's argument checks, so that both reject the same
 # input with the same messages.
-from turnlog.storage.checks import check_import_batch, check_name
+from turnlog.storage.checks import check_import_batch, check_metadata, check_name
 from turnlog.storage.hashchain import GENESIS_HASH, event_hash, verify_chain
 from turnlog.storage.port import (
     START_POSITION,
@@ -72,6 +77,7 @@ from turnlog.storage.port import (
     RecordedEvent,
     Snapshot,
     VerificationReport,
+    tenant_of,
 )
 
 if TYPE_CHECKING:
@@ -125,13 +131,18 @@ class InMemoryEventStore:
             raise InvalidArgumentError("page_size must be >= 1")
         self._page_size = page_size
         self._clock = clock
-        # Every event in the all-stream order, which is the order of writing.
+        # Every event in the all-stream order, which is the order of writing,
+        # and its tenant (decoded once, at write).
         self._log: list[RecordedEvent] = []
+        self._log_tenants: list[str] = []
+        # Per tenant, its events in the all-stream order (the PostgreSQL
+        # store's tenant index).
+        self._by_tenant: dict[str, list[RecordedEvent]] = {}
         # Per stream, its events in version order (version v at index v - 1).
         self._streams: dict[str, list[RecordedEvent]] = {}
         self._by_id: dict[UUID, RecordedEvent] = {}
-        # Per stream and event type, the stream's latest event of that type.
-        self._latest_by_type: dict[str, dict[str, RecordedEvent]] = {}
+        # Per stream and (tenant, event type), the stream's latest such event.
+        self._latest_by_type: dict[str, dict[tuple[str, str], RecordedEvent]] = {}
         # Per (stream, kind), the snapshots by version.
         self._snapshots: dict[tuple[str, str], dict[int, Snapshot]] = {}
         self._last_transaction_id = 0
@@ -180,10 +191,13 @@ class InMemoryEventStore:
         stream = self._streams.setdefault(stream_id, [])
         latest = self._latest_by_type.setdefault(stream_id, {})
         for event in events:
+            tenant = tenant_of(event.metadata_json)
             self._log.append(event)
+            self._log_tenants.append(tenant)
+            self._by_tenant.setdefault(tenant, []).append(event)
             stream.append(event)
             self._by_id[event.event_id] = event
-            latest[event.type] = event
+            latest[tenant, event.type] = event
         self._last_time = max(self._last_time, *(e.recorded_at for e in events))
         self._wake_subscribers()
 
@@ -220,6 +234,7 @@ class InMemoryEventStore:
                 if "\x00" in text:
                     raise InvalidArgumentError("raw JSON must not contain NUL characters")
                 _check_json(text)  # encode_json's output is JSON already
+            check_metadata(event.metadata)
             data.append(text)
             metadata.append(event.metadata.to_json())
         if len({e.event_id for e in events}) != len(events):
@@ -414,20 +429,47 @@ class InMemoryEventStore:
         return self._read_page(after, limit, filter)
 
     def _read_page(self, after: Position, limit: int, filter: EventFilter | None) -> EventPage:
-        start = bisect.bisect_right(
-            self._log, (after.transaction_id, after.global_position), key=_order_key
-        )
+        checkpoint = (after.transaction_id, after.global_position)
+        if filter is not None and filter.tenant is not None:
+            # As PostgreSQL reads it: only this tenant's events count against
+            # the limit, and a page that reaches the end moves past the
+            # whole log, other tenants' events included.
+            tenant = filter.tenant
+            own = self._by_tenant.get(tenant, [])
+            start = bisect.bisect_right(own, checkpoint, key=_order_key)
+            scanned = own[start : start + limit]
+            reached_end = len(scanned) < limit
+            if not reached_end:
+                next_position = scanned[-1].position
+            elif self._log:
+                next_position = max(after, self._log[-1].position)
+            else:
+                next_position = after
+            return EventPage(
+                events=tuple(e for e in scanned if filter.matches(e.stream_id, e.type, tenant)),
+                next_position=next_position,
+                reached_end=reached_end,
+            )
+        start = bisect.bisect_right(self._log, checkpoint, key=_order_key)
         scanned = self._log[start : start + limit]
+        tenants = self._log_tenants[start : start + limit]
         return EventPage(
             events=tuple(
-                e for e in scanned if filter is None or filter.matches(e.stream_id, e.type)
+                e
+                for e, tenant in zip(scanned, tenants, strict=True)
+                if filter is None or filter.matches(e.stream_id, e.type, tenant)
             ),
             next_position=scanned[-1].position if scanned else after,
             reached_end=len(scanned) < limit,
         )
 
     async def latest_events_of_types(
-        self, types: Collection[str], *, stream_prefix: str = "", last_type: str | None = None
+        self,
+        types: Collection[str],
+        *,
+        stream_prefix: str = "",
+        last_type: str | None = None,
+        tenant: str | None = None,
     ) -> tuple[RecordedEvent, ...]:
         """Per stream, the latest event of `types`; see `EventStore.latest_events_of_types`.
 
@@ -443,8 +485,11 @@ class InMemoryEventStore:
         wanted = set(types)
         found: list[RecordedEvent] = []
         for stream_id in sorted(s for s in self._latest_by_type if s.startswith(stream_prefix)):
-            latest = self._latest_by_type[stream_id]
-            candidates = [latest[t] for t in wanted if t in latest]
+            candidates = [
+                event
+                for (event_tenant, event_type), event in self._latest_by_type[stream_id].items()
+                if event_type in wanted and (tenant is None or event_tenant == tenant)
+            ]
             if not candidates:
                 continue
             newest = max(candidates, key=lambda e: e.stream_version)

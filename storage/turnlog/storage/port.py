@@ -1,7 +1,7 @@
 """The event store port: what the application layer needs from an event log.
 
 Adapters (`turnlog.storage.postgres.PostgresEventStore`, and any later one)
-implement `EventStore`; `tests/storage/contract.py` is the contract suite every
+implement `EventStore`; `tests/storage/storage_contract.py` is the contract suite every
 adapter must pass. All types here are plain frozen dataclasses, free of any
 database library.
 """
@@ -25,6 +25,13 @@ NO_STREAM: Final = 0
 
 #: The longest stream id or event type accepted (characters).
 MAX_NAME_LENGTH: Final = 512
+
+#: The tenant of an event whose metadata names none (or names it as JSON
+#: null): every event recorded before tenancy. The event log's `tenant`
+#: column (migration 0002) is `coalesce(metadata->>'tenant', 'default')`,
+#: generated from the hashed metadata, and `RecordedEvent.tenant` reads the
+#: metadata the same way, so both adapters and every reader agree.
+DEFAULT_TENANT: Final = "default"
 
 
 class Direction(enum.Enum):
@@ -53,7 +60,8 @@ class EventMetadata:
         correlation_id: ties together every event of one user-visible operation.
         causation_id: the id of the event or request that caused this one.
         trace_id: the distributed-tracing trace id (W3C, 32 hex digits).
-        tenant: the tenant the stream belongs to.
+        tenant: the tenant the stream belongs to; None stores no tenant, and
+            the event then belongs to `DEFAULT_TENANT`.
         actor: who acted (a user id, "system", a worker id).
         schema_version: the version of the payload's shape for its event type,
             when the writer's codec is past the first (None means 1); readers
@@ -89,6 +97,20 @@ class EventMetadata:
             **{k: raw[k] for k in known if isinstance(raw.get(k), str)},
             schema_version=version if type(version) is int and version > 1 else None,
         )
+
+
+def tenant_of(metadata_json: str) -> str:
+    """The tenant an event with this stored metadata belongs to.
+
+    The metadata's "tenant" string, or `DEFAULT_TENANT` when there is none
+    (absent, JSON null, or metadata that is not an object): what migration
+    0002's generated column computes in PostgreSQL. The stores accept a
+    tenant only as a JSON string (`turnlog.storage.checks`), so no other
+    value reaches this.
+    """
+    raw = json.loads(metadata_json)
+    tenant = raw.get("tenant") if isinstance(raw, dict) else None
+    return tenant if isinstance(tenant, str) else DEFAULT_TENANT
 
 
 def encode_json(value: Any) -> str:
@@ -203,6 +225,15 @@ class RecordedEvent:
         return EventMetadata.from_json(self.metadata_json)
 
     @property
+    def tenant(self) -> str:
+        """The tenant the event belongs to: its metadata's, else `DEFAULT_TENANT`.
+
+        Decodes the metadata on each access, like `metadata`; it always equals
+        the `tenant` column the PostgreSQL store filters on.
+        """
+        return tenant_of(self.metadata_json)
+
+    @property
     def position(self) -> Position:
         """This event's checkpoint in the all-streams order."""
         return Position(self.transaction_id, self.global_position)
@@ -248,14 +279,27 @@ class EventFilter:
     Attributes:
         types: only events of these types.
         stream_prefix: only streams whose id starts with this text.
+        tenant: only events of this tenant (`RecordedEvent.tenant`; events
+            without a tenant in their metadata belong to `DEFAULT_TENANT`).
+            PostgreSQL reads one tenant's events through an index and never
+            scans the other tenants'.
     """
 
     types: frozenset[str] | None = None
     stream_prefix: str | None = None
+    tenant: str | None = None
 
-    def matches(self, stream_id: str, event_type: str) -> bool:
-        """Whether an event passes this filter (adapters may filter in the database)."""
+    def matches(self, stream_id: str, event_type: str, tenant: str) -> bool:
+        """Whether an event passes this filter (adapters may filter in the database).
+
+        Args:
+            stream_id: the event's stream.
+            event_type: its type.
+            tenant: its tenant (`RecordedEvent.tenant`).
+        """
         if self.types is not None and event_type not in self.types:
+            return False
+        if self.tenant is not None and tenant != self.tenant:
             return False
         return self.stream_prefix is None or stream_id.startswith(self.stream_prefix)
 
@@ -268,6 +312,9 @@ class EventPage:
         events: the matching events, in (transaction_id, global_position) order.
         next_position: where to continue; past every event scanned, including
             those the filter dropped, so a sparse filter still makes progress.
+            With a tenant filter, other tenants' events are not scanned but
+            passed over all the same: a page that reaches the end moves past
+            every event readable at that moment, whatever its tenant.
         reached_end: True when no more events are readable right now.
     """
 
@@ -427,13 +474,19 @@ class EventStore(Protocol):
 
         Args:
             after: the checkpoint (`START_POSITION` to read from the beginning).
-            limit: the most events scanned for this page (at least 1).
-            filter: types and stream prefix to keep; None keeps all.
+            limit: the most events scanned for this page (at least 1); with a
+                tenant filter, the most of that tenant's events.
+            filter: types, stream prefix and tenant to keep; None keeps all.
         """
         ...
 
     async def latest_events_of_types(
-        self, types: Collection[str], *, stream_prefix: str = "", last_type: str | None = None
+        self,
+        types: Collection[str],
+        *,
+        stream_prefix: str = "",
+        last_type: str | None = None,
+        tenant: str | None = None,
     ) -> tuple[RecordedEvent, ...]:
         """Per stream, the latest event whose type is one of `types`; a query, not a scan.
 
@@ -446,6 +499,7 @@ class EventStore(Protocol):
             stream_prefix: only streams whose id starts with this.
             last_type: when given, only streams whose latest event among
                 `types` has this type.
+            tenant: when given, only this tenant's events are considered.
 
         Returns:
             At most one event per stream (its highest-version event among

@@ -39,7 +39,7 @@ from turnlog.errors import (
     TurnlogError,
     VersionConflictError,
 )
-from turnlog.storage.checks import check_import_batch, check_name
+from turnlog.storage.checks import check_import_batch, check_metadata, check_name
 from turnlog.storage.hashchain import verify_chain
 from turnlog.storage.migrations import SCHEMA
 from turnlog.storage.port import (
@@ -157,6 +157,37 @@ _READ_ALL = _q(
     "   LIMIT %(limit)s) s"
     " ORDER BY s.transaction_id, s.global_position"
 )
+# One tenant's events: the same read through the (tenant, transaction_id,
+# global_position) index (migration 0002), in its order, so other tenants'
+# rows are never visited; the limit counts this tenant's rows. The xmin is
+# inline (a stable function: the planner evaluates it to estimate, so it sees
+# how many of the tenant's rows remain and takes an ordered index scan rather
+# than fetching all of them to sort; both calls see the statement's one
+# snapshot). The checkpoint must still move past other tenants' rows, so one
+# extra row (keep NULL, only the pair set) is the last row of the whole log
+# below that xmin, one probe of the primary key: a page that reaches the end
+# continues from there. Every row ordered before it is final (below xmin),
+# and this tenant's were all returned.
+_READ_ALL_TENANT = _q(
+    "SELECT s.global_position, s.transaction_id::text::bigint, s.stream_id, s.stream_version,"
+    " s.event_id, s.type, CASE WHEN s.keep THEN s.data::text END,"
+    " CASE WHEN s.keep THEN s.metadata::text END, s.recorded_at, s.prev_hash, s.hash, s.keep"
+    " FROM (SELECT e.*,"
+    "   (%(types)s::text[] IS NULL OR e.type = ANY (%(types)s::text[]))"
+    "   AND (%(prefix)s::text IS NULL OR starts_with(e.stream_id, %(prefix)s::text)) AS keep"
+    "   FROM {events} e"
+    "   WHERE e.tenant = %(tenant)s::text"
+    "     AND (e.transaction_id, e.global_position) > (%(tx)s::text::xid8, %(pos)s)"
+    "     AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
+    "   ORDER BY e.transaction_id, e.global_position"
+    "   LIMIT %(limit)s) s"
+    " UNION ALL"
+    " SELECT * FROM (SELECT t.global_position, t.transaction_id::text::bigint, NULL::text,"
+    "   NULL::bigint, NULL::uuid, NULL::text, NULL::text, NULL::text, NULL::timestamptz,"
+    "   NULL::bytea, NULL::bytea, NULL::boolean"
+    "   FROM {events} t WHERE t.transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
+    "   ORDER BY t.transaction_id DESC, t.global_position DESC LIMIT 1) tail"
+)
 # Per stream, the highest-version event of the given types (DISTINCT ON walks
 # the rows sorted by stream and version, newest first, keeping the first of
 # each stream); the caller's prefix and last-type filters run in the server,
@@ -165,6 +196,7 @@ _LATEST_OF_TYPES = _q(
     f"SELECT {_EVENT_COLUMNS} FROM ("
     "  SELECT DISTINCT ON (stream_id) * FROM {events}"
     "  WHERE type = ANY (%(types)s::text[]) AND starts_with(stream_id, %(prefix)s::text)"
+    "    AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s::text)"
     "  ORDER BY stream_id, stream_version DESC"
     ") latest"
     " WHERE %(last)s::text IS NULL OR type = %(last)s::text"
@@ -458,6 +490,7 @@ class PostgresEventStore:
             text = event.data_json()
             if isinstance(event.data, RawJson) and "\x00" in text:
                 raise InvalidArgumentError("raw JSON must not contain NUL characters")
+            check_metadata(event.metadata)
             event_ids.append(event.event_id)
             types_.append(event.type)
             data.append(text)
@@ -666,25 +699,40 @@ class PostgresEventStore:
         """Reads all streams after a checkpoint, never skipping; see `EventStore.read_all`."""
         if limit < 1:
             raise InvalidArgumentError("limit must be >= 1")
+        tenant = None if filter is None else filter.tenant
         params = {
             "tx": after.transaction_id,
             "pos": after.global_position,
             "limit": limit,
             "types": None if filter is None or filter.types is None else sorted(filter.types),
             "prefix": None if filter is None else filter.stream_prefix,
+            "tenant": tenant,
         }
+        query = _READ_ALL if tenant is None else _READ_ALL_TENANT
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> list[_RowTuple]:
-            cursor = await conn.execute(_READ_ALL, params)
+            cursor = await conn.execute(query, params)
             return await cursor.fetchall()
 
         rows = await self._read(run)
-        events = tuple(_event_from_row(row) for row in rows if row[11])
-        next_position = Position(rows[-1][1], rows[-1][0]) if rows else after
-        return EventPage(events=events, next_position=next_position, reached_end=len(rows) < limit)
+        # The tenant query's extra row (keep NULL) is the log's last readable
+        # row, told apart by that wherever the UNION puts it; the page's own
+        # rows keep their order (a Limit over the subquery's ORDER BY).
+        scanned = [row for row in rows if row[11] is not None]
+        tail = next((row for row in rows if row[11] is None), None)
+        events = tuple(_event_from_row(row) for row in scanned if row[11])
+        reached_end = len(scanned) < limit
+        last = tail if reached_end and tail is not None else scanned[-1] if scanned else None
+        next_position = after if last is None else max(after, Position(last[1], last[0]))
+        return EventPage(events=events, next_position=next_position, reached_end=reached_end)
 
     async def latest_events_of_types(
-        self, types: Collection[str], *, stream_prefix: str = "", last_type: str | None = None
+        self,
+        types: Collection[str],
+        *,
+        stream_prefix: str = "",
+        last_type: str | None = None,
+        tenant: str | None = None,
     ) -> tuple[RecordedEvent, ...]:
         """Per stream, the latest event of `types`; see `EventStore.latest_events_of_types`.
 
@@ -696,7 +744,12 @@ class PostgresEventStore:
         """
         if not types:
             raise InvalidArgumentError("types must name at least one event type")
-        params = {"types": sorted(types), "prefix": stream_prefix, "last": last_type}
+        params = {
+            "types": sorted(types),
+            "prefix": stream_prefix,
+            "last": last_type,
+            "tenant": tenant,
+        }
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> list[_RowTuple]:
             cursor = await conn.execute(_LATEST_OF_TYPES, params)
