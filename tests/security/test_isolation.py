@@ -100,7 +100,7 @@ async def test_each_tenant_reads_only_its_own(
             assert {_conversation(e) for e in events} == own[tenant]
             # Nothing skipped: the all-conversation read holds each stream whole.
             for cid in own[tenant]:
-                versions = [e.stream_version for e in events if _conversation(e) == cid]
+                versions = [e.version for e in events if _conversation(e) == cid]
                 assert versions == list(range(1, len(versions) + 1))
                 stream = await store.read_stream(f"conversation-{cid}")
                 assert len(versions) == len(stream)
@@ -148,7 +148,7 @@ async def test_an_all_conversation_subscription_sees_exactly_its_tenants_events(
         subscription.cancel()
         assert {_conversation(e) for e in seen} == own  # none of B's
         for cid in own:  # none of A's skipped or repeated
-            versions = [e.stream_version for e in seen if _conversation(e) == cid]
+            versions = [e.version for e in seen if _conversation(e) == cid]
             assert versions == list(range(1, await store.stream_version(f"conversation-{cid}") + 1))
 
 

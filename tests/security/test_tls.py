@@ -32,6 +32,10 @@ from worker_processes import WorkerProcess
 
 from turnlog import errors
 from turnlog.api.server import grpc_server
+from turnlog.auth.authenticator import Authenticator
+from turnlog.auth.mtls import MtlsIdentity
+from turnlog.auth.principal import Scope
+from turnlog.auth.settings import AuthSettings
 from turnlog.cli import main
 from turnlog.conversation.application import ConversationApplication
 from turnlog.engine.v1 import engine_pb2 as pb
@@ -43,6 +47,8 @@ from turnlog.tls import (
     channel_credentials,
     server_credentials,
 )
+from turnlog.v1 import conversation_service_pb2 as spb
+from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
 from turnlog.worker.certs import CertificateAuthority, IssuedCertificate
 from turnlog.worker.client import EngineClient, WorkerTarget
 from turnlog.worker.spawn import spawned_worker
@@ -155,8 +161,14 @@ async def app(store: PostgresEventStore) -> AsyncIterator[ConversationApplicatio
 async def public_server(
     app: ConversationApplication, credentials: grpc.ServerCredentials
 ) -> AsyncIterator[int]:
-    """`turnlog serve`'s gRPC server over `app` on a secure loopback port; yields the port."""
-    server, health = grpc_server(app)
+    """`turnlog serve`'s gRPC server over `app` on a secure loopback port; yields the port.
+
+    Its callers authenticate by client certificate: "test client" is tenant
+    `tls-tenant` with the read scope.
+    """
+    identity = MtlsIdentity(name="test client", tenant="tls-tenant", scopes=frozenset({Scope.READ}))
+    authenticator = Authenticator(AuthSettings(mtls=(identity,)))
+    server, health = grpc_server(app, authenticator=authenticator)
     port = server.add_secure_port("127.0.0.1:0", credentials)
     assert port
     await server.start()
@@ -165,6 +177,7 @@ async def public_server(
         yield port
     finally:
         await server.stop(0)
+        await authenticator.aclose()
 
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -201,6 +214,14 @@ async def test_public_port_mtls(app: ConversationApplication, pki: Pki) -> None:
             ca=pki.path("ca.pem"), cert=pki.path("client.pem"), key=pki.path("client.key")
         )
         assert await _health(port, good) == SERVING
+        # The verified certificate is the caller's credential: no token needed.
+        async with grpc.aio.secure_channel(f"localhost:{port}", good) as channel:
+            stub = sgrpc.ConversationServiceStub(channel)
+            listed = await stub.ListConversations(spb.ListConversationsRequest(), timeout=10)
+            assert list(listed.conversations) == []
+            with pytest.raises(grpc.aio.AioRpcError) as refused:  # read only
+                await stub.CreateConversation(spb.CreateConversationRequest(), timeout=10)
+            assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
 # --- reloading the server's files -------------------------------------------------------
