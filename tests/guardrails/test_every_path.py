@@ -277,14 +277,27 @@ async def stored_text(store: PostgresEventStore, database_url: str) -> str:
         )
         tables = await cursor.fetchall()
         assert ("turnlog", "events") in tables
+        assert ("turnlog", "snapshots") in tables
         for schema, table in tables:
             rows = await conn.execute(
-                sql.SQL("SELECT t::text FROM {}.{} t").format(
-                    sql.Identifier(schema), sql.Identifier(table)
-                )
+                sql.SQL("SELECT * FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
             )
-            texts += [row[0] for row in await rows.fetchall()]
+            texts += [" ".join(map(_as_text, row)) for row in await rows.fetchall()]
     return "\n".join(texts)
+
+
+def _as_text(value: object) -> str:
+    # Bytes as the text they hold: a snapshot's state is JSON in a bytea column.
+    if isinstance(value, bytes | memoryview):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
+
+
+async def snapshots_text(database_url: str) -> str:
+    """The conversation states saved as snapshots, as the JSON text they are."""
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cursor = await conn.execute("SELECT convert_from(state, 'UTF8') FROM turnlog.snapshots")
+        return "\n".join(row[0] for row in await cursor.fetchall())
 
 
 def leaks(text: str, *injected: Pii) -> list[str]:
@@ -366,6 +379,10 @@ async def test_a_server_tool_is_handed_and_the_log_keeps_only_redacted_text(
     assert leaks(stored, USER, TEXT, ARGS, RESULT, ERROR) == []
     for placeholder in ("[EMAIL]", "[CARD]", "[PHONE]"):
         assert placeholder in stored
+    # The scan reads snapshots as text: the turn's state was saved, redacted.
+    snapshots = await snapshots_text(database_url)
+    assert "customer_record" in snapshots
+    assert snapshots in stored
 
 
 async def test_a_tool_result_a_sanitizer_blocks_ends_the_turn_and_is_not_stored(
