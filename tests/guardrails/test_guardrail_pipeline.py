@@ -198,12 +198,12 @@ async def test_stages_run_in_order() -> None:
         "sanitize_response",
         "tool_call",
     ]
+    # The call passed the sanitizer unchanged: that records nothing.
     assert [(d.stage, d.guardrail) for d in decisions] == [
         (GuardrailStage.REQUEST_INTERCEPT, "rec_intercept"),
         (GuardrailStage.SANITIZE_REQUEST, "rec_text"),
         (GuardrailStage.CONDITIONAL_EXECUTION, "rec_text"),
         (GuardrailStage.SANITIZE_RESPONSE, "rec_text"),
-        (GuardrailStage.SANITIZE_RESPONSE, "rec_text"),  # the tool call, one decision
         (GuardrailStage.SANITIZE_RESPONSE, "rec_tool"),
     ]
     # The intercept changed the context, not the text: MODIFY with equal digests.

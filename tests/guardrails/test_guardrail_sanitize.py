@@ -110,11 +110,15 @@ def test_tool_calls_are_sanitized_before_the_tool_call_guardrails() -> None:
     assert (allow.verdict, schema.verdict) == (Verdict.ALLOW, Verdict.ALLOW)
 
 
-def test_a_clean_call_is_allowed_unchanged() -> None:
+def test_a_clean_call_passes_unchanged_and_records_only_the_tool_call_guardrails() -> None:
     call = ToolCall(call_id="c1", name="lookup", arguments_json='{"q":  "weather"}')
     check = ToolCallSanitizer(PiiRedactor()).check_call(call, {})
     assert check.call is call
     assert check.block_reason is None
+    pipeline = GuardrailPipeline(sanitize_response=[PiiRedactor()], tool_calls=[ToolAllowList()])
+    outcome = pipeline.check_tool_calls(ToolCallSubject(calls=(call,), tool_definitions=(LOOKUP,)))
+    assert outcome.tool_calls == (call,)
+    assert [d.guardrail for d in outcome.decisions] == ["tool_allow_list"]
 
 
 def test_no_later_guardrail_quotes_personal_data_in_a_call_name() -> None:
@@ -138,11 +142,11 @@ def test_a_blocked_term_in_the_arguments_blocks_the_streamed_response() -> None:
     assert outcome.blocked.guardrail == "blocked_terms"
     assert outcome.tool_calls == ()
     assert [type(a) for a in outcome.actions] == [RetractText, StopResponse]
-    # Text decisions (2), then the call's: redaction allowed it, the term blocked it.
+    # Text decisions (2), then the call's: the term blocked it (redaction
+    # let it pass unchanged, which records nothing).
     assert [(d.guardrail, d.verdict) for d in outcome.decisions] == [
         ("pii_redaction", Verdict.ALLOW),
         ("blocked_terms", Verdict.ALLOW),
-        ("pii_redaction", Verdict.ALLOW),
         ("blocked_terms", Verdict.BLOCK),
     ]
 
@@ -158,7 +162,14 @@ def test_a_profile_without_response_sanitizers_adds_no_tool_call_decision() -> N
 # --- texts entering the conversation (tool outputs, cancel reasons) -----------------
 
 
-def test_a_tool_result_is_sanitized_with_one_decision_per_guardrail() -> None:
+def test_a_clean_tool_result_passes_as_it_is_and_records_nothing() -> None:
+    pipeline = GuardrailPipeline(sanitize_request=[PiiRedactor()])
+    result = '{"result":  42}'
+    outcome = pipeline.sanitize_input(result, subject="the result of tool call 'c1'")
+    assert (outcome.text, outcome.decisions, outcome.blocked) == (result, (), None)
+
+
+def test_a_tool_result_is_sanitized_with_a_decision_for_the_change() -> None:
     pipeline = GuardrailPipeline(sanitize_request=[PiiRedactor()])
     result = json.dumps({"owner": EMAIL, "phone": PHONE})
     outcome = pipeline.sanitize_input(result, subject="the result of tool call 'c1'")

@@ -127,9 +127,8 @@ class GuardrailPipeline:
         self.response_mode = response_mode
         # Generated calls are sanitized like the response text, before any
         # tool-call guardrail sees (or quotes) them.
-        self._tool_call_checks: tuple[ToolCallGuardrail, ...] = (
-            *(ToolCallSanitizer(g) for g in self.sanitize_response),
-            *self.tool_calls,
+        self._tool_sanitizers: tuple[ToolCallGuardrail, ...] = tuple(
+            ToolCallSanitizer(g) for g in self.sanitize_response
         )
 
     @classmethod
@@ -216,9 +215,10 @@ class GuardrailPipeline:
         context = context or ResponseContext()
         return ResponseStreamFilter(
             guardrails=self.sanitize_response,
-            tool_guardrails=self._tool_call_checks,
+            tool_guardrails=self.tool_calls,
             tool_definitions=context.tool_definitions,
             mode=self.response_mode,
+            tool_sanitizers=self._tool_sanitizers,
         )
 
     def check_response(self, subject: ResponseSubject) -> ResponseOutcome:
@@ -230,24 +230,26 @@ class GuardrailPipeline:
         """
         stream = ResponseStreamFilter(
             guardrails=self.sanitize_response,
-            tool_guardrails=self._tool_call_checks,
+            tool_guardrails=self.tool_calls,
             tool_definitions=subject.tool_definitions,
             mode=ResponseMode.BUFFERED,
+            tool_sanitizers=self._tool_sanitizers,
         )
         stream.feed(subject.text)
         return stream.finish(subject.tool_calls)
 
     def check_tool_calls(self, subject: ToolCallSubject) -> ToolCallOutcome:
         """Run the tool-call sanitizers and guardrails (stage 5) alone, e.g. on a later round's calls."""
-        return check_tool_calls(self._tool_call_checks, subject)
+        return check_tool_calls(self.tool_calls, subject, sanitizers=self._tool_sanitizers)
 
     def sanitize_input(self, text: str, *, subject: str) -> TextOutcome:
         """Run the sanitize-request guardrails (stage 2) over a text entering the conversation.
 
         For what reaches the log and the model beside the user's message: a
         tool's result or error (server- or client-side), a cancel reason. JSON
-        is sanitized value by value and stays valid JSON. `subject` names the
-        text in each decision's reason and must not quote it.
+        is sanitized value by value and stays valid JSON. Decisions are made
+        only for guardrails that changed or blocked the text. `subject` names
+        the text in each decision's reason and must not quote it.
         """
         return sanitize_text(
             GuardrailStage.SANITIZE_REQUEST, self.sanitize_request, text, subject=subject

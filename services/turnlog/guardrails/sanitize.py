@@ -18,7 +18,11 @@ guardrails such as PII redaction) also apply to:
   sanitize guardrail would change or block them.
 
 Every change is a `GuardrailDecision` like the others (digests, MODIFY), so
-the audit trail says what was changed and by which guardrail, never the text.
+the audit trail says what was changed and by which guardrail, never the text;
+a block is one too. A check that lets its text pass unchanged records
+nothing: tool calls and outputs come with every tool turn, and a clean one
+is recorded exactly as before these checks existed, so recorded
+conversations still regenerate with the same decisions (docs/history.md).
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from turnlog import errors
-from turnlog.domain.events import GuardrailStage, SamplingParams, ToolCall, ToolDefinition
+from turnlog.domain.events import (
+    GuardrailStage,
+    SamplingParams,
+    ToolCall,
+    ToolDefinition,
+    Verdict,
+)
 from turnlog.guardrails.contracts import TextCheck, TextGuardrail, ToolCallCheck
 from turnlog.guardrails.records import Block, GuardrailDecision
 
@@ -212,7 +222,7 @@ class TextOutcome:
     Attributes:
         text: The text to record and pass on; "" when blocked (nothing of a
             blocked text may be recorded).
-        decisions: One per guardrail that ran, in order.
+        decisions: One per guardrail that changed or blocked the text, in order.
         blocked: The block, if a guardrail blocked (the later ones did not run).
     """
 
@@ -229,6 +239,11 @@ def sanitize_text(
     subject: str,
 ) -> TextOutcome:
     """Run `guardrails` in order over `text` (JSON-aware), stopping at the first block.
+
+    A decision is made for each guardrail that changed (MODIFY) or blocked
+    the text, none for one that let it pass unchanged: these texts come with
+    every tool call, and a clean one leaves the log as it was before they
+    were checked (recorded conversations regenerate with the same decisions).
 
     Args:
         stage: The stage the decisions are recorded in.
@@ -251,7 +266,8 @@ def sanitize_text(
             blocked=blocked,
             reason=f"{subject}: {reason}" if reason else subject,
         )
-        decisions.append(decision)
+        if decision.verdict is not Verdict.ALLOW:
+            decisions.append(decision)
         if blocked:
             return TextOutcome(
                 text="", decisions=tuple(decisions), blocked=Block.from_decision(decision)
