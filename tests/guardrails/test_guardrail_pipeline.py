@@ -192,14 +192,19 @@ async def test_stages_run_in_order() -> None:
         "execution_intercept",
         "generate:m",
         "sanitize_response",
+        # The response guardrail sanitizes the call (its name, then its
+        # arguments) before the tool-call guardrail sees it.
+        "sanitize_response",
+        "sanitize_response",
         "tool_call",
     ]
-    assert [d.stage for d in decisions] == [
-        GuardrailStage.REQUEST_INTERCEPT,
-        GuardrailStage.SANITIZE_REQUEST,
-        GuardrailStage.CONDITIONAL_EXECUTION,
-        GuardrailStage.SANITIZE_RESPONSE,
-        GuardrailStage.SANITIZE_RESPONSE,
+    # The call passed the sanitizer unchanged: that records nothing.
+    assert [(d.stage, d.guardrail) for d in decisions] == [
+        (GuardrailStage.REQUEST_INTERCEPT, "rec_intercept"),
+        (GuardrailStage.SANITIZE_REQUEST, "rec_text"),
+        (GuardrailStage.CONDITIONAL_EXECUTION, "rec_text"),
+        (GuardrailStage.SANITIZE_RESPONSE, "rec_text"),
+        (GuardrailStage.SANITIZE_RESPONSE, "rec_tool"),
     ]
     # The intercept changed the context, not the text: MODIFY with equal digests.
     assert decisions[0].verdict is Verdict.MODIFY

@@ -47,7 +47,12 @@ from turnlog.conversation.tools import ToolRegistry
 from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, evolve, fold
 from turnlog.eventlog import Clock, derived_id, stream_id, wall_clock_us
-from turnlog.guardrails import GuardrailPipeline, GuardrailRegistry, default_registry
+from turnlog.guardrails import (
+    GuardrailPipeline,
+    GuardrailRegistry,
+    conversation_fields,
+    default_registry,
+)
 from turnlog.storage import NO_STREAM, EventStore, ReplicaLiveness
 from turnlog.worker.client import EngineClient
 
@@ -175,15 +180,25 @@ class ConversationApplication:
 
         Raises:
             AlreadyExistsError: The id is taken by a different create.
-            InvalidArgumentError: Unknown guardrail profile or server tool.
+            InvalidArgumentError: Unknown guardrail profile or server tool;
+                `FieldRefusedError` for a field a sanitize guardrail would change.
         """
         conversation_id = command.conversation_id or (
             derived_id("conversation", command.tenant, command.request_id)
             if command.request_id
             else str(uuid.uuid4())
         )
-        GuardrailPipeline.for_profile(
+        pipeline = GuardrailPipeline.for_profile(
             command.guardrail_profile or self.defaults.guardrail_profile, self.guardrails
+        )
+        # Recorded as given, so refused (not rewritten) if a sanitize guardrail would change them.
+        pipeline.check_fields(
+            conversation_fields(
+                system_prompt=command.system_prompt,
+                labels=command.labels,
+                tools=command.tools,
+                sampling=command.defaults.sampling,
+            )
         )
         tools = tuple(self.tools.complete(t) for t in command.tools)
         created = ev.ConversationCreated(

@@ -57,6 +57,7 @@ from turnlog.guardrails import (
     StreamAction,
     TextDelta,
     decisions_to_events,
+    sampling_fields,
 )
 from turnlog.guardrails.execution import ExecutionEvent
 from turnlog.worker.client import EngineClient, PooledRequestStream
@@ -168,6 +169,9 @@ async def prepare(
     pipeline = GuardrailPipeline.for_profile(
         state.guardrail_profile or deps.defaults.guardrail_profile, deps.guardrails
     )
+    # The turn's own stop sequences and regex are recorded as given: refused
+    # (before anything is recorded or sent) if a sanitize guardrail would change them.
+    pipeline.check_fields(sampling_fields(options.sampling, prefix="options"))
     resolved = resolve(deps.defaults, state, options)
     if compaction_only:
         return await _prepare_compaction(deps, state, pipeline, turn_id, request_id, resolved)
@@ -646,13 +650,14 @@ class TurnRunner:
                 round_trips += 1
                 phase = "tool"
                 with metrics.stage_timer("tools"):
-                    await self._run_tools(completed.tool_calls)
+                    if not await self._run_tools(completed.tool_calls):
+                        return  # a tool's outcome was blocked, and recorded
         except asyncio.CancelledError:
             await self.finish(
                 ev.TurnCancelled(
                     turn_id=self.turn_id,
                     cancelled_at_us=clock(),
-                    reason=self.live.cancel_reason or "cancelled",
+                    reason=self._cancel_reason(),
                 )
             )
         except errors.TurnlogError as e:
@@ -679,6 +684,16 @@ class TurnRunner:
         finally:
             # Cancelled before its first generation read the prestarted request.
             await asyncio.shield(self.abandon())
+
+    def _cancel_reason(self) -> str:
+        """The cancel reason to record: a client's text, so it passes the sanitize guardrails."""
+        reason = self.live.cancel_reason or "cancelled"
+        if self.state.open_turn is None:
+            return reason  # ended already: nothing more can be recorded of it
+        checked = self.pipeline.sanitize_input(reason, subject="the cancel reason")
+        for decided in decisions_to_events(checked.decisions, turn_id=self.turn_id):
+            self.add(decided)
+        return "cancelled" if checked.blocked is not None else checked.text
 
     def _turn_usage(self) -> ev.Usage:
         turn = self.state.turn(self.turn_id)
@@ -911,7 +926,18 @@ class TurnRunner:
 
         return call
 
-    async def _run_tools(self, calls: Sequence[ev.ToolCall]) -> None:
+    async def _run_tools(self, calls: Sequence[ev.ToolCall]) -> bool:
+        """Run the calls (already sanitized, stage 5) and record each outcome.
+
+        A tool's result or error enters the conversation like the user's
+        text: it passes the sanitize-request guardrails (JSON value by value)
+        before it is recorded, so the log and the next generation's prompt,
+        which is built from the log, only hold the sanitized text.
+
+        Returns:
+            False when a guardrail blocked an outcome: the turn then ended
+            blocked (recorded), and the calls after it did not run.
+        """
         definitions = {t.name: t for t in self.state.tools}
         for call in calls:
             definition = definitions.get(call.name)
@@ -939,13 +965,31 @@ class TurnRunner:
                     )
                 except ToolError as e:
                     result, error = "", str(e)
+            checked = self.pipeline.sanitize_input(
+                error or result,
+                subject=f"the {'error' if error else 'result'} of tool call {call.call_id!r}",
+            )
+            for decided in decisions_to_events(checked.decisions, turn_id=self.turn_id):
+                self.add(decided)
+            if checked.blocked is not None:
+                await self.finish(
+                    checked.blocked.to_event(turn_id=self.turn_id, blocked_at_us=self.deps.clock())
+                )
+                return False
             if error:
-                self.add(ev.ToolCallFailed(turn_id=self.turn_id, call_id=call.call_id, error=error))
+                self.add(
+                    ev.ToolCallFailed(
+                        turn_id=self.turn_id, call_id=call.call_id, error=checked.text
+                    )
+                )
             else:
                 self.add(
-                    ev.ToolCallCompleted(turn_id=self.turn_id, call_id=call.call_id, result=result)
+                    ev.ToolCallCompleted(
+                        turn_id=self.turn_id, call_id=call.call_id, result=checked.text
+                    )
                 )
             self.publish_pending()
+        return True
 
 
 __all__ = ["RunningTurn", "TurnDependencies", "TurnRunner", "prepare"]

@@ -64,6 +64,16 @@ from turnlog.guardrails.response import (
     StreamAction,
     ToolCallOutcome,
 )
+from turnlog.guardrails.sanitize import (
+    FieldKind,
+    FieldRefusedError,
+    RequestField,
+    TextOutcome,
+    ToolCallSanitizer,
+    check_json_or_text,
+    conversation_fields,
+    sampling_fields,
+)
 from turnlog.guardrails.terms import BlockedTerms
 from turnlog.guardrails.tools import ToolAllowList, ToolArgumentsSchema
 
@@ -74,6 +84,8 @@ __all__ = [
     "EmitText",
     "ExecutionEvent",
     "ExecutionIntercept",
+    "FieldKind",
+    "FieldRefusedError",
     "GenerationCall",
     "GenerationFinished",
     "GenerationRequest",
@@ -89,6 +101,7 @@ __all__ = [
     "ModelFallback",
     "NormalizeText",
     "PiiRedactor",
+    "RequestField",
     "RequestIntercept",
     "RequestOutcome",
     "RequestSubject",
@@ -106,15 +119,20 @@ __all__ = [
     "TextCheck",
     "TextDelta",
     "TextGuardrail",
+    "TextOutcome",
     "TextScanner",
     "ToolAllowList",
     "ToolArgumentsSchema",
     "ToolCallCheck",
     "ToolCallGuardrail",
     "ToolCallOutcome",
+    "ToolCallSanitizer",
     "ToolCallSubject",
+    "check_json_or_text",
+    "conversation_fields",
     "decisions_to_events",
     "default_registry",
+    "sampling_fields",
     "text_digest",
     "tool_call_text",
 ]

@@ -10,18 +10,24 @@ orchestration"):
    is never called.
 4. EXECUTION_INTERCEPT: `ExecutionIntercept`s wrap the generation call.
 5. SANITIZE_RESPONSE: `TextGuardrail`s on the response text, streamed through
-   `ResponseStreamFilter`, then `ToolCallGuardrail`s on generated tool calls.
+   `ResponseStreamFilter`, then on each generated tool call's name and
+   arguments (`ToolCallSanitizer`), then `ToolCallGuardrail`s on the
+   sanitized calls.
 
 Stages 1 to 3 are `check_request`; stage 4 is `wrap_execution`; stage 5 is
 `response_stream` (or `check_response` for a whole response, and
-`check_tool_calls` for tool calls alone). A pipeline holds no per-turn state
-and may be shared by any number of concurrent turns.
+`check_tool_calls` for tool calls alone). The sanitize stages also cover
+what enters the conversation beside the user's text (`sanitize_input`: a
+tool's result or error, a cancel reason) and the request fields the log
+records verbatim (`check_fields`, which refuses rather than rewrites).
+A pipeline holds no per-turn state and may be shared by any number of
+concurrent turns.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,6 +48,13 @@ from turnlog.guardrails.response import (
     ResponseStreamFilter,
     ToolCallOutcome,
     check_tool_calls,
+)
+from turnlog.guardrails.sanitize import (
+    RequestField,
+    TextOutcome,
+    ToolCallSanitizer,
+    refuse_changed_fields,
+    sanitize_text,
 )
 
 if TYPE_CHECKING:
@@ -112,6 +125,11 @@ class GuardrailPipeline:
         self.sanitize_response = tuple(sanitize_response)
         self.tool_calls = tuple(tool_calls)
         self.response_mode = response_mode
+        # Generated calls are sanitized like the response text, before any
+        # tool-call guardrail sees (or quotes) them.
+        self._tool_sanitizers: tuple[ToolCallGuardrail, ...] = tuple(
+            ToolCallSanitizer(g) for g in self.sanitize_response
+        )
 
     @classmethod
     def for_profile(cls, name: str, registry: GuardrailRegistry) -> GuardrailPipeline:
@@ -200,6 +218,7 @@ class GuardrailPipeline:
             tool_guardrails=self.tool_calls,
             tool_definitions=context.tool_definitions,
             mode=self.response_mode,
+            tool_sanitizers=self._tool_sanitizers,
         )
 
     def check_response(self, subject: ResponseSubject) -> ResponseOutcome:
@@ -214,13 +233,40 @@ class GuardrailPipeline:
             tool_guardrails=self.tool_calls,
             tool_definitions=subject.tool_definitions,
             mode=ResponseMode.BUFFERED,
+            tool_sanitizers=self._tool_sanitizers,
         )
         stream.feed(subject.text)
         return stream.finish(subject.tool_calls)
 
     def check_tool_calls(self, subject: ToolCallSubject) -> ToolCallOutcome:
-        """Run the tool-call guardrails (stage 5) alone, e.g. on a later round's calls."""
-        return check_tool_calls(self.tool_calls, subject)
+        """Run the tool-call sanitizers and guardrails (stage 5) alone, e.g. on a later round's calls."""
+        return check_tool_calls(self.tool_calls, subject, sanitizers=self._tool_sanitizers)
+
+    def sanitize_input(self, text: str, *, subject: str) -> TextOutcome:
+        """Run the sanitize-request guardrails (stage 2) over a text entering the conversation.
+
+        For what reaches the log and the model beside the user's message: a
+        tool's result or error (server- or client-side), a cancel reason. JSON
+        is sanitized value by value and stays valid JSON. Decisions are made
+        only for guardrails that changed or blocked the text. `subject` names
+        the text in each decision's reason and must not quote it.
+        """
+        return sanitize_text(
+            GuardrailStage.SANITIZE_REQUEST, self.sanitize_request, text, subject=subject
+        )
+
+    def check_fields(self, fields: Iterable[RequestField]) -> None:
+        """Refuse request fields that a sanitize-request guardrail would change or block.
+
+        For fields the log records as given (system prompt, labels, tool
+        definitions, stop sequences, the structured-output regex): they are
+        never rewritten, so nothing is changed and nothing needs a decision.
+
+        Raises:
+            turnlog.guardrails.sanitize.FieldRefusedError: Naming the first such
+                field and the guardrail (an INVALID_ARGUMENT).
+        """
+        refuse_changed_fields(self.sanitize_request, fields, profile=self.profile)
 
 
 def _with_user_text(request: RequestSubject, text: str) -> RequestSubject:

@@ -2,7 +2,10 @@
 
 Every guardrail that runs yields exactly one `GuardrailDecision` per subject it
 checked (an execution intercept: one per action it took, or one ALLOW when it
-let the call through untouched). A decision converts into the domain event
+let the call through untouched). One exception: the sanitize checks of tool
+calls and of texts entering beside the user's message (a tool's result or
+error, a cancel reason; `turnlog.guardrails.sanitize`) yield a decision only
+when they change or block their subject. A decision converts into the domain event
 `GuardrailDecided` with `GuardrailDecision.to_event`; a `Block` converts into
 `TurnBlocked`.
 
@@ -12,7 +15,8 @@ are always filled, so `before_digest == after_digest` exactly when the
 guardrail did not change the text (ALLOW and BLOCK never change it). The
 subject text is the user text (request stages), the request text handed to
 the generation call (execution intercepts), the response text a guardrail saw
-(sanitize-response), or `tool_call_text(call)` (tool-call guardrails).
+(sanitize-response), `tool_call_text(call)` (tool-call guardrails and
+sanitizers), or the tool output or cancel reason as it arrived.
 """
 
 from __future__ import annotations

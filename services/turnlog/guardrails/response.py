@@ -128,14 +128,24 @@ class ResponseOutcome:
 
 
 def check_tool_calls(
-    guardrails: Sequence[ToolCallGuardrail], subject: ToolCallSubject
+    guardrails: Sequence[ToolCallGuardrail],
+    subject: ToolCallSubject,
+    *,
+    sanitizers: Sequence[ToolCallGuardrail] = (),
 ) -> ToolCallOutcome:
-    """Run tool-call guardrails over every call, stopping at the first block."""
+    """Run tool-call guardrails over every call, stopping at the first block.
+
+    `sanitizers` run first on each call; they record a decision only when
+    they change or block it (an unchanged call adds nothing to the log, so a
+    clean tool turn is recorded as before they existed). `guardrails` record
+    one decision each, ALLOW included.
+    """
     tools: Mapping[str, ToolDefinition] = subject.tools_by_name()
     decisions: list[GuardrailDecision] = []
     passed: list[ToolCall] = []
+    quiet = len(sanitizers)
     for call in subject.calls:
-        for guardrail in guardrails:
+        for index, guardrail in enumerate((*sanitizers, *guardrails)):
             result = guardrail.check_call(call, tools)
             decision = GuardrailDecision.of(
                 stage=_STAGE,
@@ -146,7 +156,8 @@ def check_tool_calls(
                 blocked=result.block_reason is not None,
                 reason=result.block_reason or result.reason,
             )
-            decisions.append(decision)
+            if index >= quiet or decision.verdict is not Verdict.ALLOW:
+                decisions.append(decision)
             if result.block_reason is not None:
                 return ToolCallOutcome(
                     tool_calls=(), decisions=tuple(decisions), blocked=Block.from_decision(decision)
@@ -217,8 +228,13 @@ class ResponseStreamFilter:
         tool_guardrails: Sequence[ToolCallGuardrail],
         tool_definitions: Sequence[ToolDefinition],
         mode: ResponseMode,
+        tool_sanitizers: Sequence[ToolCallGuardrail] = (),
     ) -> None:
-        """Open one scanner per guardrail; guardrails that cannot stream hold until the end."""
+        """Open one scanner per guardrail; guardrails that cannot stream hold until the end.
+
+        `tool_sanitizers` run on each tool call before `tool_guardrails`
+        (see `check_tool_calls`).
+        """
         self._stages = [
             _Stage(
                 g, g.scanner() if isinstance(g, StreamingTextGuardrail) else _WholeTextScanner(g)
@@ -226,6 +242,7 @@ class ResponseStreamFilter:
             for g in guardrails
         ]
         self._tool_guardrails = tuple(tool_guardrails)
+        self._tool_sanitizers = tuple(tool_sanitizers)
         self._tool_definitions = tuple(tool_definitions)
         self._mode = mode
         self._output: list[str] = []
@@ -288,6 +305,7 @@ class ResponseStreamFilter:
         tools = check_tool_calls(
             self._tool_guardrails,
             ToolCallSubject(calls=tuple(tool_calls), tool_definitions=self._tool_definitions),
+            sanitizers=self._tool_sanitizers,
         )
         text_decisions = tuple(stage.decision() for stage in self._stages)
         if tools.blocked is not None:
