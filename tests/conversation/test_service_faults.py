@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from conversation_helpers import served as serve_app
 from worker_processes import WorkerProcess
 
 from turnlog.auth.channel import credentialed_channel
@@ -92,7 +93,7 @@ async def make_served() -> AsyncIterator[Callable[..., Any]]:
             defaults=ServiceDefaults(text_flush_interval_s=0.1),
         )
         cleanups.append(app.shutdown)
-        serving_context = served(app)
+        serving_context = serve_app(app)
         serving = await serving_context.__aenter__()
         cleanups.append(lambda: serving_context.__aexit__(None, None, None))
         channel = credentialed_channel(serving.address, serving.token())

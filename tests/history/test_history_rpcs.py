@@ -31,6 +31,7 @@ from turnlog.api.messages import log_event
 from turnlog.conversation.application import ConversationApplication
 from turnlog.domain import codec
 from turnlog.domain.state import fold
+from turnlog import errors
 from turnlog.history import jsonl
 from turnlog.history.service import (
     CaughtUp,
@@ -530,6 +531,13 @@ async def test_paging_and_batching_return_every_event_once_under_any_caps(
         if (e.stream_id == f"conversation-{scope}" if scope else e.stream_id != "other")
         and (types is None or e.type in types)
     ]
+    if scope and not any(sid == f"conversation-{scope}" for sid, _, _ in events):
+        # A conversation that does not exist is not found, as another tenant's is.
+        with pytest.raises(errors.NotFoundError):
+            await history.read_events(query, page_size=page_size, page_token="")
+        with pytest.raises(errors.NotFoundError):
+            await anext(history.subscribe(query))
+        return
     # ReadEvents: pages within both caps, each as full as the caps allow.
     pages = []
     token = ""
@@ -567,14 +575,16 @@ async def test_live_events_that_arrive_together_come_in_one_batch() -> None:
     store = InMemoryEventStore()
     history = HistoryService(store)
     before = asyncio.all_tasks()
-    subscription = history.subscribe(EventQuery(conversation_id="a"), max_events=3)
+    # The conversation must exist to be followed: its first event, then the rest live.
+    await store.append("conversation-a", [filler(10)], expected_version=None)
+    subscription = history.subscribe(EventQuery(conversation_id="a", after_version=1), max_events=3)
 
     async def batch() -> tuple[RecordedEvent, ...]:
         item = await asyncio.wait_for(anext(subscription), 5)
         assert not isinstance(item, CaughtUp)
         return item
 
-    assert await anext(subscription) == CaughtUp(version=0)
+    assert await anext(subscription) == CaughtUp(version=1)
     together = [filler(10) for _ in range(5)]
     await store.append("conversation-a", together, expected_version=None)
     first, second = await batch(), await batch()
