@@ -15,11 +15,11 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from conversation_helpers import served as serve_app
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from conversation_helpers import served as serve_app
 from worker_processes import WorkerProcess
 
 from turnlog.auth.channel import credentialed_channel

@@ -27,11 +27,11 @@ from conversation_helpers import conversation_stub
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from turnlog import errors
 from turnlog.api.messages import log_event
 from turnlog.conversation.application import ConversationApplication
 from turnlog.domain import codec
 from turnlog.domain.state import fold
-from turnlog import errors
 from turnlog.history import jsonl
 from turnlog.history.service import (
     CaughtUp,
