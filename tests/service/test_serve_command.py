@@ -16,6 +16,7 @@ from worker_processes import printed_token
 
 from turnlog.v1 import conversation_pb2, conversation_service_pb2, conversation_service_pb2_grpc
 
+SECRET_CONTENT = "zebra quartz 4111 private words"
 LISTENING = re.compile(r"turnlog serving gRPC on (\S+:\d+)")
 SPAWNED = re.compile(r"spawned engine worker (\d+) serving on")
 
@@ -47,9 +48,12 @@ def _health(address: str) -> int:
         return int(response.status)
 
 
-def _stop(proc: subprocess.Popen[str]) -> int:
+def _stop(proc: subprocess.Popen[str], rest: list[str] | None = None) -> int:
+    """SIGTERM; its exit code. The output not yet read goes into `rest`."""
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=30)  # drains and closes the pipe
+    out, _ = proc.communicate(timeout=30)  # drains and closes the pipe
+    if rest is not None:
+        rest.append(out or "")
     return proc.returncode
 
 
@@ -122,7 +126,7 @@ def test_serve_spawns_its_own_worker_and_runs_a_turn(tmp_path: Path) -> None:
             sent = stub.SendMessage(
                 conversation_service_pb2.SendMessageRequest(
                     input=conversation_service_pb2.TurnInput(
-                        conversation=created.name, request_id="turn-1", content="hi"
+                        conversation=created.name, request_id="turn-1", content=SECRET_CONTENT
                     )
                 ),
                 timeout=60,
@@ -131,8 +135,12 @@ def test_serve_spawns_its_own_worker_and_runs_a_turn(tmp_path: Path) -> None:
         assert sent.turn.status == conversation_pb2.TURN_STATUS_COMPLETED
         assert sent.assistant_message.content == "Hello from a child."
     finally:
-        code = _stop(proc)
+        code = _stop(proc, printed)
     assert code == 0
+    # At the default log level: the token only where it was printed, no content.
+    output = "".join(printed)
+    assert output.count(token) == 1
+    assert SECRET_CONTENT not in output
     # The child worker went with the service.
     assert worker_pid is not None, "the service did not log its spawned worker"
     with pytest.raises(ProcessLookupError):
