@@ -205,6 +205,8 @@ class Authentication(_Interceptor):
             # The method name only: never the credential or the request.
             log.info("refused %s: %s", method, e.reason)
             await abort(context, e)
+        except Exception as e:  # a bug: INTERNAL, logged once (never the credential)
+            await abort(context, e)
         return principal
 
     def _guard(self, handler: Handler, method: str) -> Handler:
