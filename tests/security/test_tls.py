@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import ssl
 import stat
@@ -28,11 +29,12 @@ import grpc
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from worker_processes import WorkerProcess
+from worker_processes import TurnlogProcess, WorkerProcess, printed_token
 
 from turnlog import errors
 from turnlog.api.server import grpc_server
 from turnlog.auth.authenticator import Authenticator
+from turnlog.auth.channel import credentialed_channel
 from turnlog.auth.mtls import MtlsIdentity
 from turnlog.auth.principal import Scope
 from turnlog.auth.settings import AuthSettings
@@ -413,3 +415,55 @@ async def test_spawned_worker_refuses_tls_flags_of_its_own(pki: Pki) -> None:
     with pytest.raises(ValueError, match="drop --tls-cert"):
         async with spawned_worker(f"--backend scripted --tls-cert={pki.path('server.pem')}"):
             pass
+
+
+# --- turnlog serve's flags, end to end ------------------------------------------------
+
+
+async def test_serve_flags_secure_the_port_and_the_worker_connection(
+    mtls_worker: WorkerProcess, pki: Pki, database_url: str, tmp_path: Path
+) -> None:
+    """`--tls-cert/--tls-key` on the public port; `--worker-tls-*` mTLS to a worker that needs it."""
+    log = tmp_path / "serve.log"
+    serve = TurnlogProcess(
+        [
+            "serve",
+            "--worker",
+            mtls_worker.target,
+            "--tls-cert",
+            str(pki.path("server.pem")),
+            "--tls-key",
+            str(pki.path("server.key")),
+            "--worker-tls-ca",
+            str(pki.path("ca.pem")),
+            "--worker-tls-cert",
+            str(pki.path("client.pem")),
+            "--worker-tls-key",
+            str(pki.path("client.key")),
+        ],
+        log,
+        re.compile(r"turnlog serving gRPC on \S+:(\d+) \(TLS;"),
+    )
+    serve.env = {
+        "TURNLOG_DATABASE_URL": database_url,
+        "TURNLOG_LISTEN": "127.0.0.1:0",
+        "TURNLOG_DATA_DIR": str(tmp_path / "data"),
+    }
+    port = int(serve.start(timeout_s=60)[1])
+    try:
+        token = printed_token(log.read_text(errors="replace"))
+        tls = _credentials(pki.ca.cert_pem)
+        async with credentialed_channel(f"localhost:{port}", token, credentials=tls) as channel:
+            stub = sgrpc.ConversationServiceStub(channel)
+            created = await stub.CreateConversation(spb.CreateConversationRequest(), timeout=15)
+            sent = await stub.SendMessage(
+                spb.SendMessageRequest(
+                    input=spb.TurnInput(conversation=created.conversation.name, content="hi")
+                ),
+                timeout=30,
+            )
+        # The turn ran on the worker that accepts only certified clients.
+        assert sent.assistant_message.content
+        assert await _refused(port, None) == grpc.StatusCode.UNAVAILABLE  # no plain text
+    finally:
+        serve.terminate(15)
