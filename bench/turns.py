@@ -106,6 +106,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -118,7 +119,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
+import psutil  # type: ignore[import-untyped]  # (no types-psutil in the lock)
 import psycopg
 from engine import (
     ENGINE_SETTINGS,
@@ -134,6 +135,7 @@ from engine import (
 from paired import format_paired, paired_ratio, rotated
 from prometheus_client.parser import text_string_to_metric_families
 
+from turnlog.auth.channel import credentialed_channel
 from turnlog.engine.v1 import engine_pb2 as epb
 from turnlog.metrics import STAGES
 from turnlog.storage.embedded import EmbeddedPostgres
@@ -306,7 +308,7 @@ class Service:
 
     def __init__(
         self,
-        stub: sgrpc.ConversationServiceStub,
+        stub: sgrpc.ConversationServiceAsyncStub,
         max_tokens: int | None,
         temperature: float = 0.0,
         seeded: bool = False,
@@ -648,23 +650,65 @@ def start_worker(backend: list[str], env: dict[str, str], log: Path) -> tuple[An
     return proc, wait_for_worker_port(proc, log)
 
 
+#: The line `turnlog serve` prints with the token of its local signing key, before
+#: its "serving" line (the same pattern as tests/worker_processes.py's SERVE_TOKEN).
+SERVE_TOKEN = re.compile(r"turnlog token for tenant '[^']+' \([^)]*\): (\S+)")
+
+
+@dataclass
+class ServiceProcess:
+    """A running `turnlog serve`: its process, address, log, and the token its calls carry."""
+
+    proc: Any
+    target: str
+    log: Path
+    token: str | None
+
+    def channel(self) -> grpc.aio.Channel:
+        """A channel whose every call carries the token (none with `--insecure`)."""
+        return credentialed_channel(self.target, self.token)
+
+
 def start_service(
-    port: int, worker: str, dsn: str, env: dict[str, str], log: Path, *, metrics: bool = False
-) -> Any:
-    """Starts `turnlog serve`; with `metrics`, on a metrics port of its own choosing
-    (`service_metrics_port` reads it)."""
-    cmd = [sys.executable, "-m", "turnlog.cli", "serve", "--listen", f"127.0.0.1:{port}",
+    name: str,
+    worker: str,
+    dsn: str,
+    env: dict[str, str],
+    tmp: Path,
+    *,
+    metrics: bool = False,
+    insecure: bool = False,
+) -> ServiceProcess:
+    """Starts `turnlog serve`, logging to `tmp/<name>.log`, with `tmp/<name>-data` as its
+    data folder (TURNLOG_DATA_DIR: the local signing key of the token it prints).
+
+    Authentication is on, with that printed token, unless `insecure`. With
+    `metrics`, a metrics port of its own choosing (`service_metrics_port` reads it).
+    """
+    target = f"127.0.0.1:{free_port()}"
+    log = tmp / f"{name}.log"
+    cmd = [sys.executable, "-m", "turnlog.cli", "serve", "--listen", target,
            "--worker", worker]  # fmt: skip
     if metrics:
         cmd += ["--metrics-listen", "127.0.0.1:0"]
-    proc = start_process(cmd, log, {**env, "TURNLOG_DATABASE_URL": dsn})
+    if insecure:
+        cmd.append("--insecure")
+    proc = start_process(cmd, log, {**env, "TURNLOG_DATABASE_URL": dsn,
+                                    "TURNLOG_DATA_DIR": str(tmp / f"{name}-data")})  # fmt: skip
     wait_for(lambda: "turnlog serving gRPC" in log.read_text(errors="replace"), proc, log)
-    return proc
+    token = None
+    if not insecure:
+        found = SERVE_TOKEN.findall(log.read_text(errors="replace"))
+        if not found:
+            stop_process(proc)
+            raise RuntimeError(f"turnlog serve printed no token:\n{log.read_text()[-3000:]}")
+        token = str(found[-1])
+    return ServiceProcess(proc=proc, target=target, log=log, token=token)
 
 
-def service_metrics_port(proc: Any, log: Path) -> int:
+def service_metrics_port(service: ServiceProcess) -> int:
     """The port a service started with `metrics=True` serves its metrics on."""
-    port: int = wait_for_logged_port(proc, log, r"turnlog metrics on port (\d+)")
+    port: int = wait_for_logged_port(service.proc, service.log, r"turnlog metrics on port (\d+)")
     return port
 
 
@@ -693,7 +737,6 @@ async def phase_scripted(
 ) -> dict[str, Any]:
     script = tmp / "script.json"
     script.write_text(json.dumps(SCRIPT))
-    sport = free_port()
     worker, wport = start_worker(["--backend", "scripted", "--script", str(script)], env,
                                  tmp / "scripted-worker.log")  # fmt: skip
     service = None
@@ -701,11 +744,10 @@ async def phase_scripted(
     added: list[dict[str, Any]] = []
     commits: list[dict[str, Any]] = []
     try:
-        service = start_service(sport, f"127.0.0.1:{wport}", dsn, env,
-                                tmp / "scripted-service.log")  # fmt: skip
+        service = start_service("scripted-service", f"127.0.0.1:{wport}", dsn, env, tmp)
         async with (
             EngineClient([f"127.0.0.1:{wport}"], load_poll_interval_s=0) as client,
-            grpc.aio.insecure_channel(f"127.0.0.1:{sport}") as channel,
+            service.channel() as channel,
             await psycopg.AsyncConnection.connect(dsn, autocommit=True) as stats,
         ):
             direct = Direct(client, None)
@@ -763,7 +805,7 @@ async def phase_scripted(
                       f" service {s['turns_per_s']:>8} t/s", file=sys.stderr)  # fmt: skip
     finally:
         if service is not None:
-            stop_process(service)
+            stop_process(service.proc)
         stop_process(worker)
     return {"rows": rows, "added": added, "commits": commits,
             "idle_xacts_per_s": round(idle_xacts_per_s, 3)}  # fmt: skip
@@ -804,7 +846,6 @@ async def phase_vllm(
     import aiohttp
 
     http_on = args.worker is None
-    sport = free_port()
     procs: list[Any] = []
     rows: list[dict[str, Any]] = []
     ratios: dict[str, dict[str, Any]] = {}
@@ -835,19 +876,18 @@ async def phase_vllm(
             procs.append(worker)
             roots["worker"] = worker.pid
             worker_address = f"127.0.0.1:{wport}"
-        service_log = tmp / "vllm-service.log"
-        service = start_service(sport, worker_address, dsn, env, service_log, metrics=True)
-        procs.append(service)
-        roots["serve"] = service.pid
+        service = start_service("vllm-service", worker_address, dsn, env, tmp, metrics=True)
+        procs.append(service.proc)
+        roots["serve"] = service.proc.pid
         cpu = CpuMeter(roots)
-        metrics_url = f"http://127.0.0.1:{service_metrics_port(service, service_log)}/metrics"
+        metrics_url = f"http://127.0.0.1:{service_metrics_port(service)}/metrics"
         if http is not None:
             wait_for(lambda: http_ready(url), http, http_log)
         async with (
             aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=HTTP_KEEPALIVE_S)
             ) as session,
-            grpc.aio.insecure_channel(f"127.0.0.1:{sport}") as channel,
+            service.channel() as channel,
             EngineClient([worker_address], load_poll_interval_s=0) as client,
         ):
             stub = sgrpc.ConversationServiceStub(channel)
