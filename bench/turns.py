@@ -3,6 +3,11 @@
 A program, not a test. Everything runs on loopback, as separate processes:
 an embedded PostgreSQL (unless --dsn), `turnlog worker`, `turnlog serve
 --worker ...` (the service under test) and this process, the client.
+Every service authenticates, as `turnlog serve` does by default on loopback:
+each has a data folder of its own in this run's temp dir (TURNLOG_DATA_DIR,
+its local signing key), and every call carries the token it printed
+(`turnlog.auth.channel.credentialed_channel`); only phase 3's `noauth`
+side runs `--insecure`.
 
 1. Scripted worker (replies at once, no delays). For each concurrency level
    (default 1, 16, 64 conversations in flight, each sending --turns turns one
@@ -33,7 +38,27 @@ an embedded PostgreSQL (unless --dsn), `turnlog worker`, `turnlog serve
      several commits into one flush; None before PostgreSQL 16); wal_bytes: pg_current_wal_lsn() delta.
    This program's own statistics query is one transaction per reading and is
    subtracted; autovacuum/autoanalyze may add a few, rollbacks are reported.
-3. vLLM CPU worker on the tiny model (built on the fly unless --model), same
+3. Authentication on against off (--auth-levels, default 16 and 64
+   conversations in flight; --auth-only runs this phase alone). Two services
+   on one scripted worker and one database, started one after the other:
+   `auth`, checking the token every call carries (the default), and
+   `noauth`, `--insecure`. Both admit calls through the same interceptor
+   (scope, the tenant's rate limit), so what differs is the credential's
+   verification and, for a stream, the watch of its expiry (first, a call
+   with no token must be refused by `auth` and answered by `noauth`:
+   `without_token` in the JSON). For each kind of turn (--auth-modes:
+   `unary`, SendMessage; `stream`, StreamTurn, every event read) and
+   level, a warm-up round per side, then --auth-reps
+   repetitions, each running both sides once in rotated order, on new
+   conversations (at least --auth-min-turns turns per run, --turns per
+   conversation) created just before the run, outside its timing; guardrail
+   profile "none". Turns/s per side (median of runs), p50/p99 over every
+   turn and each run's p99, and two paired ratios per mode and level:
+   `auth_vs_noauth_turns_M_C`, auth's turns/s over noauth's, and
+   `auth_vs_noauth_p99_M_C`, noauth's p99 over auth's (so that above 1
+   still means auth is faster). The JSON's `auth` section has the rows and
+   both ratios per mode and level (`compared`).
+4. vLLM CPU worker on the tiny model (built on the fly unless --model), same
    engine settings and thread settings as bench/engine.py (whose launch code
    is imported): output tokens/s, counted from usage, of --vllm-concurrency
    conversations at a time, each sending --vllm-turns turns (max_tokens
@@ -84,16 +109,19 @@ than "none": `vllm_stream_service_vs_vllm_http_C`,
 the same three with `vllm_unary_`, and `vllm_service_unary_vs_stream_C` (what
 the coarser deltas of a unary turn buy).
 
-Smoke run (CI, tests/bench/test_bench_turns.py): `--quick --worker HOST:PORT`
-shrinks every size, waits 1 s instead of 11 before each counter reading (so
-xact_commit may be stale; appends, write_xacts and WAL bytes are exact) and
-uses an already running vLLM worker instead of starting one, and so starts
-no vLLM HTTP server either (it would need an engine of its own). Only a full
-run produces the vllm_http_* sides, every ratio against them, and the CPU of
-the worker and of vLLM's HTTP server (an external worker is not counted).
+Smoke run (CI, tests/bench/test_bench_turns.py): `--quick --worker
+HOST:PORT` shrinks every size (the authentication phase: 2 conversations in
+flight, two runs of 4 turns per side and mode), waits 1 s instead of 11
+before each counter reading (so xact_commit may be stale; appends,
+write_xacts and WAL bytes are exact) and uses an already running vLLM worker
+instead of starting one, and so starts no vLLM HTTP server either (it would
+need an engine of its own). Only a full run produces the vllm_http_* sides,
+every ratio against them, and the CPU of the worker and of vLLM's HTTP
+server (an external worker is not counted).
 
 Usage:
     python bench/turns.py [--json out.json] [--dsn URL] [--levels 1 16 64] [--no-vllm]
+    python bench/turns.py --auth-only [--auth-reps 30] [--json out.json]   # auth on vs off
     python bench/turns.py --quick --worker HOST:PORT --json out.json   # smoke run
 """
 
@@ -152,7 +180,7 @@ UNARY_DELTA_INTERVAL_S = 0.05
 QUICK: dict[str, Any] = {
     "levels": [1], "profiles": ["none"], "turns": 2, "min_turns": 4, "reps": 2,
     "stats_settle_s": 1.0, "vllm_concurrency": [2], "vllm_turns": 2, "vllm_reps": 2,
-    "max_tokens": 16,
+    "max_tokens": 16, "auth_levels": [2], "auth_min_turns": 4, "auth_reps": 2,
 }  # fmt: skip
 SCRIPT = {"model": "scripted-bench", "default": {"text": "The quick brown fox jumps over it."}}
 USER_TEXTS = [
@@ -811,6 +839,113 @@ async def phase_scripted(
             "idle_xacts_per_s": round(idle_xacts_per_s, 3)}  # fmt: skip
 
 
+#: The authentication phase's sides, in their first repetition's order: the same
+#: service with authentication on (the local token) and off (`--insecure`).
+AUTH_SIDES = ["auth", "noauth"]
+#: Its kinds of turn: a `SendMessage` (one reply) or a `StreamTurn` (every event read).
+AUTH_MODES = {"unary": "SendMessage", "stream": "StreamTurn"}
+#: Its guardrail profile, the same on both sides.
+AUTH_PROFILE = "none"
+
+
+def auth_ratio_names(mode: str, c: int) -> tuple[str, str]:
+    """The names in `ratios` of a mode and concurrency's turns/s and p99 ratios."""
+    return f"auth_vs_noauth_turns_{mode}_{c}", f"auth_vs_noauth_p99_{mode}_{c}"
+
+
+async def answer_without_token(service: ServiceProcess) -> str:
+    """What `service` answers a call that carries no token: "OK" or the status code's name."""
+    async with credentialed_channel(service.target, None) as channel:
+        try:
+            await sgrpc.ConversationServiceStub(channel).ListConversations(
+                spb.ListConversationsRequest(page_size=1)
+            )
+        except grpc.aio.AioRpcError as e:
+            return str(e.code().name)
+    return "OK"
+
+
+async def phase_auth(
+    args: argparse.Namespace, dsn: str, env: dict[str, str], tmp: Path
+) -> dict[str, Any]:
+    """Authentication on against off: rows per side, mode and level, and paired ratios.
+
+    Two services on one scripted worker and one database, one verifying the
+    token every call carries, the other `--insecure`; both pass the same
+    admission (scope, tenant rate limit), so the difference is the credential's
+    verification (and, for a stream, the watch of its expiry). Each run sends
+    new conversations' turns, created just before it, outside the timing.
+    """
+    script = tmp / "auth-script.json"
+    script.write_text(json.dumps(SCRIPT))
+    worker, wport = start_worker(["--backend", "scripted", "--script", str(script)], env,
+                                 tmp / "auth-worker.log")  # fmt: skip
+    services: dict[str, ServiceProcess] = {}
+    rows: list[dict[str, Any]] = []
+    compared: list[dict[str, Any]] = []
+    try:
+        # One after the other: the first migrates an empty database.
+        for side in AUTH_SIDES:
+            services[side] = start_service(f"auth-{side}-service", f"127.0.0.1:{wport}", dsn,
+                                           env, tmp, insecure=side == "noauth")  # fmt: skip
+        # The comparison is only one if the sides differ: a call with no token is
+        # refused by one, answered by the other.
+        without_token = {side: await answer_without_token(s) for side, s in services.items()}
+        if without_token != {"auth": "UNAUTHENTICATED", "noauth": "OK"}:
+            raise RuntimeError(f"a call without a token: {without_token}")
+        async with contextlib.AsyncExitStack() as stack:
+            clients: dict[str, Service] = {}
+            for side, service in services.items():
+                channel = await stack.enter_async_context(service.channel())
+                clients[side] = Service(sgrpc.ConversationServiceStub(channel), None)
+
+            async def run_side(side: str, mode: str, conversations: int, turns: int,
+                               c: int) -> Run:  # fmt: skip
+                svc = clients[side]
+                await svc.prepare(conversations, AUTH_PROFILE)
+                send = svc.send_stream if mode == "stream" else svc.send
+                return await drive(send, conversations, turns, c)
+
+            for mode in args.auth_modes:
+                for c in args.auth_levels:
+                    n = max(c, math.ceil(args.auth_min_turns / args.turns))
+                    for side in AUTH_SIDES:  # a warm-up round, not measured
+                        await run_side(side, mode, c, 1, c)
+                    runs: dict[str, list[Run]] = {side: [] for side in AUTH_SIDES}
+                    for rep in range(args.auth_reps):
+                        for side in rotated(AUTH_SIDES, rep):
+                            runs[side].append(await run_side(side, mode, n, args.turns, c))
+                    for side, side_runs in runs.items():
+                        row = {"side": side, "mode": mode}
+                        row |= latency_row(side, AUTH_PROFILE, c, side_runs)
+                        row["runs_p99_ms"] = [round(percentile(r.latencies, 99) * 1000, 2)
+                                              for r in side_runs]  # fmt: skip
+                        rows.append(row)
+                    auth, noauth = runs["auth"], runs["noauth"]
+                    compared.append({
+                        "mode": mode, "concurrency": c,
+                        "turns_per_s_ratio": paired_ratio(
+                            [len(r.latencies) / r.wall_s for r in auth],
+                            [len(r.latencies) / r.wall_s for r in noauth]),
+                        # noauth's p99 over auth's: above 1, auth is faster (as for turns/s).
+                        "p99_ratio": paired_ratio(
+                            [percentile(r.latencies, 99) for r in noauth],
+                            [percentile(r.latencies, 99) for r in auth]),
+                    })  # fmt: skip
+                    a, b = rows[-2], rows[-1]
+                    print(f"  auth {mode:<6} c={c:<3} auth {a['turns_per_s']:>8} t/s,"
+                          f" noauth {b['turns_per_s']:>8} t/s", file=sys.stderr)  # fmt: skip
+    except BaseException:
+        print_log_tails(tmp, "auth-*.log")
+        raise
+    finally:
+        for service in services.values():
+            stop_process(service.proc)
+        stop_process(worker)
+    return {"profile": AUTH_PROFILE, "without_token": without_token, "rows": rows,
+            "compared": compared}  # fmt: skip
+
+
 #: The vLLM phase's sides in their first repetition's order (service sides per profile).
 VLLM_SIDES = [
     "vllm_http_stream", "worker_direct_stream", "service_stream",
@@ -1012,6 +1147,11 @@ async def run_all(
             for a in scripted["added"]:
                 name = f"service_vs_direct_turns_{a['profile']}_{a['concurrency']}"
                 ratios[name] = a["turns_per_s_ratio"]
+        if args.auth_levels:
+            out["auth"] = auth = await phase_auth(args, dsn, env, tmp)
+            for one in auth["compared"]:
+                turns, p99 = auth_ratio_names(one["mode"], one["concurrency"])
+                ratios[turns], ratios[p99] = one["turns_per_s_ratio"], one["p99_ratio"]
         if args.vllm:
             vllm = await phase_vllm(args, dsn, env, tmp)
             out["vllm"] = vllm.pop("rows")
@@ -1053,6 +1193,23 @@ def print_service_stages(results: dict[str, Any]) -> None:
             print(f"  {side:<22}", ", ".join(f"{k} {v['mean_ms']}" for k, v in values.items()))
 
 
+def print_auth(auth: dict[str, Any]) -> None:
+    print("\nAuthentication on (the local token) against off (--insecure), scripted worker, "
+          f"profile {auth['profile']}: turns/s median of reps, latency over all turns; "
+          + ", ".join(f"{mode} = {rpc}" for mode, rpc in AUTH_MODES.items()))  # fmt: skip
+    print(f"{'mode':<7} {'conc':>4} {'side':<7} {'turns':>6} {'turns/s':>9} {'p50 ms':>8} "
+          f"{'p99 ms':>8}")  # fmt: skip
+    for r in auth["rows"]:
+        print(f"{r['mode']:<7} {r['concurrency']:>4} {r['side']:<7} {r['turns']:>6} "
+              f"{r['turns_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}")  # fmt: skip
+    print("\nauth vs noauth, paired per repetition (above 1: auth faster): turns/s auth/noauth;"
+          " p99 noauth/auth (each run's p99)")  # fmt: skip
+    for one in auth["compared"]:
+        print(f"{one['mode']:<7} {one['concurrency']:>4}  turns/s "
+              f"{format_paired(one['turns_per_s_ratio'])}  p99 "
+              f"{format_paired(one['p99_ratio'])}")  # fmt: skip
+
+
 def print_ratios(ratios: dict[str, dict[str, Any]]) -> None:
     print("\npaired ratios: median (min-max) of the per-repetition ratios")
     for name, value in ratios.items():
@@ -1072,6 +1229,21 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="repetitions per level")
     parser.add_argument("--stats-settle-s", type=float, default=11.0,
                         help="idle seconds before reading counters (backends flush <= 10 s)")  # fmt: skip
+    parser.add_argument("--auth-levels", type=int, nargs="*", default=[16, 64],
+                        help="concurrent conversations of the authentication on/off "
+                        "comparison, scripted worker (none: skip)")  # fmt: skip
+    parser.add_argument("--auth-modes", nargs="+", choices=list(AUTH_MODES),
+                        default=list(AUTH_MODES),
+                        help="its turns: unary (SendMessage), stream (StreamTurn)")  # fmt: skip
+    parser.add_argument("--auth-reps", type=int, default=16,
+                        help="its repetitions per mode and level (each side once, "
+                        "rotating)")  # fmt: skip
+    parser.add_argument("--auth-min-turns", type=int, default=240,
+                        help="at least this many turns per run of it "
+                        "(more conversations)")  # fmt: skip
+    parser.add_argument("--auth-only", action="store_true",
+                        help="run only the authentication comparison (no scripted levels, "
+                        "no vLLM phase)")  # fmt: skip
     parser.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=True,
                         help="run the vLLM comparison (default on)")  # fmt: skip
     parser.add_argument("--model", help="model folder (default: build the tiny model)")
@@ -1108,6 +1280,8 @@ def main() -> int:
     if parser.parse_known_args()[0].quick:
         parser.set_defaults(**QUICK)
     args = parser.parse_args()
+    if args.auth_only:
+        args.levels, args.vllm = [], False
 
     env = {
         **os.environ,
@@ -1147,6 +1321,11 @@ def main() -> int:
         "min_turns": args.min_turns,
         "reps": args.reps,
         "scripted_reply_tokens": len(SCRIPT["default"]["text"].encode()),  # type: ignore[index]
+        "auth_levels": args.auth_levels,
+        "auth_modes": args.auth_modes,
+        "auth_reps": args.auth_reps,
+        "auth_min_turns": args.auth_min_turns,
+        "auth_profile": AUTH_PROFILE,
         "vllm_concurrency": args.vllm_concurrency,
         "vllm_turns": args.vllm_turns,
         "vllm_reps": args.vllm_reps,
@@ -1190,6 +1369,8 @@ def main() -> int:
                   f"{m['append_xacts_per_turn']:>8} {m['other_write_xacts_per_turn']:>8} "
                   f"{m['wal_fsyncs_per_turn'] or '-':>11} {m['wal_bytes_per_turn']:>10} "
                   f"{m['xact_rollback_per_turn']:>10}")  # fmt: skip
+    if results.get("auth"):
+        print_auth(results["auth"])
     if vllm_rows:
         print("\nvLLM CPU worker, tiny model: output tokens/s (usage), median of reps")
         print(f"{'side':<22} {'conc':>4} {'turns':>6} {'tokens':>7} {'tokens/s':>9} "
