@@ -53,11 +53,15 @@ side runs `--insecure`.
    conversations (at least --auth-min-turns turns per run, --turns per
    conversation) created just before the run, outside its timing; guardrail
    profile "none". Turns/s per side (median of runs), p50/p99 over every
-   turn and each run's p99, and two paired ratios per mode and level:
-   `auth_vs_noauth_turns_M_C`, auth's turns/s over noauth's, and
+   turn and each run's p99, CPU ms per turn (median of runs) of the side's
+   service and of this process, the client (`cpu_seconds`: each process's
+   own CPU clock, to the nanosecond on Linux), and paired ratios per mode
+   and level: `auth_vs_noauth_turns_M_C`, auth's turns/s over noauth's, and
    `auth_vs_noauth_p99_M_C`, noauth's p99 over auth's (so that above 1
-   still means auth is faster). The JSON's `auth` section has the rows and
-   both ratios per mode and level (`compared`).
+   still means auth is faster); in the JSON's `auth` section (`compared`)
+   beside them, the CPU per turn ratios (noauth's over auth's) of the
+   service and the client, `serve_cpu_ratio` and `bench_cpu_ratio`: on a
+   shared machine they move far less than wall-clock figures.
 4. vLLM CPU worker on the tiny model (built on the fly unless --model), same
    engine settings and thread settings as bench/engine.py (whose launch code
    is imported): output tokens/s, counted from usage, of --vllm-concurrency
@@ -853,6 +857,21 @@ def auth_ratio_names(mode: str, c: int) -> tuple[str, str]:
     return f"auth_vs_noauth_turns_{mode}_{c}", f"auth_vs_noauth_p99_{mode}_{c}"
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system, all threads) process `pid` has used so far.
+
+    On Linux to the nanosecond, from the process's CPU-time clock (the id
+    clock_getcpuclockid(3) gives: MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED));
+    psutil's figure, in 10 ms clock ticks, reads zero for a short run.
+    Elsewhere, psutil's.
+    """
+    try:
+        return time.clock_gettime((~pid << 3) | 2)
+    except OSError:
+        times = psutil.Process(pid).cpu_times()
+        return float(times.user + times.system)
+
+
 async def answer_without_token(service: ServiceProcess) -> str:
     """What `service` answers a call that carries no token: "OK" or the status code's name."""
     async with credentialed_channel(service.target, None) as channel:
@@ -900,11 +919,17 @@ async def phase_auth(
                 clients[side] = Service(sgrpc.ConversationServiceStub(channel), None)
 
             async def run_side(side: str, mode: str, conversations: int, turns: int,
-                               c: int) -> Run:  # fmt: skip
+                               c: int) -> tuple[Run, dict[str, float]]:  # fmt: skip
+                """One run of `side`, and the CPU seconds spent in it by its service and by
+                this process, the client (whose interceptors add the token to every call
+                of the auth side)."""
                 svc = clients[side]
                 await svc.prepare(conversations, AUTH_PROFILE)
                 send = svc.send_stream if mode == "stream" else svc.send
-                return await drive(send, conversations, turns, c)
+                pids = {"serve": services[side].proc.pid, "bench": os.getpid()}
+                before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                run = await drive(send, conversations, turns, c)
+                return run, {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
 
             for mode in args.auth_modes:
                 for c in args.auth_levels:
@@ -912,14 +937,22 @@ async def phase_auth(
                     for side in AUTH_SIDES:  # a warm-up round, not measured
                         await run_side(side, mode, c, 1, c)
                     runs: dict[str, list[Run]] = {side: [] for side in AUTH_SIDES}
+                    #: Per side, per run: CPU seconds per turn of "serve" and "bench".
+                    cpu: dict[str, list[dict[str, float]]] = {side: [] for side in AUTH_SIDES}
                     for rep in range(args.auth_reps):
                         for side in rotated(AUTH_SIDES, rep):
-                            runs[side].append(await run_side(side, mode, n, args.turns, c))
+                            run, spent = await run_side(side, mode, n, args.turns, c)
+                            runs[side].append(run)
+                            cpu[side].append({k: v / len(run.latencies)
+                                              for k, v in spent.items()})  # fmt: skip
                     for side, side_runs in runs.items():
                         row = {"side": side, "mode": mode}
                         row |= latency_row(side, AUTH_PROFILE, c, side_runs)
                         row["runs_p99_ms"] = [round(percentile(r.latencies, 99) * 1000, 2)
                                               for r in side_runs]  # fmt: skip
+                        for name in ("serve", "bench"):
+                            row[f"{name}_cpu_ms_per_turn"] = round(
+                                statistics.median(x[name] for x in cpu[side]) * 1000, 3)  # fmt: skip
                         rows.append(row)
                     auth, noauth = runs["auth"], runs["noauth"]
                     compared.append({
@@ -931,6 +964,10 @@ async def phase_auth(
                         "p99_ratio": paired_ratio(
                             [percentile(r.latencies, 99) for r in noauth],
                             [percentile(r.latencies, 99) for r in auth]),
+                        # CPU per turn, noauth's over auth's: above 1, auth is cheaper.
+                        **{f"{name}_cpu_ratio": paired_ratio(
+                            [x[name] for x in cpu["noauth"]], [x[name] for x in cpu["auth"]])
+                           for name in ("serve", "bench")},
                     })  # fmt: skip
                     a, b = rows[-2], rows[-1]
                     print(f"  auth {mode:<6} c={c:<3} auth {a['turns_per_s']:>8} t/s,"
@@ -1197,17 +1234,19 @@ def print_auth(auth: dict[str, Any]) -> None:
     print("\nAuthentication on (the local token) against off (--insecure), scripted worker, "
           f"profile {auth['profile']}: turns/s median of reps, latency over all turns; "
           + ", ".join(f"{mode} = {rpc}" for mode, rpc in AUTH_MODES.items()))  # fmt: skip
+    print("CPU ms per turn (median of runs): the side's service; this process, the client")
     print(f"{'mode':<7} {'conc':>4} {'side':<7} {'turns':>6} {'turns/s':>9} {'p50 ms':>8} "
-          f"{'p99 ms':>8}")  # fmt: skip
+          f"{'p99 ms':>8} {'serve cpu':>10} {'bench cpu':>10}")  # fmt: skip
     for r in auth["rows"]:
         print(f"{r['mode']:<7} {r['concurrency']:>4} {r['side']:<7} {r['turns']:>6} "
-              f"{r['turns_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8}")  # fmt: skip
-    print("\nauth vs noauth, paired per repetition (above 1: auth faster): turns/s auth/noauth;"
-          " p99 noauth/auth (each run's p99)")  # fmt: skip
+              f"{r['turns_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8} "
+              f"{r['serve_cpu_ms_per_turn']:>10} {r['bench_cpu_ms_per_turn']:>10}")  # fmt: skip
+    print("\nauth vs noauth, paired per repetition (above 1: auth faster or cheaper): turns/s "
+          "auth/noauth; p99 (each run's) and CPU per turn noauth/auth")  # fmt: skip
     for one in auth["compared"]:
-        print(f"{one['mode']:<7} {one['concurrency']:>4}  turns/s "
-              f"{format_paired(one['turns_per_s_ratio'])}  p99 "
-              f"{format_paired(one['p99_ratio'])}")  # fmt: skip
+        print(f"{one['mode']:<7} {one['concurrency']:>4}")
+        for what in ("turns_per_s", "p99", "serve_cpu", "bench_cpu"):
+            print(f"    {what:<12} {format_paired(one[f'{what}_ratio'])}")
 
 
 def print_ratios(ratios: dict[str, dict[str, Any]]) -> None:

@@ -28,8 +28,12 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
 SCRIPTED_ROW = {"side", "profile", "concurrency", "turns", "turns_per_s", "runs_turns_per_s",
                 "p50_ms", "p99_ms"}  # fmt: skip
-#: A row of the authentication phase: a scripted row with its mode and each run's p99.
-AUTH_ROW = SCRIPTED_ROW | {"mode", "runs_p99_ms"}
+#: A row of the authentication phase: a scripted row with its mode, each run's p99,
+#: and the CPU per turn of the side's service and of the client.
+AUTH_ROW = SCRIPTED_ROW | {"mode", "runs_p99_ms", "serve_cpu_ms_per_turn",
+                           "bench_cpu_ms_per_turn"}  # fmt: skip
+#: The paired ratios of each mode and level in the authentication phase.
+AUTH_RATIOS = ("turns_per_s_ratio", "p99_ratio", "serve_cpu_ratio", "bench_cpu_ratio")
 VLLM_ROW = {"side", "mode", "concurrency", "turns", "output_tokens", "tokens_per_s",
             "runs_tokens_per_s", "p50_ms", "p99_ms"}  # fmt: skip
 #: Database counters per turn that are exact even with --quick's short settle time.
@@ -91,16 +95,17 @@ def test_quick_run_on_the_session_worker_writes_figures_and_paired_ratios(
         assert row["profile"] == "none", row
         assert len(row["runs_turns_per_s"]) == len(row["runs_p99_ms"]) == auth_reps, row
         assert_positive(row, row["turns"], row["turns_per_s"], *row["runs_turns_per_s"],
-                        row["p50_ms"], row["p99_ms"], *row["runs_p99_ms"])  # fmt: skip
+                        row["p50_ms"], row["p99_ms"], *row["runs_p99_ms"],
+                        row["serve_cpu_ms_per_turn"], row["bench_cpu_ms_per_turn"])  # fmt: skip
     # The same work on both sides of a mode: the same turns.
     assert len({r["turns"] for r in auth["rows"]}) == 1, auth["rows"]
     assert [(x["mode"], x["concurrency"]) for x in auth["compared"]] == [
         (m, auth_level) for m in modes]  # fmt: skip
     for x in auth["compared"]:
-        assert set(x) == {"mode", "concurrency", "turns_per_s_ratio", "p99_ratio"}, x
+        assert set(x) == {"mode", "concurrency", *AUTH_RATIOS}, x
         name = f"{x['mode']}_{x['concurrency']}"
-        assert_paired(name, x["turns_per_s_ratio"], auth_reps)
-        assert_paired(name, x["p99_ratio"], auth_reps)
+        for key in AUTH_RATIOS:
+            assert_paired(f"{name} {key}", x[key], auth_reps)
         assert ratios[f"auth_vs_noauth_turns_{name}"] == x["turns_per_s_ratio"]
         assert ratios[f"auth_vs_noauth_p99_{name}"] == x["p99_ratio"]
 
