@@ -43,8 +43,8 @@ side runs `--insecure`.
    on one scripted worker and one database, started one after the other:
    `auth`, checking the token every call carries (the default), and
    `noauth`, `--insecure`. Both admit calls through the same interceptor
-   (scope, the tenant's rate limit), so what differs is the credential's
-   verification and, for a stream, the watch of its expiry (first, a call
+   (scope, the tenant's rate limit) and, for a stream, the same expiry
+   watch, so what differs is the credential's verification (first, a call
    with no token must be refused by `auth` and answered by `noauth`:
    `without_token` in the JSON). For each kind of turn (--auth-modes:
    `unary`, SendMessage; `stream`, StreamTurn, every event read) and
@@ -891,8 +891,8 @@ async def phase_auth(
 
     Two services on one scripted worker and one database, one verifying the
     token every call carries, the other `--insecure`; both pass the same
-    admission (scope, tenant rate limit), so the difference is the credential's
-    verification (and, for a stream, the watch of its expiry). Each run sends
+    admission (scope, tenant rate limit, a stream's expiry watch), so the
+    difference is the credential's verification. Each run sends
     new conversations' turns, created just before it, outside the timing.
     """
     script = tmp / "auth-script.json"
