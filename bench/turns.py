@@ -3,6 +3,11 @@
 A program, not a test. Everything runs on loopback, as separate processes:
 an embedded PostgreSQL (unless --dsn), `turnlog worker`, `turnlog serve
 --worker ...` (the service under test) and this process, the client.
+Every service authenticates, as `turnlog serve` does by default on loopback:
+each has a data folder of its own in this run's temp dir (TURNLOG_DATA_DIR,
+its local signing key), and every call carries the token it printed
+(`turnlog.auth.channel.credentialed_channel`); only phase 3's `noauth`
+side runs `--insecure`.
 
 1. Scripted worker (replies at once, no delays). For each concurrency level
    (default 1, 16, 64 conversations in flight, each sending --turns turns one
@@ -33,7 +38,31 @@ an embedded PostgreSQL (unless --dsn), `turnlog worker`, `turnlog serve
      several commits into one flush; None before PostgreSQL 16); wal_bytes: pg_current_wal_lsn() delta.
    This program's own statistics query is one transaction per reading and is
    subtracted; autovacuum/autoanalyze may add a few, rollbacks are reported.
-3. vLLM CPU worker on the tiny model (built on the fly unless --model), same
+3. Authentication on against off (--auth-levels, default 16 and 64
+   conversations in flight; --auth-only runs this phase alone). Two services
+   on one scripted worker and one database, started one after the other:
+   `auth`, checking the token every call carries (the default), and
+   `noauth`, `--insecure`. Both admit calls through the same interceptor
+   (scope, the tenant's rate limit) and, for a stream, the same expiry
+   watch, so what differs is the credential's verification (first, a call
+   with no token must be refused by `auth` and answered by `noauth`:
+   `without_token` in the JSON). For each kind of turn (--auth-modes:
+   `unary`, SendMessage; `stream`, StreamTurn, every event read) and
+   level, a warm-up round per side, then --auth-reps
+   repetitions, each running both sides once in rotated order, on new
+   conversations (at least --auth-min-turns turns per run, --turns per
+   conversation) created just before the run, outside its timing; guardrail
+   profile "none". Turns/s per side (median of runs), p50/p99 over every
+   turn and each run's p99, CPU ms per turn (median of runs) of the side's
+   service and of this process, the client (`cpu_seconds`: each process's
+   own CPU clock, to the nanosecond on Linux), and paired ratios per mode
+   and level: `auth_vs_noauth_turns_M_C`, auth's turns/s over noauth's, and
+   `auth_vs_noauth_p99_M_C`, noauth's p99 over auth's (so that above 1
+   still means auth is faster); in the JSON's `auth` section (`compared`)
+   beside them, the CPU per turn ratios (noauth's over auth's) of the
+   service and the client, `serve_cpu_ratio` and `bench_cpu_ratio`: on a
+   shared machine they move far less than wall-clock figures.
+4. vLLM CPU worker on the tiny model (built on the fly unless --model), same
    engine settings and thread settings as bench/engine.py (whose launch code
    is imported): output tokens/s, counted from usage, of --vllm-concurrency
    conversations at a time, each sending --vllm-turns turns (max_tokens
@@ -84,16 +113,19 @@ than "none": `vllm_stream_service_vs_vllm_http_C`,
 the same three with `vllm_unary_`, and `vllm_service_unary_vs_stream_C` (what
 the coarser deltas of a unary turn buy).
 
-Smoke run (CI, tests/bench/test_bench_turns.py): `--quick --worker HOST:PORT`
-shrinks every size, waits 1 s instead of 11 before each counter reading (so
-xact_commit may be stale; appends, write_xacts and WAL bytes are exact) and
-uses an already running vLLM worker instead of starting one, and so starts
-no vLLM HTTP server either (it would need an engine of its own). Only a full
-run produces the vllm_http_* sides, every ratio against them, and the CPU of
-the worker and of vLLM's HTTP server (an external worker is not counted).
+Smoke run (CI, tests/bench/test_bench_turns.py): `--quick --worker
+HOST:PORT` shrinks every size (the authentication phase: 2 conversations in
+flight, two runs of 4 turns per side and mode), waits 1 s instead of 11
+before each counter reading (so xact_commit may be stale; appends,
+write_xacts and WAL bytes are exact) and uses an already running vLLM worker
+instead of starting one, and so starts no vLLM HTTP server either (it would
+need an engine of its own). Only a full run produces the vllm_http_* sides,
+every ratio against them, and the CPU of the worker and of vLLM's HTTP
+server (an external worker is not counted).
 
 Usage:
     python bench/turns.py [--json out.json] [--dsn URL] [--levels 1 16 64] [--no-vllm]
+    python bench/turns.py --auth-only [--auth-reps 30] [--json out.json]   # auth on vs off
     python bench/turns.py --quick --worker HOST:PORT --json out.json   # smoke run
 """
 
@@ -106,6 +138,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -118,7 +151,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
+import psutil  # type: ignore[import-untyped]  # (no types-psutil in the lock)
 import psycopg
 from engine import (
     ENGINE_SETTINGS,
@@ -134,6 +167,7 @@ from engine import (
 from paired import format_paired, paired_ratio, rotated
 from prometheus_client.parser import text_string_to_metric_families
 
+from turnlog.auth.channel import credentialed_channel
 from turnlog.engine.v1 import engine_pb2 as epb
 from turnlog.metrics import STAGES
 from turnlog.storage.embedded import EmbeddedPostgres
@@ -150,7 +184,7 @@ UNARY_DELTA_INTERVAL_S = 0.05
 QUICK: dict[str, Any] = {
     "levels": [1], "profiles": ["none"], "turns": 2, "min_turns": 4, "reps": 2,
     "stats_settle_s": 1.0, "vllm_concurrency": [2], "vllm_turns": 2, "vllm_reps": 2,
-    "max_tokens": 16,
+    "max_tokens": 16, "auth_levels": [2], "auth_min_turns": 4, "auth_reps": 2,
 }  # fmt: skip
 SCRIPT = {"model": "scripted-bench", "default": {"text": "The quick brown fox jumps over it."}}
 USER_TEXTS = [
@@ -306,7 +340,7 @@ class Service:
 
     def __init__(
         self,
-        stub: sgrpc.ConversationServiceStub,
+        stub: sgrpc.ConversationServiceAsyncStub,
         max_tokens: int | None,
         temperature: float = 0.0,
         seeded: bool = False,
@@ -648,23 +682,65 @@ def start_worker(backend: list[str], env: dict[str, str], log: Path) -> tuple[An
     return proc, wait_for_worker_port(proc, log)
 
 
+#: The line `turnlog serve` prints with the token of its local signing key, before
+#: its "serving" line (the same pattern as tests/worker_processes.py's SERVE_TOKEN).
+SERVE_TOKEN = re.compile(r"turnlog token for tenant '[^']+' \([^)]*\): (\S+)")
+
+
+@dataclass
+class ServiceProcess:
+    """A running `turnlog serve`: its process, address, log, and the token its calls carry."""
+
+    proc: Any
+    target: str
+    log: Path
+    token: str | None
+
+    def channel(self) -> grpc.aio.Channel:
+        """A channel whose every call carries the token (none with `--insecure`)."""
+        return credentialed_channel(self.target, self.token)
+
+
 def start_service(
-    port: int, worker: str, dsn: str, env: dict[str, str], log: Path, *, metrics: bool = False
-) -> Any:
-    """Starts `turnlog serve`; with `metrics`, on a metrics port of its own choosing
-    (`service_metrics_port` reads it)."""
-    cmd = [sys.executable, "-m", "turnlog.cli", "serve", "--listen", f"127.0.0.1:{port}",
+    name: str,
+    worker: str,
+    dsn: str,
+    env: dict[str, str],
+    tmp: Path,
+    *,
+    metrics: bool = False,
+    insecure: bool = False,
+) -> ServiceProcess:
+    """Starts `turnlog serve`, logging to `tmp/<name>.log`, with `tmp/<name>-data` as its
+    data folder (TURNLOG_DATA_DIR: the local signing key of the token it prints).
+
+    Authentication is on, with that printed token, unless `insecure`. With
+    `metrics`, a metrics port of its own choosing (`service_metrics_port` reads it).
+    """
+    target = f"127.0.0.1:{free_port()}"
+    log = tmp / f"{name}.log"
+    cmd = [sys.executable, "-m", "turnlog.cli", "serve", "--listen", target,
            "--worker", worker]  # fmt: skip
     if metrics:
         cmd += ["--metrics-listen", "127.0.0.1:0"]
-    proc = start_process(cmd, log, {**env, "TURNLOG_DATABASE_URL": dsn})
+    if insecure:
+        cmd.append("--insecure")
+    proc = start_process(cmd, log, {**env, "TURNLOG_DATABASE_URL": dsn,
+                                    "TURNLOG_DATA_DIR": str(tmp / f"{name}-data")})  # fmt: skip
     wait_for(lambda: "turnlog serving gRPC" in log.read_text(errors="replace"), proc, log)
-    return proc
+    token = None
+    if not insecure:
+        found = SERVE_TOKEN.findall(log.read_text(errors="replace"))
+        if not found:
+            stop_process(proc)
+            raise RuntimeError(f"turnlog serve printed no token:\n{log.read_text()[-3000:]}")
+        token = str(found[-1])
+    return ServiceProcess(proc=proc, target=target, log=log, token=token)
 
 
-def service_metrics_port(proc: Any, log: Path) -> int:
+def service_metrics_port(service: ServiceProcess) -> int:
     """The port a service started with `metrics=True` serves its metrics on."""
-    port: int = wait_for_logged_port(proc, log, r"turnlog metrics on port (\d+)")
+    port: int = wait_for_logged_port(service.proc, service.log, r"turnlog metrics on port (\d+)")
     return port
 
 
@@ -693,7 +769,6 @@ async def phase_scripted(
 ) -> dict[str, Any]:
     script = tmp / "script.json"
     script.write_text(json.dumps(SCRIPT))
-    sport = free_port()
     worker, wport = start_worker(["--backend", "scripted", "--script", str(script)], env,
                                  tmp / "scripted-worker.log")  # fmt: skip
     service = None
@@ -701,11 +776,10 @@ async def phase_scripted(
     added: list[dict[str, Any]] = []
     commits: list[dict[str, Any]] = []
     try:
-        service = start_service(sport, f"127.0.0.1:{wport}", dsn, env,
-                                tmp / "scripted-service.log")  # fmt: skip
+        service = start_service("scripted-service", f"127.0.0.1:{wport}", dsn, env, tmp)
         async with (
             EngineClient([f"127.0.0.1:{wport}"], load_poll_interval_s=0) as client,
-            grpc.aio.insecure_channel(f"127.0.0.1:{sport}") as channel,
+            service.channel() as channel,
             await psycopg.AsyncConnection.connect(dsn, autocommit=True) as stats,
         ):
             direct = Direct(client, None)
@@ -763,10 +837,150 @@ async def phase_scripted(
                       f" service {s['turns_per_s']:>8} t/s", file=sys.stderr)  # fmt: skip
     finally:
         if service is not None:
-            stop_process(service)
+            stop_process(service.proc)
         stop_process(worker)
     return {"rows": rows, "added": added, "commits": commits,
             "idle_xacts_per_s": round(idle_xacts_per_s, 3)}  # fmt: skip
+
+
+#: The authentication phase's sides, in their first repetition's order: the same
+#: service with authentication on (the local token) and off (`--insecure`).
+AUTH_SIDES = ["auth", "noauth"]
+#: Its kinds of turn: a `SendMessage` (one reply) or a `StreamTurn` (every event read).
+AUTH_MODES = {"unary": "SendMessage", "stream": "StreamTurn"}
+#: Its guardrail profile, the same on both sides.
+AUTH_PROFILE = "none"
+
+
+def auth_ratio_names(mode: str, c: int) -> tuple[str, str]:
+    """The names in `ratios` of a mode and concurrency's turns/s and p99 ratios."""
+    return f"auth_vs_noauth_turns_{mode}_{c}", f"auth_vs_noauth_p99_{mode}_{c}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system, all threads) process `pid` has used so far.
+
+    On Linux to the nanosecond, from the process's CPU-time clock (the id
+    clock_getcpuclockid(3) gives: MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED));
+    psutil's figure, in 10 ms clock ticks, reads zero for a short run.
+    Elsewhere, psutil's.
+    """
+    try:
+        return time.clock_gettime((~pid << 3) | 2)
+    except OSError:
+        times = psutil.Process(pid).cpu_times()
+        return float(times.user + times.system)
+
+
+async def answer_without_token(service: ServiceProcess) -> str:
+    """What `service` answers a call that carries no token: "OK" or the status code's name."""
+    async with credentialed_channel(service.target, None) as channel:
+        try:
+            await sgrpc.ConversationServiceStub(channel).ListConversations(
+                spb.ListConversationsRequest(page_size=1)
+            )
+        except grpc.aio.AioRpcError as e:
+            return str(e.code().name)
+    return "OK"
+
+
+async def phase_auth(
+    args: argparse.Namespace, dsn: str, env: dict[str, str], tmp: Path
+) -> dict[str, Any]:
+    """Authentication on against off: rows per side, mode and level, and paired ratios.
+
+    Two services on one scripted worker and one database, one verifying the
+    token every call carries, the other `--insecure`; both pass the same
+    admission (scope, tenant rate limit, a stream's expiry watch), so the
+    difference is the credential's verification. Each run sends
+    new conversations' turns, created just before it, outside the timing.
+    """
+    script = tmp / "auth-script.json"
+    script.write_text(json.dumps(SCRIPT))
+    worker, wport = start_worker(["--backend", "scripted", "--script", str(script)], env,
+                                 tmp / "auth-worker.log")  # fmt: skip
+    services: dict[str, ServiceProcess] = {}
+    rows: list[dict[str, Any]] = []
+    compared: list[dict[str, Any]] = []
+    try:
+        # One after the other: the first migrates an empty database.
+        for side in AUTH_SIDES:
+            services[side] = start_service(f"auth-{side}-service", f"127.0.0.1:{wport}", dsn,
+                                           env, tmp, insecure=side == "noauth")  # fmt: skip
+        # The comparison is only one if the sides differ: a call with no token is
+        # refused by one, answered by the other.
+        without_token = {side: await answer_without_token(s) for side, s in services.items()}
+        if without_token != {"auth": "UNAUTHENTICATED", "noauth": "OK"}:
+            raise RuntimeError(f"a call without a token: {without_token}")
+        async with contextlib.AsyncExitStack() as stack:
+            clients: dict[str, Service] = {}
+            for side, service in services.items():
+                channel = await stack.enter_async_context(service.channel())
+                clients[side] = Service(sgrpc.ConversationServiceStub(channel), None)
+
+            async def run_side(side: str, mode: str, conversations: int, turns: int,
+                               c: int) -> tuple[Run, dict[str, float]]:  # fmt: skip
+                """One run of `side`, and the CPU seconds spent in it by its service and by
+                this process, the client (whose interceptors add the token to every call
+                of the auth side)."""
+                svc = clients[side]
+                await svc.prepare(conversations, AUTH_PROFILE)
+                send = svc.send_stream if mode == "stream" else svc.send
+                pids = {"serve": services[side].proc.pid, "bench": os.getpid()}
+                before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                run = await drive(send, conversations, turns, c)
+                return run, {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+
+            for mode in args.auth_modes:
+                for c in args.auth_levels:
+                    n = max(c, math.ceil(args.auth_min_turns / args.turns))
+                    for side in AUTH_SIDES:  # a warm-up round, not measured
+                        await run_side(side, mode, c, 1, c)
+                    runs: dict[str, list[Run]] = {side: [] for side in AUTH_SIDES}
+                    #: Per side, per run: CPU seconds per turn of "serve" and "bench".
+                    cpu: dict[str, list[dict[str, float]]] = {side: [] for side in AUTH_SIDES}
+                    for rep in range(args.auth_reps):
+                        for side in rotated(AUTH_SIDES, rep):
+                            run, spent = await run_side(side, mode, n, args.turns, c)
+                            runs[side].append(run)
+                            cpu[side].append({k: v / len(run.latencies)
+                                              for k, v in spent.items()})  # fmt: skip
+                    for side, side_runs in runs.items():
+                        row = {"side": side, "mode": mode}
+                        row |= latency_row(side, AUTH_PROFILE, c, side_runs)
+                        row["runs_p99_ms"] = [round(percentile(r.latencies, 99) * 1000, 2)
+                                              for r in side_runs]  # fmt: skip
+                        for name in ("serve", "bench"):
+                            row[f"{name}_cpu_ms_per_turn"] = round(
+                                statistics.median(x[name] for x in cpu[side]) * 1000, 3)  # fmt: skip
+                        rows.append(row)
+                    auth, noauth = runs["auth"], runs["noauth"]
+                    compared.append({
+                        "mode": mode, "concurrency": c,
+                        "turns_per_s_ratio": paired_ratio(
+                            [len(r.latencies) / r.wall_s for r in auth],
+                            [len(r.latencies) / r.wall_s for r in noauth]),
+                        # noauth's p99 over auth's: above 1, auth is faster (as for turns/s).
+                        "p99_ratio": paired_ratio(
+                            [percentile(r.latencies, 99) for r in noauth],
+                            [percentile(r.latencies, 99) for r in auth]),
+                        # CPU per turn, noauth's over auth's: above 1, auth is cheaper.
+                        **{f"{name}_cpu_ratio": paired_ratio(
+                            [x[name] for x in cpu["noauth"]], [x[name] for x in cpu["auth"]])
+                           for name in ("serve", "bench")},
+                    })  # fmt: skip
+                    a, b = rows[-2], rows[-1]
+                    print(f"  auth {mode:<6} c={c:<3} auth {a['turns_per_s']:>8} t/s,"
+                          f" noauth {b['turns_per_s']:>8} t/s", file=sys.stderr)  # fmt: skip
+    except BaseException:
+        print_log_tails(tmp, "auth-*.log")
+        raise
+    finally:
+        for service in services.values():
+            stop_process(service.proc)
+        stop_process(worker)
+    return {"profile": AUTH_PROFILE, "without_token": without_token, "rows": rows,
+            "compared": compared}  # fmt: skip
 
 
 #: The vLLM phase's sides in their first repetition's order (service sides per profile).
@@ -804,7 +1018,6 @@ async def phase_vllm(
     import aiohttp
 
     http_on = args.worker is None
-    sport = free_port()
     procs: list[Any] = []
     rows: list[dict[str, Any]] = []
     ratios: dict[str, dict[str, Any]] = {}
@@ -835,19 +1048,18 @@ async def phase_vllm(
             procs.append(worker)
             roots["worker"] = worker.pid
             worker_address = f"127.0.0.1:{wport}"
-        service_log = tmp / "vllm-service.log"
-        service = start_service(sport, worker_address, dsn, env, service_log, metrics=True)
-        procs.append(service)
-        roots["serve"] = service.pid
+        service = start_service("vllm-service", worker_address, dsn, env, tmp, metrics=True)
+        procs.append(service.proc)
+        roots["serve"] = service.proc.pid
         cpu = CpuMeter(roots)
-        metrics_url = f"http://127.0.0.1:{service_metrics_port(service, service_log)}/metrics"
+        metrics_url = f"http://127.0.0.1:{service_metrics_port(service)}/metrics"
         if http is not None:
             wait_for(lambda: http_ready(url), http, http_log)
         async with (
             aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=HTTP_KEEPALIVE_S)
             ) as session,
-            grpc.aio.insecure_channel(f"127.0.0.1:{sport}") as channel,
+            service.channel() as channel,
             EngineClient([worker_address], load_poll_interval_s=0) as client,
         ):
             stub = sgrpc.ConversationServiceStub(channel)
@@ -972,6 +1184,11 @@ async def run_all(
             for a in scripted["added"]:
                 name = f"service_vs_direct_turns_{a['profile']}_{a['concurrency']}"
                 ratios[name] = a["turns_per_s_ratio"]
+        if args.auth_levels:
+            out["auth"] = auth = await phase_auth(args, dsn, env, tmp)
+            for one in auth["compared"]:
+                turns, p99 = auth_ratio_names(one["mode"], one["concurrency"])
+                ratios[turns], ratios[p99] = one["turns_per_s_ratio"], one["p99_ratio"]
         if args.vllm:
             vllm = await phase_vllm(args, dsn, env, tmp)
             out["vllm"] = vllm.pop("rows")
@@ -1013,6 +1230,25 @@ def print_service_stages(results: dict[str, Any]) -> None:
             print(f"  {side:<22}", ", ".join(f"{k} {v['mean_ms']}" for k, v in values.items()))
 
 
+def print_auth(auth: dict[str, Any]) -> None:
+    print("\nAuthentication on (the local token) against off (--insecure), scripted worker, "
+          f"profile {auth['profile']}: turns/s median of reps, latency over all turns; "
+          + ", ".join(f"{mode} = {rpc}" for mode, rpc in AUTH_MODES.items()))  # fmt: skip
+    print("CPU ms per turn (median of runs): the side's service; this process, the client")
+    print(f"{'mode':<7} {'conc':>4} {'side':<7} {'turns':>6} {'turns/s':>9} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'serve cpu':>10} {'bench cpu':>10}")  # fmt: skip
+    for r in auth["rows"]:
+        print(f"{r['mode']:<7} {r['concurrency']:>4} {r['side']:<7} {r['turns']:>6} "
+              f"{r['turns_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8} "
+              f"{r['serve_cpu_ms_per_turn']:>10} {r['bench_cpu_ms_per_turn']:>10}")  # fmt: skip
+    print("\nauth vs noauth, paired per repetition (above 1: auth faster or cheaper): turns/s "
+          "auth/noauth; p99 (each run's) and CPU per turn noauth/auth")  # fmt: skip
+    for one in auth["compared"]:
+        print(f"{one['mode']:<7} {one['concurrency']:>4}")
+        for what in ("turns_per_s", "p99", "serve_cpu", "bench_cpu"):
+            print(f"    {what:<12} {format_paired(one[f'{what}_ratio'])}")
+
+
 def print_ratios(ratios: dict[str, dict[str, Any]]) -> None:
     print("\npaired ratios: median (min-max) of the per-repetition ratios")
     for name, value in ratios.items():
@@ -1032,6 +1268,21 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="repetitions per level")
     parser.add_argument("--stats-settle-s", type=float, default=11.0,
                         help="idle seconds before reading counters (backends flush <= 10 s)")  # fmt: skip
+    parser.add_argument("--auth-levels", type=int, nargs="*", default=[16, 64],
+                        help="concurrent conversations of the authentication on/off "
+                        "comparison, scripted worker (none: skip)")  # fmt: skip
+    parser.add_argument("--auth-modes", nargs="+", choices=list(AUTH_MODES),
+                        default=list(AUTH_MODES),
+                        help="its turns: unary (SendMessage), stream (StreamTurn)")  # fmt: skip
+    parser.add_argument("--auth-reps", type=int, default=16,
+                        help="its repetitions per mode and level (each side once, "
+                        "rotating)")  # fmt: skip
+    parser.add_argument("--auth-min-turns", type=int, default=240,
+                        help="at least this many turns per run of it "
+                        "(more conversations)")  # fmt: skip
+    parser.add_argument("--auth-only", action="store_true",
+                        help="run only the authentication comparison (no scripted levels, "
+                        "no vLLM phase)")  # fmt: skip
     parser.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=True,
                         help="run the vLLM comparison (default on)")  # fmt: skip
     parser.add_argument("--model", help="model folder (default: build the tiny model)")
@@ -1068,6 +1319,8 @@ def main() -> int:
     if parser.parse_known_args()[0].quick:
         parser.set_defaults(**QUICK)
     args = parser.parse_args()
+    if args.auth_only:
+        args.levels, args.vllm = [], False
 
     env = {
         **os.environ,
@@ -1107,6 +1360,11 @@ def main() -> int:
         "min_turns": args.min_turns,
         "reps": args.reps,
         "scripted_reply_tokens": len(SCRIPT["default"]["text"].encode()),  # type: ignore[index]
+        "auth_levels": args.auth_levels,
+        "auth_modes": args.auth_modes,
+        "auth_reps": args.auth_reps,
+        "auth_min_turns": args.auth_min_turns,
+        "auth_profile": AUTH_PROFILE,
         "vllm_concurrency": args.vllm_concurrency,
         "vllm_turns": args.vllm_turns,
         "vllm_reps": args.vllm_reps,
@@ -1150,6 +1408,8 @@ def main() -> int:
                   f"{m['append_xacts_per_turn']:>8} {m['other_write_xacts_per_turn']:>8} "
                   f"{m['wal_fsyncs_per_turn'] or '-':>11} {m['wal_bytes_per_turn']:>10} "
                   f"{m['xact_rollback_per_turn']:>10}")  # fmt: skip
+    if results.get("auth"):
+        print_auth(results["auth"])
     if vllm_rows:
         print("\nvLLM CPU worker, tiny model: output tokens/s (usage), median of reps")
         print(f"{'side':<22} {'conc':>4} {'turns':>6} {'tokens':>7} {'tokens/s':>9} "

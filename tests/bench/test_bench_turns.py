@@ -3,7 +3,8 @@
 `--quick --worker` runs every phase at tiny sizes on the session's vLLM
 worker (`vllm_worker`): it starts no engine and no vLLM HTTP server of its
 own, so the vllm_http sides, the ratios against them and the worker's CPU
-column come only from a full run.
+column come only from a full run. The authentication phase runs on scripted
+workers of its own, as the scripted phase does.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
 SCRIPTED_ROW = {"side", "profile", "concurrency", "turns", "turns_per_s", "runs_turns_per_s",
                 "p50_ms", "p99_ms"}  # fmt: skip
+#: A row of the authentication phase: a scripted row with its mode, each run's p99,
+#: and the CPU per turn of the side's service and of the client.
+AUTH_ROW = SCRIPTED_ROW | {"mode", "runs_p99_ms", "serve_cpu_ms_per_turn",
+                           "bench_cpu_ms_per_turn"}  # fmt: skip
+#: The paired ratios of each mode and level in the authentication phase.
+AUTH_RATIOS = ("turns_per_s_ratio", "p99_ratio", "serve_cpu_ratio", "bench_cpu_ratio")
 VLLM_ROW = {"side", "mode", "concurrency", "turns", "output_tokens", "tokens_per_s",
             "runs_tokens_per_s", "p50_ms", "p99_ms"}  # fmt: skip
 #: Database counters per turn that are exact even with --quick's short settle time.
@@ -75,6 +82,33 @@ def test_quick_run_on_the_session_worker_writes_figures_and_paired_ratios(
             continue  # (no pg_stat_io before PostgreSQL 16)
         assert_positive((key, commits), abs(value) + 1)  # a finite number
 
+    auth, auth_reps = results["auth"], settings["auth_reps"]
+    (auth_level,), modes = settings["auth_levels"], ["unary", "stream"]
+    assert settings["auth_modes"] == modes
+    assert auth["profile"] == settings["auth_profile"] == "none"
+    # The sides differ: a call without a token is refused by one, answered by the other.
+    assert auth["without_token"] == {"auth": "UNAUTHENTICATED", "noauth": "OK"}
+    assert [(r["mode"], r["concurrency"], r["side"]) for r in auth["rows"]] == [
+        (m, auth_level, side) for m in modes for side in ("auth", "noauth")]  # fmt: skip
+    for row in auth["rows"]:
+        assert set(row) == AUTH_ROW, row
+        assert row["profile"] == "none", row
+        assert len(row["runs_turns_per_s"]) == len(row["runs_p99_ms"]) == auth_reps, row
+        assert_positive(row, row["turns"], row["turns_per_s"], *row["runs_turns_per_s"],
+                        row["p50_ms"], row["p99_ms"], *row["runs_p99_ms"],
+                        row["serve_cpu_ms_per_turn"], row["bench_cpu_ms_per_turn"])  # fmt: skip
+    # The same work on both sides of a mode: the same turns.
+    assert len({r["turns"] for r in auth["rows"]}) == 1, auth["rows"]
+    assert [(x["mode"], x["concurrency"]) for x in auth["compared"]] == [
+        (m, auth_level) for m in modes]  # fmt: skip
+    for x in auth["compared"]:
+        assert set(x) == {"mode", "concurrency", *AUTH_RATIOS}, x
+        name = f"{x['mode']}_{x['concurrency']}"
+        for key in AUTH_RATIOS:
+            assert_paired(f"{name} {key}", x[key], auth_reps)
+        assert ratios[f"auth_vs_noauth_turns_{name}"] == x["turns_per_s_ratio"]
+        assert ratios[f"auth_vs_noauth_p99_{name}"] == x["p99_ratio"]
+
     vllm_reps, (c,) = settings["vllm_reps"], settings["vllm_concurrency"]
     rows = {r["side"]: r for r in results["vllm"]}
     assert list(rows) == VLLM_SIDES
@@ -112,9 +146,15 @@ def test_quick_run_on_the_session_worker_writes_figures_and_paired_ratios(
 
     assert set(ratios) == {
         f"service_vs_direct_turns_{profile}_{level}",
+        *(f"auth_vs_noauth_{what}_{m}_{auth_level}" for what in ("turns", "p99") for m in modes),
         f"vllm_stream_service_vs_worker_direct_{c}",
         f"vllm_unary_service_vs_worker_direct_{c}",
         f"vllm_service_unary_vs_stream_{c}",
     }
     for name, ratio in ratios.items():
-        assert_paired(name, ratio, reps if name.startswith("service_vs_direct") else vllm_reps)
+        if name.startswith("service_vs_direct"):
+            assert_paired(name, ratio, reps)
+        elif name.startswith("auth_vs_noauth"):
+            assert_paired(name, ratio, auth_reps)
+        else:
+            assert_paired(name, ratio, vllm_reps)
