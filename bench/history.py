@@ -41,6 +41,21 @@ measured only reads). Then VACUUM ANALYZE and a CHECKPOINT.
    must give the same bytes for every conversation in every run, and every
    export of the first run is checked by `jsonl.verify_exported`.
 
+4. Tenants, at the store: after the parts above, --tenants tenants'
+   conversations (--tenant-events events per tenant, in conversations of at
+   most 1,000 events, the tenant in every event's metadata) are appended,
+   interleaved, to the same log. From the log's end before they were written:
+   a tenant's events read to the end with `store.read_all(filter=
+   EventFilter(tenant=T))` paged by 1000, against an unfiltered `read_all` of
+   the same number of events from the same point; and the same two through
+   `subscribe_all` (catch-up, the store's pages of 500). Each run does this
+   for five tenants spread over the log, one after the other (the unfiltered
+   side as many times), so that a run lasts long enough to time. The
+   tenants' reads are checked to return exactly their events, in order. (An
+   unfiltered subscription reads whole pages of 500: with --quick's 20
+   events per tenant it reads 25 times what it hands out, so that ratio
+   means nothing there; the full run's 3,000 are six pages exactly.)
+
 Every figure is the median of --reps runs after one untimed warm-up run; the
 scenarios of a part alternate, their order rotating each repetition. The JSON
 output has `figures` {name: {median, runs, unit}} and a top-level `ratios`
@@ -55,6 +70,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import json
@@ -86,7 +102,7 @@ from turnlog.domain.state import ConversationState, TurnStatus, fold
 from turnlog.eventlog import STREAM_PREFIX, derived_id, stream_id
 from turnlog.history import jsonl
 from turnlog.history.service import CaughtUp, EventQuery, HistoryService
-from turnlog.storage import EventFilter, RecordedEvent
+from turnlog.storage import EventFilter, Position, RecordedEvent
 from turnlog.storage.embedded import EmbeddedPostgres
 from turnlog.storage.migrations import migrate
 from turnlog.storage.port import START_POSITION
@@ -316,12 +332,16 @@ def build_conversation(
 
 
 async def write_conversation(
-    store: PostgresEventStore, app: ConversationApplication, conv: Conversation
+    store: PostgresEventStore,
+    app: ConversationApplication,
+    conv: Conversation,
+    tenant: str | None = None,
 ) -> None:
     """Appends the conversation's batches in order (two appends per turn, as the service).
 
     Events are made by the application's own `_new_event` (codec.encode, the
-    metadata the service records), so the stored form is the service's.
+    metadata the service records), so the stored form is the service's;
+    `tenant`, when given, is set in every event's metadata.
     """
     version = 0
     sid = stream_id(conv.conversation_id)
@@ -333,6 +353,11 @@ async def write_conversation(
             )
             for k, e in enumerate(batch)
         ]
+        if tenant is not None:
+            events = [
+                dataclasses.replace(e, metadata=dataclasses.replace(e.metadata, tenant=tenant))
+                for e in events
+            ]
         result = await store.append(sid, events, expected_version=version)
         version = result.last_version
 
@@ -342,12 +367,14 @@ async def write_all(
     app: ConversationApplication,
     convs: Sequence[Conversation],
     writers: int,
+    tenants: Sequence[str | None] | None = None,
 ) -> None:
-    todo = iter(convs)
+    """Writes `convs` by `writers` concurrent writers; conversation i is `tenants[i]`'s."""
+    todo = iter(zip(convs, tenants or [None] * len(convs), strict=True))
 
     async def writer() -> None:
-        for conv in todo:
-            await write_conversation(store, app, conv)
+        for conv, tenant in todo:
+            await write_conversation(store, app, conv, tenant)
 
     await asyncio.gather(*(writer() for _ in range(writers)))
 
@@ -796,6 +823,195 @@ async def part_export(
     }
 
 
+# -- part 4: tenants ------------------------------------------------------------------
+
+
+def tenant_name(i: int) -> str:
+    return f"tenant-{i:03d}"
+
+
+def build_tenant_log(
+    rng: random.Random, tag: str, tenants: int, per_tenant: int
+) -> tuple[list[Conversation], list[str]]:
+    """Every tenant's conversations (at most 1,000 events each), in the order to write them.
+
+    Round-robin over the tenants (each tenant's first conversation, then each
+    one's second, ...), so that the concurrent writers interleave tenants.
+    """
+    sizes: list[int] = []
+    left = per_tenant
+    while left > 0:
+        size = min(1000, left)
+        if 0 < left - size < 1 + MIN_TURN_EVENTS:  # keep the last one long enough
+            size = left - (1 + MIN_TURN_EVENTS)
+        sizes.append(size)
+        left -= size
+    convs: list[Conversation] = []
+    owners: list[str] = []
+    for c, size in enumerate(sizes):
+        for t in range(tenants):
+            convs.append(build_conversation(rng, f"tenant-{tag}-{t:03d}-{c}", events=size))
+            owners.append(tenant_name(t))
+    return convs, owners
+
+
+async def part_tenants(
+    store: PostgresEventStore,
+    start: Position,
+    measured: dict[str, list[str]],
+    reps: int,
+    figures: Figures,
+) -> dict[str, Any]:
+    """Tenants' events from `start` (the log's end before the tenants were written).
+
+    `measured`: the tenants read in each run, each with its conversation
+    streams; they hold the same number of events, n. A run of a filtered
+    side reads each tenant's events to the end in turn, which must be
+    exactly its streams' events in the all-stream order; a run of an
+    unfiltered side reads n events from `start` as many times: the same
+    number of reads of the same number of events.
+    """
+    counts = set()
+    for streams in measured.values():
+        counts.add(sum([len(await store.read_stream(sid)) for sid in streams]))
+    if len(counts) != 1:
+        raise AssertionError(f"the measured tenants differ in size: {counts}")
+    n = counts.pop()
+    total = n * len(measured)
+
+    def check(events: Sequence[RecordedEvent], tenant: str, what: str) -> None:
+        streams = set(measured[tenant])
+        if len(events) != n:
+            raise AssertionError(f"{what}: {len(events)} events of {tenant}, expected {n}")
+        if any(e.stream_id not in streams or e.tenant != tenant for e in events):
+            raise AssertionError(f"{what}: an event not of {tenant}")
+        positions = [e.position for e in events]
+        if positions != sorted(set(positions)) or positions[0] <= start:
+            raise AssertionError(f"{what}: not in the all-stream order after the start")
+
+    def record(measure: bool, figure: str, count: int, seconds: float) -> None:
+        if count != total:
+            raise AssertionError(f"{figure}: read {count} events, expected {total}")
+        if measure:
+            figures.add(figure, "events/s", count / seconds)
+
+    async def read_tenant(tenant: str) -> list[RecordedEvent]:
+        events: list[RecordedEvent] = []
+        position = start
+        while True:  # to the end: the reader cannot know where the tenant's events stop
+            page = await store.read_all(
+                after=position, limit=PAGE, filter=EventFilter(tenant=tenant)
+            )
+            events += page.events
+            position = page.next_position
+            if page.reached_end:
+                return events
+
+    async def read_n() -> int:
+        count, position = 0, start
+        while count < n:
+            page = await store.read_all(after=position, limit=min(PAGE, n - count))
+            count += len(page.events)
+            position = page.next_position
+            if page.reached_end and count < n:
+                raise AssertionError("the log ended before the unfiltered read's count")
+        return count
+
+    async def subscribe(filter: EventFilter | None) -> list[RecordedEvent]:
+        events: list[RecordedEvent] = []
+        subscription = store.subscribe_all(after=start, filter=filter)
+        try:
+            async for event in subscription:
+                events.append(event)
+                if len(events) == n:
+                    break
+        finally:
+            await subscription.aclose()
+        return events
+
+    async def read(measure: bool) -> None:
+        async def run() -> int:
+            count = 0
+            for tenant in measured:
+                events = await read_tenant(tenant)
+                if not measure:
+                    check(events, tenant, "tenant read_all")
+                count += len(events)
+            return count
+
+        count, s = await timed(run())
+        record(measure, "tenant_read_all", count, s)
+
+    async def read_unfiltered(measure: bool) -> None:
+        async def run() -> int:
+            return sum([await read_n() for _ in measured])
+
+        count, s = await timed(run())
+        record(measure, "tenant_baseline_read_all", count, s)
+
+    async def subscribe_tenants(measure: bool) -> None:
+        async def run() -> int:
+            count = 0
+            for tenant in measured:
+                events = await subscribe(EventFilter(tenant=tenant))
+                if not measure:
+                    check(events, tenant, "tenant subscribe_all")
+                count += len(events)
+            return count
+
+        count, s = await timed(run())
+        record(measure, "tenant_subscribe_catch_up", count, s)
+
+    async def subscribe_unfiltered(measure: bool) -> None:
+        async def run() -> int:
+            return sum([len(await subscribe(None)) for _ in measured])
+
+        count, s = await timed(run())
+        record(measure, "tenant_baseline_subscribe_catch_up", count, s)
+
+    await repeat(
+        {
+            "read": read,
+            "read_unfiltered": read_unfiltered,
+            "subscribe": subscribe_tenants,
+            "subscribe_unfiltered": subscribe_unfiltered,
+        },
+        reps,
+        "tenants",
+    )
+    return {"measured_tenants": list(measured), "events_per_measured_tenant": n}
+
+
+async def analyze_and_checkpoint(dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("VACUUM ANALYZE turnlog.events")
+        # Flush what the build dirtied now, not during the measurements (a
+        # --dsn role without the privilege skips this).
+        with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
+            await conn.execute("CHECKPOINT")
+
+
+async def write_tenants(
+    dsn: str, convs: Sequence[Conversation], owners: Sequence[str]
+) -> tuple[Position, float]:
+    """Appends the tenants' conversations; the log's end before them, and the seconds taken."""
+    started = time.perf_counter()
+    writer = await PostgresEventStore.open(
+        make_conninfo(dsn, options="-c synchronous_commit=off"), min_size=8, max_size=8
+    )
+    try:
+        # The log's end: a tenant read that finds nothing moves past every event.
+        nobody = await writer.read_all(filter=EventFilter(tenant="no tenant has this name"))
+        assert nobody.reached_end
+        assert not nobody.events
+        start = nobody.next_position
+        await write_all(writer, ConversationApplication(writer, None), convs, 8, owners)
+    finally:
+        await writer.close()
+    await analyze_and_checkpoint(dsn)
+    return start, time.perf_counter() - started
+
+
 # -- the run ----------------------------------------------------------------------
 
 
@@ -863,6 +1079,28 @@ async def bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
                 store, sgrpc.ConversationServiceStub(channel), big, total, args.reps, figures
             )
         export_info = await part_export(store, dsn, target, small, args.clients, args.reps, figures)
+        tenant_convs, owners = build_tenant_log(rng, tag, args.tenants, args.tenant_events)
+        tenant_start, tenant_build_s = await write_tenants(dsn, tenant_convs, owners)
+        print(
+            f"  tenant log built: {sum(c.events for c in tenant_convs)} events in"
+            f" {tenant_build_s:.1f} s",
+            file=sys.stderr,
+        )
+        # Five tenants spread over the log (fewer if there are fewer), read in turn.
+        picks = sorted({tenant_name(i * args.tenants // 5) for i in range(5)})
+        streams: dict[str, list[str]] = {t: [] for t in picks}
+        for conv, owner in zip(tenant_convs, owners, strict=True):
+            if owner in streams:
+                streams[owner].append(stream_id(conv.conversation_id))
+        measured_info = await part_tenants(store, tenant_start, streams, args.reps, figures)
+        tenants_info = {
+            "tenants": args.tenants,
+            "events_per_tenant": args.tenant_events,
+            "conversations_per_tenant": len(tenant_convs) // args.tenants,
+            "events": sum(c.events for c in tenant_convs),
+            **measured_info,
+            "log_build_s": round(tenant_build_s, 1),
+        }
     finally:
         await server.stop(0)
         await app.shutdown()
@@ -891,6 +1129,10 @@ async def bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
         "export_rpc_vs_plain_query": paired(
             "export_rpc_conversations", "export_plain_query_conversations"
         ),
+        "tenant_read_all_vs_unfiltered": paired("tenant_read_all", "tenant_baseline_read_all"),
+        "tenant_subscribe_vs_unfiltered": paired(
+            "tenant_subscribe_catch_up", "tenant_baseline_subscribe_catch_up"
+        ),
     }
     # How the fold scales: time per event over the whole stream / over its first tenth.
     per_event_all = m("fold_fold") / big.events
@@ -918,6 +1160,7 @@ async def bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
         "fold": fold_info,
         "reads": reads_info,
         "export": export_info,
+        "tenants": tenants_info,
         "figures": {
             name: {
                 "median": round(f.median, 3),
@@ -999,6 +1242,17 @@ def print_table(out: dict[str, Any]) -> None:
     ):
         row(label, f"{side}_conversations")
         row("", f"{side}_bytes")
+    t = out["tenants"]
+    print(
+        f"\n4. Tenants: {t['tenants']} tenants x {t['events_per_tenant']} events "
+        f"({t['conversations_per_tenant']} conversations each) interleaved, "
+        f"{t['events']} events; the events of {len(t['measured_tenants'])} of them read to "
+        f"the end, one tenant after the other, per run"
+    )
+    row("store.read_all, filter=EventFilter(tenant=T)", "tenant_read_all")
+    row("baseline: unfiltered read_all, same count", "tenant_baseline_read_all")
+    row("store.subscribe_all, tenant filter, catch-up", "tenant_subscribe_catch_up")
+    row("baseline: unfiltered subscribe_all, same count", "tenant_baseline_subscribe_catch_up")
     print("\nratios (throughput of the first over the second; > 1: first faster)")
     for name, value in out["ratios"].items():
         print(f"  {name:<40}{format_paired(value)}")
@@ -1015,20 +1269,36 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=3, help="turns per small conversation")
     parser.add_argument("--log-events", type=int, help="at least this many events in the log")
     parser.add_argument("--clients", type=int, default=4, help="concurrent export clients")
+    parser.add_argument("--tenants", type=int, default=100, help="tenants in part 4")
+    parser.add_argument("--tenant-events", type=int, help="events per tenant in part 4")
     parser.add_argument("--reps", type=int, help="measured runs per scenario")
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated texts")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
     defaults = (
-        {"fold_events": 2000, "conversations": 100, "log_events": 6000, "reps": 2}
+        {
+            "fold_events": 2000,
+            "conversations": 100,
+            "log_events": 6000,
+            "tenant_events": 20,
+            "reps": 2,
+        }
         if args.quick
-        else {"fold_events": 10_000, "conversations": 1000, "log_events": 50_000, "reps": 5}
+        else {
+            "fold_events": 10_000,
+            "conversations": 1000,
+            "log_events": 50_000,
+            "tenant_events": 3000,
+            "reps": 5,
+        }
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.reps < 1 or args.clients < 1 or args.conversations < 1:
-        parser.error("--reps, --clients and --conversations must be at least 1")
+    if args.reps < 1 or args.clients < 1 or args.conversations < 1 or args.tenants < 1:
+        parser.error("--reps, --clients, --conversations and --tenants must be at least 1")
+    if args.tenant_events < 1 + MIN_TURN_EVENTS:
+        parser.error(f"--tenant-events must be at least {1 + MIN_TURN_EVENTS}")
 
     started = time.perf_counter()
     server: EmbeddedPostgres | None = None
