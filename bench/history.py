@@ -49,9 +49,11 @@ measured only reads). Then VACUUM ANALYZE and a CHECKPOINT.
    EventFilter(tenant=T))` paged by 1000, against an unfiltered `read_all` of
    the same number of events from the same point; and the same two through
    `subscribe_all` (catch-up, the store's pages of 500). Each run does this
-   for five tenants spread over the log, one after the other (the unfiltered
-   side as many times), so that a run lasts long enough to time. The
-   tenants' reads are checked to return exactly their events, in order. (An
+   for ten tenants spread over the log, one after the other, each tenant's
+   read next to an unfiltered one (which goes first alternates), so that a
+   run lasts long enough to time and load that drifts within it falls on
+   both sides alike. The tenants' reads are checked to return exactly their
+   events, in order. (An
    unfiltered subscription reads whole pages of 500: with --quick's 20
    events per tenant it reads 25 times what it hands out, so that ratio
    means nothing there; the full run's 3,000 are six pages exactly.)
@@ -865,13 +867,12 @@ async def part_tenants(
     """Tenants' events from `start` (the log's end before the tenants were written).
 
     `measured`: the tenants read in each run, each with its conversation
-    streams; they hold the same number of events, n. A run of a filtered
-    side reads each tenant's events to the end in turn, which must be
-    exactly its streams' events in the all-stream order; a run of an
-    unfiltered side reads n events from `start` as many times: the same
-    number of reads of the same number of events.
+    streams; they hold the same number of events, n. A run reads each
+    tenant's events to the end (which must be exactly its streams' events,
+    in the all-stream order) and, beside each, n events from `start`
+    unfiltered: the same number of reads of the same number of events.
     """
-    counts = set()
+    counts: set[int] = set()
     for streams in measured.values():
         counts.add(sum([len(await store.read_stream(sid)) for sid in streams]))
     if len(counts) != 1:
@@ -929,56 +930,57 @@ async def part_tenants(
             await subscription.aclose()
         return events
 
-    async def read(measure: bool) -> None:
-        async def run() -> int:
-            count = 0
-            for tenant in measured:
-                events = await read_tenant(tenant)
-                if not measure:
-                    check(events, tenant, "tenant read_all")
-                count += len(events)
-            return count
+    async def interleaved(
+        measure: bool,
+        tenant_side: Callable[[str], Awaitable[list[RecordedEvent]]],
+        unfiltered_side: Callable[[], Awaitable[int]],
+        figure: str,
+        baseline: str,
+        what: str,
+    ) -> None:
+        """For each tenant: its read, and an unfiltered read of n events, in alternating order.
 
-        count, s = await timed(run())
-        record(measure, "tenant_read_all", count, s)
+        The two sides of a run interleave tenant by tenant (the first side
+        alternating), so load that drifts during a run falls on both alike.
+        """
+        seconds = {figure: 0.0, baseline: 0.0}
+        counts = {figure: 0, baseline: 0}
+        for i, tenant in enumerate(measured):
+            for side in rotated([figure, baseline], i):
+                start_s = time.perf_counter()
+                if side == figure:
+                    events = await tenant_side(tenant)
+                    elapsed = time.perf_counter() - start_s
+                    if not measure:
+                        check(events, tenant, what)
+                    count = len(events)
+                else:
+                    count = await unfiltered_side()
+                    elapsed = time.perf_counter() - start_s
+                seconds[side] += elapsed
+                counts[side] += count
+        for side in (figure, baseline):
+            record(measure, side, counts[side], seconds[side])
 
-    async def read_unfiltered(measure: bool) -> None:
-        async def run() -> int:
-            return sum([await read_n() for _ in measured])
+    async def reads(measure: bool) -> None:
+        await interleaved(
+            measure, read_tenant, read_n, "tenant_read_all", "tenant_baseline_read_all", "read_all"
+        )
 
-        count, s = await timed(run())
-        record(measure, "tenant_baseline_read_all", count, s)
+    async def subscribe_n() -> int:
+        return len(await subscribe(None))
 
-    async def subscribe_tenants(measure: bool) -> None:
-        async def run() -> int:
-            count = 0
-            for tenant in measured:
-                events = await subscribe(EventFilter(tenant=tenant))
-                if not measure:
-                    check(events, tenant, "tenant subscribe_all")
-                count += len(events)
-            return count
+    async def subscribes(measure: bool) -> None:
+        await interleaved(
+            measure,
+            lambda tenant: subscribe(EventFilter(tenant=tenant)),
+            subscribe_n,
+            "tenant_subscribe_catch_up",
+            "tenant_baseline_subscribe_catch_up",
+            "subscribe_all",
+        )
 
-        count, s = await timed(run())
-        record(measure, "tenant_subscribe_catch_up", count, s)
-
-    async def subscribe_unfiltered(measure: bool) -> None:
-        async def run() -> int:
-            return sum([len(await subscribe(None)) for _ in measured])
-
-        count, s = await timed(run())
-        record(measure, "tenant_baseline_subscribe_catch_up", count, s)
-
-    await repeat(
-        {
-            "read": read,
-            "read_unfiltered": read_unfiltered,
-            "subscribe": subscribe_tenants,
-            "subscribe_unfiltered": subscribe_unfiltered,
-        },
-        reps,
-        "tenants",
-    )
+    await repeat({"read_all": reads, "subscribe_all": subscribes}, reps, "tenants")
     return {"measured_tenants": list(measured), "events_per_measured_tenant": n}
 
 
@@ -1086,8 +1088,8 @@ async def bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
             f" {tenant_build_s:.1f} s",
             file=sys.stderr,
         )
-        # Five tenants spread over the log (fewer if there are fewer), read in turn.
-        picks = sorted({tenant_name(i * args.tenants // 5) for i in range(5)})
+        # Ten tenants spread over the log (fewer if there are fewer), read in turn.
+        picks = sorted({tenant_name(i * args.tenants // 10) for i in range(10)})
         streams: dict[str, list[str]] = {t: [] for t in picks}
         for conv, owner in zip(tenant_convs, owners, strict=True):
             if owner in streams:
@@ -1246,8 +1248,8 @@ def print_table(out: dict[str, Any]) -> None:
     print(
         f"\n4. Tenants: {t['tenants']} tenants x {t['events_per_tenant']} events "
         f"({t['conversations_per_tenant']} conversations each) interleaved, "
-        f"{t['events']} events; the events of {len(t['measured_tenants'])} of them read to "
-        f"the end, one tenant after the other, per run"
+        f"{t['events']} events; per run, {len(t['measured_tenants'])} of them read to the "
+        f"end, each beside an unfiltered read of as many events"
     )
     row("store.read_all, filter=EventFilter(tenant=T)", "tenant_read_all")
     row("baseline: unfiltered read_all, same count", "tenant_baseline_read_all")

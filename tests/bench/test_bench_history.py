@@ -83,5 +83,5 @@ def test_quick_run_writes_positive_figures_and_ratios(
     tenants = result["tenants"]
     assert tenants["tenants"] == 100
     assert tenants["events"] == tenants["tenants"] * tenants["events_per_tenant"]
-    assert len(tenants["measured_tenants"]) == 5
+    assert len(tenants["measured_tenants"]) == 10
     assert tenants["events_per_measured_tenant"] == tenants["events_per_tenant"]
