@@ -41,6 +41,25 @@ measured only reads). Then VACUUM ANALYZE and a CHECKPOINT.
    must give the same bytes for every conversation in every run, and every
    export of the first run is checked by `jsonl.verify_exported`.
 
+4. Tenants, at the store: after the parts above, --tenants tenants'
+   conversations (--tenant-events events per tenant, in conversations of at
+   most 1,000 events, the tenant in every event's metadata) are appended,
+   interleaved, to the same log. From the log's end before they were written:
+   a tenant's events read to the end with `store.read_all(filter=
+   EventFilter(tenant=T))` paged by 1000, against an unfiltered `read_all` of
+   the same number of events from the same point; and the same two through
+   `subscribe_all` (catch-up, the store's pages of 500). Each run does this
+   for ten tenants spread over the log, one after the other, each tenant's
+   read next to an unfiltered one (which goes first alternates), so that a
+   run lasts long enough to time and load that drifts within it falls on
+   both sides alike. The tenants' reads are checked to return exactly their
+   events, in order. The full run's 2,500 events per tenant are not a
+   multiple of the page, so both sides make the same queries (at a multiple,
+   the tenant's read needs one more, empty, page to see its end; the
+   unfiltered side knows its count). (An unfiltered subscription reads whole
+   pages of 500: with --quick's 20 events per tenant it reads 25 times what
+   it hands out, so that ratio means nothing there.)
+
 Every figure is the median of --reps runs after one untimed warm-up run; the
 scenarios of a part alternate, their order rotating each repetition. The JSON
 output has `figures` {name: {median, runs, unit}} and a top-level `ratios`
@@ -55,6 +74,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import json
@@ -86,7 +106,7 @@ from turnlog.domain.state import ConversationState, TurnStatus, fold
 from turnlog.eventlog import STREAM_PREFIX, derived_id, stream_id
 from turnlog.history import jsonl
 from turnlog.history.service import CaughtUp, EventQuery, HistoryService
-from turnlog.storage import EventFilter, RecordedEvent
+from turnlog.storage import EventFilter, Position, RecordedEvent
 from turnlog.storage.embedded import EmbeddedPostgres
 from turnlog.storage.migrations import migrate
 from turnlog.storage.port import START_POSITION
@@ -316,12 +336,16 @@ def build_conversation(
 
 
 async def write_conversation(
-    store: PostgresEventStore, app: ConversationApplication, conv: Conversation
+    store: PostgresEventStore,
+    app: ConversationApplication,
+    conv: Conversation,
+    tenant: str | None = None,
 ) -> None:
     """Appends the conversation's batches in order (two appends per turn, as the service).
 
     Events are made by the application's own `_new_event` (codec.encode, the
-    metadata the service records), so the stored form is the service's.
+    metadata the service records), so the stored form is the service's;
+    `tenant`, when given, is set in every event's metadata.
     """
     version = 0
     sid = stream_id(conv.conversation_id)
@@ -333,6 +357,11 @@ async def write_conversation(
             )
             for k, e in enumerate(batch)
         ]
+        if tenant is not None:
+            events = [
+                dataclasses.replace(e, metadata=dataclasses.replace(e.metadata, tenant=tenant))
+                for e in events
+            ]
         result = await store.append(sid, events, expected_version=version)
         version = result.last_version
 
@@ -342,12 +371,14 @@ async def write_all(
     app: ConversationApplication,
     convs: Sequence[Conversation],
     writers: int,
+    tenants: Sequence[str | None] | None = None,
 ) -> None:
-    todo = iter(convs)
+    """Writes `convs` by `writers` concurrent writers; conversation i is `tenants[i]`'s."""
+    todo = iter(zip(convs, tenants or [None] * len(convs), strict=True))
 
     async def writer() -> None:
-        for conv in todo:
-            await write_conversation(store, app, conv)
+        for conv, tenant in todo:
+            await write_conversation(store, app, conv, tenant)
 
     await asyncio.gather(*(writer() for _ in range(writers)))
 
@@ -796,6 +827,195 @@ async def part_export(
     }
 
 
+# -- part 4: tenants ------------------------------------------------------------------
+
+
+def tenant_name(i: int) -> str:
+    return f"tenant-{i:03d}"
+
+
+def build_tenant_log(
+    rng: random.Random, tag: str, tenants: int, per_tenant: int
+) -> tuple[list[Conversation], list[str]]:
+    """Every tenant's conversations (at most 1,000 events each), in the order to write them.
+
+    Round-robin over the tenants (each tenant's first conversation, then each
+    one's second, ...), so that the concurrent writers interleave tenants.
+    """
+    sizes: list[int] = []
+    left = per_tenant
+    while left > 0:
+        size = min(1000, left)
+        if 0 < left - size < 1 + MIN_TURN_EVENTS:  # keep the last one long enough
+            size = left - (1 + MIN_TURN_EVENTS)
+        sizes.append(size)
+        left -= size
+    convs: list[Conversation] = []
+    owners: list[str] = []
+    for c, size in enumerate(sizes):
+        for t in range(tenants):
+            convs.append(build_conversation(rng, f"tenant-{tag}-{t:03d}-{c}", events=size))
+            owners.append(tenant_name(t))
+    return convs, owners
+
+
+async def part_tenants(
+    store: PostgresEventStore,
+    start: Position,
+    measured: dict[str, list[str]],
+    reps: int,
+    figures: Figures,
+) -> dict[str, Any]:
+    """Tenants' events from `start` (the log's end before the tenants were written).
+
+    `measured`: the tenants read in each run, each with its conversation
+    streams; they hold the same number of events, n. A run reads each
+    tenant's events to the end (which must be exactly its streams' events,
+    in the all-stream order) and, beside each, n events from `start`
+    unfiltered: the same number of reads of the same number of events.
+    """
+    counts: set[int] = set()
+    for streams in measured.values():
+        counts.add(sum([len(await store.read_stream(sid)) for sid in streams]))
+    if len(counts) != 1:
+        raise AssertionError(f"the measured tenants differ in size: {counts}")
+    n = counts.pop()
+    total = n * len(measured)
+
+    def check(events: Sequence[RecordedEvent], tenant: str, what: str) -> None:
+        streams = set(measured[tenant])
+        if len(events) != n:
+            raise AssertionError(f"{what}: {len(events)} events of {tenant}, expected {n}")
+        if any(e.stream_id not in streams or e.tenant != tenant for e in events):
+            raise AssertionError(f"{what}: an event not of {tenant}")
+        positions = [e.position for e in events]
+        if positions != sorted(set(positions)) or positions[0] <= start:
+            raise AssertionError(f"{what}: not in the all-stream order after the start")
+
+    def record(measure: bool, figure: str, count: int, seconds: float) -> None:
+        if count != total:
+            raise AssertionError(f"{figure}: read {count} events, expected {total}")
+        if measure:
+            figures.add(figure, "events/s", count / seconds)
+
+    async def read_tenant(tenant: str) -> list[RecordedEvent]:
+        events: list[RecordedEvent] = []
+        position = start
+        while True:  # to the end: the reader cannot know where the tenant's events stop
+            page = await store.read_all(
+                after=position, limit=PAGE, filter=EventFilter(tenant=tenant)
+            )
+            events += page.events
+            position = page.next_position
+            if page.reached_end:
+                return events
+
+    async def read_n() -> int:
+        count, position = 0, start
+        while count < n:
+            page = await store.read_all(after=position, limit=min(PAGE, n - count))
+            count += len(page.events)
+            position = page.next_position
+            if page.reached_end and count < n:
+                raise AssertionError("the log ended before the unfiltered read's count")
+        return count
+
+    async def subscribe(filter: EventFilter | None) -> list[RecordedEvent]:
+        events: list[RecordedEvent] = []
+        subscription = store.subscribe_all(after=start, filter=filter)
+        try:
+            async for event in subscription:
+                events.append(event)
+                if len(events) == n:
+                    break
+        finally:
+            await subscription.aclose()
+        return events
+
+    async def interleaved(
+        measure: bool,
+        tenant_side: Callable[[str], Awaitable[list[RecordedEvent]]],
+        unfiltered_side: Callable[[], Awaitable[int]],
+        figure: str,
+        baseline: str,
+        what: str,
+    ) -> None:
+        """For each tenant: its read, and an unfiltered read of n events, in alternating order.
+
+        The two sides of a run interleave tenant by tenant (the first side
+        alternating), so load that drifts during a run falls on both alike.
+        """
+        seconds = {figure: 0.0, baseline: 0.0}
+        counts = {figure: 0, baseline: 0}
+        for i, tenant in enumerate(measured):
+            for side in rotated([figure, baseline], i):
+                start_s = time.perf_counter()
+                if side == figure:
+                    events = await tenant_side(tenant)
+                    elapsed = time.perf_counter() - start_s
+                    if not measure:
+                        check(events, tenant, what)
+                    count = len(events)
+                else:
+                    count = await unfiltered_side()
+                    elapsed = time.perf_counter() - start_s
+                seconds[side] += elapsed
+                counts[side] += count
+        for side in (figure, baseline):
+            record(measure, side, counts[side], seconds[side])
+
+    async def reads(measure: bool) -> None:
+        await interleaved(
+            measure, read_tenant, read_n, "tenant_read_all", "tenant_baseline_read_all", "read_all"
+        )
+
+    async def subscribe_n() -> int:
+        return len(await subscribe(None))
+
+    async def subscribes(measure: bool) -> None:
+        await interleaved(
+            measure,
+            lambda tenant: subscribe(EventFilter(tenant=tenant)),
+            subscribe_n,
+            "tenant_subscribe_catch_up",
+            "tenant_baseline_subscribe_catch_up",
+            "subscribe_all",
+        )
+
+    await repeat({"read_all": reads, "subscribe_all": subscribes}, reps, "tenants")
+    return {"measured_tenants": list(measured), "events_per_measured_tenant": n}
+
+
+async def analyze_and_checkpoint(dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("VACUUM ANALYZE turnlog.events")
+        # Flush what the build dirtied now, not during the measurements (a
+        # --dsn role without the privilege skips this).
+        with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
+            await conn.execute("CHECKPOINT")
+
+
+async def write_tenants(
+    dsn: str, convs: Sequence[Conversation], owners: Sequence[str]
+) -> tuple[Position, float]:
+    """Appends the tenants' conversations; the log's end before them, and the seconds taken."""
+    started = time.perf_counter()
+    writer = await PostgresEventStore.open(
+        make_conninfo(dsn, options="-c synchronous_commit=off"), min_size=8, max_size=8
+    )
+    try:
+        # The log's end: a tenant read that finds nothing moves past every event.
+        nobody = await writer.read_all(filter=EventFilter(tenant="no tenant has this name"))
+        assert nobody.reached_end
+        assert not nobody.events
+        start = nobody.next_position
+        await write_all(writer, ConversationApplication(writer, None), convs, 8, owners)
+    finally:
+        await writer.close()
+    await analyze_and_checkpoint(dsn)
+    return start, time.perf_counter() - started
+
+
 # -- the run ----------------------------------------------------------------------
 
 
@@ -863,6 +1083,28 @@ async def bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
                 store, sgrpc.ConversationServiceStub(channel), big, total, args.reps, figures
             )
         export_info = await part_export(store, dsn, target, small, args.clients, args.reps, figures)
+        tenant_convs, owners = build_tenant_log(rng, tag, args.tenants, args.tenant_events)
+        tenant_start, tenant_build_s = await write_tenants(dsn, tenant_convs, owners)
+        print(
+            f"  tenant log built: {sum(c.events for c in tenant_convs)} events in"
+            f" {tenant_build_s:.1f} s",
+            file=sys.stderr,
+        )
+        # Ten tenants spread over the log (fewer if there are fewer), read in turn.
+        picks = sorted({tenant_name(i * args.tenants // 10) for i in range(10)})
+        streams: dict[str, list[str]] = {t: [] for t in picks}
+        for conv, owner in zip(tenant_convs, owners, strict=True):
+            if owner in streams:
+                streams[owner].append(stream_id(conv.conversation_id))
+        measured_info = await part_tenants(store, tenant_start, streams, args.reps, figures)
+        tenants_info = {
+            "tenants": args.tenants,
+            "events_per_tenant": args.tenant_events,
+            "conversations_per_tenant": len(tenant_convs) // args.tenants,
+            "events": sum(c.events for c in tenant_convs),
+            **measured_info,
+            "log_build_s": round(tenant_build_s, 1),
+        }
     finally:
         await server.stop(0)
         await app.shutdown()
@@ -891,6 +1133,10 @@ async def bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
         "export_rpc_vs_plain_query": paired(
             "export_rpc_conversations", "export_plain_query_conversations"
         ),
+        "tenant_read_all_vs_unfiltered": paired("tenant_read_all", "tenant_baseline_read_all"),
+        "tenant_subscribe_vs_unfiltered": paired(
+            "tenant_subscribe_catch_up", "tenant_baseline_subscribe_catch_up"
+        ),
     }
     # How the fold scales: time per event over the whole stream / over its first tenth.
     per_event_all = m("fold_fold") / big.events
@@ -918,6 +1164,7 @@ async def bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
         "fold": fold_info,
         "reads": reads_info,
         "export": export_info,
+        "tenants": tenants_info,
         "figures": {
             name: {
                 "median": round(f.median, 3),
@@ -999,6 +1246,17 @@ def print_table(out: dict[str, Any]) -> None:
     ):
         row(label, f"{side}_conversations")
         row("", f"{side}_bytes")
+    t = out["tenants"]
+    print(
+        f"\n4. Tenants: {t['tenants']} tenants x {t['events_per_tenant']} events "
+        f"({t['conversations_per_tenant']} conversations each) interleaved, "
+        f"{t['events']} events; per run, {len(t['measured_tenants'])} of them read to the "
+        f"end, each beside an unfiltered read of as many events"
+    )
+    row("store.read_all, filter=EventFilter(tenant=T)", "tenant_read_all")
+    row("baseline: unfiltered read_all, same count", "tenant_baseline_read_all")
+    row("store.subscribe_all, tenant filter, catch-up", "tenant_subscribe_catch_up")
+    row("baseline: unfiltered subscribe_all, same count", "tenant_baseline_subscribe_catch_up")
     print("\nratios (throughput of the first over the second; > 1: first faster)")
     for name, value in out["ratios"].items():
         print(f"  {name:<40}{format_paired(value)}")
@@ -1015,20 +1273,39 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=3, help="turns per small conversation")
     parser.add_argument("--log-events", type=int, help="at least this many events in the log")
     parser.add_argument("--clients", type=int, default=4, help="concurrent export clients")
+    parser.add_argument("--tenants", type=int, default=100, help="tenants in part 4")
+    parser.add_argument("--tenant-events", type=int, help="events per tenant in part 4")
     parser.add_argument("--reps", type=int, help="measured runs per scenario")
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated texts")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
     defaults = (
-        {"fold_events": 2000, "conversations": 100, "log_events": 6000, "reps": 2}
+        {
+            "fold_events": 2000,
+            "conversations": 100,
+            "log_events": 6000,
+            "tenant_events": 20,
+            "reps": 2,
+        }
         if args.quick
-        else {"fold_events": 10_000, "conversations": 1000, "log_events": 50_000, "reps": 5}
+        else {
+            "fold_events": 10_000,
+            "conversations": 1000,
+            "log_events": 50_000,
+            # Not a multiple of the page (1000): a read to the end then makes
+            # as many queries as the unfiltered read of as many events (at a
+            # multiple it needs one more, empty, to see the end).
+            "tenant_events": 2500,
+            "reps": 5,
+        }
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.reps < 1 or args.clients < 1 or args.conversations < 1:
-        parser.error("--reps, --clients and --conversations must be at least 1")
+    if args.reps < 1 or args.clients < 1 or args.conversations < 1 or args.tenants < 1:
+        parser.error("--reps, --clients, --conversations and --tenants must be at least 1")
+    if args.tenant_events < 1 + MIN_TURN_EVENTS:
+        parser.error(f"--tenant-events must be at least {1 + MIN_TURN_EVENTS}")
 
     started = time.perf_counter()
     server: EmbeddedPostgres | None = None

@@ -33,6 +33,10 @@ FIGURES = {
     "export_rpc_conversations": "conversations/s",
     "export_plain_query_conversations": "conversations/s",
     "export_rpc_bytes": "MB/s",
+    "tenant_read_all": "events/s",
+    "tenant_baseline_read_all": "events/s",
+    "tenant_subscribe_catch_up": "events/s",
+    "tenant_baseline_subscribe_catch_up": "events/s",
 }
 RATIOS = {
     "fold_vs_plain_parse",
@@ -44,6 +48,8 @@ RATIOS = {
     "export_rpc_vs_plain_query",
     "verify_vs_plain_parse",
     "subscribe_rpc_vs_in_process",
+    "tenant_read_all_vs_unfiltered",
+    "tenant_subscribe_vs_unfiltered",
 }
 
 
@@ -74,3 +80,8 @@ def test_quick_run_writes_positive_figures_and_ratios(
         assert_paired(name, ratio, result["settings"]["reps"])
     assert result["fold"]["events"] == result["settings"]["fold_events"]
     assert result["export"]["verified_exports"] == result["settings"]["conversations"]
+    tenants = result["tenants"]
+    assert tenants["tenants"] == 100
+    assert tenants["events"] == tenants["tenants"] * tenants["events_per_tenant"]
+    assert len(tenants["measured_tenants"]) == 10
+    assert tenants["events_per_measured_tenant"] == tenants["events_per_tenant"]
