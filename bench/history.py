@@ -99,6 +99,10 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import namedtuple_row
 
 from turnlog.api.server import grpc_server
+from turnlog.auth.authenticator import Authenticator
+from turnlog.auth.channel import credentialed_channel
+from turnlog.auth.principal import Scope
+from turnlog.auth.settings import AuthSettings
 from turnlog.conversation.application import ConversationApplication, ServiceDefaults
 from turnlog.domain import codec
 from turnlog.domain import events as ev
@@ -734,6 +738,7 @@ async def part_export(
     store: PostgresEventStore,
     dsn: str,
     target: str,
+    token: str,
     convs: Sequence[Conversation],
     clients: int,
     reps: int,
@@ -743,7 +748,7 @@ async def part_export(
     cids = [c.conversation_id for c in convs]
     expected_events = {c.conversation_id: c.events for c in convs}
     reference: dict[str, bytes] = {}
-    channels = [grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS) for _ in range(clients)]
+    channels = [credentialed_channel(target, token, options=CLIENT_OPTIONS) for _ in range(clients)]
     stubs = [sgrpc.ConversationServiceStub(ch) for ch in channels]
     conns = [await psycopg.AsyncConnection.connect(dsn, autocommit=True) for _ in range(clients)]
 
@@ -1072,17 +1077,27 @@ async def bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
     figures = Figures()
     store = await PostgresEventStore.open(dsn, min_size=clients_pool(args), max_size=20)
     app = ConversationApplication(store, None, defaults=ServiceDefaults(state_cache_size=0))
-    server, _ = grpc_server(app)  # turnlog serve's own server, validation included
+    # turnlog serve's own server, authentication and validation included; the
+    # log's conversations (written with no tenant) are the tenant "default"'s.
+    auth_dir = tempfile.TemporaryDirectory(prefix="turnlog-bench-auth-")
+    authenticator = Authenticator(AuthSettings.local_default(Path(auth_dir.name)))
+    assert authenticator.local_key is not None
+    token = authenticator.local_key.mint_token(
+        scopes=(Scope.READ, Scope.HISTORY), subject="bench", ttl_s=24 * 3600
+    )
+    server, _ = grpc_server(app, authenticator=authenticator)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     target = f"127.0.0.1:{port}"
     try:
         fold_info = await part_fold(store, dsn, big, args.reps, figures)
-        async with grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS) as channel:
+        async with credentialed_channel(target, token, options=CLIENT_OPTIONS) as channel:
             reads_info = await part_reads(
                 store, sgrpc.ConversationServiceStub(channel), big, total, args.reps, figures
             )
-        export_info = await part_export(store, dsn, target, small, args.clients, args.reps, figures)
+        export_info = await part_export(
+            store, dsn, target, token, small, args.clients, args.reps, figures
+        )
         tenant_convs, owners = build_tenant_log(rng, tag, args.tenants, args.tenant_events)
         tenant_start, tenant_build_s = await write_tenants(dsn, tenant_convs, owners)
         print(
@@ -1107,6 +1122,8 @@ async def bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
         }
     finally:
         await server.stop(0)
+        await authenticator.aclose()
+        auth_dir.cleanup()
         await app.shutdown()
         await store.close()
 
