@@ -26,13 +26,14 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18turnlog/v1/history.proto\x12\nturnlog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf2\x01\n\x08LogEvent\x12\x14\n\x0c\x63onversation\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x11\n\tdata_json\x18\x06 \x01(\t\x12\x15\n\rmetadata_json\x18\x07 \x01(\t\x12/\n\x0brecord_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprev_hash\x18\t \x01(\x0c\x12\x0c\n\x04hash\x18\n \x01(\x0c\x12\x10\n\x08position\x18\x0b \x01(\t*^\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XPORT_FORMAT_JSONL\x10\x01\x12\x16\n\x12\x45XPORT_FORMAT_ATIF\x10\x02*\xaa\x01\n\x13VerificationProblem\x12$\n VERIFICATION_PROBLEM_UNSPECIFIED\x10\x00\x12)\n%VERIFICATION_PROBLEM_VERSION_SEQUENCE\x10\x01\x12#\n\x1fVERIFICATION_PROBLEM_HASH_CHAIN\x10\x02\x12\x1d\n\x19VERIFICATION_PROBLEM_FOLD\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18turnlog/v1/history.proto\x12\nturnlog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf2\x01\n\x08LogEvent\x12\x14\n\x0c\x63onversation\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x11\n\tdata_json\x18\x06 \x01(\t\x12\x15\n\rmetadata_json\x18\x07 \x01(\t\x12/\n\x0brecord_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprev_hash\x18\t \x01(\x0c\x12\x0c\n\x04hash\x18\n \x01(\x0c\x12\x10\n\x08position\x18\x0b \x01(\t*^\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XPORT_FORMAT_JSONL\x10\x01\x12\x16\n\x12\x45XPORT_FORMAT_ATIF\x10\x02*\xaa\x01\n\x13VerificationProblem\x12$\n VERIFICATION_PROBLEM_UNSPECIFIED\x10\x00\x12)\n%VERIFICATION_PROBLEM_VERSION_SEQUENCE\x10\x01\x12#\n\x1fVERIFICATION_PROBLEM_HASH_CHAIN\x10\x02\x12\x1d\n\x19VERIFICATION_PROBLEM_FOLD\x10\x03\x42\x8a\x01\n\x0e\x64\x65v.turnlog.v1B\x0cHistoryProtoP\x01Z:github.com/turnlog/turnlog/clients/go/turnlog/v1;turnlogv1\xa2\x02\x03TXX\xaa\x02\nTurnlog.V1\xca\x02\nTurnlog\\V1\xea\x02\x0bTurnlog::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'turnlog.v1.history_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.turnlog.v1B\014HistoryProtoP\001Z:github.com/turnlog/turnlog/clients/go/turnlog/v1;turnlogv1\242\002\003TXX\252\002\nTurnlog.V1\312\002\nTurnlog\\V1\352\002\013Turnlog::V1'
   _globals['_EXPORTFORMAT']._serialized_start=318
   _globals['_EXPORTFORMAT']._serialized_end=412
   _globals['_VERIFICATIONPROBLEM']._serialized_start=415
