@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 BUF    := node_modules/.bin/buf
 IMAGE  := build/proto.binpb
 
-.PHONY: install serve test check lint typecheck protos protos-check buf-lint fmt bench lock lock-check
+.PHONY: install serve test check lint typecheck protos protos-check buf-lint breaking release-image fmt bench lock lock-check
 
 # Every package the project installs (runtime, the dev and vllm extras, the
 # build backend, all transitive), at exact versions with their hashes. Only
@@ -79,6 +79,18 @@ protos-check: $(STAMP)
 buf-lint: protos-check $(BUF)
 	$(BUF) lint $(IMAGE) --config proto/buf.yaml --exclude-path google
 
+# buf breaking compares the protos with those of the last release, kept as a
+# descriptor image that protoc built (proto/releases/README.md): a field
+# removed, renumbered or retyped, a file option changed ... fails `make check`.
+RELEASE_IMAGE := proto/releases/v1.binpb
+
+breaking: protos-check $(BUF)
+	$(BUF) breaking $(IMAGE) --against $(RELEASE_IMAGE) --config proto/buf.yaml --exclude-path google
+
+## At a release: the current protos become those `make breaking` compares with.
+release-image: $(STAMP)
+	$(PY) proto/generate.py --check --image $(RELEASE_IMAGE)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -88,7 +100,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy services/turnlog storage/turnlog
 
-check: lock-check buf-lint lint typecheck
+check: lock-check buf-lint breaking lint typecheck
 
 ## Static checks, then the whole test suite against real PostgreSQL and vLLM.
 test: install check

@@ -1200,6 +1200,7 @@ class ReadEventsRequest(_message.Message):
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """"conversations/{conversation_id}"; empty: all conversations."""
     after_version: _builtins.int
@@ -1215,7 +1216,13 @@ class ReadEventsRequest(_message.Message):
     holds at least one event, so an event larger than that comes alone.
     """
     page_token: _builtins.str
-    """Token from a previous response; the other fields must be unchanged."""
+    """Token from a previous response; the other fields must be unchanged
+    (but view).
+    """
+    view: _history_pb2.EventView.ValueType
+    """The forms of each event's payload: raw data_json, the typed event, or
+    both (unset: raw). The 2 MiB page cap counts what is sent.
+    """
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only events of these types (empty: all types); at most 64, each 1-128
@@ -1231,10 +1238,11 @@ class ReadEventsRequest(_message.Message):
         event_types: _abc.Iterable[_builtins.str] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        view: _history_pb2.EventView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "after_version", b"after_version", "conversation", b"conversation", "event_types", b"event_types", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "after_version", b"after_version", "conversation", b"conversation", "event_types", b"event_types", "page_size", b"page_size", "page_token", b"page_token", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1283,12 +1291,17 @@ class SubscribeEventsRequest(_message.Message):
     AFTER_VERSION_FIELD_NUMBER: _builtins.int
     AFTER_POSITION_FIELD_NUMBER: _builtins.int
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """"conversations/{conversation_id}"; empty: all conversations."""
     after_version: _builtins.int
     """One conversation: resume after this version (0: from the start)."""
     after_position: _builtins.str
     """All conversations: resume after this position (empty: from the start)."""
+    view: _history_pb2.EventView.ValueType
+    """The forms of each event's payload: raw data_json, the typed event, or
+    both (unset: raw). The 1 MiB message cap counts what is sent.
+    """
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only events of these types (empty: all types); at most 64, each 1-128
@@ -1302,10 +1315,11 @@ class SubscribeEventsRequest(_message.Message):
         after_version: _builtins.int = ...,
         after_position: _builtins.str = ...,
         event_types: _abc.Iterable[_builtins.str] | None = ...,
+        view: _history_pb2.EventView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "after_version", b"after_version", "conversation", b"conversation", "event_types", b"event_types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "after_version", b"after_version", "conversation", b"conversation", "event_types", b"event_types", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1313,14 +1327,15 @@ Global___SubscribeEventsRequest: _TypeAlias = SubscribeEventsRequest  # noqa: Y0
 
 @_typing.final
 class SubscribeEventsResponse(_message.Message):
-    """SubscribeEventsResponse is one message of SubscribeEvents: either stored
-    events or the caught_up marker, never both.
+    """SubscribeEventsResponse is one message of SubscribeEvents: stored events,
+    the caught_up marker or a checkpoint, only one of them.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
     CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_history_pb2.LogEvent]:
         """Stored events, in version order (one conversation) or log order (all),
@@ -1337,15 +1352,26 @@ class SubscribeEventsResponse(_message.Message):
         are live.
         """
 
+    @_builtins.property
+    def checkpoint(self) -> Global___Checkpoint:
+        """Only for all conversations with event_types: the subscription has read
+        the log up to a position past the last event it sent, and no event
+        before that position is left to send. Sent after each store page of the
+        catch-up (1,000 events scanned) that ends with events not sent, and
+        live after some seconds without a message when events not selected were
+        recorded meanwhile. Resume after its position to skip what was scanned.
+        """
+
     def __init__(
         self,
         *,
         events: _abc.Iterable[_history_pb2.LogEvent] | None = ...,
         caught_up: Global___CaughtUp | None = ...,
+        checkpoint: Global___Checkpoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "checkpoint", b"checkpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "events", b"events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "checkpoint", b"checkpoint", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1376,6 +1402,32 @@ class CaughtUp(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CaughtUp: _TypeAlias = CaughtUp  # noqa: Y015
+
+@_typing.final
+class Checkpoint(_message.Message):
+    """Checkpoint is how far a subscription to all conversations has read the
+    log, past events it does not send.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    position: _builtins.str
+    """The position read up to, as LogEvent.position (resume after it: every
+    event sent later is after it).
+    """
+    def __init__(
+        self,
+        *,
+        position: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Checkpoint: _TypeAlias = Checkpoint  # noqa: Y015
 
 @_typing.final
 class ForkConversationRequest(_message.Message):

@@ -189,7 +189,9 @@ class ConversationServiceServicer:
         """SubscribeEvents streams stored events (catch-up), then one caught_up
         marker, then new events as they are recorded (live), several events per
         message. Never ends by itself; resume after the last event's version or
-        position.
+        position, or the last caught_up's or checkpoint's. A subscription to all
+        conversations with event_types also gets checkpoint messages while it
+        passes over events it does not send.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

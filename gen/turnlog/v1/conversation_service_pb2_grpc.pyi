@@ -86,7 +86,9 @@ class ConversationServiceStub:
     """SubscribeEvents streams stored events (catch-up), then one caught_up
     marker, then new events as they are recorded (live), several events per
     message. Never ends by itself; resume after the last event's version or
-    position.
+    position, or the last caught_up's or checkpoint's. A subscription to all
+    conversations with event_types also gets checkpoint messages while it
+    passes over events it does not send.
     """
     ForkConversation: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.ForkConversationRequest, _conversation_service_pb2.ForkConversationResponse]
     """ForkConversation starts a new conversation from any version of another."""
@@ -141,7 +143,9 @@ class ConversationServiceAsyncStub(ConversationServiceStub):
     """SubscribeEvents streams stored events (catch-up), then one caught_up
     marker, then new events as they are recorded (live), several events per
     message. Never ends by itself; resume after the last event's version or
-    position.
+    position, or the last caught_up's or checkpoint's. A subscription to all
+    conversations with event_types also gets checkpoint messages while it
+    passes over events it does not send.
     """
     ForkConversation: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.ForkConversationRequest, _conversation_service_pb2.ForkConversationResponse]  # type: ignore[assignment]
     """ForkConversation starts a new conversation from any version of another."""
@@ -253,7 +257,9 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
         """SubscribeEvents streams stored events (catch-up), then one caught_up
         marker, then new events as they are recorded (live), several events per
         message. Never ends by itself; resume after the last event's version or
-        position.
+        position, or the last caught_up's or checkpoint's. A subscription to all
+        conversations with event_types also gets checkpoint messages while it
+        passes over events it does not send.
         """
 
     @_abc_1.abstractmethod

@@ -24,19 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from turnlog.v1 import events_pb2 as turnlog_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18turnlog/v1/history.proto\x12\nturnlog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf2\x01\n\x08LogEvent\x12\x14\n\x0c\x63onversation\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x11\n\tdata_json\x18\x06 \x01(\t\x12\x15\n\rmetadata_json\x18\x07 \x01(\t\x12/\n\x0brecord_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprev_hash\x18\t \x01(\x0c\x12\x0c\n\x04hash\x18\n \x01(\x0c\x12\x10\n\x08position\x18\x0b \x01(\t*^\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XPORT_FORMAT_JSONL\x10\x01\x12\x16\n\x12\x45XPORT_FORMAT_ATIF\x10\x02*\xaa\x01\n\x13VerificationProblem\x12$\n VERIFICATION_PROBLEM_UNSPECIFIED\x10\x00\x12)\n%VERIFICATION_PROBLEM_VERSION_SEQUENCE\x10\x01\x12#\n\x1fVERIFICATION_PROBLEM_HASH_CHAIN\x10\x02\x12\x1d\n\x19VERIFICATION_PROBLEM_FOLD\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18turnlog/v1/history.proto\x12\nturnlog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17turnlog/v1/events.proto\"\xe6\x0b\n\x08LogEvent\x12\x14\n\x0c\x63onversation\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x11\n\tdata_json\x18\x06 \x01(\t\x12\x15\n\rmetadata_json\x18\x07 \x01(\t\x12/\n\x0brecord_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprev_hash\x18\t \x01(\x0c\x12\x0c\n\x04hash\x18\n \x01(\x0c\x12\x10\n\x08position\x18\x0b \x01(\t\x12\x44\n\x14\x63onversation_created\x18\x0c \x01(\x0b\x32$.turnlog.v1.ConversationCreatedEventH\x00\x12\x42\n\x13\x63onversation_forked\x18\r \x01(\x0b\x32#.turnlog.v1.ConversationForkedEventH\x00\x12\x46\n\x15\x63onversation_archived\x18\x0e \x01(\x0b\x32%.turnlog.v1.ConversationArchivedEventH\x00\x12<\n\x10message_appended\x18\x0f \x01(\x0b\x32 .turnlog.v1.MessageAppendedEventH\x00\x12\x34\n\x0cturn_started\x18\x10 \x01(\x0b\x32\x1c.turnlog.v1.TurnStartedEventH\x00\x12@\n\x12generation_started\x18\x11 \x01(\x0b\x32\".turnlog.v1.GenerationStartedEventH\x00\x12\x44\n\x14generation_completed\x18\x12 \x01(\x0b\x32$.turnlog.v1.GenerationCompletedEventH\x00\x12\x36\n\rtext_streamed\x18\x13 \x01(\x0b\x32\x1d.turnlog.v1.TextStreamedEventH\x00\x12\x38\n\x0etext_retracted\x18\x14 \x01(\x0b\x32\x1e.turnlog.v1.TextRetractedEventH\x00\x12\x41\n\x13tool_call_requested\x18\x15 \x01(\x0b\x32\".turnlog.v1.ToolCallRequestedEventH\x00\x12\x41\n\x13tool_call_completed\x18\x16 \x01(\x0b\x32\".turnlog.v1.ToolCallCompletedEventH\x00\x12;\n\x10tool_call_failed\x18\x17 \x01(\x0b\x32\x1f.turnlog.v1.ToolCallFailedEventH\x00\x12J\n\x18tool_round_limit_reached\x18\x18 \x01(\x0b\x32&.turnlog.v1.ToolRoundLimitReachedEventH\x00\x12>\n\x11guardrail_decided\x18\x19 \x01(\x0b\x32!.turnlog.v1.GuardrailDecidedEventH\x00\x12>\n\x11\x63ontext_compacted\x18\x1a \x01(\x0b\x32!.turnlog.v1.ContextCompactedEventH\x00\x12\x38\n\x0eturn_completed\x18\x1b \x01(\x0b\x32\x1e.turnlog.v1.TurnCompletedEventH\x00\x12\x32\n\x0bturn_failed\x18\x1c \x01(\x0b\x32\x1b.turnlog.v1.TurnFailedEventH\x00\x12\x38\n\x0eturn_cancelled\x18\x1d \x01(\x0b\x32\x1e.turnlog.v1.TurnCancelledEventH\x00\x12\x34\n\x0cturn_blocked\x18\x1e \x01(\x0b\x32\x1c.turnlog.v1.TurnBlockedEventH\x00\x12<\n\x10turn_interrupted\x18\x1f \x01(\x0b\x32 .turnlog.v1.TurnInterruptedEventH\x00\x42\x07\n\x05\x65vent*f\n\tEventView\x12\x1a\n\x16\x45VENT_VIEW_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45VENT_VIEW_RAW\x10\x01\x12\x14\n\x10\x45VENT_VIEW_TYPED\x10\x02\x12\x13\n\x0f\x45VENT_VIEW_BOTH\x10\x03*^\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45XPORT_FORMAT_JSONL\x10\x01\x12\x16\n\x12\x45XPORT_FORMAT_ATIF\x10\x02*\xaa\x01\n\x13VerificationProblem\x12$\n VERIFICATION_PROBLEM_UNSPECIFIED\x10\x00\x12)\n%VERIFICATION_PROBLEM_VERSION_SEQUENCE\x10\x01\x12#\n\x1fVERIFICATION_PROBLEM_HASH_CHAIN\x10\x02\x12\x1d\n\x19VERIFICATION_PROBLEM_FOLD\x10\x03\x42\x8a\x01\n\x0e\x64\x65v.turnlog.v1B\x0cHistoryProtoP\x01Z:github.com/turnlog/turnlog/clients/go/turnlog/v1;turnlogv1\xa2\x02\x03TXX\xaa\x02\nTurnlog.V1\xca\x02\nTurnlog\\V1\xea\x02\x0bTurnlog::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'turnlog.v1.history_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_EXPORTFORMAT']._serialized_start=318
-  _globals['_EXPORTFORMAT']._serialized_end=412
-  _globals['_VERIFICATIONPROBLEM']._serialized_start=415
-  _globals['_VERIFICATIONPROBLEM']._serialized_end=585
-  _globals['_LOGEVENT']._serialized_start=74
-  _globals['_LOGEVENT']._serialized_end=316
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.turnlog.v1B\014HistoryProtoP\001Z:github.com/turnlog/turnlog/clients/go/turnlog/v1;turnlogv1\242\002\003TXX\252\002\nTurnlog.V1\312\002\nTurnlog\\V1\352\002\013Turnlog::V1'
+  _globals['_EVENTVIEW']._serialized_start=1611
+  _globals['_EVENTVIEW']._serialized_end=1713
+  _globals['_EXPORTFORMAT']._serialized_start=1715
+  _globals['_EXPORTFORMAT']._serialized_end=1809
+  _globals['_VERIFICATIONPROBLEM']._serialized_start=1812
+  _globals['_VERIFICATIONPROBLEM']._serialized_end=1982
+  _globals['_LOGEVENT']._serialized_start=99
+  _globals['_LOGEVENT']._serialized_end=1609
 # @@protoc_insertion_point(module_scope)

@@ -15,14 +15,49 @@ from turnlog.api.messages import PROBLEM, conversation_message, log_event
 from turnlog.api.requests import (
     DEFAULT_EVENTS_PAGE,
     MAX_IMPORT_BYTES,
+    EventView,
     conversation_id,
     event_query,
+    event_view,
 )
 from turnlog.api.status import Context, FieldViolationsError, maps_errors
 from turnlog.auth.principal import Scope
 from turnlog.history import service as history_service
+from turnlog.storage import RecordedEvent
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import history_pb2 as hpb
+
+#: What embedding a LogEvent in a response's repeated field adds, at most: its
+#: tag and length.
+_EMBEDDING_BYTES = 6
+
+
+class _LogEvents:
+    """The LogEvent messages of one call's events, in the requested view.
+
+    `size` is what the page and batch caps count: for the stored text alone
+    the `event_size` bound, else the measured message, which is kept until
+    `message` sends it, so that no event is converted twice.
+    """
+
+    def __init__(self, view: EventView) -> None:
+        self.view = view
+        self._built: dict[object, hpb.LogEvent] = {}
+        self.size = self._measured if view.typed else history_service.event_size
+
+    def _build(self, event: RecordedEvent) -> hpb.LogEvent:
+        return log_event(event, raw=self.view.raw, typed=self.view.typed)
+
+    def _measured(self, event: RecordedEvent) -> int:
+        built = self._built.get(event.event_id)
+        if built is None:
+            built = self._built[event.event_id] = self._build(event)
+        return built.ByteSize() + _EMBEDDING_BYTES
+
+    def message(self, event: RecordedEvent) -> hpb.LogEvent:
+        """The event's message (the one measured, if it was)."""
+        built = self._built.pop(event.event_id, None)
+        return self._build(event) if built is None else built
 
 
 class HistoryRpcs(TenantAccess):
@@ -35,13 +70,16 @@ class HistoryRpcs(TenantAccess):
         self, request: spb.ReadEventsRequest, context: Context
     ) -> spb.ReadEventsResponse:
         tenant = await self.read_tenant("ReadEvents", request.conversation)
+        events = _LogEvents(event_view(request))
         page = await self.history.read_events(
             event_query(request, tenant=tenant),
             page_size=request.page_size or DEFAULT_EVENTS_PAGE,
             page_token=request.page_token,
+            size=events.size,
         )
         return spb.ReadEventsResponse(
-            events=[log_event(e) for e in page.events], next_page_token=page.next_page_token
+            events=[events.message(e) for e in page.events],
+            next_page_token=page.next_page_token,
         )
 
     @maps_errors
@@ -50,14 +88,19 @@ class HistoryRpcs(TenantAccess):
     ) -> AsyncIterator[spb.SubscribeEventsResponse]:
         tenant = await self.read_tenant("SubscribeEvents", request.conversation)
         query = event_query(request, tenant=tenant)
-        async for item in self.history.subscribe(query):
+        events = _LogEvents(event_view(request))
+        async for item in self.history.subscribe(query, size=events.size):
             if isinstance(item, history_service.CaughtUp):
                 position = "" if query.conversation_id is not None else str(item.position)
                 yield spb.SubscribeEventsResponse(
                     caught_up=spb.CaughtUp(version=item.version, position=position)
                 )
+            elif isinstance(item, history_service.Checkpoint):
+                yield spb.SubscribeEventsResponse(
+                    checkpoint=spb.Checkpoint(position=str(item.position))
+                )
             else:
-                yield spb.SubscribeEventsResponse(events=[log_event(e) for e in item])
+                yield spb.SubscribeEventsResponse(events=[events.message(e) for e in item])
 
     @maps_errors
     async def ForkConversation(  # noqa: N802

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
+import dataclasses
+import enum
+import re
+import types
+import typing
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+from google.protobuf import descriptor, message, timestamp_pb2
 
 from turnlog.conversation.projection import (
     TextPiece,
@@ -12,6 +21,7 @@ from turnlog.conversation.projection import (
     TurnEnded,
     TurnUpdate,
 )
+from turnlog.domain import codec
 from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, Turn, TurnStatus
 from turnlog.eventlog import conversation_of
@@ -19,6 +29,7 @@ from turnlog.history.audit import ProblemKind
 from turnlog.storage import RecordedEvent
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
+from turnlog.v1 import events_pb2 as epb
 from turnlog.v1 import history_pb2 as hpb
 
 
@@ -258,19 +269,193 @@ PROBLEM = {
 }
 
 
-def log_event(event: RecordedEvent) -> hpb.LogEvent:
-    """The API message of a stored event (payload and metadata as their stored text)."""
+def log_event(event: RecordedEvent, *, raw: bool = True, typed: bool = False) -> hpb.LogEvent:
+    """The API message of a stored event: metadata as its stored text, the payload in the forms asked.
+
+    Args:
+        event: the stored event.
+        raw: send the payload as its stored text (`data_json`).
+        typed: send the payload as the typed event of its type (`LogEvent.event`),
+            decoded and upcast to its current shape (`fill_typed_event`). An
+            event with no typed form carries `data_json` whatever `raw` says.
+    """
     message = hpb.LogEvent(
         conversation=f"conversations/{conversation_of(event.stream_id)}",
         stream_id=event.stream_id,
         version=event.stream_version,
         event_id=str(event.event_id),
         type=event.type,
-        data_json=event.data_json,
+        data_json=event.data_json if raw else "",
         metadata_json=event.metadata_json,
         prev_hash=event.prev_hash,
         hash=event.hash,
         position=str(event.position),
     )
     message.record_time.FromDatetime(event.recorded_at)
+    if typed and not fill_typed_event(message, event) and not raw:
+        message.data_json = event.data_json
     return message
+
+
+# -- typed events ------------------------------------------------------------------
+#
+# Each typed event message mirrors its domain event field for field (the same
+# names; proto/turnlog/v1/events.proto), so one walk over the dataclass fills
+# any of them: nested dataclasses become messages, tuples repeated fields,
+# the labels' (key, value) pairs a map, enums their proto values, and None
+# leaves an optional field unset. `_check_typed_events` proves the mirror at
+# import, so a domain field without a proto field fails there, not mid-read.
+
+_RECORDED_STAGE = {
+    ev.GuardrailStage.REQUEST_INTERCEPT: epb.RECORDED_GUARDRAIL_STAGE_REQUEST_INTERCEPT,
+    ev.GuardrailStage.SANITIZE_REQUEST: epb.RECORDED_GUARDRAIL_STAGE_SANITIZE_REQUEST,
+    ev.GuardrailStage.CONDITIONAL_EXECUTION: epb.RECORDED_GUARDRAIL_STAGE_CONDITIONAL_EXECUTION,
+    ev.GuardrailStage.EXECUTION_INTERCEPT: epb.RECORDED_GUARDRAIL_STAGE_EXECUTION_INTERCEPT,
+    ev.GuardrailStage.SANITIZE_RESPONSE: epb.RECORDED_GUARDRAIL_STAGE_SANITIZE_RESPONSE,
+}
+_RECORDED_VERDICT = {
+    ev.Verdict.ALLOW: epb.RECORDED_VERDICT_ALLOW,
+    ev.Verdict.MODIFY: epb.RECORDED_VERDICT_MODIFY,
+    ev.Verdict.BLOCK: epb.RECORDED_VERDICT_BLOCK,
+}
+#: The proto value of every domain enum member, by domain enum.
+_ENUM_VALUES: Mapping[type[enum.Enum], Mapping[Any, int]] = {
+    ev.Role: _ROLE,
+    ev.FinishReason: _FINISH,
+    ev.ContextPolicy: CONTEXT_POLICY,
+    ev.GuardrailStage: _RECORDED_STAGE,
+    ev.Verdict: _RECORDED_VERDICT,
+}
+
+
+def _oneof_member(type_name: str) -> str:
+    """The `LogEvent.event` member of an event type: "TurnCompleted" -> "turn_completed"."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type_name).lower()
+
+
+#: The `LogEvent.event` member of each domain event type.
+TYPED_MEMBERS: Mapping[type[ev.Event], str] = {
+    cls: _oneof_member(cls.__name__) for cls in ev.EVENT_TYPES
+}
+
+_SCALAR, _ENUM, _MESSAGE, _REPEATED, _REPEATED_MESSAGES, _MAP = range(6)
+
+
+@cache
+def _plan(cls: Any, message_type: descriptor.Descriptor) -> tuple[tuple[str, int], ...]:
+    """How to fill a message of `message_type` from the dataclass `cls`: (field, kind) each.
+
+    Raises:
+        KeyError: a field of `cls` has no field of the same name in the message.
+    """
+    plan = []
+    for f in dataclasses.fields(cls):
+        field = message_type.fields_by_name[f.name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            kind = _MAP
+        elif field.is_repeated:
+            kind = _REPEATED_MESSAGES if field.message_type is not None else _REPEATED
+        elif field.message_type is not None:
+            kind = _MESSAGE
+        elif field.enum_type is not None:
+            kind = _ENUM
+        else:
+            kind = _SCALAR
+        plan.append((f.name, kind))
+    return tuple(plan)
+
+
+def _fill(target: message.Message, value: object) -> None:
+    """Sets the fields of `target` from the dataclass `value` (see `_plan`)."""
+    target.SetInParent()
+    cls: Any = type(value)
+    for name, kind in _plan(cls, target.DESCRIPTOR):
+        item: Any = getattr(value, name)
+        if item is None:
+            continue
+        if kind == _SCALAR:
+            setattr(target, name, item)
+        elif kind == _ENUM:
+            setattr(target, name, _ENUM_VALUES[type(item)][item])
+        elif kind == _MESSAGE:
+            _fill(getattr(target, name), item)
+        elif kind == _REPEATED:
+            getattr(target, name).extend(item)
+        elif kind == _REPEATED_MESSAGES:
+            repeated = getattr(target, name)
+            for element in item:
+                _fill(repeated.add(), element)
+        else:
+            getattr(target, name).update(dict(item))
+
+
+#: What decoding a stored payload raises when it does not fit its type (as in `audit`).
+_UNDECODABLE = (
+    codec.UnknownEventTypeError,
+    TypeError,
+    ValueError,
+    KeyError,
+    AttributeError,
+    RecursionError,
+)
+
+
+def fill_typed_event(message: hpb.LogEvent, event: RecordedEvent) -> bool:
+    """Sets `message.event` to the typed form of `event`; False (and unset) when it has none.
+
+    The payload is decoded as the domain decodes it (`codec.decode_stored`,
+    which upcasts older shapes), so the typed event has the type's current
+    shape. There is no typed form for an event type this code does not know,
+    a payload that does not decode, or a value the message cannot hold (an
+    integer past 64 bits, a string with lone surrogates).
+    """
+    try:
+        domain = codec.decode_stored(event)
+    except _UNDECODABLE:
+        return False
+    member = TYPED_MEMBERS[type(domain)]
+    try:
+        _fill(getattr(message, member), domain)
+    except (TypeError, ValueError, OverflowError):
+        message.ClearField("event")
+        return False
+    return True
+
+
+def _without_none(hint: Any) -> Any:
+    """X of an `X | None` type hint; any other hint as it is."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return inner
+    return hint
+
+
+def _check_fits(cls: Any, message_type: descriptor.Descriptor) -> None:
+    """Fails unless every field of the dataclass `cls`, nested ones too, has its proto field."""
+    hints = typing.get_type_hints(cls)
+    for name, kind in _plan(cls, message_type):
+        hint = _without_none(hints[name])
+        field = message_type.fields_by_name[name]
+        if kind in (_MESSAGE, _REPEATED_MESSAGES) and field.message_type is not None:
+            _check_fits(hint if kind == _MESSAGE else typing.get_args(hint)[0], field.message_type)
+        elif kind == _ENUM and field.enum_type is not None:
+            values = _ENUM_VALUES[hint]
+            numbers = {v.number for v in field.enum_type.values}
+            if set(values) != set(hint) or not set(values.values()) <= numbers:
+                raise AssertionError(f"{cls.__name__}.{name}: the enum values do not match")
+
+
+def _check_typed_events() -> None:
+    """Fails at import unless every domain event type has a typed form that mirrors it."""
+    oneof = hpb.LogEvent.DESCRIPTOR.oneofs_by_name["event"]
+    members = {f.name: f for f in oneof.fields}
+    if set(members) != set(TYPED_MEMBERS.values()):
+        raise AssertionError("LogEvent.event does not have one member per domain event type")
+    for cls, member in TYPED_MEMBERS.items():
+        message_type = members[member].message_type
+        if message_type is None:
+            raise AssertionError(f"LogEvent.{member} is not a message")
+        _check_fits(cls, message_type)
+
+
+_check_typed_events()

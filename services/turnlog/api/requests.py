@@ -8,6 +8,7 @@ handler calls these, so a field here is already known to be well formed.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 
@@ -17,6 +18,7 @@ from turnlog.history.service import EventQuery
 from turnlog.storage import Position
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
+from turnlog.v1 import history_pb2 as hpb
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 TOOL_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
@@ -103,3 +105,24 @@ def event_query(
         ),
         types=frozenset(request.event_types) if request.event_types else None,
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventView:
+    """The forms in which `LogEvent` carries each payload: stored text, typed event or both."""
+
+    raw: bool
+    typed: bool
+
+
+_EVENT_VIEWS = {
+    hpb.EVENT_VIEW_UNSPECIFIED: EventView(raw=True, typed=False),
+    hpb.EVENT_VIEW_RAW: EventView(raw=True, typed=False),
+    hpb.EVENT_VIEW_TYPED: EventView(raw=False, typed=True),
+    hpb.EVENT_VIEW_BOTH: EventView(raw=True, typed=True),
+}
+
+
+def event_view(request: spb.ReadEventsRequest | spb.SubscribeEventsRequest) -> EventView:
+    """The payload forms `request` asks for (unspecified: the stored text only)."""
+    return _EVENT_VIEWS[request.view]

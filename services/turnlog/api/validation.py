@@ -250,18 +250,21 @@ class JsonObject(Rule):
 
 @dataclass(frozen=True)
 class Position(Rule):
-    """A log position as `LogEvent.position` and `CaughtUp.position` write it."""
+    """A log position as `LogEvent`, `CaughtUp` and `Checkpoint` write it."""
 
     def check(self, value: Any) -> str | None:
         if not value:
             return None
         found = POSITION_PATTERN.fullmatch(value)
         if found is None or max(int(found[1]), int(found[2])) > INT64_MAX:
-            return "not a position from a LogEvent or CaughtUp"
+            return "not a position from a LogEvent, CaughtUp or Checkpoint"
         return None
 
     def describe(self) -> str:
-        return "empty, or a position from a LogEvent or CaughtUp (digits-digits, each < 2^63)"
+        return (
+            "empty, or a position from a LogEvent, CaughtUp or Checkpoint "
+            "(digits-digits, each < 2^63)"
+        )
 
 
 @dataclass(frozen=True)
@@ -366,6 +369,17 @@ EVENT_TYPES: Final = Items(
         max_chars=MAX_EVENT_TYPE_CHARS,
         pattern=EVENT_TYPE_PATTERN,
         shape="an event type name (letters, digits, _ . -)",
+    ),
+)
+EVENT_VIEW: Final = Member(
+    hpb.EventView.DESCRIPTOR,
+    frozenset(
+        {
+            hpb.EVENT_VIEW_UNSPECIFIED,
+            hpb.EVENT_VIEW_RAW,
+            hpb.EVENT_VIEW_TYPED,
+            hpb.EVENT_VIEW_BOTH,
+        }
     ),
 )
 
@@ -473,12 +487,14 @@ RULES: Final[Mapping[str, Mapping[str, Rule]]] = {
         "event_types": EVENT_TYPES,
         "page_size": Range(low=0, high=MAX_EVENTS_PAGE),
         "page_token": PAGE_TOKEN,
+        "view": EVENT_VIEW,
     },
     spb.SubscribeEventsRequest.DESCRIPTOR.full_name: {
         "conversation": OPTIONAL_CONVERSATION_NAME,
         "after_version": AFTER,
         "after_position": Position(),
         "event_types": EVENT_TYPES,
+        "view": EVENT_VIEW,
     },
     spb.ForkConversationRequest.DESCRIPTOR.full_name: {
         "name": CONVERSATION_NAME,

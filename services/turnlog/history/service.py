@@ -14,7 +14,7 @@ import dataclasses
 import json
 import re
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from turnlog import errors
@@ -56,10 +56,17 @@ PAGE_MAX_BYTES = 2 * 1024 * 1024
 BATCH_MAX_EVENTS = 1000
 #: ... and stops before their `event_size` would pass this.
 BATCH_MAX_BYTES = 1024 * 1024
+#: A live subscription to all conversations with a type filter checks, after
+#: this many seconds without a message, whether it can send a `Checkpoint`.
+CHECKPOINT_AFTER_SECONDS = 5.0
 #: What a LogEvent message holds beyond its texts, at most: event id, hashes,
 #: version, position, time, the "conversations/" prefix, field tags and lengths
 #: (and the tag and length that embed it in a repeated field).
 _EVENT_OVERHEAD_BYTES = 256
+
+#: The size in bytes that an event takes in a response, for the page and batch
+#: caps: `event_size` for events sent as stored, or what the caller measures.
+Sizer = Callable[[RecordedEvent], int]
 
 
 def _utf8_len(text: str) -> int:
@@ -84,14 +91,16 @@ def event_size(event: RecordedEvent) -> int:
     )
 
 
-def _fitting(events: Sequence[RecordedEvent], room: int, *, at_least_one: bool) -> tuple[int, int]:
-    """How many of the first `events` fit in `room` bytes (by `event_size`), and their size.
+def _fitting(
+    events: Sequence[RecordedEvent], room: int, *, at_least_one: bool, size: Sizer = event_size
+) -> tuple[int, int]:
+    """How many of the first `events` fit in `room` bytes (by `size`), and their size.
 
     With `at_least_one`, the first event counts as fitting whatever its size.
     """
     used = 0
     for i, event in enumerate(events):
-        n = event_size(event)
+        n = size(event)
         if used + n > room and (i or not at_least_one):
             return i, used
         used += n
@@ -99,23 +108,27 @@ def _fitting(events: Sequence[RecordedEvent], room: int, *, at_least_one: bool) 
 
 
 def batches(
-    events: Iterable[RecordedEvent], *, max_events: int, max_bytes: int
+    events: Iterable[RecordedEvent],
+    *,
+    max_events: int,
+    max_bytes: int,
+    size: Sizer = event_size,
 ) -> Iterator[tuple[RecordedEvent, ...]]:
     """The events in order, cut into batches of at most `max_events` and `max_bytes`.
 
     A batch is cut before the event that would take it past `max_bytes`
-    (by `event_size`); an event larger than that alone is a batch of its own.
+    (by `size`); an event larger than that alone is a batch of its own.
     No batch is empty.
     """
     batch: list[RecordedEvent] = []
-    size = 0
+    used = 0
     for event in events:
-        n = event_size(event)
-        if batch and (len(batch) == max_events or size + n > max_bytes):
+        n = size(event)
+        if batch and (len(batch) == max_events or used + n > max_bytes):
             yield tuple(batch)
-            batch, size = [], 0
+            batch, used = [], 0
         batch.append(event)
-        size += n
+        used += n
     if batch:
         yield tuple(batch)
 
@@ -158,6 +171,18 @@ class CaughtUp:
 
     version: int = 0
     position: Position = START_POSITION
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Checkpoint:
+    """A subscription to all conversations of some types has read the log up to `position`.
+
+    It passed over events it does not select, up to `position`, and every
+    event it sends later is after it: a follower resumes after it (as after
+    an event's position) without reading those events again.
+    """
+
+    position: Position
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -230,6 +255,9 @@ class HistoryService:
         store: the event log.
         clock: microseconds since the Unix epoch (the fork time); injected for tests.
         instance: recorded as the actor of the events this service writes.
+        checkpoint_after: seconds without a message after which a live
+            subscription to all conversations of some types looks for a
+            `Checkpoint` to send (default `CHECKPOINT_AFTER_SECONDS`).
     """
 
     def __init__(
@@ -238,10 +266,14 @@ class HistoryService:
         *,
         clock: Clock = wall_clock_us,
         instance: str = "history",
+        checkpoint_after: float | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.instance = instance
+        self.checkpoint_after = (
+            CHECKPOINT_AFTER_SECONDS if checkpoint_after is None else checkpoint_after
+        )
 
     # -- reading -------------------------------------------------------------
 
@@ -252,12 +284,13 @@ class HistoryService:
         page_size: int,
         page_token: str,
         max_bytes: int = PAGE_MAX_BYTES,
+        size: Sizer = event_size,
     ) -> EventPage:
         """One page of events of one conversation (by version) or of all (in log order).
 
         A page holds at most `page_size` events and stops before the event
-        that would take its `event_size` total past `max_bytes` (it always
-        holds one event at least). A page token continues exactly after the
+        that would take its total `size` past `max_bytes` (it always holds
+        one event at least). A page token continues exactly after the
         last event scanned, or after the last event returned when `max_bytes`
         cut the page, so paging returns every selected event once. The token
         is bound to the query's conversation and types.
@@ -286,7 +319,7 @@ class HistoryService:
                     "malformed page token", metadata={"field": "page_token"}
                 ) from e
         collected: list[RecordedEvent] = []
-        size = 0
+        taken = 0  # bytes, by `size`
         full = False  # the byte cap cut the page
         if query.conversation_id is not None:
             sid = stream_id(query.conversation_id)
@@ -300,9 +333,11 @@ class HistoryService:
                 selected = (
                     batch if query.types is None else [e for e in batch if e.type in query.types]
                 )
-                count, used = _fitting(selected, max_bytes - size, at_least_one=not collected)
+                count, used = _fitting(
+                    selected, max_bytes - taken, at_least_one=not collected, size=size
+                )
                 collected.extend(selected[:count])
-                size += used
+                taken += used
                 if count < len(selected):  # cut: continue right before the first event left out
                     full = True
                     after_version = selected[count].stream_version - 1
@@ -318,9 +353,11 @@ class HistoryService:
             page = await self.store.read_all(
                 after=after_position, limit=page_size - len(collected), filter=event_filter
             )
-            count, used = _fitting(page.events, max_bytes - size, at_least_one=not collected)
+            count, used = _fitting(
+                page.events, max_bytes - taken, at_least_one=not collected, size=size
+            )
             collected.extend(page.events[:count])
-            size += used
+            taken += used
             if count < len(page.events):  # cut: continue right after the last event returned
                 full = True
                 if count:
@@ -337,17 +374,23 @@ class HistoryService:
         *,
         max_events: int = BATCH_MAX_EVENTS,
         max_bytes: int = BATCH_MAX_BYTES,
-    ) -> AsyncIterator[tuple[RecordedEvent, ...] | CaughtUp]:
+        size: Sizer = event_size,
+    ) -> AsyncIterator[tuple[RecordedEvent, ...] | CaughtUp | Checkpoint]:
         """Catch-up from the query's start, one `CaughtUp`, then live events; never ends.
 
         Events come in batches (never empty), cut by `batches` to at most
-        `max_events` events and `max_bytes`: in the catch-up, the selected
-        events of each store page read; live, the events waiting when the
-        previous batch has been taken (those that arrived together).
+        `max_events` events and `max_bytes` (by `size`): in the catch-up, the
+        selected events of each store page read; live, the events waiting
+        when the previous batch has been taken (those that arrived together).
+
+        All conversations with `types`: a `Checkpoint` follows each store
+        page of the catch-up that ends with events not selected (not the
+        last: `CaughtUp` follows it), and, live, one is looked for after
+        `checkpoint_after` seconds without a message (`_checkpointed`).
 
         Resume after a disconnect with the last event's version (one
-        conversation) or position (all), or the last `CaughtUp`'s: nothing
-        is lost and nothing repeated.
+        conversation) or position (all), or the last `CaughtUp`'s or
+        `Checkpoint`'s: nothing is lost and nothing repeated.
         """
         live: AsyncGenerator[RecordedEvent, None]
         if query.conversation_id is not None:
@@ -362,7 +405,9 @@ class HistoryService:
                 if page:
                     version = page[-1].stream_version
                 selected = page if types is None else [e for e in page if e.type in types]
-                for batch in batches(selected, max_events=max_events, max_bytes=max_bytes):
+                for batch in batches(
+                    selected, max_events=max_events, max_bytes=max_bytes, size=size
+                ):
                     yield batch
                 if len(page) < _READ_BATCH:
                     break
@@ -375,21 +420,85 @@ class HistoryService:
             event_filter = EventFilter(
                 types=query.types, stream_prefix=STREAM_PREFIX, tenant=query.tenant
             )
+            checkpoints = query.types is not None
             while True:
                 all_page = await self.store.read_all(
                     after=position, limit=_READ_BATCH, filter=event_filter
                 )
-                for batch in batches(all_page.events, max_events=max_events, max_bytes=max_bytes):
+                for batch in batches(
+                    all_page.events, max_events=max_events, max_bytes=max_bytes, size=size
+                ):
                     yield batch
                 position = all_page.next_position
                 if all_page.reached_end:
                     break
+                if checkpoints and (
+                    not all_page.events or all_page.events[-1].position != position
+                ):
+                    yield Checkpoint(position=position)
             yield CaughtUp(position=position)
             live = self.store.subscribe_all(after=position, filter=event_filter)
-        arriving = _arrived_together(live, max_events=max_events, max_bytes=max_bytes)
+            if checkpoints:
+                arriving = _arrived_together(
+                    live,
+                    max_events=max_events,
+                    max_bytes=max_bytes,
+                    size=size,
+                    idle_after=self.checkpoint_after,
+                )
+                async with contextlib.aclosing(
+                    self._checkpointed(arriving, after=position, event_filter=event_filter)
+                ) as items:
+                    async for item in items:
+                        yield item
+                return
+        arriving = _arrived_together(live, max_events=max_events, max_bytes=max_bytes, size=size)
         async with contextlib.aclosing(arriving):
             async for batch in arriving:
                 yield batch
+
+    async def _checkpointed(
+        self,
+        arriving: AsyncGenerator[tuple[RecordedEvent, ...], None],
+        *,
+        after: Position,
+        event_filter: EventFilter,
+    ) -> AsyncGenerator[tuple[RecordedEvent, ...] | Checkpoint, None]:
+        """The live batches of an all-conversation subscription, with `Checkpoint`s between.
+
+        `arriving` yields an empty batch when nothing arrived for a while
+        (`_arrived_together`'s `idle_after`); then the log is read after the
+        last position sent, with the subscription's filter, page by page
+        while a page selects nothing: the position those pages passed, if
+        past the last sent, is a checkpoint. It is safe because the store's
+        all-stream order never skips: no event can later appear at or before
+        a position a read has passed, so every event the subscription sends
+        later is after the checkpoint (an event the read found, that the live
+        subscription has not delivered yet, is after the pages passed).
+        Closing this closes `arriving`.
+        """
+        sent = after
+        async with contextlib.aclosing(arriving):
+            async for batch in arriving:
+                if batch:
+                    sent = batch[-1].position
+                    yield batch
+                    continue
+                passed = await self._pass_unselected(sent, event_filter)
+                if passed > sent:
+                    sent = passed
+                    yield Checkpoint(position=passed)
+
+    async def _pass_unselected(self, after: Position, event_filter: EventFilter) -> Position:
+        """How far the log can be read after `after` without `event_filter` selecting an event."""
+        position = after
+        while True:
+            page = await self.store.read_all(after=position, limit=_READ_BATCH, filter=event_filter)
+            if page.events:
+                return position
+            position = page.next_position
+            if page.reached_end:
+                return position
 
     # -- fork ------------------------------------------------------------------------
 
@@ -691,15 +800,21 @@ async def _only_types(
 
 
 async def _arrived_together(
-    events: AsyncGenerator[RecordedEvent, None], *, max_events: int, max_bytes: int
+    events: AsyncGenerator[RecordedEvent, None],
+    *,
+    max_events: int,
+    max_bytes: int,
+    size: Sizer = event_size,
+    idle_after: float | None = None,
 ) -> AsyncGenerator[tuple[RecordedEvent, ...], None]:
     """The events in batches: each of what arrived while the previous batch was taken.
 
     A task reads `events` ahead, at most one batch's worth (`max_events`
-    events or `max_bytes`, by `event_size`), so a slow consumer holds the
-    source back; each batch is what waits, cut by `batches`. Ends when
-    `events` ends; its error is raised after the events before it. Closing
-    this closes `events`.
+    events or `max_bytes`, by `size`), so a slow consumer holds the source
+    back; each batch is what waits, cut by `batches`. With `idle_after`, an
+    empty batch comes whenever nothing arrived for that many seconds after
+    the previous batch was taken. Ends when `events` ends; its error is
+    raised after the events before it. Closing this closes `events`.
     """
     waiting: list[RecordedEvent] = []
     waiting_bytes = 0
@@ -716,7 +831,7 @@ async def _arrived_together(
                         taken.clear()
                         await taken.wait()
                     waiting.append(event)
-                    waiting_bytes += event_size(event)
+                    waiting_bytes += size(event)
                     arrived.set()
             ended.append(None)
         except Exception as e:  # handed to the consumer, raised there
@@ -726,13 +841,20 @@ async def _arrived_together(
     reader = asyncio.create_task(read_ahead())
     try:
         while True:
-            await arrived.wait()
+            if idle_after is None:
+                await arrived.wait()
+            else:
+                try:
+                    await asyncio.wait_for(arrived.wait(), idle_after)
+                except TimeoutError:
+                    yield ()
+                    continue
             arrived.clear()
             got = waiting[:]
             waiting.clear()
             waiting_bytes = 0
             taken.set()
-            for batch in batches(got, max_events=max_events, max_bytes=max_bytes):
+            for batch in batches(got, max_events=max_events, max_bytes=max_bytes, size=size):
                 yield batch
             if ended and not waiting:
                 if ended[0] is None:
