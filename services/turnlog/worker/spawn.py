@@ -4,7 +4,10 @@ For a one-machine setup (and the README's `make serve`): the service starts
 `turnlog worker ARGS --listen 127.0.0.1:0`, waits until the worker says which
 port it serves on, and talks to it over gRPC like any other worker. The
 child is stopped with SIGTERM (it drains) when the service stops, and killed
-if it does not exit in time.
+if it does not exit in time. If the service dies without stopping it (even
+by SIGKILL), Linux sends the child SIGTERM (its parent-death signal, set
+between fork and exec), so no worker, with its engine and its memory, is
+left running without a service; elsewhere that is not done.
 
 The connection is mTLS, with nothing to set up: a CA made for this one
 worker (`turnlog.worker.certs`) issues the worker a certificate for
@@ -19,12 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import re
 import shlex
+import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -38,6 +44,34 @@ log = logging.getLogger(__name__)
 _SERVING = re.compile(rb"turnlog worker serving on port (\d+)")
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 40.0
+
+
+#: prctl(2) option: the signal this process gets when its parent thread dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _exit_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` giving the child SIGTERM when this process dies (Linux), else None.
+
+    Everything it calls is looked up before the fork: between fork and exec
+    it makes one system call, then checks that this process did not die
+    before it took effect (the child would have been adopted by then).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+    getppid, kill, own_pid = os.getppid, os.kill, os.getpid
+
+    def set_parent_death_signal() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return  # not fatal: the service still stops it when it stops cleanly
+        if getppid() != parent:
+            kill(own_pid(), signal.SIGTERM)
+
+    return set_parent_death_signal
 
 
 async def _echo(stream: asyncio.StreamReader, prefix: str) -> None:
@@ -108,6 +142,9 @@ async def _worker_process(args: list[str]) -> AsyncIterator[str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        # The loop's thread forks (the parent-death signal follows the thread
+        # that forked, and `turnlog serve` runs its loop in the main thread).
+        preexec_fn=_exit_with_parent(),
     )
     assert proc.stdout is not None
     echo: asyncio.Task[None] | None = None

@@ -17,11 +17,19 @@ What the library does that matters here:
   user can reach it. So root works, at that cost; run turnlog as an ordinary
   user to avoid it.
 - A server left running by a crashed process is found and reused.
+
+What this module adds (`embedded_guard.py`): a server whose process was killed
+outright is stopped by a small guard process within about a second, and a
+dead process's handle no longer keeps a later clean stop from stopping it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import subprocess
+import sys
 import types
 import warnings
 from pathlib import Path
@@ -29,6 +37,11 @@ from typing import Any, Final, Self
 
 import psycopg
 from psycopg import sql
+
+from turnlog.storage.embedded_guard import SCRIPT as GUARD_SCRIPT
+from turnlog.storage.embedded_guard import SHUTDOWN_WAIT_S
+
+log = logging.getLogger(__name__)
 
 #: The database turnlog keeps its event log in, on the embedded server.
 DATABASE_NAME: Final = "turnlog"
@@ -59,6 +72,7 @@ class EmbeddedPostgres:
         self.data_dir = data_dir
         self.database = database
         self._server: Any = None
+        self._guard: subprocess.Popen[bytes] | None = None
 
     def start(self) -> str:
         """Starts the server (initialising the folder the first time).
@@ -69,6 +83,7 @@ class EmbeddedPostgres:
         library = _load_library()
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._server = library.get_server(self.data_dir, cleanup_mode="stop")
+        self._guard = _start_guard(self.data_dir.expanduser().resolve())
         admin_url: str = self._server.get_uri()
         with psycopg.connect(admin_url, autocommit=True) as conn:
             exists = conn.execute(
@@ -92,10 +107,18 @@ class EmbeddedPostgres:
         return url
 
     def stop(self) -> None:
-        """Stops the server, unless another process of this library still uses it."""
+        """Stops the server, unless another live process of this library still uses it.
+
+        The library stops it when this process is the last in its handle
+        list; the guard, which this waits for, also when the others listed
+        there are dead.
+        """
         server, self._server = self._server, None
         if server is not None:
             server.cleanup()
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            _end_guard(guard)
 
     def __enter__(self) -> Self:
         self.start()
@@ -108,3 +131,28 @@ class EmbeddedPostgres:
         tb: types.TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _start_guard(pgdata: Path) -> subprocess.Popen[bytes]:
+    """A guard that stops the server at `pgdata` when this process ends without stopping it.
+
+    It runs `embedded_guard.py` by path, so it imports nothing of turnlog,
+    and waits for its stdin (a pipe only this process holds) to close.
+    """
+    return subprocess.Popen(
+        [sys.executable, str(GUARD_SCRIPT), str(pgdata), str(os.getpid())],
+        stdin=subprocess.PIPE,
+        close_fds=True,
+    )
+
+
+def _end_guard(guard: subprocess.Popen[bytes]) -> None:
+    """Close the guard's pipe (it stops the server if no live process still uses it) and reap it."""
+    assert guard.stdin is not None
+    guard.stdin.close()
+    try:
+        guard.wait(SHUTDOWN_WAIT_S + 10)
+    except subprocess.TimeoutExpired:
+        log.warning("the embedded server's guard did not exit; killing it")
+        guard.kill()
+        guard.wait()
