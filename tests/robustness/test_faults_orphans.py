@@ -3,9 +3,9 @@
 The service runs on its embedded defaults (embedded PostgreSQL in a data
 folder of this test's own, a `--spawn-worker` child on the scripted backend
 so that no engine is loaded). Killed alone, as the kernel's OOM killer or
-`kill -9 PID` does, its worker gets its parent-death signal and its guard
-stops the database. Killed with its whole process group, guard included,
-the database outlives it; the next start then reuses that server and its
+`kill -9 PID` does, its worker gets its parent-death signal and the process
+holding its database stops it. Killed with its whole process group, holder
+included, the database outlives it; the next start then reuses that server and its
 clean stop ends it (before, the dead process's handle kept every later
 stop from ending it).
 """
@@ -135,7 +135,7 @@ async def test_after_a_kill_of_the_whole_group_the_next_clean_stop_ends_the_data
     try:
         await _one_turn(serve, "c")
     finally:
-        serve.kill()  # SIGKILL to its process group: the worker and the guard too
+        serve.kill()  # SIGKILL to its process group: the worker and the holder too
     # The server runs detached (its own session), so it outlived all of them.
     assert alive(postmaster)
 
