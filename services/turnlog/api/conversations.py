@@ -242,6 +242,7 @@ class ConversationRpcs(TenantAccess):
             except Exception as e:
                 await out.put(e)
 
+        tenant = own_tenant()
         reader = asyncio.create_task(read())
         try:
             while True:
@@ -253,10 +254,21 @@ class ConversationRpcs(TenantAccess):
                 yield item
         finally:
             reader.cancel()
-            for _, task in running.values():
+            for turn_id, (cid, task) in running.items():
+                if not task.done():
+                    # The session ended under a running turn (the client went
+                    # away, or the stream failed): nobody can answer its tools
+                    # or cancel it any more, so it is cancelled (aborted in the
+                    # worker, TurnCancelled recorded). A StreamTurn is not.
+                    with contextlib.suppress(errors.TurnlogError):
+                        await self.app.cancel_turn(cid, turn_id, SESSION_ENDED, tenant=tenant)
                 task.cancel()
             with contextlib.suppress(BaseException):
                 await reader
+
+
+#: The cancel reason recorded for the turns of a Converse session that broke off.
+SESSION_ENDED = "the client disconnected"
 
 
 def _report(

@@ -32,8 +32,10 @@ class ServiceDefaults:
         model: The model name recorded when neither turn nor conversation names one.
         sampling: Default sampling (max_tokens bounds every generation).
         max_tool_round_trips: Default cap of model-tool round trips per turn.
-        text_flush_interval_s: How often streamed text is recorded while a
-            generation runs (resume latency on other replicas vs commits).
+        text_flush_interval_s: How often streamed text is recorded, and
+            then shown to its watchers, while a generation runs (a
+            generation's first piece is recorded at once): smoother
+            streaming vs commits.
         client_tool_timeout_s: How long a turn awaits a client-side tool result.
         snapshot_every: Save a snapshot when this many events follow the last one.
         guardrail_profile: The profile of conversations that name none ("" = registry default).

@@ -2,9 +2,11 @@
 
 `TurnProjector` maps the domain events of one turn, in stream order, to
 `TurnUpdate`s numbered 1, 2, 3 … The numbering is a pure function of the
-turn's events, so the live stream and a resume read back from the log on any
-replica number every update the same way: a client resuming after sequence
-n gets exactly the updates after n, nothing lost or repeated.
+turn's events, and the running turn publishes an update only once its event
+is recorded, through this same projection (`conversation/turn.py`): so the
+live stream and a resume read back from the log on any replica, before or
+after a crash, number every update the same way, and a client resuming after
+sequence n gets exactly the updates after n, nothing lost or repeated.
 
 Mapping (events not listed produce nothing):
 
@@ -134,18 +136,12 @@ class TurnProjector:
     Args:
         conversation_id: The conversation.
         turn_id: The turn.
-        text_already_published: When True, `TextStreamed` produces nothing
-            (the live orchestrator published each piece as it was emitted and
-            only counts them here).
     """
 
-    def __init__(
-        self, conversation_id: str, turn_id: str, *, text_already_published: bool = False
-    ) -> None:
+    def __init__(self, conversation_id: str, turn_id: str) -> None:
         self.conversation_id = conversation_id
         self.turn_id = turn_id
         self.sequence = 0
-        self._live_text = text_already_published
         self._calls: dict[str, ev.ToolCall] = {}
 
     def _next(self, payload: UpdatePayload) -> TurnUpdate:
@@ -156,10 +152,6 @@ class TurnProjector:
             sequence=self.sequence,
             payload=payload,
         )
-
-    def text(self, generation_id: str, text: str) -> TurnUpdate:
-        """Number a live text piece (live orchestrator only)."""
-        return self._next(TextPiece(generation_id=generation_id, text=text))
 
     def apply(self, event: ev.Event, state_after: ConversationState) -> list[TurnUpdate]:
         """The updates `event` produces; `state_after` is the state folded through it."""
@@ -177,8 +169,6 @@ class TurnProjector:
             case ev.ToolRoundLimitReached() | ev.ContextCompacted():
                 return [self._next(event)]
             case ev.TextStreamed():
-                if self._live_text:
-                    return []
                 return [
                     self._next(TextPiece(generation_id=event.generation_id, text=p))
                     for p in event.pieces

@@ -4,19 +4,27 @@
 (request guardrails, start events, the first engine request sent at once);
 `TurnRunner.begin` records the start; `TurnRunner.run` does the rest in the
 task that the application gives it. `RunningTurn` is what watchers see: the
-turn's numbered updates as they come.
+turn's numbered updates as they are recorded.
 
 A turn is given what it needs (`TurnDependencies`: the repository, the
 engine client, tools, guardrails, the clock, the defaults) and knows nothing
 of the application that runs it.
 
-When the log is written is decided in one place, `TurnRunner._record`:
+Watchers are shown only what the log holds: every update is published
+after the append that records its event, so a client never saw anything
+that a crash could lose, and resuming from any sequence number it saw, on
+any replica, after any crash, continues exactly where it was
+(docs/conversation.md, "Resumable streams"). When the log is written is
+decided in one place, `TurnRunner._record`:
 
 - **start**: `TurnStarted`, the user message and the request decisions, one
   append that claims the turn (its expected version decides a race);
-- **text**: what a client was shown, every `text_flush_interval_s` while a
-  generation runs, and only once a client streams the turn (nobody sees a
+- **text**: once a client streams the turn, a generation's first piece at
+  once, then what came since every `text_flush_interval_s` (nobody sees a
   `SendMessage` turn's text before its end, so no commit carries it earlier);
+- **show**: once a client streams the turn, everything so far when there is
+  something to show between pieces of text (a server tool about to run, its
+  outcome, a summary);
 - **client tool**: everything so far, before a client-side tool is awaited
   (the call must be visible to resumes on any replica);
 - **end**: the rest with the terminal event. A tool-less `SendMessage` turn
@@ -297,6 +305,7 @@ class _Moment(enum.Enum):
 
     START = enum.auto()
     TEXT = enum.auto()
+    SHOW = enum.auto()
     CLIENT_TOOL = enum.auto()
     END = enum.auto()
 
@@ -305,6 +314,7 @@ class _Moment(enum.Enum):
 _APPEND_KIND = {
     _Moment.START: "begin",
     _Moment.TEXT: "flush",
+    _Moment.SHOW: "flush",
     _Moment.CLIENT_TOOL: "flush",
     _Moment.END: "end",
 }
@@ -326,7 +336,7 @@ async def _complete_despite_cancel(operation: Awaitable[object]) -> bool:
 
 
 class TurnRunner:
-    """Runs one turn: buffers its events in order, numbers their updates, and records them."""
+    """Runs one turn: buffers its events in order, records them, and publishes their updates."""
 
     def __init__(
         self,
@@ -373,13 +383,18 @@ class TurnRunner:
         self.request_id = request_id
         self.cid = state.conversation_id
         self.live = RunningTurn(self.cid, turn_id, tenant=state.tenant)
-        self.projector = TurnProjector(self.cid, turn_id, text_already_published=True)
+        # The same projection a resume reads from the log: live and resumed
+        # streams number every update alike by construction.
+        self.projector = TurnProjector(self.cid, turn_id)
         self.pending: list[ev.Event] = []
+        #: Updates of buffered events: published once their events are recorded.
         self.unpublished: list[TurnUpdate] = []
         self.event_count = 0
         self.chunk: list[str] = []
         self.chunk_generation = ""
         self.last_flush = time.monotonic()
+        #: The generation whose text has been recorded (so shown) already.
+        self.text_shown_of = ""
 
     # -- the turn's record -------------------------------------------------------
 
@@ -394,13 +409,11 @@ class TurnRunner:
         self.unpublished.extend(self.projector.apply(event, self.state))
 
     def text(self, generation_id: str, text: str) -> None:
-        """Send a text piece live now; it is recorded with the next flush."""
+        """Buffer a text piece; it is recorded, then shown, with the next flush."""
         if self.chunk and self.chunk_generation != generation_id:
             self._close_chunk()
         self.chunk_generation = generation_id
         self.chunk.append(text)
-        self.unpublished.append(self.projector.text(generation_id, text))
-        self.publish_pending()
 
     def _close_chunk(self) -> None:
         if self.chunk:
@@ -413,28 +426,35 @@ class TurnRunner:
             )
 
     def publish_pending(self) -> None:
+        """Show watchers the updates of the events recorded so far (call only after a flush)."""
         updates, self.unpublished = self.unpublished, []
         self.live.publish(updates)
 
     async def _record(self, moment: _Moment) -> None:
         """The one place that decides whether the log is written now, and writes it.
 
-        Text is recorded only once a client streams the turn and the flush
-        interval has passed; the start, the moment before a client-side tool
-        is awaited, and the end are always recorded (module docstring).
+        Text and what there is to show are recorded only once a client
+        streams the turn: a generation's first text at once, later text when
+        the flush interval has passed; the start, the moment before a
+        client-side tool is awaited, and the end are always recorded (module
+        docstring).
         """
-        if moment is _Moment.TEXT and not (
-            self.live.streamed
-            and time.monotonic() - self.last_flush >= self.deps.defaults.text_flush_interval_s
-        ):
-            return
+        if moment is _Moment.TEXT or moment is _Moment.SHOW:
+            if not self.live.streamed:
+                return
+            if moment is _Moment.TEXT:
+                first = self.chunk_generation != self.text_shown_of
+                interval = self.deps.defaults.text_flush_interval_s
+                if not first and time.monotonic() - self.last_flush < interval:
+                    return
+                self.text_shown_of = self.chunk_generation
         await self._flush(publish=moment is not _Moment.START, kind=_APPEND_KIND[moment])
 
     async def _flush(self, *, publish: bool, kind: str) -> None:
         """Append everything buffered in one commit, then publish its updates.
 
-        Updates of a flush that ends the turn are published only after the
-        commit, so a client never sees an end the log does not hold.
+        Updates are published only after the commit that records their
+        events, so a client is never shown anything the log does not hold.
         """
         self._close_chunk()
         if not self.pending:
@@ -728,7 +748,6 @@ class TurnRunner:
                 context=plan.window,
             )
         )
-        self.publish_pending()
         stream = pipeline.response_stream(ResponseContext(tool_definitions=self.state.tools))
         call = pipeline.wrap_execution(self._engine_call(plan.start))
         final: GenerationFinished | None = None
@@ -739,8 +758,8 @@ class TurnRunner:
             async with contextlib.aclosing(call(request)) as events:
                 async for item in events:
                     if isinstance(item, GuardrailDecision):
+                        # Shown with the generation's first text, recorded at once.
                         self.add(item.to_event(turn_id=self.turn_id))
-                        self.publish_pending()
                     elif isinstance(item, TextDelta):
                         stopped = self._apply(generation_id, stream.feed(item.text))
                         if stopped:
@@ -813,7 +832,6 @@ class TurnRunner:
         )
         for decided in decisions_to_events(request_outcome.decisions, turn_id=self.turn_id):
             self.add(decided)
-        self.publish_pending()
         if request_outcome.blocked is not None:
             return
         start = engine_pb2.StartGeneration(
@@ -831,7 +849,6 @@ class TurnRunner:
                 async for item in events:
                     if isinstance(item, GuardrailDecision):
                         self.add(item.to_event(turn_id=self.turn_id))
-                        self.publish_pending()
                     elif isinstance(item, TextDelta):
                         # The summary is not the turn's text: nothing is streamed.
                         if any(isinstance(a, StopResponse) for a in stream.feed(item.text)):
@@ -847,7 +864,6 @@ class TurnRunner:
         outcome = stream.finish(())
         for decided in decisions_to_events(outcome.decisions, turn_id=self.turn_id):
             self.add(decided)
-        self.publish_pending()
         summary = outcome.final_text.strip()
         if outcome.blocked is not None or stopped or final is None or not summary:
             return
@@ -869,7 +885,7 @@ class TurnRunner:
             deps.tokens, evolve(self.state, compacted), compaction_id, affinity_key=self.cid
         )
         self.add(replace(compacted, summary_tokens=tokens))
-        self.publish_pending()
+        await self._record(_Moment.SHOW)
         log.info(
             "compacted %d turn(s) of %s: %d tokens into %d",
             plan.turns,
@@ -894,7 +910,6 @@ class TurnRunner:
                         reason=action.reason,
                     )
                 )
-                self.publish_pending()
             elif isinstance(action, StopResponse):
                 stopped = True
         return stopped
@@ -957,7 +972,7 @@ class TurnRunner:
                 finally:
                     self.live.tool_results.pop(call.call_id, None)
             else:
-                self.publish_pending()
+                await self._record(_Moment.SHOW)
                 try:
                     result, error = (
                         await self.deps.tools.execute(call.name, call.arguments_json),
@@ -988,7 +1003,7 @@ class TurnRunner:
                         turn_id=self.turn_id, call_id=call.call_id, result=checked.text
                     )
                 )
-            self.publish_pending()
+            await self._record(_Moment.SHOW)
         return True
 
 

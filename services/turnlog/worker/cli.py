@@ -135,6 +135,9 @@ def _run_worker(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from turnlog.worker.server import serve
+    from turnlog.worker.spawn import exit_with_parent
+
+    exit_with_parent()  # a worker that `turnlog serve --spawn-worker` started
 
     credentials = _server_credentials(args)
     if credentials is None and not _is_loopback(args.listen):

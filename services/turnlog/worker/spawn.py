@@ -4,7 +4,11 @@ For a one-machine setup (and the README's `make serve`): the service starts
 `turnlog worker ARGS --listen 127.0.0.1:0`, waits until the worker says which
 port it serves on, and talks to it over gRPC like any other worker. The
 child is stopped with SIGTERM (it drains) when the service stops, and killed
-if it does not exit in time.
+if it does not exit in time. If the service dies without stopping it (even
+by SIGKILL), Linux sends the child SIGTERM (its parent-death signal, which
+the worker sets for itself first thing: `exit_with_parent`), so no worker,
+with its engine and its memory, is left running without a service;
+elsewhere that is not done.
 
 The connection is mTLS, with nothing to set up: a CA made for this one
 worker (`turnlog.worker.certs`) issues the worker a certificate for
@@ -19,9 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import re
 import shlex
+import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -38,6 +45,34 @@ log = logging.getLogger(__name__)
 _SERVING = re.compile(rb"turnlog worker serving on port (\d+)")
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 40.0
+
+
+#: Set by `turnlog serve` for the workers it spawns: its pid.
+PARENT_PID_ENV = "TURNLOG_SPAWNED_BY"
+#: prctl(2) option: the signal this process gets when its parent thread dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent() -> None:
+    """In a spawned worker: get SIGTERM when the `turnlog serve` that spawned it dies (Linux).
+
+    Called by `turnlog worker` first thing, when `PARENT_PID_ENV` names its
+    parent. Set in the child, after exec, not in a `preexec_fn`: that would
+    make Python fork rather than vfork, and a forked child of a process with
+    gRPC's threads sometimes crashes before exec (measured ~3%). If the
+    parent died already, the worker stops at once.
+    """
+    parent = os.environ.pop(PARENT_PID_ENV, "")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("cannot set the parent-death signal (errno %d)", ctypes.get_errno())
+        return
+    if str(os.getppid()) != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _echo(stream: asyncio.StreamReader, prefix: str) -> None:
@@ -108,6 +143,9 @@ async def _worker_process(args: list[str]) -> AsyncIterator[str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        # The parent-death signal follows the thread that started the child:
+        # this loop's, the main thread of `turnlog serve`.
+        env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
     )
     assert proc.stdout is not None
     echo: asyncio.Task[None] | None = None

