@@ -28,11 +28,13 @@ CHUNK = 65536
 
 
 class TcpProxy:
-    """Forwards loopback TCP connections to `target` ("host:port"), impaired on demand."""
+    """Forwards loopback TCP connections to `target` ("host:port", or a Unix socket), impaired on demand."""
 
     def __init__(self, target: str) -> None:
-        host, port = target.rsplit(":", 1)
-        self._target = (host, int(port))
+        """`target`: "host:port", or the path of a Unix socket (starting with "/")."""
+        self._unix = target if target.startswith("/") else None
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port)) if self._unix is None else ("", 0)
         self.delay_s = 0.0
         self.rate_bytes_per_s = 0
         self._cut = False
@@ -94,7 +96,10 @@ class TcpProxy:
             _reset(writer)
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            if self._unix is not None:
+                up_reader, up_writer = await asyncio.open_unix_connection(self._unix)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(*self._target)
         except OSError:
             _reset(writer)
             return

@@ -179,10 +179,14 @@ async def _database_through(
 
 
 def _database_target(database_url: str) -> str:
+    """Where the test database listens: loopback TCP, or the embedded server's Unix socket."""
     params = conninfo_to_dict(database_url)
     host = str(params.get("host") or "127.0.0.1")
+    port = params.get("port") or 5432
+    if host.startswith("/"):  # a socket folder (the embedded server has no TCP port)
+        return f"{host}/.s.PGSQL.{port}"
     assert host.startswith("127.") or host == "localhost", "the test database must be on loopback"
-    return f"127.0.0.1:{params.get('port') or 5432}"
+    return f"127.0.0.1:{port}"
 
 
 async def test_a_slow_narrow_database_link_slows_turns_that_still_complete(
