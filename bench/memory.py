@@ -152,14 +152,19 @@ class Served:
 
 @contextlib.contextmanager
 def serving(
-    script: dict[str, Any], dsn: str, folder: Path, serve_extra_env: dict[str, str]
+    script: dict[str, Any],
+    dsn: str,
+    folder: Path,
+    serve_extra_env: dict[str, str],
+    turnlog_command: list[str] | None = None,
 ) -> Iterator[Served]:
     """A scripted worker and `turnlog serve` (port 0, metrics on port 0) for the block.
 
     Serve gets a data folder of its own in `folder` (its local signing key,
     hence the token it prints) and `serve_extra_env` on top of this process's
-    environment less every TURNLOG_* variable. Both stop (SIGTERM, then
-    SIGKILL after 30 s) when the block ends.
+    environment less every TURNLOG_* variable; `turnlog_command` runs it
+    instead of `python -m turnlog.cli` (given the same arguments). Both stop
+    (SIGTERM, then SIGKILL after 30 s) when the block ends.
     """
     script_path = folder / "script.json"
     script_path.write_text(json.dumps(script))
@@ -187,9 +192,7 @@ def serving(
         worker_port = wait_for_logged_port(worker, worker_log, r"serving on port (\d+)")
         serve = start_process(
             [
-                sys.executable,
-                "-m",
-                "turnlog.cli",
+                *(turnlog_command or [sys.executable, "-m", "turnlog.cli"]),
                 "serve",
                 "--listen",
                 "127.0.0.1:0",
