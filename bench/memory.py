@@ -28,7 +28,9 @@ Per state: serve's RSS (the median of --samples readings one second apart,
 taken after --settle-s), its open file descriptors and threads, its TCP
 connections from clients and to the worker, its database connections
 (pg_stat_activity), its running turns (the Prometheus gauge of
-`--metrics-listen`), its CPU share over the readings, and the worker's RSS.
+`--metrics-listen`), its CPU share over the readings, the database's committed
+transactions a second over the readings (approximate: backends report them
+about once a second while busy), and the worker's RSS.
 Costs: (streams - idle) / N KiB per stream, (streams_and_subscriptions -
 streams) / M KiB per subscription, and closed - idle retained.
 
@@ -43,8 +45,8 @@ default is 128) and TURNLOG_TENANT_REQUESTS_PER_S=0 (no rate limit; the
 opening is a burst of thousands of calls). Both are in the JSON's settings.
 
 A caught-up subscription is not free of work: it reads the log again every
-second (the store's poll interval) and on every append, so the CPU column of
-`streams_and_subscriptions` shows M reads a second.
+second (`PostgresEventStore`'s poll interval) and on every append, so the
+CPU and database columns of `streams_and_subscriptions` show M reads a second.
 
 bench/soak.py imports the process handling and readings from here.
 
@@ -110,10 +112,14 @@ SERVE_METRICS = r"turnlog metrics on port (\d+)"
 #: Client channel options: a connection per channel (channels with equal
 #: options otherwise share one subchannel, so one connection).
 CLIENT_OPTIONS: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
-DATABASE_CONNECTIONS_QUERY = """
-SELECT count(*) FROM pg_stat_activity
- WHERE datname = current_database() AND pid <> pg_backend_pid()
-   AND backend_type = 'client backend'
+#: serve's connections to its database (ours aside), and the database's
+#: committed transactions (as reported by the backends: about once a second
+#: while they are busy, up to 10 s late when idle).
+DATABASE_QUERY = """
+SELECT (SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()
+           AND backend_type = 'client backend'),
+       (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())
 """
 STATES = ["started", "idle", "streams", "streams_and_subscriptions", "closed"]
 
@@ -260,6 +266,7 @@ class Reading:
         client_connections: established TCP connections to serve's port.
         worker_connections: serve's TCP connections to the worker.
         database_connections: client backends of serve's database, but ours.
+        database_xacts: the database's committed transactions so far (reported late).
         turns_running: serve's `turnlog_turns_running` gauge (None: no scrape).
         cpu_s: serve's user + system CPU seconds so far.
         worker_rss_kib: the scripted worker's resident set size.
@@ -272,6 +279,7 @@ class Reading:
     client_connections: int
     worker_connections: int
     database_connections: int
+    database_xacts: int
     turns_running: int | None
     cpu_s: float
     worker_rss_kib: int
@@ -340,21 +348,27 @@ class ServeProbe:
     async def read(self) -> Reading:
         figures = await asyncio.to_thread(self._process_figures)
         running = await asyncio.to_thread(scrape_turns_running, self.served.metrics_url)
-        row = await (await self.db.execute(DATABASE_CONNECTIONS_QUERY)).fetchone()
+        row = await (await self.db.execute(DATABASE_QUERY)).fetchone()
         assert row is not None
         return Reading(
             at_s=time.monotonic(),
             database_connections=int(row[0]),
+            database_xacts=int(row[1]),
             turns_running=running,
             **figures,
         )
 
 
 def state_row(name: str, readings: list[Reading], **extra: Any) -> dict[str, Any]:
-    """A state's figures: median RSS of its readings, the last reading's counts, CPU share."""
+    """A state's figures: median RSS of its readings, the last reading's counts, serve's
+    CPU share and the database's transactions a second (less this bench's one per reading)."""
     last = readings[-1]
     elapsed = last.at_s - readings[0].at_s
-    cpu = (last.cpu_s - readings[0].cpu_s) / elapsed * 100 if elapsed > 0 else None
+    cpu = xacts = None
+    if elapsed > 0:
+        cpu = (last.cpu_s - readings[0].cpu_s) / elapsed * 100
+        own = len(readings) - 1
+        xacts = max(0, last.database_xacts - readings[0].database_xacts - own) / elapsed
     rss = round(statistics.median(r.rss_kib for r in readings))
     row: dict[str, Any] = {
         "state": name,
@@ -362,8 +376,10 @@ def state_row(name: str, readings: list[Reading], **extra: Any) -> dict[str, Any
         "rss_mib": round(rss / 1024, 1),
         "rss_kib_samples": [r.rss_kib for r in readings],
     }
-    row |= {k: v for k, v in asdict(last).items() if k not in ("at_s", "rss_kib", "cpu_s")}
+    skip = ("at_s", "rss_kib", "cpu_s", "database_xacts")
+    row |= {k: v for k, v in asdict(last).items() if k not in skip}
     row["serve_cpu_percent"] = None if cpu is None else round(cpu, 1)
+    row["database_xacts_per_s"] = None if xacts is None else round(xacts, 1)
     return row | extra
 
 
@@ -665,14 +681,15 @@ def print_table(result: dict[str, Any]) -> None:
     )
     print(
         f"{'state':<26} {'RSS MiB':>8} {'fds':>5} {'thr':>4} {'clients':>7} {'db':>3} "
-        f"{'turns':>5} {'cpu %':>6} {'worker MiB':>10}"
+        f"{'turns':>5} {'cpu %':>6} {'db tx/s':>7} {'worker MiB':>10}"
     )
     for s in result["states"]:
         cpu = "-" if s["serve_cpu_percent"] is None else s["serve_cpu_percent"]
+        xacts = "-" if s["database_xacts_per_s"] is None else s["database_xacts_per_s"]
         print(
             f"{s['state']:<26} {s['rss_mib']:>8} {s['fds']:>5} {s['threads']:>4} "
             f"{s['client_connections']:>7} {s['database_connections']:>3} "
-            f"{s['turns_running']!s:>5} {cpu!s:>6} {s['worker_rss_kib'] / 1024:>10.1f}"
+            f"{s['turns_running']!s:>5} {cpu!s:>6} {xacts!s:>7} {s['worker_rss_kib'] / 1024:>10.1f}"
         )
     costs = result["costs"]
     print(

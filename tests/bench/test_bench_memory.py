@@ -21,7 +21,7 @@ STATES = ["started", "idle", "streams", "streams_and_subscriptions", "closed"]
 STATE_KEYS = {
     "state", "rss_kib", "rss_mib", "rss_kib_samples", "fds", "threads", "client_connections",
     "worker_connections", "database_connections", "turns_running", "worker_rss_kib",
-    "serve_cpu_percent",
+    "serve_cpu_percent", "database_xacts_per_s",
 }  # fmt: skip
 COSTS = {"kib_per_stream", "kib_per_subscription", "retained_kib_after_close"}
 
