@@ -490,6 +490,9 @@ async def soak(args: argparse.Namespace, served: Served, dsn: str) -> dict[str, 
 
         load = new_load(args, served, rng)
         load.conversations = warm.conversations  # (the same conversations, on new channels)
+        # The warm-up's failures count as the load's.
+        load.errors.update({f"warm-up {k}": v for k, v in warm.errors.items()})
+        load.error_examples += [f"warm-up {e}" for e in warm.error_examples]
         followers = Counter[str]()
         follow_pool = ChannelPool(served.target, served.token, 1, 10**9)
         follow = [
