@@ -180,7 +180,10 @@ class TokenCounter:
         head_key = head.SerializeToString(deterministic=True)
         rendered = engine_io.chat_messages(messages)
         keys = [(m.message_id, len(r.tool_calls)) for m, r in zip(messages, rendered, strict=True)]
-        missing = [i for i, key in enumerate(keys) if key not in self._messages]
+        # Taken now: other turns may evict cached entries while this one
+        # awaits the worker (the soak found that as a KeyError).
+        known = {i: self._messages[key] for i, key in enumerate(keys) if key in self._messages}
+        missing = [i for i in range(len(keys)) if i not in known]
         cached_head = self._heads.get(head_key)
         if missing or cached_head is None:
             reply = await self._engine.count_chat_tokens(
@@ -193,14 +196,14 @@ class TokenCounter:
             cached_head = (reply.head_tokens, reply.max_context_tokens)
             self._remember(self._heads, head_key, cached_head)
             for i, tokens in zip(missing, reply.message_tokens, strict=True):
+                known[i] = tokens
                 self._remember(self._messages, keys[i], tokens)
-        else:
+        elif head_key in self._heads:
             self._heads.move_to_end(head_key)
-        counts = []
         for key in keys:
-            counts.append(self._messages[key])
-            self._messages.move_to_end(key)
-        return cached_head[0], counts, cached_head[1]
+            if key in self._messages:
+                self._messages.move_to_end(key)
+        return cached_head[0], [known[i] for i in range(len(keys))], cached_head[1]
 
     def _remember(self, cache: OrderedDict[Any, Any], key: object, value: object) -> None:
         cache[key] = value
