@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from turnlog.auth.authenticator import Authenticator
 from turnlog.auth.principal import DEFAULT_TENANT, Scope
 from turnlog.auth.settings import AuthSettings
 from turnlog.config import Settings
+from turnlog.loopback import is_loopback_address
 from turnlog.tls import TlsFiles, server_credentials
 
 log = logging.getLogger(__name__)
@@ -49,17 +49,6 @@ class PublicSecurity:
     authenticator: Authenticates
     port_credentials: grpc.ServerCredentials | None
     local_token: str | None
-
-
-def is_loopback(address: str) -> bool:
-    """Whether a host:port binds loopback only ("localhost", 127.0.0.0/8, ::1)."""
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def public_security(settings: Settings, address: str) -> PublicSecurity:
@@ -90,7 +79,7 @@ def public_security(settings: Settings, address: str) -> PublicSecurity:
         return PublicSecurity(InsecureAuthenticator(), port_credentials, None)
     if settings.config_file is not None:
         auth = AuthSettings.from_toml_file(settings.config_file, data_dir=settings.data_dir)
-    elif is_loopback(address):
+    elif is_loopback_address(address):
         auth = AuthSettings.local_default(settings.data_dir)
     else:
         raise SecurityConfigError(
@@ -101,7 +90,7 @@ def public_security(settings: Settings, address: str) -> PublicSecurity:
         raise SecurityConfigError("the [auth] table turns no credential on")
     if auth.mtls and settings.tls_client_ca is None:
         raise SecurityConfigError("[auth] mtls identities need --tls-client-ca")
-    if port_credentials is None and not is_loopback(address):
+    if port_credentials is None and not is_loopback_address(address):
         log.warning("serving %s in plain text: credentials cross the network unencrypted", address)
     authenticator = Authenticator(auth)
     token = None
@@ -112,4 +101,4 @@ def public_security(settings: Settings, address: str) -> PublicSecurity:
     return PublicSecurity(authenticator, port_credentials, token)
 
 
-__all__ = ["PublicSecurity", "SecurityConfigError", "is_loopback", "public_security"]
+__all__ = ["PublicSecurity", "SecurityConfigError", "public_security"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -41,6 +40,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
+
+from turnlog.loopback import is_loopback_host
 
 logger = logging.getLogger(__name__)
 
@@ -75,20 +76,11 @@ def check_jwks_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return
-    if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
+    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
         return
     raise ValueError(
         "a JWKS URL must be https (plain http only to localhost or a loopback address)"
     )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # RFC 7638 section 3.2: the members of each key type that a thumbprint covers.

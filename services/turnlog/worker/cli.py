@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from turnlog.loopback import is_loopback_address
 from turnlog.worker.backend import EngineBackend
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     exit_with_parent()  # a worker that `turnlog serve --spawn-worker` started
 
     credentials = _server_credentials(args)
-    if credentials is None and not _is_loopback(args.listen):
+    if credentials is None and not is_loopback_address(args.listen):
         logging.getLogger("turnlog.worker").warning(
             "serving plaintext on %s: anyone who can reach it can generate; "
             "use --tls-cert, --tls-key and --tls-client-ca (docs/tls.md)",
@@ -175,16 +175,6 @@ def _run_worker(args: argparse.Namespace) -> int:
         serve(make_backend, listen=args.listen, grace_s=args.grace, credentials=credentials)
     )
     return 0
-
-
-def _is_loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
