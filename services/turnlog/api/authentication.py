@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import inspect
 import logging
 import time
@@ -103,15 +104,10 @@ class InsecureAuthenticator:
     """Every call is the default tenant with every scope but admin: `turnlog serve --insecure` only."""
 
     def __init__(self, tenant: str = "default") -> None:
-        self.principal = Principal(
-            tenant=tenant,
-            subject="insecure",
-            # Not admin: an administrator's reads are recorded, and here
-            # every caller would be one.
-            scopes=frozenset(Scope) - {Scope.ADMIN},
-            expires_at=None,
-            method="insecure",
-            key_id=None,
+        # Not admin: an administrator's reads are recorded, and here every
+        # caller would be one.
+        self.principal = dataclasses.replace(
+            Principal.insecure(tenant), scopes=frozenset(Scope) - {Scope.ADMIN}
         )
 
     async def authenticate(

@@ -17,11 +17,13 @@ import enum
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
+
+from turnlog.domain import events as ev
 
 #: The tenant that the local default (`turnlog serve` on loopback) and
-#: `--insecure` serve.
-DEFAULT_TENANT = "default"
+#: `--insecure` serve: the domain's (conversations recorded before tenancy).
+DEFAULT_TENANT: Final = ev.DEFAULT_TENANT
 
 #: How a principal was verified.
 AuthMethod = Literal["jwt", "api_key", "mtls", "insecure"]

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from turnlog.domain import codec
-from turnlog.domain.events import DEFAULT_TENANT
 from turnlog.domain.state import ConversationState, InvalidTransitionError, evolve
 from turnlog.storage.hashchain import verify_chain
 from turnlog.storage.port import RecordedEvent
@@ -71,7 +70,7 @@ def audit_stream(stream_id: str, events: Sequence[RecordedEvent]) -> AuditReport
             break
         try:
             state = evolve(state, codec.decode_stored(event))
-            tenant = event.metadata.tenant or DEFAULT_TENANT
+            tenant = event.tenant
             if tenant != state.tenant:
                 # The tenant column derives from the hashed metadata, so an
                 # event moved to another tenant breaks the chain; an event

@@ -787,7 +787,7 @@ class HistoryService:
 
 def _owned_by(event: RecordedEvent, tenant: str | None) -> bool:
     """Whether the stream of `event` is `tenant`'s (every event of a stream names the same)."""
-    return tenant is None or (event.metadata.tenant or ev.DEFAULT_TENANT) == tenant
+    return tenant is None or event.tenant == tenant
 
 
 async def _only_types(
