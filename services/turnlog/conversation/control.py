@@ -71,7 +71,12 @@ class ToolResultInput:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Calls:
-    """A turn's tool calls as far as the log shows: which the turn awaits, which are answered."""
+    """A turn's tool calls as far as the log shows: which the turn awaits, which are answered.
+
+    `answered` holds the outcomes of the latest generation's calls, then
+    (for ids not reused by it) those of earlier generations: call ids are
+    unique within a generation only (a model may number its calls afresh).
+    """
 
     awaited: frozenset[str]
     answered: dict[str, ev.ToolCallCompleted | ev.ToolCallFailed]
@@ -92,7 +97,10 @@ class _CallsReader:
         self.turn_id = turn_id
         self.client_tools = client_tools
         self.latest: tuple[ev.ToolCall, ...] = ()
+        #: Outcomes of the latest generation's calls.
         self.answered: dict[str, ev.ToolCallCompleted | ev.ToolCallFailed] = {}
+        #: Outcomes of earlier generations' calls.
+        self.earlier: dict[str, ev.ToolCallCompleted | ev.ToolCallFailed] = {}
         self.ended: ev.Event | None = None
 
     def apply(self, event: ev.Event) -> None:
@@ -100,6 +108,8 @@ class _CallsReader:
             return
         if isinstance(event, ev.GenerationCompleted):
             self.latest = event.tool_calls
+            self.earlier.update(self.answered)
+            self.answered = {}
         elif isinstance(event, ev.ToolCallCompleted | ev.ToolCallFailed):
             self.answered[event.call_id] = event
         elif isinstance(event, _TERMINAL):
@@ -113,7 +123,7 @@ class _CallsReader:
         )
         return _Calls(
             awaited=frozenset() if self.ended is not None else awaited,
-            answered=dict(self.answered),
+            answered={**self.earlier, **self.answered},
         )
 
 
@@ -268,7 +278,7 @@ class TurnControl:
         """The calls to answer now; raises if any result is not acceptable (nothing sent then)."""
         to_send = []
         for call_id, outcome in mine.items():
-            recorded = calls.answered.get(call_id)
+            recorded = None if call_id in calls.awaited else calls.answered.get(call_id)
             if recorded is not None:
                 if _same_outcome(recorded, outcome):
                     continue  # answered already, with this result
