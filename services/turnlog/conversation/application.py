@@ -323,9 +323,16 @@ class ConversationApplication:
 
     # -- turns ---------------------------------------------------------------------
 
-    async def send(self, command: TurnInput) -> TurnResult:
-        """Run a turn (or find the one this request id started) and wait for its end."""
-        turn_id = await self.start_turn(command, streamed=False)
+    async def send(self, command: TurnInput, *, allow_client_tools: bool = False) -> TurnResult:
+        """Run a turn (or find the one this request id started) and wait for its end.
+
+        Refused (`ClientToolsNeedStreamError`) on a conversation with
+        client-side tools unless `allow_client_tools`: a caller that only
+        waits for the end can answer none (a replay lets them time out).
+        """
+        turn_id = await self.start_turn(
+            command, streamed=False, refuse_client_tools=not allow_client_tools
+        )
         live = self.running.get(command.conversation_id, turn_id)
         if live is not None:
             updates = await live.outcome()
@@ -360,11 +367,15 @@ class ConversationApplication:
             )
         )
 
-    async def start_turn(self, command: TurnInput, *, streamed: bool = True) -> str:
+    async def start_turn(
+        self, command: TurnInput, *, streamed: bool = True, refuse_client_tools: bool = False
+    ) -> str:
         """Start a turn, or find the turn this request id already started; returns its id.
 
         `streamed`: the caller will watch the turn's text as it comes (False:
         it waits for the end, so the worker may send the text in larger pieces).
+        `refuse_client_tools`: the caller cannot answer client-side tools, so a
+        conversation that has some is refused (`ClientToolsNeedStreamError`).
 
         Raises:
             NotFoundError, ConversationArchivedError, TurnInProgressError,
@@ -376,10 +387,15 @@ class ConversationApplication:
         # A concurrent send of the same request waits for this one's start,
         # then finds its turn like any retry: one engine request.
         async with self.running.one_start(command.conversation_id, request_id):
-            return await self._start(command, request_id, arrived, streamed)
+            return await self._start(command, request_id, arrived, streamed, refuse_client_tools)
 
     async def _start(
-        self, command: TurnInput, request_id: str, arrived: float, streamed: bool
+        self,
+        command: TurnInput,
+        request_id: str,
+        arrived: float,
+        streamed: bool,
+        refuse_client_tools: bool,
     ) -> str:
         cid = command.conversation_id
         for attempt in range(3):
@@ -397,7 +413,7 @@ class ConversationApplication:
             existing = state.turn_for_request(request_id)
             if existing is not None:
                 return existing.turn_id
-            refusal = _refusal(state, command, unary=not streamed)
+            refusal = _refusal(state, command, refuse_client_tools=refuse_client_tools)
             if refusal is not None:
                 if cached is not None:
                     continue
@@ -627,13 +643,13 @@ def owned(state: ConversationState, tenant: str | None) -> ConversationState:
 
 
 def _refusal(
-    state: ConversationState, command: TurnInput, *, unary: bool = False
+    state: ConversationState, command: TurnInput, *, refuse_client_tools: bool = False
 ) -> errors.TurnlogError | None:
     """Why `state` admits no new turn for `command`, or None.
 
-    `unary`: the caller waits for the end without a stream (`SendMessage`),
-    so it could never answer a client-side tool: such a turn would hold the
-    conversation until the tool timeout, so it is refused at once.
+    `refuse_client_tools`: the caller waits for the end without a stream
+    (`SendMessage`), so it could never answer a client-side tool: such a turn
+    would hold the conversation until the tool timeout, so it is refused at once.
     """
     cid = state.conversation_id
     if state.archived:
@@ -641,7 +657,7 @@ def _refusal(
             "the conversation is archived", metadata={"conversation": cid}
         )
     client_tools = [t.name for t in state.tools if t.client_side]
-    if unary and client_tools and not command.compaction_only:
+    if refuse_client_tools and client_tools and not command.compaction_only:
         return errors.ClientToolsNeedStreamError(
             "the conversation has client-side tools: run its turns with StreamTurn or Converse",
             metadata={"conversation": cid, "tools": ",".join(client_tools)[:256]},
