@@ -534,14 +534,31 @@ class ConversationApplication:
         with contextlib.suppress(errors.TurnNotRunningHereError):
             letter = await self.cancel_turn(conversation_id, turn_id, reason, tenant=tenant)
         try:
+            return await self.turn_end(conversation_id, turn_id, tenant=tenant, timeout_s=timeout_s)
+        finally:
+            await self.control.withdraw(letter)
+
+    async def turn_end(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        *,
+        tenant: str = ev.DEFAULT_TENANT,
+        timeout_s: float = MAX_WAIT_S,
+    ) -> TurnEnded:
+        """The turn's end as the log records it, once it has ended (here or on any replica).
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`, or no such turn.
+            DeadlineExceededError: the turn has not ended within `timeout_s`.
+        """
+        try:
             async with asyncio.timeout(timeout_s):
                 async for update in self.watch(conversation_id, turn_id, tenant=tenant):
                     if isinstance(update.payload, TurnEnded):
                         return update.payload
         except TimeoutError:
             pass
-        finally:
-            await self.control.withdraw(letter)
         raise errors.DeadlineExceededError(
             "the turn has not ended yet; retry to wait longer", metadata={"turnId": turn_id}
         )

@@ -48,8 +48,10 @@ MAX_WAIT_S = 60.0
 #: stops waiting, after `MAX_WAIT_S` at most).
 LETTER_TTL_S = 3600.0
 #: How often the receiver looks for letters without a notification (a lost
-#: NOTIFY, a listener reconnecting) and expires old ones.
+#: NOTIFY, a listener reconnecting).
 POLL_INTERVAL_S = 2.0
+#: How often each replica deletes letters older than `LETTER_TTL_S`.
+EXPIRY_INTERVAL_S = 60.0
 
 _TERMINAL = (
     ev.TurnCompleted,
@@ -349,18 +351,18 @@ class TurnControl:
             notice = await mailbox.wait(self.poll_interval_s)
             here = set(self.running.turns)
             wanted = here if notice.everything else here & notice.turn_ids
-            if wanted:
-                try:
-                    letters = await mailbox.take(wanted)
-                except errors.StorageUnavailableError as e:
-                    log.warning("could not read the turn mailbox: %s", e)
-                    await asyncio.sleep(self.poll_interval_s)
-                    continue
-                for letter in letters:
+            try:
+                for letter in await mailbox.take(wanted) if wanted else ():
                     self.apply(letter)
-            if time.monotonic() - last_expiry >= max(self.poll_interval_s, 60.0):
-                last_expiry = time.monotonic()
-                await mailbox.expire(LETTER_TTL_S)
+                if time.monotonic() - last_expiry >= EXPIRY_INTERVAL_S:
+                    last_expiry = time.monotonic()
+                    await mailbox.expire(LETTER_TTL_S)
+            except errors.StorageUnavailableError as e:
+                log.warning("could not read the turn mailbox: %s", e)
+                await asyncio.sleep(self.poll_interval_s)
+            except Exception:
+                # A bug must not stop this replica's turns from being reached.
+                log.exception("turn control failed on a letter")
 
     def apply(self, letter: Letter) -> None:
         """Apply one letter to the turn it is for, if it still runs here (else it is moot)."""
