@@ -5,6 +5,7 @@ store calls either. The application decides; its collaborators do the rest:
 `repository` loads and records conversations (state cache, snapshots);
 `turn` runs one turn and decides when its events are written (`engine_io`
 speaks to the worker for it); `running` holds this process's turns;
+`control` reaches a turn on any replica (cancels, client tool results);
 `listing` is the list read model; `recovery` closes interrupted turns.
 
 Contracts (docs/conversation.md has the reasons):
