@@ -43,7 +43,7 @@ func parseFlags() options {
 	flag.StringVar(&o.storyPrompt, "story", "Tell me a story.", "the first turn's message (streamed, cut and resumed)")
 	flag.StringVar(&o.toolPrompt, "tool-prompt", "What is the weather in Paris?", "the second turn's message (the model should call get_weather)")
 	flag.StringVar(&o.cancelPrompt, "cancel-prompt", "Count slowly to one hundred.", "the message of the turn that is cancelled")
-	flag.BoolVar(&o.cancel, "cancel", false, "run the CancelTurn step")
+	flag.BoolVar(&o.cancel, "cancel", true, "run the CancelTurn step")
 	flag.IntVar(&o.pageSize, "page-size", 10, "events per ReadEvents page")
 	flag.DurationVar(&o.timeout, "timeout", 2*time.Minute, "the whole run's deadline")
 	flag.Parse()

@@ -288,5 +288,49 @@ func (s session) readTypedHistory(ctx context.Context, name string, pageSize int
 // CancelTurn from another (as a second device or an operator would); the
 // first stream then ends with TurnEnded, status CANCELLED.
 func (s session) cancelTurn(ctx context.Context, name, prompt string) {
-	fail("cancel", errors.New("CancelTurn is not in this build of the protos yet"))
+	first, err := s.conn.dial(ctx)
+	if err != nil {
+		fail("cancel", err)
+	}
+	defer first.Close()
+	stream, err := newClient(first).StreamTurn(ctx, &turnlogv1.StreamTurnRequest{
+		Action: &turnlogv1.StreamTurnRequest_Start{Start: &turnlogv1.TurnInput{
+			Conversation: name, RequestId: newRequestID(), Content: prompt,
+		}},
+	})
+	if err != nil {
+		fail("cancel", err)
+	}
+	r := &turnReader{}
+	resp, err := stream.Recv() // the first event names the turn
+	if err != nil {
+		fail("cancel", err)
+	}
+	r.add(resp.GetEvent())
+
+	second, err := s.conn.dial(ctx)
+	if err != nil {
+		fail("cancel", err)
+	}
+	defer second.Close()
+	cancelled, err := newClient(second).CancelTurn(ctx, &turnlogv1.CancelTurnRequest{
+		Conversation: name, TurnId: r.turnID, Reason: "the user changed their mind",
+	})
+	if err != nil {
+		fail("cancel", err)
+	}
+	for r.ended == nil {
+		resp, err := stream.Recv()
+		if err != nil {
+			fail("cancel", err) // io.EOF too: the stream ended without TurnEnded
+		}
+		r.add(resp.GetEvent())
+	}
+	emit("cancel", map[string]any{
+		"turn_id":         r.turnID,
+		"sequences":       r.sequences,
+		"response_status": cancelled.GetTurn().GetStatus().String(),
+		"status":          r.ended.GetTurn().GetStatus().String(),
+		"outcome_reason":  r.ended.GetTurn().GetOutcomeReason(),
+	})
 }
