@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 BUF    := node_modules/.bin/buf
 IMAGE  := build/proto.binpb
 
-.PHONY: install serve test check lint typecheck protos protos-check buf-lint breaking release-image fmt bench lock lock-check
+.PHONY: install serve test check lint typecheck protos protos-check buf-lint breaking release-image fmt bench lock lock-check \
+	clients-go-install clients-go-gen clients-go-test
 
 # Every package the project installs (runtime, the dev and vllm extras, the
 # build backend, all transitive), at exact versions with their hashes. Only
@@ -109,3 +110,28 @@ test: install check
 fmt: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# -- The Go client (clients/go, docs/clients.md) --------------------------------------
+# Built offline against Debian's Go packages, at the versions that
+# clients/go/toolchain.txt pins (`make clients-go-install` needs root:
+# APT="sudo apt-get" otherwise).
+APT ?= apt-get
+GO_TOOLCHAIN := clients/go/toolchain.txt
+
+## Install the Go toolchain and Go libraries of clients/go (Debian packages, pinned).
+clients-go-install:
+	$(APT) update -qq
+	DEBIAN_FRONTEND=noninteractive $(APT) install -y -q --no-install-recommends \
+		$$(grep -v '^#' $(GO_TOOLCHAIN))
+
+## Regenerate clients/go/turnlog/v1 from proto/.
+clients-go-gen:
+	clients/go/generate.sh
+
+## The Go client: generated code fresh, gofmt, go vet, then the example against a
+## live `turnlog serve` and the cross-language conformance tests.
+clients-go-test: $(STAMP)
+	clients/go/generate.sh --check
+	@test -z "$$(gofmt -l clients/go)" || { gofmt -l clients/go; echo "gofmt -w clients/go"; exit 1; }
+	clients/go/go.sh vet
+	$(VENV)/bin/pytest tests/clients/test_go_client.py tests/clients/test_conformance.py
