@@ -88,6 +88,23 @@ def folded_conversation(service: Service, conversation: str) -> pb.Conversation:
         ).conversation
 
 
+def service_head(service: Service, conversation: str, events: int) -> str:
+    """The hash of the conversation's last event, which the service verifies as intact."""
+    channel, api = stub(service)
+    with channel:
+        verified = api.VerifyConversation(
+            spb.VerifyConversationRequest(name=conversation),
+            metadata=bearer_metadata(service.token),
+        )
+        assert verified.intact
+        assert verified.last_version == events
+        [last] = api.ReadEvents(
+            spb.ReadEventsRequest(conversation=conversation, after_version=events - 1),
+            metadata=bearer_metadata(service.token),
+        ).events
+    return last.hash.hex()
+
+
 def test_example_runs_every_step(go_programs: GoPrograms, service: Service) -> None:
     code, lines, stderr = run_example(
         go_programs, service, "-cut-after", str(CUT_AFTER), "-page-size", str(PAGE_SIZE)
@@ -102,6 +119,7 @@ def test_example_runs_every_step(go_programs: GoPrograms, service: Service) -> N
         "converse",
         "cancel",
         "history",
+        "verify",
     ]
 
     # A refusal shows its status and ErrorInfo; nothing was created.
@@ -161,6 +179,12 @@ def test_example_runs_every_step(go_programs: GoPrograms, service: Service) -> N
         (cancelled["turn_id"], "TURN_STATUS_CANCELLED"),
     ]
     assert [e["member"] for e in history["events"]].count("turn_started") == 3
+
+    # The Go client recomputed the chain the database wrote, to the service's head.
+    verified = steps["verify"]
+    assert verified["intact"] is True, verified["problem"]
+    assert verified["events"] == len(python_events)
+    assert verified["head_hash"] == service_head(service, conversation, len(python_events))
 
 
 def test_example_reports_status_and_reason(go_programs: GoPrograms, service: Service) -> None:

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/turnlog/turnlog/clients/go/hashchain"
 	turnlogv1 "github.com/turnlog/turnlog/clients/go/turnlog/v1"
 )
 
@@ -332,5 +334,36 @@ func (s session) cancelTurn(ctx context.Context, name, prompt string) {
 		"response_status": cancelled.GetTurn().GetStatus().String(),
 		"status":          r.ended.GetTurn().GetStatus().String(),
 		"outcome_reason":  r.ended.GetTurn().GetOutcomeReason(),
+	})
+}
+
+// verifyChain reads the conversation's stored events (EVENT_VIEW_RAW: the
+// JSON text that the hash covers) and recomputes its hash chain on the
+// client with package hashchain, independently of the service's own
+// VerifyConversation. Keep the head hash it prints: a later read whose chain
+// does not extend it shows that history was rewritten.
+func (s session) verifyChain(ctx context.Context, name string, pageSize int) {
+	var events []*turnlogv1.LogEvent
+	token := ""
+	for {
+		resp, err := s.api.ReadEvents(ctx, &turnlogv1.ReadEventsRequest{
+			Conversation: name, PageSize: int32(pageSize), PageToken: token,
+			View: turnlogv1.EventView_EVENT_VIEW_RAW,
+		})
+		if err != nil {
+			fail("verify", err)
+		}
+		events = append(events, resp.GetEvents()...)
+		if token = resp.GetNextPageToken(); token == "" {
+			break
+		}
+	}
+	report := hashchain.Verify(events)
+	head := ""
+	if len(events) > 0 {
+		head = hex.EncodeToString(events[len(events)-1].GetHash())
+	}
+	emit("verify", map[string]any{
+		"intact": report.Intact, "events": len(events), "head_hash": head, "problem": report.Problem,
 	})
 }
