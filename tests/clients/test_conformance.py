@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import compare
+import pytest
 import reference
 from live_service import GoPrograms
 
 from turnlog.v1 import conversation_service_pb2 as spb
+
+# The first test builds the Go programs (about 20 s cold on two cores) inside its time.
+pytestmark = pytest.mark.timeout(300)
 
 
 def go_summaries(go: GoPrograms, files: list[Path], out: Path) -> dict[str, dict[str, Any]]:

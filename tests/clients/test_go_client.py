@@ -13,6 +13,7 @@ import subprocess
 from typing import Any
 
 import grpc
+import pytest
 from compare import compare_summary
 from google.protobuf import json_format
 from live_service import FORECAST_REPLY, STORY, GoPrograms, Service
@@ -22,6 +23,9 @@ from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
 from turnlog.v1 import history_pb2 as hpb
+
+# The first test builds the Go programs (about 20 s cold on two cores) inside its time.
+pytestmark = pytest.mark.timeout(300)
 
 CUT_AFTER = 3
 PAGE_SIZE = 10
