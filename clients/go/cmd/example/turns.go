@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,9 +11,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/encoding/protojson"
 
-	"github.com/turnlog/turnlog/clients/go/hashchain"
 	turnlogv1 "github.com/turnlog/turnlog/clients/go/turnlog/v1"
 )
 
@@ -49,7 +46,9 @@ func (s session) showInvalidRequest(ctx context.Context) {
 	if err == nil {
 		fail("invalid_request", errors.New("the service accepted an invalid conversation id"))
 	}
-	if status.Code(err) != codes.InvalidArgument {
+	// Branch on the status code and the ErrorInfo reason (a turnlogv1.ErrorReason
+	// name), never on the message.
+	if status.Code(err) != codes.InvalidArgument || reasonOf(err) != turnlogv1.ErrorReason_INVALID_REQUEST.String() {
 		fail("invalid_request", err) // not the refusal expected: no service, a bad token ...
 	}
 	emit("invalid_request", map[string]any{"error": statusOf(err)})
@@ -244,48 +243,6 @@ func (s session) converseWithTool(ctx context.Context, name, prompt string) {
 	})
 }
 
-// typedJSON prints typed events in the proto3 JSON mapping with the proto
-// field names (the form clients/conformance compares).
-var typedJSON = protojson.MarshalOptions{UseProtoNames: true}
-
-// readTypedHistory reads every event of the conversation with
-// EVENT_VIEW_TYPED, following next_page_token to the end. Each LogEvent
-// carries its payload as a typed message (the oneof member named after the
-// event type) instead of JSON text; an event the service has no typed form
-// for comes with data_json instead.
-func (s session) readTypedHistory(ctx context.Context, name string, pageSize int) {
-	var events []map[string]any
-	pages, token := 0, ""
-	for {
-		resp, err := s.api.ReadEvents(ctx, &turnlogv1.ReadEventsRequest{
-			Conversation: name, PageSize: int32(pageSize), PageToken: token,
-			View: turnlogv1.EventView_EVENT_VIEW_TYPED,
-		})
-		if err != nil {
-			fail("history", err)
-		}
-		pages++
-		for _, e := range resp.GetEvents() {
-			entry := map[string]any{"version": e.GetVersion(), "type": e.GetType(), "member": nil, "typed": nil}
-			m := e.ProtoReflect()
-			if fd := m.WhichOneof(m.Descriptor().Oneofs().ByName("event")); fd != nil {
-				text, err := typedJSON.Marshal(m.Get(fd).Message().Interface())
-				if err != nil {
-					fail("history", err)
-				}
-				entry["member"], entry["typed"] = string(fd.Name()), json.RawMessage(text)
-			} else {
-				entry["data_json"] = e.GetDataJson()
-			}
-			events = append(events, entry)
-		}
-		if token = resp.GetNextPageToken(); token == "" {
-			break
-		}
-	}
-	emit("history", map[string]any{"conversation": name, "pages": pages, "events": events})
-}
-
 // cancelTurn starts a turn on one connection and cancels it with
 // CancelTurn from another (as a second device or an operator would); the
 // first stream then ends with TurnEnded, status CANCELLED.
@@ -334,36 +291,5 @@ func (s session) cancelTurn(ctx context.Context, name, prompt string) {
 		"response_status": cancelled.GetTurn().GetStatus().String(),
 		"status":          r.ended.GetTurn().GetStatus().String(),
 		"outcome_reason":  r.ended.GetTurn().GetOutcomeReason(),
-	})
-}
-
-// verifyChain reads the conversation's stored events (EVENT_VIEW_RAW: the
-// JSON text that the hash covers) and recomputes its hash chain on the
-// client with package hashchain, independently of the service's own
-// VerifyConversation. Keep the head hash it prints: a later read whose chain
-// does not extend it shows that history was rewritten.
-func (s session) verifyChain(ctx context.Context, name string, pageSize int) {
-	var events []*turnlogv1.LogEvent
-	token := ""
-	for {
-		resp, err := s.api.ReadEvents(ctx, &turnlogv1.ReadEventsRequest{
-			Conversation: name, PageSize: int32(pageSize), PageToken: token,
-			View: turnlogv1.EventView_EVENT_VIEW_RAW,
-		})
-		if err != nil {
-			fail("verify", err)
-		}
-		events = append(events, resp.GetEvents()...)
-		if token = resp.GetNextPageToken(); token == "" {
-			break
-		}
-	}
-	report := hashchain.Verify(events)
-	head := ""
-	if len(events) > 0 {
-		head = hex.EncodeToString(events[len(events)-1].GetHash())
-	}
-	emit("verify", map[string]any{
-		"intact": report.Intact, "events": len(events), "head_hash": head, "problem": report.Problem,
 	})
 }
