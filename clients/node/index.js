@@ -67,7 +67,7 @@ export function connectTurnlog({ target, token }) {
 
 /**
  * A failed call as `{code, reason, message}`: the gRPC code's name
- * (e.g. "NOT_FOUND"), the ErrorInfo reason (e.g. "CONVERSATION_NOT_FOUND",
+ * (e.g. "NOT_FOUND"), the ErrorInfo reason (e.g. "NOT_FOUND",
  * "" when the error carries none) and the server's safe message.
  *
  * @param {unknown} err
@@ -92,6 +92,7 @@ export function describeError(err) {
  * @returns {string}
  */
 export function grpcCodeName(code) {
+  if (code === Code.Canceled) return "CANCELLED"; // gRPC spells it with two Ls
   return Code[code].replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
 }
 
