@@ -49,6 +49,16 @@ class AlreadyExistsError(TurnlogError):
     reason = "ALREADY_EXISTS"
 
 
+class RequestIdReusedError(AlreadyExistsError):
+    """A request id was used before with different content (metadata `originalId`).
+
+    Answering the first request's result would hide the client's bug, so a
+    retry must repeat its request exactly.
+    """
+
+    reason = "REQUEST_ID_REUSED"
+
+
 class HistoryDivergedError(AlreadyExistsError):
     """Imported history disagrees with the history already stored for its stream."""
 

@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from turnlog.v1 import errors_pb2 as turnlog_dot_v1_dot_errors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dturnlog/v1/conversation.proto\x12\nturnlog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x04\n\x0c\x43onversation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x1d.turnlog.v1.ConversationState\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12*\n\x08\x64\x65\x66\x61ults\x18\x06 \x01(\x0b\x32\x18.turnlog.v1.TurnDefaults\x12)\n\x05tools\x18\x07 \x03(\x0b\x32\x1a.turnlog.v1.ToolDefinition\x12\x19\n\x11guardrail_profile\x18\x08 \x01(\t\x12\x34\n\x06labels\x18\t \x03(\x0b\x32$.turnlog.v1.Conversation.LabelsEntry\x12%\n\x08messages\x18\n \x03(\x0b\x32\x13.turnlog.v1.Message\x12\x1f\n\x05turns\x18\x0b \x03(\x0b\x32\x10.turnlog.v1.Turn\x12+\n\x0b\x66ork_origin\x18\x0c \x01(\x0b\x32\x16.turnlog.v1.ForkOrigin\x12\x31\n\x0e\x63ontext_window\x18\r \x01(\x0b\x32\x19.turnlog.v1.ContextWindow\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x83\x02\n\rContextWindow\x12)\n\x06policy\x18\x01 \x01(\x0e\x32\x19.turnlog.v1.ContextPolicy\x12\x15\n\rfirst_version\x18\x02 \x01(\x03\x12\x16\n\x0eleft_out_turns\x18\x03 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12!\n\x14requested_max_tokens\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rcompaction_id\x18\x08 \x01(\tB\x17\n\x15_requested_max_tokens\"\xf6\x01\n\x11\x43ontextCompaction\x12\x15\n\rcompaction_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x15\n\rfirst_version\x18\x03 \x01(\x03\x12\x17\n\x0fthrough_version\x18\x04 \x01(\x03\x12\x18\n\x10summarized_turns\x18\x05 \x01(\x05\x12\x0f\n\x07summary\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x16\n\x0esummary_tokens\x18\x08 \x01(\x05\x12\x17\n\x0freplaced_tokens\x18\t \x01(\x05\x12\x1e\n\x16previous_compaction_id\x18\n \x01(\t\"3\n\nForkOrigin\x12\x14\n\x0c\x63onversation\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xe1\x03\n\x0cTurnDefaults\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12!\n\x14max_tool_round_trips\x18\x08 \x01(\x05H\x06\x88\x01\x01\x12#\n\x16\x66irst_generation_regex\x18\t \x01(\tH\x07\x88\x01\x01\x12\x36\n\x0e\x63ontext_policy\x18\n \x01(\x0e\x32\x19.turnlog.v1.ContextPolicyH\x08\x88\x01\x01\x12\x1e\n\x11strict_max_tokens\x18\x0b \x01(\x08H\t\x88\x01\x01\x42\x08\n\x06_modelB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x17\n\x15_max_tool_round_tripsB\x19\n\x17_first_generation_regexB\x11\n\x0f_context_policyB\x14\n\x12_strict_max_tokens\"\x9f\x01\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.turnlog.v1.Role\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x0f\n\x07turn_id\x18\x04 \x01(\t\x12(\n\ntool_calls\x18\x05 \x03(\x0b\x32\x14.turnlog.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x06 \x01(\t\"h\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\x12\x13\n\x0b\x63lient_side\x18\x04 \x01(\x08\"A\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x03\"\xd7\x02\n\x04Turn\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.turnlog.v1.TurnStatus\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.turnlog.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.turnlog.v1.Usage\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eoutcome_reason\x18\x08 \x01(\t\x12 \n\x18tool_round_limit_reached\x18\t \x01(\x08\x12\x17\n\x0f\x63ompaction_only\x18\n \x01(\x08*\x85\x01\n\rContextPolicy\x12\x1e\n\x1a\x43ONTEXT_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONTEXT_POLICY_DISABLED\x10\x01\x12\x1b\n\x17\x43ONTEXT_POLICY_TRUNCATE\x10\x02\x12\x1a\n\x16\x43ONTEXT_POLICY_COMPACT\x10\x03*w\n\x11\x43onversationState\x12\"\n\x1e\x43ONVERSATION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONVERSATION_STATE_ACTIVE\x10\x01\x12\x1f\n\x1b\x43ONVERSATION_STATE_ARCHIVED\x10\x02*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\xc6\x01\n\nTurnStatus\x12\x1b\n\x17TURN_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TURN_STATUS_RUNNING\x10\x01\x12\x19\n\x15TURN_STATUS_COMPLETED\x10\x02\x12\x16\n\x12TURN_STATUS_FAILED\x10\x03\x12\x19\n\x15TURN_STATUS_CANCELLED\x10\x04\x12\x17\n\x13TURN_STATUS_BLOCKED\x10\x05\x12\x1b\n\x17TURN_STATUS_INTERRUPTED\x10\x06*\xd4\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x06\x42\x8f\x01\n\x0e\x64\x65v.turnlog.v1B\x11\x43onversationProtoP\x01Z:github.com/turnlog/turnlog/clients/go/turnlog/v1;turnlogv1\xa2\x02\x03TXX\xaa\x02\nTurnlog.V1\xca\x02\nTurnlog\\V1\xea\x02\x0bTurnlog::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dturnlog/v1/conversation.proto\x12\nturnlog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17turnlog/v1/errors.proto\"\xcd\x04\n\x0c\x43onversation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x1d.turnlog.v1.ConversationState\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12*\n\x08\x64\x65\x66\x61ults\x18\x06 \x01(\x0b\x32\x18.turnlog.v1.TurnDefaults\x12)\n\x05tools\x18\x07 \x03(\x0b\x32\x1a.turnlog.v1.ToolDefinition\x12\x19\n\x11guardrail_profile\x18\x08 \x01(\t\x12\x34\n\x06labels\x18\t \x03(\x0b\x32$.turnlog.v1.Conversation.LabelsEntry\x12%\n\x08messages\x18\n \x03(\x0b\x32\x13.turnlog.v1.Message\x12\x1f\n\x05turns\x18\x0b \x03(\x0b\x32\x10.turnlog.v1.Turn\x12+\n\x0b\x66ork_origin\x18\x0c \x01(\x0b\x32\x16.turnlog.v1.ForkOrigin\x12\x31\n\x0e\x63ontext_window\x18\r \x01(\x0b\x32\x19.turnlog.v1.ContextWindow\x12\x15\n\rmessage_count\x18\x0e \x01(\x05\x12\x12\n\nturn_count\x18\x0f \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x83\x02\n\rContextWindow\x12)\n\x06policy\x18\x01 \x01(\x0e\x32\x19.turnlog.v1.ContextPolicy\x12\x15\n\rfirst_version\x18\x02 \x01(\x03\x12\x16\n\x0eleft_out_turns\x18\x03 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12!\n\x14requested_max_tokens\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rcompaction_id\x18\x08 \x01(\tB\x17\n\x15_requested_max_tokens\"\xf6\x01\n\x11\x43ontextCompaction\x12\x15\n\rcompaction_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x15\n\rfirst_version\x18\x03 \x01(\x03\x12\x17\n\x0fthrough_version\x18\x04 \x01(\x03\x12\x18\n\x10summarized_turns\x18\x05 \x01(\x05\x12\x0f\n\x07summary\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x16\n\x0esummary_tokens\x18\x08 \x01(\x05\x12\x17\n\x0freplaced_tokens\x18\t \x01(\x05\x12\x1e\n\x16previous_compaction_id\x18\n \x01(\t\"3\n\nForkOrigin\x12\x14\n\x0c\x63onversation\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xe1\x03\n\x0cTurnDefaults\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12!\n\x14max_tool_round_trips\x18\x08 \x01(\x05H\x06\x88\x01\x01\x12#\n\x16\x66irst_generation_regex\x18\t \x01(\tH\x07\x88\x01\x01\x12\x36\n\x0e\x63ontext_policy\x18\n \x01(\x0e\x32\x19.turnlog.v1.ContextPolicyH\x08\x88\x01\x01\x12\x1e\n\x11strict_max_tokens\x18\x0b \x01(\x08H\t\x88\x01\x01\x42\x08\n\x06_modelB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x17\n\x15_max_tool_round_tripsB\x19\n\x17_first_generation_regexB\x11\n\x0f_context_policyB\x14\n\x12_strict_max_tokens\"\x9f\x01\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.turnlog.v1.Role\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x0f\n\x07turn_id\x18\x04 \x01(\t\x12(\n\ntool_calls\x18\x05 \x03(\x0b\x32\x14.turnlog.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x06 \x01(\t\"h\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\x12\x13\n\x0b\x63lient_side\x18\x04 \x01(\x08\"A\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x03\"\xff\x02\n\x04Turn\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.turnlog.v1.TurnStatus\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.turnlog.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.turnlog.v1.Usage\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eoutcome_reason\x18\x08 \x01(\t\x12 \n\x18tool_round_limit_reached\x18\t \x01(\x08\x12\x17\n\x0f\x63ompaction_only\x18\n \x01(\x08\x12&\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x17.turnlog.v1.ErrorDetail*\x85\x01\n\rContextPolicy\x12\x1e\n\x1a\x43ONTEXT_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONTEXT_POLICY_DISABLED\x10\x01\x12\x1b\n\x17\x43ONTEXT_POLICY_TRUNCATE\x10\x02\x12\x1a\n\x16\x43ONTEXT_POLICY_COMPACT\x10\x03*w\n\x11\x43onversationState\x12\"\n\x1e\x43ONVERSATION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONVERSATION_STATE_ACTIVE\x10\x01\x12\x1f\n\x1b\x43ONVERSATION_STATE_ARCHIVED\x10\x02*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\xc6\x01\n\nTurnStatus\x12\x1b\n\x17TURN_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TURN_STATUS_RUNNING\x10\x01\x12\x19\n\x15TURN_STATUS_COMPLETED\x10\x02\x12\x16\n\x12TURN_STATUS_FAILED\x10\x03\x12\x19\n\x15TURN_STATUS_CANCELLED\x10\x04\x12\x17\n\x13TURN_STATUS_BLOCKED\x10\x05\x12\x1b\n\x17TURN_STATUS_INTERRUPTED\x10\x06*\xd4\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x06\x42\x8f\x01\n\x0e\x64\x65v.turnlog.v1B\x11\x43onversationProtoP\x01Z:github.com/turnlog/turnlog/clients/go/turnlog/v1;turnlogv1\xa2\x02\x03TXX\xaa\x02\nTurnlog.V1\xca\x02\nTurnlog\\V1\xea\x02\x0bTurnlog::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,36 +37,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.turnlog.v1B\021ConversationProtoP\001Z:github.com/turnlog/turnlog/clients/go/turnlog/v1;turnlogv1\242\002\003TXX\252\002\nTurnlog.V1\312\002\nTurnlog\\V1\352\002\013Turnlog::V1'
   _globals['_CONVERSATION_LABELSENTRY']._loaded_options = None
   _globals['_CONVERSATION_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_CONTEXTPOLICY']._serialized_start=2446
-  _globals['_CONTEXTPOLICY']._serialized_end=2579
-  _globals['_CONVERSATIONSTATE']._serialized_start=2581
-  _globals['_CONVERSATIONSTATE']._serialized_end=2700
-  _globals['_ROLE']._serialized_start=2702
-  _globals['_ROLE']._serialized_end=2797
-  _globals['_TURNSTATUS']._serialized_start=2800
-  _globals['_TURNSTATUS']._serialized_end=2998
-  _globals['_FINISHREASON']._serialized_start=3001
-  _globals['_FINISHREASON']._serialized_end=3213
-  _globals['_CONVERSATION']._serialized_start=79
-  _globals['_CONVERSATION']._serialized_end=625
-  _globals['_CONVERSATION_LABELSENTRY']._serialized_start=580
-  _globals['_CONVERSATION_LABELSENTRY']._serialized_end=625
-  _globals['_CONTEXTWINDOW']._serialized_start=628
-  _globals['_CONTEXTWINDOW']._serialized_end=887
-  _globals['_CONTEXTCOMPACTION']._serialized_start=890
-  _globals['_CONTEXTCOMPACTION']._serialized_end=1136
-  _globals['_FORKORIGIN']._serialized_start=1138
-  _globals['_FORKORIGIN']._serialized_end=1189
-  _globals['_TURNDEFAULTS']._serialized_start=1192
-  _globals['_TURNDEFAULTS']._serialized_end=1673
-  _globals['_MESSAGE']._serialized_start=1676
-  _globals['_MESSAGE']._serialized_end=1835
-  _globals['_TOOLDEFINITION']._serialized_start=1837
-  _globals['_TOOLDEFINITION']._serialized_end=1941
-  _globals['_TOOLCALL']._serialized_start=1943
-  _globals['_TOOLCALL']._serialized_end=2008
-  _globals['_USAGE']._serialized_start=2010
-  _globals['_USAGE']._serialized_end=2097
-  _globals['_TURN']._serialized_start=2100
-  _globals['_TURN']._serialized_end=2443
+  _globals['_CONTEXTPOLICY']._serialized_start=2554
+  _globals['_CONTEXTPOLICY']._serialized_end=2687
+  _globals['_CONVERSATIONSTATE']._serialized_start=2689
+  _globals['_CONVERSATIONSTATE']._serialized_end=2808
+  _globals['_ROLE']._serialized_start=2810
+  _globals['_ROLE']._serialized_end=2905
+  _globals['_TURNSTATUS']._serialized_start=2908
+  _globals['_TURNSTATUS']._serialized_end=3106
+  _globals['_FINISHREASON']._serialized_start=3109
+  _globals['_FINISHREASON']._serialized_end=3321
+  _globals['_CONVERSATION']._serialized_start=104
+  _globals['_CONVERSATION']._serialized_end=693
+  _globals['_CONVERSATION_LABELSENTRY']._serialized_start=648
+  _globals['_CONVERSATION_LABELSENTRY']._serialized_end=693
+  _globals['_CONTEXTWINDOW']._serialized_start=696
+  _globals['_CONTEXTWINDOW']._serialized_end=955
+  _globals['_CONTEXTCOMPACTION']._serialized_start=958
+  _globals['_CONTEXTCOMPACTION']._serialized_end=1204
+  _globals['_FORKORIGIN']._serialized_start=1206
+  _globals['_FORKORIGIN']._serialized_end=1257
+  _globals['_TURNDEFAULTS']._serialized_start=1260
+  _globals['_TURNDEFAULTS']._serialized_end=1741
+  _globals['_MESSAGE']._serialized_start=1744
+  _globals['_MESSAGE']._serialized_end=1903
+  _globals['_TOOLDEFINITION']._serialized_start=1905
+  _globals['_TOOLDEFINITION']._serialized_end=2009
+  _globals['_TOOLCALL']._serialized_start=2011
+  _globals['_TOOLCALL']._serialized_end=2076
+  _globals['_USAGE']._serialized_start=2078
+  _globals['_USAGE']._serialized_end=2165
+  _globals['_TURN']._serialized_start=2168
+  _globals['_TURN']._serialized_end=2551
 # @@protoc_insertion_point(module_scope)

@@ -12,6 +12,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from turnlog.v1 import errors_pb2 as _errors_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -256,6 +257,8 @@ class Conversation(_message.Message):
     TURNS_FIELD_NUMBER: _builtins.int
     FORK_ORIGIN_FIELD_NUMBER: _builtins.int
     CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
+    MESSAGE_COUNT_FIELD_NUMBER: _builtins.int
+    TURN_COUNT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: "conversations/{conversation_id}"."""
     version: _builtins.int
@@ -266,6 +269,12 @@ class Conversation(_message.Message):
     """System prompt given at creation."""
     guardrail_profile: _builtins.str
     """Name of the guardrail profile applied to every turn."""
+    message_count: _builtins.int
+    """How many messages the conversation has (the system message included),
+    whether or not messages holds them all.
+    """
+    turn_count: _builtins.int
+    """How many turns the conversation has."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the conversation was created."""
@@ -276,7 +285,9 @@ class Conversation(_message.Message):
 
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolDefinition]:
-        """Tools offered to the model in every turn."""
+        """Tools offered to the model in every turn (names unique: a request
+        repeating a name is INVALID_ARGUMENT).
+        """
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -284,11 +295,17 @@ class Conversation(_message.Message):
 
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
-        """Messages, oldest first (system, user, assistant and tool messages)."""
+        """Messages, oldest first: the system message (when there is a system
+        prompt), then user, assistant and tool messages. GetConversation
+        returns the latest of them only (its message_limit); empty in
+        ListConversations.
+        """
 
     @_builtins.property
     def turns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Turn]:
-        """Turns, oldest first."""
+        """Turns, oldest first. GetConversation returns the latest of them only
+        (its turn_limit); empty in ListConversations.
+        """
 
     @_builtins.property
     def fork_origin(self) -> Global___ForkOrigin:
@@ -316,10 +333,12 @@ class Conversation(_message.Message):
         turns: _abc.Iterable[Global___Turn] | None = ...,
         fork_origin: Global___ForkOrigin | None = ...,
         context_window: Global___ContextWindow | None = ...,
+        message_count: _builtins.int = ...,
+        turn_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context_window", b"context_window", "create_time", b"create_time", "defaults", b"defaults", "fork_origin", b"fork_origin"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window", b"context_window", "create_time", b"create_time", "defaults", b"defaults", "fork_origin", b"fork_origin", "guardrail_profile", b"guardrail_profile", "labels", b"labels", "messages", b"messages", "name", b"name", "state", b"state", "system_prompt", b"system_prompt", "tools", b"tools", "turns", b"turns", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window", b"context_window", "create_time", b"create_time", "defaults", b"defaults", "fork_origin", b"fork_origin", "guardrail_profile", b"guardrail_profile", "labels", b"labels", "message_count", b"message_count", "messages", b"messages", "name", b"name", "state", b"state", "system_prompt", b"system_prompt", "tools", b"tools", "turn_count", b"turn_count", "turns", b"turns", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -496,8 +515,11 @@ class TurnDefaults(_message.Message):
     CONTEXT_POLICY_FIELD_NUMBER: _builtins.int
     STRICT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name as the workers know it (empty: the worker's model); at most
-    128.
+    """Model name as the workers know it (empty: whatever model the workers
+    serve); at most 128. A turn naming a model no connected worker serves
+    is refused before it starts (FAILED_PRECONDITION, reason
+    MODEL_NOT_SERVED, metadata model and servedModels); the log records the
+    model that actually generated.
     """
     temperature: _builtins.float
     """Sampling temperature, 0 to 2."""
@@ -749,6 +771,7 @@ class Turn(_message.Message):
     OUTCOME_REASON_FIELD_NUMBER: _builtins.int
     TOOL_ROUND_LIMIT_REACHED_FIELD_NUMBER: _builtins.int
     COMPACTION_ONLY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     turn_id: _builtins.str
     """Turn id."""
     request_id: _builtins.str
@@ -777,6 +800,10 @@ class Turn(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When it ended (unset while running)."""
 
+    @_builtins.property
+    def error(self) -> _errors_pb2.ErrorDetail:
+        """For a FAILED turn: the structured error (reason, retryable, phase)."""
+
     def __init__(
         self,
         *,
@@ -790,10 +817,11 @@ class Turn(_message.Message):
         outcome_reason: _builtins.str = ...,
         tool_round_limit_reached: _builtins.bool = ...,
         compaction_only: _builtins.bool = ...,
+        error: _errors_pb2.ErrorDetail | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compaction_only", b"compaction_only", "end_time", b"end_time", "finish_reason", b"finish_reason", "outcome_reason", b"outcome_reason", "request_id", b"request_id", "start_time", b"start_time", "status", b"status", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_id", b"turn_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compaction_only", b"compaction_only", "end_time", b"end_time", "error", b"error", "finish_reason", b"finish_reason", "outcome_reason", b"outcome_reason", "request_id", b"request_id", "start_time", b"start_time", "status", b"status", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_id", b"turn_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,10 +5,22 @@ isort:skip_file
 The public conversation API.
 
 Errors end a call (or a stream) with a google.rpc.Status whose details
-carry a google.rpc.ErrorInfo (domain "turnlog.dev", an UPPER_SNAKE reason,
-lowerCamel metadata such as retryable, phase and actualVersion) and, for
-INVALID_ARGUMENT, a google.rpc.BadRequest with field violations. A
-guardrail block is not an error: it is a turn outcome.
+carry a google.rpc.ErrorInfo (domain "turnlog.dev", a reason that is the
+name of an ErrorReason value (errors.proto lists each with its status code
+and metadata keys), lowerCamel metadata such as retryable, phase and
+actualVersion) and, for INVALID_ARGUMENT, a google.rpc.BadRequest with
+field violations. A guardrail block is not an error: it is a turn outcome.
+
+List RPCs (AIP-158): page_size 0 means the default; a page_size above the
+maximum is coerced to the maximum; a negative one is INVALID_ARGUMENT. A
+page_token must be used with the same other fields as the request that
+returned it (page_size and view may change); otherwise INVALID_ARGUMENT
+(reason INVALID_REQUEST, field page_token), on every list RPC alike.
+
+Idempotency: a request_id reused with different content (another
+conversation, message, options or settings) is refused with
+ALREADY_EXISTS (reason REQUEST_ID_REUSED, metadata originalId naming what
+the first request made), never answered with the first request's result.
 
 Every request is checked against the limits stated on its fields (and
 listed in docs/validation.md) before anything runs: a request breaking one
@@ -21,11 +33,13 @@ to be UTF-8 bytes. Messages over 4 MiB are refused by gRPC
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from turnlog.v1 import conversation_pb2 as _conversation_pb2
+from turnlog.v1 import errors_pb2 as _errors_pb2
 from turnlog.v1 import history_pb2 as _history_pb2
 import builtins as _builtins
 import sys
@@ -210,19 +224,34 @@ class GetConversationRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    MESSAGE_LIMIT_FIELD_NUMBER: _builtins.int
+    TURN_LIMIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"conversations/{conversation_id}"."""
     version: _builtins.int
     """Fold only up to this version (time travel); unset: the latest."""
+    message_limit: _builtins.int
+    """At most this many of the latest messages besides the system message
+    (default 100, at most 1000: above is coerced; negative is invalid). The
+    system message always comes first; Conversation.message_count says how
+    many there are, ListMessages pages through all of them.
+    """
+    turn_limit: _builtins.int
+    """At most this many of the latest turns (default 100, at most 1000);
+    Conversation.turn_count says how many there are, ListTurns pages
+    through all of them.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         version: _builtins.int | None = ...,
+        message_limit: _builtins.int = ...,
+        turn_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "message_limit", b"message_limit", "name", b"name", "turn_limit", b"turn_limit", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__version: _TypeAlias = _typing.Literal["version"]  # noqa: Y015
     _WhichOneofArgType__version: _TypeAlias = _typing.Literal["_version", b"_version"]  # noqa: Y015
@@ -287,7 +316,9 @@ class ListConversationsRequest(_message.Message):
     CREATE_TIME_BEFORE_FIELD_NUMBER: _builtins.int
     SHOW_ARCHIVED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Maximum results (default 50, at most 500; negative is invalid)."""
+    """Maximum results (default 50, at most 500: above is coerced; negative is
+    invalid).
+    """
     page_token: _builtins.str
     """Token from a previous response (at most 1,024)."""
     show_archived: _builtins.bool
@@ -856,27 +887,76 @@ Global___CancelTurn: _TypeAlias = CancelTurn  # noqa: Y015
 
 @_typing.final
 class ConverseResponse(_message.Message):
-    """ConverseResponse is the service-to-client envelope of Converse."""
+    """ConverseResponse is the service-to-client envelope of Converse: a turn
+    event, or the refusal of one action the client sent.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    ACTION_REJECTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> Global___TurnEvent:
-        """The event."""
+        """The event (unset when action_rejected is set)."""
+
+    @_builtins.property
+    def action_rejected(self) -> Global___ActionRejected:
+        """An action of this stream was refused (a user message while a turn runs,
+        a result for a call not awaited, a cancel of a turn not running ...):
+        the stream goes on, and a running turn is not affected. Malformed or
+        invalid requests and a lost credential still end the stream with an
+        error status.
+        """
 
     def __init__(
         self,
         *,
         event: Global___TurnEvent | None = ...,
+        action_rejected: Global___ActionRejected | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action_rejected", b"action_rejected", "event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_rejected", b"action_rejected", "event", b"event"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConverseResponse: _TypeAlias = ConverseResponse  # noqa: Y015
+
+@_typing.final
+class ActionRejected(_message.Message):
+    """ActionRejected answers one refused ConverseRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_INDEX_FIELD_NUMBER: _builtins.int
+    TURN_ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    action_index: _builtins.int
+    """Which request of this stream: 1 for the first ConverseRequest sent, 2
+    for the second ...
+    """
+    turn_id: _builtins.str
+    """The turn it concerned, when there is one."""
+    @_builtins.property
+    def error(self) -> _errors_pb2.ErrorDetail:
+        """Why: the status code, reason and metadata a unary call would have
+        failed with.
+        """
+
+    def __init__(
+        self,
+        *,
+        action_index: _builtins.int = ...,
+        turn_id: _builtins.str = ...,
+        error: _errors_pb2.ErrorDetail | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_index", b"action_index", "error", b"error", "turn_id", b"turn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActionRejected: _TypeAlias = ActionRejected  # noqa: Y015
 
 @_typing.final
 class TurnEvent(_message.Message):
@@ -1117,22 +1197,28 @@ class Retraction(_message.Message):
     GENERATION_ID_FIELD_NUMBER: _builtins.int
     RETRACTED_CHARS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    RETRACTED_UTF8_BYTES_FIELD_NUMBER: _builtins.int
     generation_id: _builtins.str
     """The generation whose text is withdrawn."""
     retracted_chars: _builtins.int
-    """Characters withdrawn from the end of the text streamed so far."""
+    """Unicode code points (not UTF-16 units, not bytes) withdrawn from the end
+    of the text streamed so far in this generation.
+    """
     reason: _builtins.str
     """Why."""
+    retracted_utf8_bytes: _builtins.int
+    """The same withdrawn text counted in UTF-8 bytes."""
     def __init__(
         self,
         *,
         generation_id: _builtins.str = ...,
         retracted_chars: _builtins.int = ...,
         reason: _builtins.str = ...,
+        retracted_utf8_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation_id", b"generation_id", "reason", b"reason", "retracted_chars", b"retracted_chars"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation_id", b"generation_id", "reason", b"reason", "retracted_chars", b"retracted_chars", "retracted_utf8_bytes", b"retracted_utf8_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1210,7 +1296,8 @@ class ReadEventsRequest(_message.Message):
     from the start).
     """
     page_size: _builtins.int
-    """Maximum events per page (default 100, at most 1000). A page also stops
+    """Maximum events per page (default 100, at most 1000: above is coerced;
+    negative is invalid). A page also stops
     before its events' encoded size would pass 2 MiB (2,097,152 bytes), so
     that it stays well below gRPC's default 4 MiB receive limit; it always
     holds at least one event, so an event larger than that comes alone.
@@ -1225,8 +1312,9 @@ class ReadEventsRequest(_message.Message):
     """
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only events of these types (empty: all types); at most 64, each 1-128
-        letters, digits, _ . -.
+        """Only events of these types (empty: all types); at most 64, each the name
+        of an event type the server knows (a LogEvent oneof member's type, e.g.
+        "TurnCompleted"): an unknown name is INVALID_ARGUMENT.
         """
 
     def __init__(
@@ -1304,8 +1392,8 @@ class SubscribeEventsRequest(_message.Message):
     """
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only events of these types (empty: all types); at most 64, each 1-128
-        letters, digits, _ . -.
+        """Only events of these types (empty: all types); at most 64, each the name
+        of an event type the server knows: an unknown name is INVALID_ARGUMENT.
         """
 
     def __init__(
@@ -1670,3 +1758,381 @@ class ImportConversationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ImportConversationResponse: _TypeAlias = ImportConversationResponse  # noqa: Y015
+
+@_typing.final
+class CancelTurnRequest(_message.Message):
+    """CancelTurnRequest names a running turn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    TURN_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    conversation: _builtins.str
+    """"conversations/{conversation_id}"."""
+    turn_id: _builtins.str
+    """The turn."""
+    reason: _builtins.str
+    """Why (recorded in TurnCancelled); at most 4,096."""
+    def __init__(
+        self,
+        *,
+        conversation: _builtins.str = ...,
+        turn_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "reason", b"reason", "turn_id", b"turn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTurnRequest: _TypeAlias = CancelTurnRequest  # noqa: Y015
+
+@_typing.final
+class CancelTurnResponse(_message.Message):
+    """CancelTurnResponse is the turn as it ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURN_FIELD_NUMBER: _builtins.int
+    CONVERSATION_VERSION_FIELD_NUMBER: _builtins.int
+    conversation_version: _builtins.int
+    """The conversation's version after the turn."""
+    @_builtins.property
+    def turn(self) -> _conversation_pb2.Turn:
+        """The turn (status CANCELLED, or how it ended if it ended first)."""
+
+    def __init__(
+        self,
+        *,
+        turn: _conversation_pb2.Turn | None = ...,
+        conversation_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["turn", b"turn"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_version", b"conversation_version", "turn", b"turn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTurnResponse: _TypeAlias = CancelTurnResponse  # noqa: Y015
+
+@_typing.final
+class SubmitToolResultsRequest(_message.Message):
+    """SubmitToolResultsRequest answers client-side tool calls of one turn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    TURN_ID_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    conversation: _builtins.str
+    """"conversations/{conversation_id}"."""
+    turn_id: _builtins.str
+    """The turn."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolResult]:
+        """The results, 1 to 64, each for a different call; each result's turn_id
+        is empty or this request's turn_id.
+        """
+
+    def __init__(
+        self,
+        *,
+        conversation: _builtins.str = ...,
+        turn_id: _builtins.str = ...,
+        results: _abc.Iterable[Global___ToolResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "results", b"results", "turn_id", b"turn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitToolResultsRequest: _TypeAlias = SubmitToolResultsRequest  # noqa: Y015
+
+@_typing.final
+class SubmitToolResultsResponse(_message.Message):
+    """SubmitToolResultsResponse confirms the results were recorded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def call_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The calls answered, in the request's order."""
+
+    def __init__(
+        self,
+        *,
+        call_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_ids", b"call_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitToolResultsResponse: _TypeAlias = SubmitToolResultsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateConversationRequest(_message.Message):
+    """UpdateConversationRequest changes a conversation's settings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    expected_version: _builtins.int
+    """Fail with ABORTED unless the conversation is at this version."""
+    request_id: _builtins.str
+    """Client-chosen idempotency key: a retry returns the conversation as it
+    was after the first call; at most 128.
+    """
+    @_builtins.property
+    def conversation(self) -> _conversation_pb2.Conversation:
+        """The new settings, with name "conversations/{conversation_id}"; only the
+        fields named in update_mask are read (limits as in
+        CreateConversationRequest).
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Required: which fields to replace. Paths: system_prompt, tools,
+        defaults (the whole TurnDefaults), labels (the whole map),
+        guardrail_profile. Any other path is INVALID_ARGUMENT.
+        """
+
+    def __init__(
+        self,
+        *,
+        conversation: _conversation_pb2.Conversation | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        expected_version: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "conversation", b"conversation", "expected_version", b"expected_version", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "conversation", b"conversation", "expected_version", b"expected_version", "request_id", b"request_id", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
+
+Global___UpdateConversationRequest: _TypeAlias = UpdateConversationRequest  # noqa: Y015
+
+@_typing.final
+class UpdateConversationResponse(_message.Message):
+    """UpdateConversationResponse returns the updated conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def conversation(self) -> _conversation_pb2.Conversation:
+        """The conversation (messages and turns limited as GetConversation's
+        defaults).
+        """
+
+    def __init__(
+        self,
+        *,
+        conversation: _conversation_pb2.Conversation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateConversationResponse: _TypeAlias = UpdateConversationResponse  # noqa: Y015
+
+@_typing.final
+class UnarchiveConversationRequest(_message.Message):
+    """UnarchiveConversationRequest unarchives a conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"conversations/{conversation_id}"."""
+    expected_version: _builtins.int
+    """Fail with ABORTED unless the conversation is at this version."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        expected_version: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
+
+Global___UnarchiveConversationRequest: _TypeAlias = UnarchiveConversationRequest  # noqa: Y015
+
+@_typing.final
+class UnarchiveConversationResponse(_message.Message):
+    """UnarchiveConversationResponse returns the conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def conversation(self) -> _conversation_pb2.Conversation:
+        """The conversation."""
+
+    def __init__(
+        self,
+        *,
+        conversation: _conversation_pb2.Conversation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnarchiveConversationResponse: _TypeAlias = UnarchiveConversationResponse  # noqa: Y015
+
+@_typing.final
+class ListTurnsRequest(_message.Message):
+    """ListTurnsRequest pages through a conversation's turns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    conversation: _builtins.str
+    """"conversations/{conversation_id}"."""
+    page_size: _builtins.int
+    """Maximum results (default 50, at most 500: above is coerced; negative is
+    invalid).
+    """
+    page_token: _builtins.str
+    """Token from a previous response (at most 1,024)."""
+    def __init__(
+        self,
+        *,
+        conversation: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTurnsRequest: _TypeAlias = ListTurnsRequest  # noqa: Y015
+
+@_typing.final
+class ListTurnsResponse(_message.Message):
+    """ListTurnsResponse is one page of turns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURNS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last."""
+    total_size: _builtins.int
+    """How many turns the conversation has."""
+    @_builtins.property
+    def turns(self) -> _containers.RepeatedCompositeFieldContainer[_conversation_pb2.Turn]:
+        """Turns, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        turns: _abc.Iterable[_conversation_pb2.Turn] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "total_size", b"total_size", "turns", b"turns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTurnsResponse: _TypeAlias = ListTurnsResponse  # noqa: Y015
+
+@_typing.final
+class ListMessagesRequest(_message.Message):
+    """ListMessagesRequest pages through a conversation's messages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TURN_ID_FIELD_NUMBER: _builtins.int
+    NEWEST_FIRST_FIELD_NUMBER: _builtins.int
+    conversation: _builtins.str
+    """"conversations/{conversation_id}"."""
+    page_size: _builtins.int
+    """Maximum results (default 100, at most 1000: above is coerced; negative
+    is invalid).
+    """
+    page_token: _builtins.str
+    """Token from a previous response (at most 1,024)."""
+    turn_id: _builtins.str
+    """Only the messages of this turn (empty: all)."""
+    newest_first: _builtins.bool
+    """Newest first (the system message then comes last)."""
+    def __init__(
+        self,
+        *,
+        conversation: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        turn_id: _builtins.str = ...,
+        newest_first: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "newest_first", b"newest_first", "page_size", b"page_size", "page_token", b"page_token", "turn_id", b"turn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMessagesRequest: _TypeAlias = ListMessagesRequest  # noqa: Y015
+
+@_typing.final
+class ListMessagesResponse(_message.Message):
+    """ListMessagesResponse is one page of messages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last."""
+    total_size: _builtins.int
+    """How many messages match (all pages)."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_conversation_pb2.Message]:
+        """Messages, in the order asked for."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[_conversation_pb2.Message] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "next_page_token", b"next_page_token", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015

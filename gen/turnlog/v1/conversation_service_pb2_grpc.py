@@ -106,6 +106,36 @@ class ConversationServiceStub:
                 request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ImportConversationRequest.SerializeToString,
                 response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ImportConversationResponse.FromString,
                 _registered_method=True)
+        self.CancelTurn = channel.unary_unary(
+                '/turnlog.v1.ConversationService/CancelTurn',
+                request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.CancelTurnRequest.SerializeToString,
+                response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.CancelTurnResponse.FromString,
+                _registered_method=True)
+        self.SubmitToolResults = channel.unary_unary(
+                '/turnlog.v1.ConversationService/SubmitToolResults',
+                request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.SubmitToolResultsRequest.SerializeToString,
+                response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.SubmitToolResultsResponse.FromString,
+                _registered_method=True)
+        self.UpdateConversation = channel.unary_unary(
+                '/turnlog.v1.ConversationService/UpdateConversation',
+                request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.UpdateConversationRequest.SerializeToString,
+                response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.UpdateConversationResponse.FromString,
+                _registered_method=True)
+        self.UnarchiveConversation = channel.unary_unary(
+                '/turnlog.v1.ConversationService/UnarchiveConversation',
+                request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.UnarchiveConversationRequest.SerializeToString,
+                response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.UnarchiveConversationResponse.FromString,
+                _registered_method=True)
+        self.ListTurns = channel.unary_unary(
+                '/turnlog.v1.ConversationService/ListTurns',
+                request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ListTurnsRequest.SerializeToString,
+                response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ListTurnsResponse.FromString,
+                _registered_method=True)
+        self.ListMessages = channel.unary_unary(
+                '/turnlog.v1.ConversationService/ListMessages',
+                request_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ListMessagesRequest.SerializeToString,
+                response_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ListMessagesResponse.FromString,
+                _registered_method=True)
 
 
 class ConversationServiceServicer:
@@ -226,6 +256,65 @@ class ConversationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelTurn(self, request, context):
+        """CancelTurn cancels a running turn from any connection on any replica:
+        the replica running it learns through a notification and records
+        TurnCancelled. Answers with the turn once it has ended (cancelled, or
+        ended otherwise first). A turn that already ended is answered as it is
+        (so a retry after a lost reply succeeds). NOT_FOUND for an unknown turn.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitToolResults(self, request, context):
+        """SubmitToolResults answers client-side tool calls that a running turn
+        awaits, from any connection on any replica (StreamTurn clients answer
+        this way; Converse clients may too). Answers once the running replica
+        has recorded every result. Answering a call again with the same result
+        succeeds and changes nothing; with another result, or a call the turn
+        does not await, it is FAILED_PRECONDITION (TOOL_CALL_NOT_AWAITED) and
+        records nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateConversation(self, request, context):
+        """UpdateConversation changes the settings named in update_mask (system
+        prompt, tools, defaults, labels, guardrail profile). Each call that
+        changes something records one ConversationUpdated event; turns started
+        after it use the new settings, a running turn keeps those it started
+        with. A call that changes nothing records nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnarchiveConversation(self, request, context):
+        """UnarchiveConversation lets an archived conversation take turns again
+        (records ConversationUnarchived; unarchiving an active conversation
+        changes nothing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTurns(self, request, context):
+        """ListTurns pages through a conversation's turns, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMessages(self, request, context):
+        """ListMessages pages through a conversation's messages, oldest first (the
+        system message first), or newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConversationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +387,36 @@ def add_ConversationServiceServicer_to_server(servicer, server):
                     servicer.ImportConversation,
                     request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ImportConversationRequest.FromString,
                     response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ImportConversationResponse.SerializeToString,
+            ),
+            'CancelTurn': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTurn,
+                    request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.CancelTurnRequest.FromString,
+                    response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.CancelTurnResponse.SerializeToString,
+            ),
+            'SubmitToolResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitToolResults,
+                    request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.SubmitToolResultsRequest.FromString,
+                    response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.SubmitToolResultsResponse.SerializeToString,
+            ),
+            'UpdateConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateConversation,
+                    request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.UpdateConversationRequest.FromString,
+                    response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.UpdateConversationResponse.SerializeToString,
+            ),
+            'UnarchiveConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnarchiveConversation,
+                    request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.UnarchiveConversationRequest.FromString,
+                    response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.UnarchiveConversationResponse.SerializeToString,
+            ),
+            'ListTurns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTurns,
+                    request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ListTurnsRequest.FromString,
+                    response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ListTurnsResponse.SerializeToString,
+            ),
+            'ListMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMessages,
+                    request_deserializer=turnlog_dot_v1_dot_conversation__service__pb2.ListMessagesRequest.FromString,
+                    response_serializer=turnlog_dot_v1_dot_conversation__service__pb2.ListMessagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -679,6 +798,168 @@ class ConversationService:
             '/turnlog.v1.ConversationService/ImportConversation',
             turnlog_dot_v1_dot_conversation__service__pb2.ImportConversationRequest.SerializeToString,
             turnlog_dot_v1_dot_conversation__service__pb2.ImportConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTurn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turnlog.v1.ConversationService/CancelTurn',
+            turnlog_dot_v1_dot_conversation__service__pb2.CancelTurnRequest.SerializeToString,
+            turnlog_dot_v1_dot_conversation__service__pb2.CancelTurnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitToolResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turnlog.v1.ConversationService/SubmitToolResults',
+            turnlog_dot_v1_dot_conversation__service__pb2.SubmitToolResultsRequest.SerializeToString,
+            turnlog_dot_v1_dot_conversation__service__pb2.SubmitToolResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turnlog.v1.ConversationService/UpdateConversation',
+            turnlog_dot_v1_dot_conversation__service__pb2.UpdateConversationRequest.SerializeToString,
+            turnlog_dot_v1_dot_conversation__service__pb2.UpdateConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnarchiveConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turnlog.v1.ConversationService/UnarchiveConversation',
+            turnlog_dot_v1_dot_conversation__service__pb2.UnarchiveConversationRequest.SerializeToString,
+            turnlog_dot_v1_dot_conversation__service__pb2.UnarchiveConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTurns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turnlog.v1.ConversationService/ListTurns',
+            turnlog_dot_v1_dot_conversation__service__pb2.ListTurnsRequest.SerializeToString,
+            turnlog_dot_v1_dot_conversation__service__pb2.ListTurnsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turnlog.v1.ConversationService/ListMessages',
+            turnlog_dot_v1_dot_conversation__service__pb2.ListMessagesRequest.SerializeToString,
+            turnlog_dot_v1_dot_conversation__service__pb2.ListMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,10 +5,22 @@ isort:skip_file
 The public conversation API.
 
 Errors end a call (or a stream) with a google.rpc.Status whose details
-carry a google.rpc.ErrorInfo (domain "turnlog.dev", an UPPER_SNAKE reason,
-lowerCamel metadata such as retryable, phase and actualVersion) and, for
-INVALID_ARGUMENT, a google.rpc.BadRequest with field violations. A
-guardrail block is not an error: it is a turn outcome.
+carry a google.rpc.ErrorInfo (domain "turnlog.dev", a reason that is the
+name of an ErrorReason value (errors.proto lists each with its status code
+and metadata keys), lowerCamel metadata such as retryable, phase and
+actualVersion) and, for INVALID_ARGUMENT, a google.rpc.BadRequest with
+field violations. A guardrail block is not an error: it is a turn outcome.
+
+List RPCs (AIP-158): page_size 0 means the default; a page_size above the
+maximum is coerced to the maximum; a negative one is INVALID_ARGUMENT. A
+page_token must be used with the same other fields as the request that
+returned it (page_size and view may change); otherwise INVALID_ARGUMENT
+(reason INVALID_REQUEST, field page_token), on every list RPC alike.
+
+Idempotency: a request_id reused with different content (another
+conversation, message, options or settings) is refused with
+ALREADY_EXISTS (reason REQUEST_ID_REUSED, metadata originalId naming what
+the first request made), never answered with the first request's result.
 
 Every request is checked against the limits stated on its fields (and
 listed in docs/validation.md) before anything runs: a request breaking one
@@ -100,6 +112,40 @@ class ConversationServiceStub:
     """ImportConversation stores a JSONL export from another deployment with
     its event ids, times and hashes. Importing twice changes nothing.
     """
+    CancelTurn: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.CancelTurnRequest, _conversation_service_pb2.CancelTurnResponse]
+    """CancelTurn cancels a running turn from any connection on any replica:
+    the replica running it learns through a notification and records
+    TurnCancelled. Answers with the turn once it has ended (cancelled, or
+    ended otherwise first). A turn that already ended is answered as it is
+    (so a retry after a lost reply succeeds). NOT_FOUND for an unknown turn.
+    """
+    SubmitToolResults: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.SubmitToolResultsRequest, _conversation_service_pb2.SubmitToolResultsResponse]
+    """SubmitToolResults answers client-side tool calls that a running turn
+    awaits, from any connection on any replica (StreamTurn clients answer
+    this way; Converse clients may too). Answers once the running replica
+    has recorded every result. Answering a call again with the same result
+    succeeds and changes nothing; with another result, or a call the turn
+    does not await, it is FAILED_PRECONDITION (TOOL_CALL_NOT_AWAITED) and
+    records nothing.
+    """
+    UpdateConversation: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.UpdateConversationRequest, _conversation_service_pb2.UpdateConversationResponse]
+    """UpdateConversation changes the settings named in update_mask (system
+    prompt, tools, defaults, labels, guardrail profile). Each call that
+    changes something records one ConversationUpdated event; turns started
+    after it use the new settings, a running turn keeps those it started
+    with. A call that changes nothing records nothing.
+    """
+    UnarchiveConversation: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.UnarchiveConversationRequest, _conversation_service_pb2.UnarchiveConversationResponse]
+    """UnarchiveConversation lets an archived conversation take turns again
+    (records ConversationUnarchived; unarchiving an active conversation
+    changes nothing).
+    """
+    ListTurns: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.ListTurnsRequest, _conversation_service_pb2.ListTurnsResponse]
+    """ListTurns pages through a conversation's turns, oldest first."""
+    ListMessages: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.ListMessagesRequest, _conversation_service_pb2.ListMessagesResponse]
+    """ListMessages pages through a conversation's messages, oldest first (the
+    system message first), or newest first.
+    """
 
 @_typing.type_check_only
 class ConversationServiceAsyncStub(ConversationServiceStub):
@@ -156,6 +202,40 @@ class ConversationServiceAsyncStub(ConversationServiceStub):
     ImportConversation: _aio.StreamUnaryMultiCallable[_conversation_service_pb2.ImportConversationRequest, _conversation_service_pb2.ImportConversationResponse]  # type: ignore[assignment]
     """ImportConversation stores a JSONL export from another deployment with
     its event ids, times and hashes. Importing twice changes nothing.
+    """
+    CancelTurn: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.CancelTurnRequest, _conversation_service_pb2.CancelTurnResponse]  # type: ignore[assignment]
+    """CancelTurn cancels a running turn from any connection on any replica:
+    the replica running it learns through a notification and records
+    TurnCancelled. Answers with the turn once it has ended (cancelled, or
+    ended otherwise first). A turn that already ended is answered as it is
+    (so a retry after a lost reply succeeds). NOT_FOUND for an unknown turn.
+    """
+    SubmitToolResults: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.SubmitToolResultsRequest, _conversation_service_pb2.SubmitToolResultsResponse]  # type: ignore[assignment]
+    """SubmitToolResults answers client-side tool calls that a running turn
+    awaits, from any connection on any replica (StreamTurn clients answer
+    this way; Converse clients may too). Answers once the running replica
+    has recorded every result. Answering a call again with the same result
+    succeeds and changes nothing; with another result, or a call the turn
+    does not await, it is FAILED_PRECONDITION (TOOL_CALL_NOT_AWAITED) and
+    records nothing.
+    """
+    UpdateConversation: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.UpdateConversationRequest, _conversation_service_pb2.UpdateConversationResponse]  # type: ignore[assignment]
+    """UpdateConversation changes the settings named in update_mask (system
+    prompt, tools, defaults, labels, guardrail profile). Each call that
+    changes something records one ConversationUpdated event; turns started
+    after it use the new settings, a running turn keeps those it started
+    with. A call that changes nothing records nothing.
+    """
+    UnarchiveConversation: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.UnarchiveConversationRequest, _conversation_service_pb2.UnarchiveConversationResponse]  # type: ignore[assignment]
+    """UnarchiveConversation lets an archived conversation take turns again
+    (records ConversationUnarchived; unarchiving an active conversation
+    changes nothing).
+    """
+    ListTurns: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.ListTurnsRequest, _conversation_service_pb2.ListTurnsResponse]  # type: ignore[assignment]
+    """ListTurns pages through a conversation's turns, oldest first."""
+    ListMessages: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.ListMessagesRequest, _conversation_service_pb2.ListMessagesResponse]  # type: ignore[assignment]
+    """ListMessages pages through a conversation's messages, oldest first (the
+    system message first), or newest first.
     """
 
 class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -294,6 +374,76 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_conversation_service_pb2.ImportConversationResponse, _abc.Awaitable[_conversation_service_pb2.ImportConversationResponse]]:
         """ImportConversation stores a JSONL export from another deployment with
         its event ids, times and hashes. Importing twice changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelTurn(
+        self,
+        request: _conversation_service_pb2.CancelTurnRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conversation_service_pb2.CancelTurnResponse, _abc.Awaitable[_conversation_service_pb2.CancelTurnResponse]]:
+        """CancelTurn cancels a running turn from any connection on any replica:
+        the replica running it learns through a notification and records
+        TurnCancelled. Answers with the turn once it has ended (cancelled, or
+        ended otherwise first). A turn that already ended is answered as it is
+        (so a retry after a lost reply succeeds). NOT_FOUND for an unknown turn.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitToolResults(
+        self,
+        request: _conversation_service_pb2.SubmitToolResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conversation_service_pb2.SubmitToolResultsResponse, _abc.Awaitable[_conversation_service_pb2.SubmitToolResultsResponse]]:
+        """SubmitToolResults answers client-side tool calls that a running turn
+        awaits, from any connection on any replica (StreamTurn clients answer
+        this way; Converse clients may too). Answers once the running replica
+        has recorded every result. Answering a call again with the same result
+        succeeds and changes nothing; with another result, or a call the turn
+        does not await, it is FAILED_PRECONDITION (TOOL_CALL_NOT_AWAITED) and
+        records nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateConversation(
+        self,
+        request: _conversation_service_pb2.UpdateConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conversation_service_pb2.UpdateConversationResponse, _abc.Awaitable[_conversation_service_pb2.UpdateConversationResponse]]:
+        """UpdateConversation changes the settings named in update_mask (system
+        prompt, tools, defaults, labels, guardrail profile). Each call that
+        changes something records one ConversationUpdated event; turns started
+        after it use the new settings, a running turn keeps those it started
+        with. A call that changes nothing records nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def UnarchiveConversation(
+        self,
+        request: _conversation_service_pb2.UnarchiveConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conversation_service_pb2.UnarchiveConversationResponse, _abc.Awaitable[_conversation_service_pb2.UnarchiveConversationResponse]]:
+        """UnarchiveConversation lets an archived conversation take turns again
+        (records ConversationUnarchived; unarchiving an active conversation
+        changes nothing).
+        """
+
+    @_abc_1.abstractmethod
+    def ListTurns(
+        self,
+        request: _conversation_service_pb2.ListTurnsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conversation_service_pb2.ListTurnsResponse, _abc.Awaitable[_conversation_service_pb2.ListTurnsResponse]]:
+        """ListTurns pages through a conversation's turns, oldest first."""
+
+    @_abc_1.abstractmethod
+    def ListMessages(
+        self,
+        request: _conversation_service_pb2.ListMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conversation_service_pb2.ListMessagesResponse, _abc.Awaitable[_conversation_service_pb2.ListMessagesResponse]]:
+        """ListMessages pages through a conversation's messages, oldest first (the
+        system message first), or newest first.
         """
 
 def add_ConversationServiceServicer_to_server(servicer: ConversationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

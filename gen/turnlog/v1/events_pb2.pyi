@@ -317,6 +317,130 @@ class ConversationForkedEvent(_message.Message):
 Global___ConversationForkedEvent: _TypeAlias = ConversationForkedEvent  # noqa: Y015
 
 @_typing.final
+class ConversationUpdatedEvent(_message.Message):
+    """ConversationUpdatedEvent replaces some of a conversation's settings
+    (UpdateConversation); turns started after it use them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    UPDATED_AT_US_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SAMPLING_FIELD_NUMBER: _builtins.int
+    MAX_TOOL_ROUND_TRIPS_FIELD_NUMBER: _builtins.int
+    CONTEXT_POLICY_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    GUARDRAIL_PROFILE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    updated_at_us: _builtins.int
+    """When."""
+    system_prompt: _builtins.str
+    """The new system prompt."""
+    model: _builtins.str
+    """defaults: the new default model ("": the worker's)."""
+    max_tool_round_trips: _builtins.int
+    """defaults: the new tool round trips per turn (unset: the service's)."""
+    context_policy: _conversation_pb2.ContextPolicy.ValueType
+    """defaults: the new context policy (unset: the service's)."""
+    guardrail_profile: _builtins.str
+    """The new guardrail profile ("": the service default)."""
+    request_id: _builtins.str
+    """The request that made the change."""
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The settings replaced, as UpdateConversationRequest.update_mask paths
+        (system_prompt, tools, defaults, labels, guardrail_profile); a field
+        below is meaningful only when its path is listed.
+        """
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[_conversation_pb2.ToolDefinition]:
+        """The new tools."""
+
+    @_builtins.property
+    def sampling(self) -> Global___SamplingParams:
+        """defaults: the new default sampling settings."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The new labels."""
+
+    def __init__(
+        self,
+        *,
+        updated_at_us: _builtins.int = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+        system_prompt: _builtins.str = ...,
+        tools: _abc.Iterable[_conversation_pb2.ToolDefinition] | None = ...,
+        model: _builtins.str = ...,
+        sampling: Global___SamplingParams | None = ...,
+        max_tool_round_trips: _builtins.int | None = ...,
+        context_policy: _conversation_pb2.ContextPolicy.ValueType | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        guardrail_profile: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_context_policy", b"_context_policy", "_max_tool_round_trips", b"_max_tool_round_trips", "context_policy", b"context_policy", "max_tool_round_trips", b"max_tool_round_trips", "sampling", b"sampling"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_context_policy", b"_context_policy", "_max_tool_round_trips", b"_max_tool_round_trips", "context_policy", b"context_policy", "fields", b"fields", "guardrail_profile", b"guardrail_profile", "labels", b"labels", "max_tool_round_trips", b"max_tool_round_trips", "model", b"model", "request_id", b"request_id", "sampling", b"sampling", "system_prompt", b"system_prompt", "tools", b"tools", "updated_at_us", b"updated_at_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__context_policy: _TypeAlias = _typing.Literal["context_policy"]  # noqa: Y015
+    _WhichOneofArgType__context_policy: _TypeAlias = _typing.Literal["_context_policy", b"_context_policy"]  # noqa: Y015
+    _WhichOneofReturnType__max_tool_round_trips: _TypeAlias = _typing.Literal["max_tool_round_trips"]  # noqa: Y015
+    _WhichOneofArgType__max_tool_round_trips: _TypeAlias = _typing.Literal["_max_tool_round_trips", b"_max_tool_round_trips"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__context_policy) -> _WhichOneofReturnType__context_policy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tool_round_trips) -> _WhichOneofReturnType__max_tool_round_trips | None: ...
+
+Global___ConversationUpdatedEvent: _TypeAlias = ConversationUpdatedEvent  # noqa: Y015
+
+@_typing.final
+class ConversationUnarchivedEvent(_message.Message):
+    """ConversationUnarchivedEvent lets an archived conversation take turns again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNARCHIVED_AT_US_FIELD_NUMBER: _builtins.int
+    unarchived_at_us: _builtins.int
+    """When."""
+    def __init__(
+        self,
+        *,
+        unarchived_at_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["unarchived_at_us", b"unarchived_at_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConversationUnarchivedEvent: _TypeAlias = ConversationUnarchivedEvent  # noqa: Y015
+
+@_typing.final
 class ConversationArchivedEvent(_message.Message):
     """ConversationArchivedEvent archives a conversation."""
 

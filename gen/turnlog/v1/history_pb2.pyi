@@ -157,6 +157,8 @@ class LogEvent(_message.Message):
     TURN_CANCELLED_FIELD_NUMBER: _builtins.int
     TURN_BLOCKED_FIELD_NUMBER: _builtins.int
     TURN_INTERRUPTED_FIELD_NUMBER: _builtins.int
+    CONVERSATION_UPDATED_FIELD_NUMBER: _builtins.int
+    CONVERSATION_UNARCHIVED_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """Resource name of the conversation: "conversations/{conversation_id}"."""
     stream_id: _builtins.str
@@ -265,6 +267,14 @@ class LogEvent(_message.Message):
     def turn_interrupted(self) -> _events_pb2.TurnInterruptedEvent:
         """A TurnInterrupted event."""
 
+    @_builtins.property
+    def conversation_updated(self) -> _events_pb2.ConversationUpdatedEvent:
+        """A ConversationUpdated event."""
+
+    @_builtins.property
+    def conversation_unarchived(self) -> _events_pb2.ConversationUnarchivedEvent:
+        """A ConversationUnarchived event."""
+
     def __init__(
         self,
         *,
@@ -299,12 +309,14 @@ class LogEvent(_message.Message):
         turn_cancelled: _events_pb2.TurnCancelledEvent | None = ...,
         turn_blocked: _events_pb2.TurnBlockedEvent | None = ...,
         turn_interrupted: _events_pb2.TurnInterruptedEvent | None = ...,
+        conversation_updated: _events_pb2.ConversationUpdatedEvent | None = ...,
+        conversation_unarchived: _events_pb2.ConversationUnarchivedEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context_compacted", b"context_compacted", "conversation_archived", b"conversation_archived", "conversation_created", b"conversation_created", "conversation_forked", b"conversation_forked", "event", b"event", "generation_completed", b"generation_completed", "generation_started", b"generation_started", "guardrail_decided", b"guardrail_decided", "message_appended", b"message_appended", "record_time", b"record_time", "text_retracted", b"text_retracted", "text_streamed", b"text_streamed", "tool_call_completed", b"tool_call_completed", "tool_call_failed", b"tool_call_failed", "tool_call_requested", b"tool_call_requested", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_blocked", b"turn_blocked", "turn_cancelled", b"turn_cancelled", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_interrupted", b"turn_interrupted", "turn_started", b"turn_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context_compacted", b"context_compacted", "conversation_archived", b"conversation_archived", "conversation_created", b"conversation_created", "conversation_forked", b"conversation_forked", "conversation_unarchived", b"conversation_unarchived", "conversation_updated", b"conversation_updated", "event", b"event", "generation_completed", b"generation_completed", "generation_started", b"generation_started", "guardrail_decided", b"guardrail_decided", "message_appended", b"message_appended", "record_time", b"record_time", "text_retracted", b"text_retracted", "text_streamed", b"text_streamed", "tool_call_completed", b"tool_call_completed", "tool_call_failed", b"tool_call_failed", "tool_call_requested", b"tool_call_requested", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_blocked", b"turn_blocked", "turn_cancelled", b"turn_cancelled", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_interrupted", b"turn_interrupted", "turn_started", b"turn_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_compacted", b"context_compacted", "conversation", b"conversation", "conversation_archived", b"conversation_archived", "conversation_created", b"conversation_created", "conversation_forked", b"conversation_forked", "data_json", b"data_json", "event", b"event", "event_id", b"event_id", "generation_completed", b"generation_completed", "generation_started", b"generation_started", "guardrail_decided", b"guardrail_decided", "hash", b"hash", "message_appended", b"message_appended", "metadata_json", b"metadata_json", "position", b"position", "prev_hash", b"prev_hash", "record_time", b"record_time", "stream_id", b"stream_id", "text_retracted", b"text_retracted", "text_streamed", b"text_streamed", "tool_call_completed", b"tool_call_completed", "tool_call_failed", b"tool_call_failed", "tool_call_requested", b"tool_call_requested", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_blocked", b"turn_blocked", "turn_cancelled", b"turn_cancelled", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_interrupted", b"turn_interrupted", "turn_started", b"turn_started", "type", b"type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_compacted", b"context_compacted", "conversation", b"conversation", "conversation_archived", b"conversation_archived", "conversation_created", b"conversation_created", "conversation_forked", b"conversation_forked", "conversation_unarchived", b"conversation_unarchived", "conversation_updated", b"conversation_updated", "data_json", b"data_json", "event", b"event", "event_id", b"event_id", "generation_completed", b"generation_completed", "generation_started", b"generation_started", "guardrail_decided", b"guardrail_decided", "hash", b"hash", "message_appended", b"message_appended", "metadata_json", b"metadata_json", "position", b"position", "prev_hash", b"prev_hash", "record_time", b"record_time", "stream_id", b"stream_id", "text_retracted", b"text_retracted", "text_streamed", b"text_streamed", "tool_call_completed", b"tool_call_completed", "tool_call_failed", b"tool_call_failed", "tool_call_requested", b"tool_call_requested", "tool_round_limit_reached", b"tool_round_limit_reached", "turn_blocked", b"turn_blocked", "turn_cancelled", b"turn_cancelled", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_interrupted", b"turn_interrupted", "turn_started", b"turn_started", "type", b"type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["conversation_created", "conversation_forked", "conversation_archived", "message_appended", "turn_started", "generation_started", "generation_completed", "text_streamed", "text_retracted", "tool_call_requested", "tool_call_completed", "tool_call_failed", "tool_round_limit_reached", "guardrail_decided", "context_compacted", "turn_completed", "turn_failed", "turn_cancelled", "turn_blocked", "turn_interrupted"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["conversation_created", "conversation_forked", "conversation_archived", "message_appended", "turn_started", "generation_started", "generation_completed", "text_streamed", "text_retracted", "tool_call_requested", "tool_call_completed", "tool_call_failed", "tool_round_limit_reached", "guardrail_decided", "context_compacted", "turn_completed", "turn_failed", "turn_cancelled", "turn_blocked", "turn_interrupted", "conversation_updated", "conversation_unarchived"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

@@ -66,6 +66,12 @@ SCOPES: Final[Mapping[str, Scope]] = {
     _method("VerifyConversation"): Scope.HISTORY,
     _method("ExportConversation"): Scope.HISTORY,
     _method("ImportConversation"): Scope.IMPORT,
+    _method("CancelTurn"): Scope.WRITE,
+    _method("SubmitToolResults"): Scope.WRITE,
+    _method("UpdateConversation"): Scope.WRITE,
+    _method("UnarchiveConversation"): Scope.WRITE,
+    _method("ListTurns"): Scope.READ,
+    _method("ListMessages"): Scope.READ,
 }
 
 #: Methods answered without a credential: health checking only (load
