@@ -20,6 +20,7 @@ import { ConversationService } from "./gen/turnlog/v1/conversation_service_pb.js
 
 export * from "./gen/turnlog/v1/conversation_pb.js";
 export * from "./gen/turnlog/v1/conversation_service_pb.js";
+export * from "./gen/turnlog/v1/errors_pb.js";
 export * from "./gen/turnlog/v1/events_pb.js";
 export * from "./gen/turnlog/v1/history_pb.js";
 export { ErrorInfoSchema };

@@ -157,6 +157,7 @@ async def test_quickstart_streams_resumes_answers_the_tool_and_reads_typed_histo
         # the turn (its ToolExecutionFinished, the log) and the model's next prompt.
         converse = steps["converse"]
         assert converse["status"] == "TURN_STATUS_COMPLETED"
+        assert converse["rejected"] == []
         assert [(c["name"], json.loads(c["arguments"])) for c in converse["tool_calls"]] == [
             ("get_weather", {"city": "Paris"})
         ]

@@ -35,6 +35,7 @@ import {
   TurnStatus,
   connectTurnlog,
   describeError,
+  grpcCodeName,
   typedMemberName,
 } from "../index.js";
 
@@ -157,8 +158,23 @@ try {
       value: { conversation: name, requestId: randomUUID(), content: "What is the weather in Paris?" },
     },
   });
-  const converse = { turn_id: "", events: [], tool_calls: [], tool_results: [], status: null };
-  for await (const { event } of session.client.converse(requests)) {
+  const converse = {
+    turn_id: "",
+    events: [],
+    tool_calls: [],
+    tool_results: [],
+    rejected: [],
+    status: null,
+  };
+  for await (const { event, actionRejected } of session.client.converse(requests)) {
+    if (actionRejected) {
+      // One of our requests was refused (e.g. a result for a call not
+      // awaited); the stream and a running turn go on.
+      const { code, reason, message } = actionRejected.error;
+      const index = Number(actionRejected.actionIndex);
+      converse.rejected.push({ action_index: index, code: grpcCodeName(code), reason, message });
+      continue;
+    }
     converse.turn_id = event.turnId;
     converse.events.push(brief(event));
     const { case: kind, value } = event.kind;

@@ -8,6 +8,7 @@
 import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import type { Message as Message$1 } from "@bufbuild/protobuf";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import type { ErrorDetail } from "./errors_pb.js";
 
 /**
  * Describes the file turnlog/v1/conversation.proto.
@@ -63,7 +64,8 @@ export declare type Conversation = Message$1<"turnlog.v1.Conversation"> & {
   defaults?: TurnDefaults | undefined;
 
   /**
-   * Tools offered to the model in every turn.
+   * Tools offered to the model in every turn (names unique: a request
+   * repeating a name is INVALID_ARGUMENT).
    *
    * @generated from field: repeated turnlog.v1.ToolDefinition tools = 7;
    */
@@ -84,14 +86,18 @@ export declare type Conversation = Message$1<"turnlog.v1.Conversation"> & {
   labels: { [key: string]: string };
 
   /**
-   * Messages, oldest first (system, user, assistant and tool messages).
+   * Messages, oldest first: the system message (when there is a system
+   * prompt), then user, assistant and tool messages. GetConversation
+   * returns the latest of them only (its message_limit); empty in
+   * ListConversations.
    *
    * @generated from field: repeated turnlog.v1.Message messages = 10;
    */
   messages: Message[];
 
   /**
-   * Turns, oldest first.
+   * Turns, oldest first. GetConversation returns the latest of them only
+   * (its turn_limit); empty in ListConversations.
    *
    * @generated from field: repeated turnlog.v1.Turn turns = 11;
    */
@@ -111,6 +117,21 @@ export declare type Conversation = Message$1<"turnlog.v1.Conversation"> & {
    * @generated from field: turnlog.v1.ContextWindow context_window = 13;
    */
   contextWindow?: ContextWindow | undefined;
+
+  /**
+   * How many messages the conversation has (the system message included),
+   * whether or not messages holds them all.
+   *
+   * @generated from field: int32 message_count = 14;
+   */
+  messageCount: number;
+
+  /**
+   * How many turns the conversation has.
+   *
+   * @generated from field: int32 turn_count = 15;
+   */
+  turnCount: number;
 };
 
 /**
@@ -315,8 +336,11 @@ export declare const ForkOriginSchema: GenMessage<ForkOrigin>;
  */
 export declare type TurnDefaults = Message$1<"turnlog.v1.TurnDefaults"> & {
   /**
-   * Model name as the workers know it (empty: the worker's model); at most
-   * 128.
+   * Model name as the workers know it (empty: whatever model the workers
+   * serve); at most 128. A turn naming a model no connected worker serves
+   * is refused before it starts (FAILED_PRECONDITION, reason
+   * MODEL_NOT_SERVED, metadata model and servedModels); the log records the
+   * model that actually generated.
    *
    * @generated from field: optional string model = 1;
    */
@@ -648,6 +672,13 @@ export declare type Turn = Message$1<"turnlog.v1.Turn"> & {
    * @generated from field: bool compaction_only = 10;
    */
   compactionOnly: boolean;
+
+  /**
+   * For a FAILED turn: the structured error (reason, retryable, phase).
+   *
+   * @generated from field: turnlog.v1.ErrorDetail error = 11;
+   */
+  error?: ErrorDetail | undefined;
 };
 
 /**

@@ -1,10 +1,22 @@
 // The public conversation API.
 //
 // Errors end a call (or a stream) with a google.rpc.Status whose details
-// carry a google.rpc.ErrorInfo (domain "turnlog.dev", an UPPER_SNAKE reason,
-// lowerCamel metadata such as retryable, phase and actualVersion) and, for
-// INVALID_ARGUMENT, a google.rpc.BadRequest with field violations. A
-// guardrail block is not an error: it is a turn outcome.
+// carry a google.rpc.ErrorInfo (domain "turnlog.dev", a reason that is the
+// name of an ErrorReason value (errors.proto lists each with its status code
+// and metadata keys), lowerCamel metadata such as retryable, phase and
+// actualVersion) and, for INVALID_ARGUMENT, a google.rpc.BadRequest with
+// field violations. A guardrail block is not an error: it is a turn outcome.
+//
+// List RPCs (AIP-158): page_size 0 means the default; a page_size above the
+// maximum is coerced to the maximum; a negative one is INVALID_ARGUMENT. A
+// page_token must be used with the same other fields as the request that
+// returned it (page_size and view may change); otherwise INVALID_ARGUMENT
+// (reason INVALID_REQUEST, field page_token), on every list RPC alike.
+//
+// Idempotency: a request_id reused with different content (another
+// conversation, message, options or settings) is refused with
+// ALREADY_EXISTS (reason REQUEST_ID_REUSED, metadata originalId naming what
+// the first request made), never answered with the first request's result.
 //
 // Every request is checked against the limits stated on its fields (and
 // listed in docs/validation.md) before anything runs: a request breaking one
@@ -21,7 +33,8 @@
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
 import type { ContextCompaction, Conversation, Message as Message$1, ToolCall, ToolDefinition, Turn, TurnDefaults } from "./conversation_pb.js";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import type { FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
+import type { ErrorDetail } from "./errors_pb.js";
 import type { EventView, ExportFormat, LogEvent, VerificationProblem } from "./history_pb.js";
 
 /**
@@ -132,6 +145,25 @@ export declare type GetConversationRequest = Message<"turnlog.v1.GetConversation
    * @generated from field: optional int64 version = 2;
    */
   version?: bigint | undefined;
+
+  /**
+   * At most this many of the latest messages besides the system message
+   * (default 100, at most 1000: above is coerced; negative is invalid). The
+   * system message always comes first; Conversation.message_count says how
+   * many there are, ListMessages pages through all of them.
+   *
+   * @generated from field: int32 message_limit = 3;
+   */
+  messageLimit: number;
+
+  /**
+   * At most this many of the latest turns (default 100, at most 1000);
+   * Conversation.turn_count says how many there are, ListTurns pages
+   * through all of them.
+   *
+   * @generated from field: int32 turn_limit = 4;
+   */
+  turnLimit: number;
 };
 
 /**
@@ -167,7 +199,8 @@ export declare const GetConversationResponseSchema: GenMessage<GetConversationRe
  */
 export declare type ListConversationsRequest = Message<"turnlog.v1.ListConversationsRequest"> & {
   /**
-   * Maximum results (default 50, at most 500; negative is invalid).
+   * Maximum results (default 50, at most 500: above is coerced; negative is
+   * invalid).
    *
    * @generated from field: int32 page_size = 1;
    */
@@ -772,17 +805,29 @@ export declare type CancelTurn = Message<"turnlog.v1.CancelTurn"> & {
 export declare const CancelTurnSchema: GenMessage<CancelTurn>;
 
 /**
- * ConverseResponse is the service-to-client envelope of Converse.
+ * ConverseResponse is the service-to-client envelope of Converse: a turn
+ * event, or the refusal of one action the client sent.
  *
  * @generated from message turnlog.v1.ConverseResponse
  */
 export declare type ConverseResponse = Message<"turnlog.v1.ConverseResponse"> & {
   /**
-   * The event.
+   * The event (unset when action_rejected is set).
    *
    * @generated from field: turnlog.v1.TurnEvent event = 1;
    */
   event?: TurnEvent | undefined;
+
+  /**
+   * An action of this stream was refused (a user message while a turn runs,
+   * a result for a call not awaited, a cancel of a turn not running ...):
+   * the stream goes on, and a running turn is not affected. Malformed or
+   * invalid requests and a lost credential still end the stream with an
+   * error status.
+   *
+   * @generated from field: turnlog.v1.ActionRejected action_rejected = 2;
+   */
+  actionRejected?: ActionRejected | undefined;
 };
 
 /**
@@ -790,6 +835,42 @@ export declare type ConverseResponse = Message<"turnlog.v1.ConverseResponse"> & 
  * Use `create(ConverseResponseSchema)` to create a new message.
  */
 export declare const ConverseResponseSchema: GenMessage<ConverseResponse>;
+
+/**
+ * ActionRejected answers one refused ConverseRequest.
+ *
+ * @generated from message turnlog.v1.ActionRejected
+ */
+export declare type ActionRejected = Message<"turnlog.v1.ActionRejected"> & {
+  /**
+   * Which request of this stream: 1 for the first ConverseRequest sent, 2
+   * for the second ...
+   *
+   * @generated from field: int64 action_index = 1;
+   */
+  actionIndex: bigint;
+
+  /**
+   * The turn it concerned, when there is one.
+   *
+   * @generated from field: string turn_id = 2;
+   */
+  turnId: string;
+
+  /**
+   * Why: the status code, reason and metadata a unary call would have
+   * failed with.
+   *
+   * @generated from field: turnlog.v1.ErrorDetail error = 3;
+   */
+  error?: ErrorDetail | undefined;
+};
+
+/**
+ * Describes the message turnlog.v1.ActionRejected.
+ * Use `create(ActionRejectedSchema)` to create a new message.
+ */
+export declare const ActionRejectedSchema: GenMessage<ActionRejected>;
 
 /**
  * TurnEvent is one step of a turn, as streamed to clients.
@@ -1057,7 +1138,8 @@ export declare type Retraction = Message<"turnlog.v1.Retraction"> & {
   generationId: string;
 
   /**
-   * Characters withdrawn from the end of the text streamed so far.
+   * Unicode code points (not UTF-16 units, not bytes) withdrawn from the end
+   * of the text streamed so far in this generation.
    *
    * @generated from field: int64 retracted_chars = 2;
    */
@@ -1069,6 +1151,13 @@ export declare type Retraction = Message<"turnlog.v1.Retraction"> & {
    * @generated from field: string reason = 3;
    */
   reason: string;
+
+  /**
+   * The same withdrawn text counted in UTF-8 bytes.
+   *
+   * @generated from field: int64 retracted_utf8_bytes = 4;
+   */
+  retractedUtf8Bytes: bigint;
 };
 
 /**
@@ -1153,15 +1242,17 @@ export declare type ReadEventsRequest = Message<"turnlog.v1.ReadEventsRequest"> 
   afterPosition: string;
 
   /**
-   * Only events of these types (empty: all types); at most 64, each 1-128
-   * letters, digits, _ . -.
+   * Only events of these types (empty: all types); at most 64, each the name
+   * of an event type the server knows (a LogEvent oneof member's type, e.g.
+   * "TurnCompleted"): an unknown name is INVALID_ARGUMENT.
    *
    * @generated from field: repeated string event_types = 4;
    */
   eventTypes: string[];
 
   /**
-   * Maximum events per page (default 100, at most 1000). A page also stops
+   * Maximum events per page (default 100, at most 1000: above is coerced;
+   * negative is invalid). A page also stops
    * before its events' encoded size would pass 2 MiB (2,097,152 bytes), so
    * that it stays well below gRPC's default 4 MiB receive limit; it always
    * holds at least one event, so an event larger than that comes alone.
@@ -1251,8 +1342,8 @@ export declare type SubscribeEventsRequest = Message<"turnlog.v1.SubscribeEvents
   afterPosition: string;
 
   /**
-   * Only events of these types (empty: all types); at most 64, each 1-128
-   * letters, digits, _ . -.
+   * Only events of these types (empty: all types); at most 64, each the name
+   * of an event type the server knows: an unknown name is INVALID_ARGUMENT.
    *
    * @generated from field: repeated string event_types = 4;
    */
@@ -1628,6 +1719,388 @@ export declare type ImportConversationResponse = Message<"turnlog.v1.ImportConve
 export declare const ImportConversationResponseSchema: GenMessage<ImportConversationResponse>;
 
 /**
+ * CancelTurnRequest names a running turn.
+ *
+ * @generated from message turnlog.v1.CancelTurnRequest
+ */
+export declare type CancelTurnRequest = Message<"turnlog.v1.CancelTurnRequest"> & {
+  /**
+   * "conversations/{conversation_id}".
+   *
+   * @generated from field: string conversation = 1;
+   */
+  conversation: string;
+
+  /**
+   * The turn.
+   *
+   * @generated from field: string turn_id = 2;
+   */
+  turnId: string;
+
+  /**
+   * Why (recorded in TurnCancelled); at most 4,096.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message turnlog.v1.CancelTurnRequest.
+ * Use `create(CancelTurnRequestSchema)` to create a new message.
+ */
+export declare const CancelTurnRequestSchema: GenMessage<CancelTurnRequest>;
+
+/**
+ * CancelTurnResponse is the turn as it ended.
+ *
+ * @generated from message turnlog.v1.CancelTurnResponse
+ */
+export declare type CancelTurnResponse = Message<"turnlog.v1.CancelTurnResponse"> & {
+  /**
+   * The turn (status CANCELLED, or how it ended if it ended first).
+   *
+   * @generated from field: turnlog.v1.Turn turn = 1;
+   */
+  turn?: Turn | undefined;
+
+  /**
+   * The conversation's version after the turn.
+   *
+   * @generated from field: int64 conversation_version = 2;
+   */
+  conversationVersion: bigint;
+};
+
+/**
+ * Describes the message turnlog.v1.CancelTurnResponse.
+ * Use `create(CancelTurnResponseSchema)` to create a new message.
+ */
+export declare const CancelTurnResponseSchema: GenMessage<CancelTurnResponse>;
+
+/**
+ * SubmitToolResultsRequest answers client-side tool calls of one turn.
+ *
+ * @generated from message turnlog.v1.SubmitToolResultsRequest
+ */
+export declare type SubmitToolResultsRequest = Message<"turnlog.v1.SubmitToolResultsRequest"> & {
+  /**
+   * "conversations/{conversation_id}".
+   *
+   * @generated from field: string conversation = 1;
+   */
+  conversation: string;
+
+  /**
+   * The turn.
+   *
+   * @generated from field: string turn_id = 2;
+   */
+  turnId: string;
+
+  /**
+   * The results, 1 to 64, each for a different call; each result's turn_id
+   * is empty or this request's turn_id.
+   *
+   * @generated from field: repeated turnlog.v1.ToolResult results = 3;
+   */
+  results: ToolResult[];
+};
+
+/**
+ * Describes the message turnlog.v1.SubmitToolResultsRequest.
+ * Use `create(SubmitToolResultsRequestSchema)` to create a new message.
+ */
+export declare const SubmitToolResultsRequestSchema: GenMessage<SubmitToolResultsRequest>;
+
+/**
+ * SubmitToolResultsResponse confirms the results were recorded.
+ *
+ * @generated from message turnlog.v1.SubmitToolResultsResponse
+ */
+export declare type SubmitToolResultsResponse = Message<"turnlog.v1.SubmitToolResultsResponse"> & {
+  /**
+   * The calls answered, in the request's order.
+   *
+   * @generated from field: repeated string call_ids = 1;
+   */
+  callIds: string[];
+};
+
+/**
+ * Describes the message turnlog.v1.SubmitToolResultsResponse.
+ * Use `create(SubmitToolResultsResponseSchema)` to create a new message.
+ */
+export declare const SubmitToolResultsResponseSchema: GenMessage<SubmitToolResultsResponse>;
+
+/**
+ * UpdateConversationRequest changes a conversation's settings.
+ *
+ * @generated from message turnlog.v1.UpdateConversationRequest
+ */
+export declare type UpdateConversationRequest = Message<"turnlog.v1.UpdateConversationRequest"> & {
+  /**
+   * The new settings, with name "conversations/{conversation_id}"; only the
+   * fields named in update_mask are read (limits as in
+   * CreateConversationRequest).
+   *
+   * @generated from field: turnlog.v1.Conversation conversation = 1;
+   */
+  conversation?: Conversation | undefined;
+
+  /**
+   * Required: which fields to replace. Paths: system_prompt, tools,
+   * defaults (the whole TurnDefaults), labels (the whole map),
+   * guardrail_profile. Any other path is INVALID_ARGUMENT.
+   *
+   * @generated from field: google.protobuf.FieldMask update_mask = 2;
+   */
+  updateMask?: FieldMask | undefined;
+
+  /**
+   * Fail with ABORTED unless the conversation is at this version.
+   *
+   * @generated from field: optional int64 expected_version = 3;
+   */
+  expectedVersion?: bigint | undefined;
+
+  /**
+   * Client-chosen idempotency key: a retry returns the conversation as it
+   * was after the first call; at most 128.
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message turnlog.v1.UpdateConversationRequest.
+ * Use `create(UpdateConversationRequestSchema)` to create a new message.
+ */
+export declare const UpdateConversationRequestSchema: GenMessage<UpdateConversationRequest>;
+
+/**
+ * UpdateConversationResponse returns the updated conversation.
+ *
+ * @generated from message turnlog.v1.UpdateConversationResponse
+ */
+export declare type UpdateConversationResponse = Message<"turnlog.v1.UpdateConversationResponse"> & {
+  /**
+   * The conversation (messages and turns limited as GetConversation's
+   * defaults).
+   *
+   * @generated from field: turnlog.v1.Conversation conversation = 1;
+   */
+  conversation?: Conversation | undefined;
+};
+
+/**
+ * Describes the message turnlog.v1.UpdateConversationResponse.
+ * Use `create(UpdateConversationResponseSchema)` to create a new message.
+ */
+export declare const UpdateConversationResponseSchema: GenMessage<UpdateConversationResponse>;
+
+/**
+ * UnarchiveConversationRequest unarchives a conversation.
+ *
+ * @generated from message turnlog.v1.UnarchiveConversationRequest
+ */
+export declare type UnarchiveConversationRequest = Message<"turnlog.v1.UnarchiveConversationRequest"> & {
+  /**
+   * "conversations/{conversation_id}".
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Fail with ABORTED unless the conversation is at this version.
+   *
+   * @generated from field: optional int64 expected_version = 2;
+   */
+  expectedVersion?: bigint | undefined;
+};
+
+/**
+ * Describes the message turnlog.v1.UnarchiveConversationRequest.
+ * Use `create(UnarchiveConversationRequestSchema)` to create a new message.
+ */
+export declare const UnarchiveConversationRequestSchema: GenMessage<UnarchiveConversationRequest>;
+
+/**
+ * UnarchiveConversationResponse returns the conversation.
+ *
+ * @generated from message turnlog.v1.UnarchiveConversationResponse
+ */
+export declare type UnarchiveConversationResponse = Message<"turnlog.v1.UnarchiveConversationResponse"> & {
+  /**
+   * The conversation.
+   *
+   * @generated from field: turnlog.v1.Conversation conversation = 1;
+   */
+  conversation?: Conversation | undefined;
+};
+
+/**
+ * Describes the message turnlog.v1.UnarchiveConversationResponse.
+ * Use `create(UnarchiveConversationResponseSchema)` to create a new message.
+ */
+export declare const UnarchiveConversationResponseSchema: GenMessage<UnarchiveConversationResponse>;
+
+/**
+ * ListTurnsRequest pages through a conversation's turns.
+ *
+ * @generated from message turnlog.v1.ListTurnsRequest
+ */
+export declare type ListTurnsRequest = Message<"turnlog.v1.ListTurnsRequest"> & {
+  /**
+   * "conversations/{conversation_id}".
+   *
+   * @generated from field: string conversation = 1;
+   */
+  conversation: string;
+
+  /**
+   * Maximum results (default 50, at most 500: above is coerced; negative is
+   * invalid).
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * Token from a previous response (at most 1,024).
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message turnlog.v1.ListTurnsRequest.
+ * Use `create(ListTurnsRequestSchema)` to create a new message.
+ */
+export declare const ListTurnsRequestSchema: GenMessage<ListTurnsRequest>;
+
+/**
+ * ListTurnsResponse is one page of turns.
+ *
+ * @generated from message turnlog.v1.ListTurnsResponse
+ */
+export declare type ListTurnsResponse = Message<"turnlog.v1.ListTurnsResponse"> & {
+  /**
+   * Turns, oldest first.
+   *
+   * @generated from field: repeated turnlog.v1.Turn turns = 1;
+   */
+  turns: Turn[];
+
+  /**
+   * Token for the next page; empty on the last.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+
+  /**
+   * How many turns the conversation has.
+   *
+   * @generated from field: int32 total_size = 3;
+   */
+  totalSize: number;
+};
+
+/**
+ * Describes the message turnlog.v1.ListTurnsResponse.
+ * Use `create(ListTurnsResponseSchema)` to create a new message.
+ */
+export declare const ListTurnsResponseSchema: GenMessage<ListTurnsResponse>;
+
+/**
+ * ListMessagesRequest pages through a conversation's messages.
+ *
+ * @generated from message turnlog.v1.ListMessagesRequest
+ */
+export declare type ListMessagesRequest = Message<"turnlog.v1.ListMessagesRequest"> & {
+  /**
+   * "conversations/{conversation_id}".
+   *
+   * @generated from field: string conversation = 1;
+   */
+  conversation: string;
+
+  /**
+   * Maximum results (default 100, at most 1000: above is coerced; negative
+   * is invalid).
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * Token from a previous response (at most 1,024).
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+
+  /**
+   * Only the messages of this turn (empty: all).
+   *
+   * @generated from field: string turn_id = 4;
+   */
+  turnId: string;
+
+  /**
+   * Newest first (the system message then comes last).
+   *
+   * @generated from field: bool newest_first = 5;
+   */
+  newestFirst: boolean;
+};
+
+/**
+ * Describes the message turnlog.v1.ListMessagesRequest.
+ * Use `create(ListMessagesRequestSchema)` to create a new message.
+ */
+export declare const ListMessagesRequestSchema: GenMessage<ListMessagesRequest>;
+
+/**
+ * ListMessagesResponse is one page of messages.
+ *
+ * @generated from message turnlog.v1.ListMessagesResponse
+ */
+export declare type ListMessagesResponse = Message<"turnlog.v1.ListMessagesResponse"> & {
+  /**
+   * Messages, in the order asked for.
+   *
+   * @generated from field: repeated turnlog.v1.Message messages = 1;
+   */
+  messages: Message$1[];
+
+  /**
+   * Token for the next page; empty on the last.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+
+  /**
+   * How many messages match (all pages).
+   *
+   * @generated from field: int32 total_size = 3;
+   */
+  totalSize: number;
+};
+
+/**
+ * Describes the message turnlog.v1.ListMessagesResponse.
+ * Use `create(ListMessagesResponseSchema)` to create a new message.
+ */
+export declare const ListMessagesResponseSchema: GenMessage<ListMessagesResponse>;
+
+/**
  * GuardrailStage is where in the pipeline a guardrail ran.
  *
  * @generated from enum turnlog.v1.GuardrailStage
@@ -1882,6 +2355,83 @@ export declare const ConversationService: GenService<{
     methodKind: "client_streaming";
     input: typeof ImportConversationRequestSchema;
     output: typeof ImportConversationResponseSchema;
+  },
+  /**
+   * CancelTurn cancels a running turn from any connection on any replica:
+   * the replica running it learns through a notification and records
+   * TurnCancelled. Answers with the turn once it has ended (cancelled, or
+   * ended otherwise first). A turn that already ended is answered as it is
+   * (so a retry after a lost reply succeeds). NOT_FOUND for an unknown turn.
+   *
+   * @generated from rpc turnlog.v1.ConversationService.CancelTurn
+   */
+  cancelTurn: {
+    methodKind: "unary";
+    input: typeof CancelTurnRequestSchema;
+    output: typeof CancelTurnResponseSchema;
+  },
+  /**
+   * SubmitToolResults answers client-side tool calls that a running turn
+   * awaits, from any connection on any replica (StreamTurn clients answer
+   * this way; Converse clients may too). Answers once the running replica
+   * has recorded every result. Answering a call again with the same result
+   * succeeds and changes nothing; with another result, or a call the turn
+   * does not await, it is FAILED_PRECONDITION (TOOL_CALL_NOT_AWAITED) and
+   * records nothing.
+   *
+   * @generated from rpc turnlog.v1.ConversationService.SubmitToolResults
+   */
+  submitToolResults: {
+    methodKind: "unary";
+    input: typeof SubmitToolResultsRequestSchema;
+    output: typeof SubmitToolResultsResponseSchema;
+  },
+  /**
+   * UpdateConversation changes the settings named in update_mask (system
+   * prompt, tools, defaults, labels, guardrail profile). Each call that
+   * changes something records one ConversationUpdated event; turns started
+   * after it use the new settings, a running turn keeps those it started
+   * with. A call that changes nothing records nothing.
+   *
+   * @generated from rpc turnlog.v1.ConversationService.UpdateConversation
+   */
+  updateConversation: {
+    methodKind: "unary";
+    input: typeof UpdateConversationRequestSchema;
+    output: typeof UpdateConversationResponseSchema;
+  },
+  /**
+   * UnarchiveConversation lets an archived conversation take turns again
+   * (records ConversationUnarchived; unarchiving an active conversation
+   * changes nothing).
+   *
+   * @generated from rpc turnlog.v1.ConversationService.UnarchiveConversation
+   */
+  unarchiveConversation: {
+    methodKind: "unary";
+    input: typeof UnarchiveConversationRequestSchema;
+    output: typeof UnarchiveConversationResponseSchema;
+  },
+  /**
+   * ListTurns pages through a conversation's turns, oldest first.
+   *
+   * @generated from rpc turnlog.v1.ConversationService.ListTurns
+   */
+  listTurns: {
+    methodKind: "unary";
+    input: typeof ListTurnsRequestSchema;
+    output: typeof ListTurnsResponseSchema;
+  },
+  /**
+   * ListMessages pages through a conversation's messages, oldest first (the
+   * system message first), or newest first.
+   *
+   * @generated from rpc turnlog.v1.ConversationService.ListMessages
+   */
+  listMessages: {
+    methodKind: "unary";
+    input: typeof ListMessagesRequestSchema;
+    output: typeof ListMessagesResponseSchema;
   },
 }>;
 

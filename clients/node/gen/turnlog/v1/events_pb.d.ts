@@ -234,6 +234,119 @@ export declare type ConversationForkedEvent = Message<"turnlog.v1.ConversationFo
 export declare const ConversationForkedEventSchema: GenMessage<ConversationForkedEvent>;
 
 /**
+ * ConversationUpdatedEvent replaces some of a conversation's settings
+ * (UpdateConversation); turns started after it use them.
+ *
+ * @generated from message turnlog.v1.ConversationUpdatedEvent
+ */
+export declare type ConversationUpdatedEvent = Message<"turnlog.v1.ConversationUpdatedEvent"> & {
+  /**
+   * When.
+   *
+   * @generated from field: int64 updated_at_us = 1;
+   */
+  updatedAtUs: bigint;
+
+  /**
+   * The settings replaced, as UpdateConversationRequest.update_mask paths
+   * (system_prompt, tools, defaults, labels, guardrail_profile); a field
+   * below is meaningful only when its path is listed.
+   *
+   * @generated from field: repeated string fields = 2;
+   */
+  fields: string[];
+
+  /**
+   * The new system prompt.
+   *
+   * @generated from field: string system_prompt = 3;
+   */
+  systemPrompt: string;
+
+  /**
+   * The new tools.
+   *
+   * @generated from field: repeated turnlog.v1.ToolDefinition tools = 4;
+   */
+  tools: ToolDefinition[];
+
+  /**
+   * defaults: the new default model ("": the worker's).
+   *
+   * @generated from field: string model = 5;
+   */
+  model: string;
+
+  /**
+   * defaults: the new default sampling settings.
+   *
+   * @generated from field: turnlog.v1.SamplingParams sampling = 6;
+   */
+  sampling?: SamplingParams | undefined;
+
+  /**
+   * defaults: the new tool round trips per turn (unset: the service's).
+   *
+   * @generated from field: optional int64 max_tool_round_trips = 7;
+   */
+  maxToolRoundTrips?: bigint | undefined;
+
+  /**
+   * defaults: the new context policy (unset: the service's).
+   *
+   * @generated from field: optional turnlog.v1.ContextPolicy context_policy = 8;
+   */
+  contextPolicy?: ContextPolicy | undefined;
+
+  /**
+   * The new labels.
+   *
+   * @generated from field: map<string, string> labels = 9;
+   */
+  labels: { [key: string]: string };
+
+  /**
+   * The new guardrail profile ("": the service default).
+   *
+   * @generated from field: string guardrail_profile = 10;
+   */
+  guardrailProfile: string;
+
+  /**
+   * The request that made the change.
+   *
+   * @generated from field: string request_id = 11;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message turnlog.v1.ConversationUpdatedEvent.
+ * Use `create(ConversationUpdatedEventSchema)` to create a new message.
+ */
+export declare const ConversationUpdatedEventSchema: GenMessage<ConversationUpdatedEvent>;
+
+/**
+ * ConversationUnarchivedEvent lets an archived conversation take turns again.
+ *
+ * @generated from message turnlog.v1.ConversationUnarchivedEvent
+ */
+export declare type ConversationUnarchivedEvent = Message<"turnlog.v1.ConversationUnarchivedEvent"> & {
+  /**
+   * When.
+   *
+   * @generated from field: int64 unarchived_at_us = 1;
+   */
+  unarchivedAtUs: bigint;
+};
+
+/**
+ * Describes the message turnlog.v1.ConversationUnarchivedEvent.
+ * Use `create(ConversationUnarchivedEventSchema)` to create a new message.
+ */
+export declare const ConversationUnarchivedEventSchema: GenMessage<ConversationUnarchivedEvent>;
+
+/**
  * ConversationArchivedEvent archives a conversation.
  *
  * @generated from message turnlog.v1.ConversationArchivedEvent

@@ -8,7 +8,7 @@
 import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import type { ContextCompactedEvent, ConversationArchivedEvent, ConversationCreatedEvent, ConversationForkedEvent, GenerationCompletedEvent, GenerationStartedEvent, GuardrailDecidedEvent, MessageAppendedEvent, TextRetractedEvent, TextStreamedEvent, ToolCallCompletedEvent, ToolCallFailedEvent, ToolCallRequestedEvent, ToolRoundLimitReachedEvent, TurnBlockedEvent, TurnCancelledEvent, TurnCompletedEvent, TurnFailedEvent, TurnInterruptedEvent, TurnStartedEvent } from "./events_pb.js";
+import type { ContextCompactedEvent, ConversationArchivedEvent, ConversationCreatedEvent, ConversationForkedEvent, ConversationUnarchivedEvent, ConversationUpdatedEvent, GenerationCompletedEvent, GenerationStartedEvent, GuardrailDecidedEvent, MessageAppendedEvent, TextRetractedEvent, TextStreamedEvent, ToolCallCompletedEvent, ToolCallFailedEvent, ToolCallRequestedEvent, ToolRoundLimitReachedEvent, TurnBlockedEvent, TurnCancelledEvent, TurnCompletedEvent, TurnFailedEvent, TurnInterruptedEvent, TurnStartedEvent } from "./events_pb.js";
 
 /**
  * Describes the file turnlog/v1/history.proto.
@@ -271,6 +271,22 @@ export declare type LogEvent = Message<"turnlog.v1.LogEvent"> & {
      */
     value: TurnInterruptedEvent;
     case: "turnInterrupted";
+  } | {
+    /**
+     * A ConversationUpdated event.
+     *
+     * @generated from field: turnlog.v1.ConversationUpdatedEvent conversation_updated = 32;
+     */
+    value: ConversationUpdatedEvent;
+    case: "conversationUpdated";
+  } | {
+    /**
+     * A ConversationUnarchived event.
+     *
+     * @generated from field: turnlog.v1.ConversationUnarchivedEvent conversation_unarchived = 33;
+     */
+    value: ConversationUnarchivedEvent;
+    case: "conversationUnarchived";
   } | { case: undefined; value?: undefined };
 };
 
