@@ -255,5 +255,5 @@ try {
   session.close();
 } catch (err) {
   report(step, { error: describeError(err) });
-  process.exitCode = 1;
+  process.exit(1); // now, without waiting for calls still open on other connections
 }
