@@ -1,11 +1,11 @@
 """The Node client's quickstart (clients/node/examples/quickstart.mjs) against a live `turnlog serve`.
 
-A real `turnlog serve` subprocess (on this test's own database) over a
-scripted worker (`turnlog worker --backend scripted`, the example's own
-script, so that the model reliably calls the client-side tool) is driven by
-the example under `node`, exactly as a Node developer would run it; its JSON
-lines are then checked against what the service itself says, read here in
-Python over gRPC.
+A real `turnlog serve` subprocess (conftest's `service`, on this test's own
+database) over a scripted worker (`turnlog worker --backend scripted`, on
+the example's own script, so that the model reliably calls the client-side
+tool) is driven by the example under `node`, exactly as a Node developer
+would run it; its JSON lines are then checked against what the service
+itself says, read here in Python over gRPC.
 
 Node and the package's modules are part of the test environment (`make
 clients-node-install`): when they are missing the test fails, it never skips.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -24,7 +23,8 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
-from worker_processes import TurnlogProcess, WorkerProcess, printed_token, start_scripted_worker
+from live_service import Service
+from worker_processes import WorkerProcess, start_scripted_worker
 
 from turnlog.auth.channel import credentialed_channel
 from turnlog.v1 import conversation_pb2 as cpb
@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parents[2]
 NODE_CLIENT = ROOT / "clients" / "node"
 QUICKSTART = NODE_CLIENT / "examples" / "quickstart.mjs"
 SCRIPT = NODE_CLIENT / "examples" / "quickstart-script.json"
-SERVING = re.compile(r"turnlog serving gRPC on (\S+):(\d+)")
 #: Events the example reads before it cuts the connection: past the turn's
 #: start and request guardrail decisions, into the streamed text.
 CUT_AFTER = 8
@@ -55,50 +54,18 @@ def node_executable() -> str:
 
 @pytest.fixture
 def scripted_worker(tmp_path: Path) -> Iterator[WorkerProcess]:
+    """conftest's `service` runs over this: the script the Node README gives developers."""
     worker = start_scripted_worker(json.loads(SCRIPT.read_text()), tmp_path)
-    try:
-        yield worker
-    finally:
-        worker.terminate(10)
+    yield worker
+    worker.terminate(timeout_s=10)
 
 
-class Serve(TurnlogProcess):
-    """`turnlog serve` on a free loopback port, its data folder and database the test's own."""
-
-    def __init__(self, tmp_path: Path, database_url: str, worker: str) -> None:
-        super().__init__(["serve", "--worker", worker], tmp_path / "serve.log", SERVING)
-        # The test's own TURNLOG_* settings (TURNLOG_TEST_DATABASE_URL ...) are not the service's.
-        self.env = {name: "" for name in os.environ if name.startswith("TURNLOG_")}
-        self.env |= {
-            "TURNLOG_LISTEN": "127.0.0.1:0",
-            "TURNLOG_DATA_DIR": str(tmp_path / "data"),
-            "TURNLOG_DATABASE_URL": database_url,
-        }
-        self.target = ""
-        self.token = ""
-
-    def start(self, timeout_s: float = 90.0) -> Serve:  # type: ignore[override]
-        found = super().start(timeout_s)
-        self.target = f"{found[1]}:{found[2]}"
-        self.token = printed_token(self.log_path.read_text())
-        return self
-
-
-@pytest.fixture
-def serve(tmp_path: Path, database_url: str, scripted_worker: WorkerProcess) -> Iterator[Serve]:
-    process = Serve(tmp_path, database_url, scripted_worker.target).start()
-    try:
-        yield process
-    finally:
-        process.terminate(30)
-
-
-def run_quickstart(serve: Serve, *args: str, token: str | None = None) -> tuple[int, list[Any]]:
+def run_quickstart(service: Service, *args: str, token: str | None = None) -> tuple[int, list[Any]]:
     """Runs the example; returns its exit status and its JSON lines."""
     done = subprocess.run(
-        [node_executable(), str(QUICKSTART), serve.target, *args],
+        [node_executable(), str(QUICKSTART), service.target, *args],
         cwd=NODE_CLIENT,
-        env={**os.environ, "TURNLOG_TOKEN": serve.token if token is None else token},
+        env={**os.environ, "TURNLOG_TOKEN": service.token if token is None else token},
         capture_output=True,
         text=True,
         timeout=90,
@@ -113,10 +80,10 @@ def sequences(events: list[dict[str, Any]]) -> list[int]:
 
 
 async def test_quickstart_streams_resumes_answers_the_tool_and_reads_typed_history(
-    serve: Serve,
+    service: Service,
 ) -> None:
     code, lines = run_quickstart(
-        serve, "--cut-after", str(CUT_AFTER), "--page-size", str(PAGE_SIZE)
+        service, "--cut-after", str(CUT_AFTER), "--page-size", str(PAGE_SIZE)
     )
     assert code == 0, lines
     steps = {line["step"]: line for line in lines}
@@ -137,7 +104,7 @@ async def test_quickstart_streams_resumes_answers_the_tool_and_reads_typed_histo
     assert resume["status"] == "TURN_STATUS_COMPLETED"
     assert "textDelta" in [e["kind"] for e in resume["events"]]
 
-    async with credentialed_channel(serve.target, serve.token) as channel:
+    async with credentialed_channel(service.target, service.token) as channel:
         stub = sgrpc.ConversationServiceStub(channel)
         # What a watcher resuming from the start is sent: the very events the
         # example saw before and after its cut, nothing missing or repeated.
@@ -208,8 +175,8 @@ async def test_quickstart_streams_resumes_answers_the_tool_and_reads_typed_histo
     assert "ToolCallCompleted" in history["types"]
 
 
-async def test_quickstart_reports_the_grpc_code_and_errorinfo_reason(serve: Serve) -> None:
-    code, lines = run_quickstart(serve, token="not-a-token")
+async def test_quickstart_reports_the_grpc_code_and_errorinfo_reason(service: Service) -> None:
+    code, lines = run_quickstart(service, token="not-a-token")
     assert code == 1
     assert lines == [
         {
@@ -237,9 +204,9 @@ def _camel(member: str | None) -> str:
     "remove this mark when it has one",
 )
 async def test_quickstart_cancels_a_turn_with_cancel_turn_from_a_second_connection(
-    serve: Serve,
+    service: Service,
 ) -> None:
-    code, lines = run_quickstart(serve, "--cancel")
+    code, lines = run_quickstart(service, "--cancel")
     steps = {line["step"]: line for line in lines}
     assert code == 0, lines
     cancel = steps["cancel"]
@@ -249,7 +216,7 @@ async def test_quickstart_cancels_a_turn_with_cancel_turn_from_a_second_connecti
     assert cancel["status"] == cancel["cancel_status"] == "TURN_STATUS_CANCELLED"
     assert cancel["reason"] == "the quickstart cancels it"
     # Cancelled long before the scripted reply's ~12 s of text could end it.
-    async with credentialed_channel(serve.target, serve.token) as channel:
+    async with credentialed_channel(service.target, service.token) as channel:
         stub = sgrpc.ConversationServiceStub(channel)
         conversation = (
             await stub.GetConversation(
