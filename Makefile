@@ -111,7 +111,7 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# ---- The Node client (clients/node, docs/clients.md) ------------------------
+# ---- The Node client (clients/node, docs/clients-node.md) -------------------
 # Its own npm package: `npm ci` installs exactly its package-lock.json.
 # Its code is generated from the same descriptor image buf lints (protoc
 # builds it: buf cannot fetch google/rpc from the BSR here), by the locked

@@ -108,7 +108,11 @@ try {
       {
         action: {
           case: "start",
-          value: { conversation: name, requestId: randomUUID(), content: "Tell me a story about the sea." },
+          value: {
+            conversation: name,
+            requestId: randomUUID(),
+            content: "Tell me a story about the sea.",
+          },
         },
       },
       { signal: cut.signal },
@@ -135,7 +139,10 @@ try {
   const resumed = [];
   let text = "";
   for await (const { event } of session.client.streamTurn({
-    action: { case: "resume", value: { conversation: name, turnId, afterSequence: BigInt(lastSeen) } },
+    action: {
+      case: "resume",
+      value: { conversation: name, turnId, afterSequence: BigInt(lastSeen) },
+    },
   })) {
     resumed.push(brief(event));
     if (event.kind.case === "textDelta") text += event.kind.value.text;
@@ -155,7 +162,11 @@ try {
   requests.push({
     action: {
       case: "userMessage",
-      value: { conversation: name, requestId: randomUUID(), content: "What is the weather in Paris?" },
+      value: {
+        conversation: name,
+        requestId: randomUUID(),
+        content: "What is the weather in Paris?",
+      },
     },
   });
   const converse = {
@@ -180,10 +191,17 @@ try {
     const { case: kind, value } = event.kind;
     if (kind === "toolExecutionStarted" && value.clientSide) {
       const call = value.call;
-      converse.tool_calls.push({ call_id: call.callId, name: call.name, arguments: call.argumentsJson });
+      converse.tool_calls.push({
+        call_id: call.callId,
+        name: call.name,
+        arguments: call.argumentsJson,
+      });
       const result = getWeather(call.argumentsJson);
       requests.push({
-        action: { case: "toolResult", value: { turnId: event.turnId, callId: call.callId, result } },
+        action: {
+          case: "toolResult",
+          value: { turnId: event.turnId, callId: call.callId, result },
+        },
       });
     } else if (kind === "toolExecutionFinished") {
       const execution = value.execution;
@@ -204,7 +222,11 @@ try {
     for await (const { event } of watcher.client.streamTurn({
       action: {
         case: "start",
-        value: { conversation: name, requestId: randomUUID(), content: "Count slowly to one thousand." },
+        value: {
+          conversation: name,
+          requestId: randomUUID(),
+          content: "Count slowly to one thousand.",
+        },
       },
     })) {
       cancel.events.push(brief(event));
