@@ -79,7 +79,7 @@ def sequences(events: list[dict[str, Any]]) -> list[int]:
     return [e["sequence"] for e in events]
 
 
-async def test_quickstart_streams_resumes_answers_the_tool_and_reads_typed_history(
+async def test_quickstart_streams_resumes_answers_the_tool_cancels_and_reads_typed_history(
     service: Service,
 ) -> None:
     code, lines = run_quickstart(
@@ -87,7 +87,14 @@ async def test_quickstart_streams_resumes_answers_the_tool_and_reads_typed_histo
     )
     assert code == 0, lines
     steps = {line["step"]: line for line in lines}
-    assert [line["step"] for line in lines] == ["create", "stream", "resume", "converse", "history"]
+    assert [line["step"] for line in lines] == [
+        "create",
+        "stream",
+        "resume",
+        "converse",
+        "cancel",
+        "history",
+    ]
     name = steps["create"]["conversation"]
 
     # 1-2. The stream was cut while the turn ran, and the resume on a new
@@ -145,6 +152,21 @@ async def test_quickstart_streams_resumes_answers_the_tool_and_reads_typed_histo
         assert turn_messages[-1].role == cpb.ROLE_ASSISTANT
         assert turn_messages[-1].content == "It is sunny in Paris, 21 degrees."
 
+        # 4. The turn cancelled with CancelTurn from a second connection ended
+        # CANCELLED on the first, long before the scripted reply's ~12 s of
+        # text could end it otherwise.
+        cancel = steps["cancel"]
+        kinds = [e["kind"] for e in cancel["events"]]
+        assert kinds[0] == "turnStarted"
+        assert kinds[-1] == "turnEnded"
+        assert cancel["status"] == cancel["cancel_status"] == "TURN_STATUS_CANCELLED"
+        assert cancel["reason"] == "the quickstart cancels it"
+        conversation = (
+            await stub.GetConversation(spb.GetConversationRequest(name=name))
+        ).conversation
+        turn = next(t for t in conversation.turns if t.turn_id == cancel["turn_id"])
+        assert turn.status == cpb.TURN_STATUS_CANCELLED
+
         # 5. The typed history the example paged through is the server's.
         history = steps["history"]
         expected: list[hpb.LogEvent] = []
@@ -170,9 +192,10 @@ async def test_quickstart_streams_resumes_answers_the_tool_and_reads_typed_histo
     assert None not in history["members"]
     read_by_node = [json_format.ParseDict(e, hpb.LogEvent()) for e in history["events"]]
     assert read_by_node == expected
-    # Both turns' events are there, typed.
+    # The three turns' events are all there, typed.
     assert history["types"].count("TurnCompleted") == 2
     assert "ToolCallCompleted" in history["types"]
+    assert history["types"][-1] == "TurnCancelled"
 
 
 async def test_quickstart_reports_the_grpc_code_and_errorinfo_reason(service: Service) -> None:
@@ -196,33 +219,3 @@ def _camel(member: str | None) -> str:
     assert member is not None
     head, *rest = member.split("_")
     return head + "".join(part.title() for part in rest)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="CancelTurn is in the proto but has no handler yet (UNIMPLEMENTED); "
-    "remove this mark when it has one",
-)
-async def test_quickstart_cancels_a_turn_with_cancel_turn_from_a_second_connection(
-    service: Service,
-) -> None:
-    code, lines = run_quickstart(service, "--cancel")
-    steps = {line["step"]: line for line in lines}
-    assert code == 0, lines
-    cancel = steps["cancel"]
-    kinds = [e["kind"] for e in cancel["events"]]
-    assert kinds[0] == "turnStarted"
-    assert kinds[-1] == "turnEnded"
-    assert cancel["status"] == cancel["cancel_status"] == "TURN_STATUS_CANCELLED"
-    assert cancel["reason"] == "the quickstart cancels it"
-    # Cancelled long before the scripted reply's ~12 s of text could end it.
-    async with credentialed_channel(service.target, service.token) as channel:
-        stub = sgrpc.ConversationServiceStub(channel)
-        conversation = (
-            await stub.GetConversation(
-                spb.GetConversationRequest(name=steps["create"]["conversation"])
-            )
-        ).conversation
-    turn = next(t for t in conversation.turns if t.turn_id == cancel["turn_id"])
-    assert turn.status == cpb.TURN_STATUS_CANCELLED
-    assert steps["history"]["types"][-1] == "TurnCancelled"

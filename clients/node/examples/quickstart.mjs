@@ -13,15 +13,16 @@
 //   3. runs a second turn over Converse: when the model calls get_weather
 //      the service asks this program (ToolExecutionStarted client_side) and
 //      the program answers with a ToolResult on the same stream;
-//   4. (with --cancel) starts a turn and cancels it with CancelTurn from a
-//      second connection, then sees its TurnEnded CANCELLED;
+//   4. starts a turn and cancels it with CancelTurn from a second
+//      connection, then sees its TurnEnded CANCELLED;
 //   5. reads the conversation's typed history with ReadEvents
 //      (EVENT_VIEW_TYPED), page by page to the end.
 // Each step prints one JSON line. A failed call prints its gRPC code and
 // the ErrorInfo reason turnlog attaches, and the program exits 1.
 //
 // Options: --cut-after N (events read before cutting, default 3),
-//          --page-size N (ReadEvents page size, default 10), --cancel.
+//          --page-size N (ReadEvents page size, default 10),
+//          --skip-cancel (for a server older than CancelTurn).
 
 import { randomUUID } from "node:crypto";
 import { parseArgs } from "node:util";
@@ -44,7 +45,7 @@ const { values: options, positionals } = parseArgs({
   options: {
     "cut-after": { type: "string", default: "3" },
     "page-size": { type: "string", default: "10" },
-    cancel: { type: "boolean", default: false },
+    "skip-cancel": { type: "boolean", default: false },
   },
 });
 const target = positionals[0] ?? process.env.TURNLOG_TARGET ?? "127.0.0.1:50051";
@@ -214,7 +215,7 @@ try {
   report(step, converse);
 
   // ---- 4. cancel a running turn from a second connection ------------------
-  if (options.cancel) {
+  if (!options["skip-cancel"]) {
     step = "cancel";
     const watcher = connectTurnlog({ target, token });
     const canceller = connectTurnlog({ target, token });
