@@ -8,7 +8,8 @@ BUF    := node_modules/.bin/buf
 IMAGE  := build/proto.binpb
 
 .PHONY: install serve test check lint typecheck protos protos-check buf-lint breaking release-image fmt bench lock lock-check \
-	clients-node-install clients-node-gen clients-node-gen-check clients-node-test
+	clients-go-install clients-go-gen clients-go-test \
+	clients-node-install clients-node-gen clients-node-gen-check clients-node-test clients-test
 
 # Every package the project installs (runtime, the dev and vllm extras, the
 # build backend, all transitive), at exact versions with their hashes. Only
@@ -111,6 +112,31 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# -- The Go client (clients/go, docs/clients.md) --------------------------------------
+# Built offline against Debian's Go packages, at the versions that
+# clients/go/toolchain.txt pins (`make clients-go-install` needs root:
+# APT="sudo apt-get" otherwise).
+APT ?= apt-get
+GO_TOOLCHAIN := clients/go/toolchain.txt
+
+## Install the Go toolchain and Go libraries of clients/go (Debian packages, pinned).
+clients-go-install:
+	$(APT) update -qq
+	DEBIAN_FRONTEND=noninteractive $(APT) install -y -q --no-install-recommends \
+		$$(grep -v '^#' $(GO_TOOLCHAIN))
+
+## Regenerate clients/go/turnlog/v1 from proto/.
+clients-go-gen:
+	clients/go/generate.sh
+
+## The Go client: generated code fresh, gofmt, go vet, then the example against a
+## live `turnlog serve` and the cross-language conformance tests.
+clients-go-test: $(STAMP)
+	clients/go/generate.sh --check
+	@test -z "$$(gofmt -l clients/go)" || { gofmt -l clients/go; echo "gofmt -w clients/go"; exit 1; }
+	clients/go/go.sh vet
+	$(VENV)/bin/pytest tests/clients/test_go_client.py tests/clients/test_conformance.py
+
 # ---- The Node client (clients/node, docs/clients-node.md) -------------------
 # Its own npm package: `npm ci` installs exactly its package-lock.json.
 # Its code is generated from the same descriptor image buf lints (protoc
@@ -144,3 +170,7 @@ clients-node-gen-check: protos-check $(BUF) $(NODE_MODULES)
 ## live `turnlog serve`, and cross-language conformance.
 clients-node-test: clients-node-gen-check $(NODE_MODULES)
 	$(VENV)/bin/pytest tests/clients/test_node_client.py tests/clients/test_node_conformance.py
+
+## Both clients (issue 14): each against a live `turnlog serve`, and the
+## cross-language conformance check.
+clients-test: clients-go-test clients-node-test

@@ -13,12 +13,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from live_service import GO_DIR, GO_MODULE, SCRIPT, SERVING, GoPrograms, Service
+from live_service import CONFORMANCE_DIR, GO_DIR, GO_MODULE, SCRIPT, SERVING, GoPrograms, Service
 from worker_processes import TurnlogProcess, WorkerProcess, printed_token, start_scripted_worker
+
+# clients/conformance is scripts, not a package: its reference and comparison
+# are imported by the tests from there.
+sys.path.insert(0, str(CONFORMANCE_DIR))
 
 
 @pytest.fixture

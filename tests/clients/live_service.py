@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+CONFORMANCE_DIR = ROOT / "clients" / "conformance"
 SERVING = re.compile(r"turnlog serving gRPC on (\S+):(\d+)")
 
 #: The story is slow enough (about 3 s) that a client cuts its stream while

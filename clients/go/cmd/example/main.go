@@ -2,8 +2,8 @@
 // conversation offering one client-side tool, streams a turn and resumes it
 // on a new connection after cutting the first, runs a turn over Converse in
 // which it answers the model's tool call itself, cancels a running turn from
-// a second connection, and reads the conversation's typed history page by
-// page. Each step prints one JSON line of what it saw; an error prints the
+// a second connection, reads the conversation's typed history page by page
+// and verifies its hash chain on the client. Each step prints one JSON line of what it saw; an error prints the
 // gRPC status with its ErrorInfo reason and exits 1.
 //
 //	TURNLOG_TOKEN=... example -addr 127.0.0.1:50051 -plaintext
@@ -43,7 +43,7 @@ func parseFlags() options {
 	flag.StringVar(&o.storyPrompt, "story", "Tell me a story.", "the first turn's message (streamed, cut and resumed)")
 	flag.StringVar(&o.toolPrompt, "tool-prompt", "What is the weather in Paris?", "the second turn's message (the model should call get_weather)")
 	flag.StringVar(&o.cancelPrompt, "cancel-prompt", "Count slowly to one hundred.", "the message of the turn that is cancelled")
-	flag.BoolVar(&o.cancel, "cancel", false, "run the CancelTurn step")
+	flag.BoolVar(&o.cancel, "cancel", true, "run the CancelTurn step")
 	flag.IntVar(&o.pageSize, "page-size", 10, "events per ReadEvents page")
 	flag.DurationVar(&o.timeout, "timeout", 2*time.Minute, "the whole run's deadline")
 	flag.Parse()
@@ -86,4 +86,5 @@ func main() {
 		s.cancelTurn(ctx, name, o.cancelPrompt)
 	}
 	s.readTypedHistory(ctx, name, o.pageSize)
+	s.verifyChain(ctx, name, o.pageSize)
 }

@@ -23,6 +23,17 @@ func emit(step string, fields map[string]any) {
 	fmt.Println(string(text))
 }
 
+// reasonOf returns the ErrorInfo reason of an error from the service ("" if
+// it carries none).
+func reasonOf(err error) string {
+	for _, detail := range status.Convert(err).Details() {
+		if info, ok := detail.(*errdetails.ErrorInfo); ok {
+			return info.GetReason()
+		}
+	}
+	return ""
+}
+
 // statusOf describes an error as the service reports it: the gRPC status
 // code and message, and the google.rpc.ErrorInfo detail that every turnlog
 // error carries (reason, domain, metadata). A client branches on the reason,

@@ -61,6 +61,35 @@ type ConversationServiceClient interface {
 	// ImportConversation stores a JSONL export from another deployment with
 	// its event ids, times and hashes. Importing twice changes nothing.
 	ImportConversation(ctx context.Context, opts ...grpc.CallOption) (ConversationService_ImportConversationClient, error)
+	// CancelTurn cancels a running turn from any connection on any replica:
+	// the replica running it learns through a notification and records
+	// TurnCancelled. Answers with the turn once it has ended (cancelled, or
+	// ended otherwise first). A turn that already ended is answered as it is
+	// (so a retry after a lost reply succeeds). NOT_FOUND for an unknown turn.
+	CancelTurn(ctx context.Context, in *CancelTurnRequest, opts ...grpc.CallOption) (*CancelTurnResponse, error)
+	// SubmitToolResults answers client-side tool calls that a running turn
+	// awaits, from any connection on any replica (StreamTurn clients answer
+	// this way; Converse clients may too). Answers once the running replica
+	// has recorded every result. Answering a call again with the same result
+	// succeeds and changes nothing; with another result, or a call the turn
+	// does not await, it is FAILED_PRECONDITION (TOOL_CALL_NOT_AWAITED) and
+	// records nothing.
+	SubmitToolResults(ctx context.Context, in *SubmitToolResultsRequest, opts ...grpc.CallOption) (*SubmitToolResultsResponse, error)
+	// UpdateConversation changes the settings named in update_mask (system
+	// prompt, tools, defaults, labels, guardrail profile). Each call that
+	// changes something records one ConversationUpdated event; turns started
+	// after it use the new settings, a running turn keeps those it started
+	// with. A call that changes nothing records nothing.
+	UpdateConversation(ctx context.Context, in *UpdateConversationRequest, opts ...grpc.CallOption) (*UpdateConversationResponse, error)
+	// UnarchiveConversation lets an archived conversation take turns again
+	// (records ConversationUnarchived; unarchiving an active conversation
+	// changes nothing).
+	UnarchiveConversation(ctx context.Context, in *UnarchiveConversationRequest, opts ...grpc.CallOption) (*UnarchiveConversationResponse, error)
+	// ListTurns pages through a conversation's turns, oldest first.
+	ListTurns(ctx context.Context, in *ListTurnsRequest, opts ...grpc.CallOption) (*ListTurnsResponse, error)
+	// ListMessages pages through a conversation's messages, oldest first (the
+	// system message first), or newest first.
+	ListMessages(ctx context.Context, in *ListMessagesRequest, opts ...grpc.CallOption) (*ListMessagesResponse, error)
 }
 
 type conversationServiceClient struct {
@@ -313,6 +342,60 @@ func (x *conversationServiceImportConversationClient) CloseAndRecv() (*ImportCon
 	return m, nil
 }
 
+func (c *conversationServiceClient) CancelTurn(ctx context.Context, in *CancelTurnRequest, opts ...grpc.CallOption) (*CancelTurnResponse, error) {
+	out := new(CancelTurnResponse)
+	err := c.cc.Invoke(ctx, "/turnlog.v1.ConversationService/CancelTurn", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *conversationServiceClient) SubmitToolResults(ctx context.Context, in *SubmitToolResultsRequest, opts ...grpc.CallOption) (*SubmitToolResultsResponse, error) {
+	out := new(SubmitToolResultsResponse)
+	err := c.cc.Invoke(ctx, "/turnlog.v1.ConversationService/SubmitToolResults", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *conversationServiceClient) UpdateConversation(ctx context.Context, in *UpdateConversationRequest, opts ...grpc.CallOption) (*UpdateConversationResponse, error) {
+	out := new(UpdateConversationResponse)
+	err := c.cc.Invoke(ctx, "/turnlog.v1.ConversationService/UpdateConversation", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *conversationServiceClient) UnarchiveConversation(ctx context.Context, in *UnarchiveConversationRequest, opts ...grpc.CallOption) (*UnarchiveConversationResponse, error) {
+	out := new(UnarchiveConversationResponse)
+	err := c.cc.Invoke(ctx, "/turnlog.v1.ConversationService/UnarchiveConversation", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *conversationServiceClient) ListTurns(ctx context.Context, in *ListTurnsRequest, opts ...grpc.CallOption) (*ListTurnsResponse, error) {
+	out := new(ListTurnsResponse)
+	err := c.cc.Invoke(ctx, "/turnlog.v1.ConversationService/ListTurns", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *conversationServiceClient) ListMessages(ctx context.Context, in *ListMessagesRequest, opts ...grpc.CallOption) (*ListMessagesResponse, error) {
+	out := new(ListMessagesResponse)
+	err := c.cc.Invoke(ctx, "/turnlog.v1.ConversationService/ListMessages", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ConversationServiceServer is the server API for ConversationService service.
 // All implementations must embed UnimplementedConversationServiceServer
 // for forward compatibility
@@ -361,6 +444,35 @@ type ConversationServiceServer interface {
 	// ImportConversation stores a JSONL export from another deployment with
 	// its event ids, times and hashes. Importing twice changes nothing.
 	ImportConversation(ConversationService_ImportConversationServer) error
+	// CancelTurn cancels a running turn from any connection on any replica:
+	// the replica running it learns through a notification and records
+	// TurnCancelled. Answers with the turn once it has ended (cancelled, or
+	// ended otherwise first). A turn that already ended is answered as it is
+	// (so a retry after a lost reply succeeds). NOT_FOUND for an unknown turn.
+	CancelTurn(context.Context, *CancelTurnRequest) (*CancelTurnResponse, error)
+	// SubmitToolResults answers client-side tool calls that a running turn
+	// awaits, from any connection on any replica (StreamTurn clients answer
+	// this way; Converse clients may too). Answers once the running replica
+	// has recorded every result. Answering a call again with the same result
+	// succeeds and changes nothing; with another result, or a call the turn
+	// does not await, it is FAILED_PRECONDITION (TOOL_CALL_NOT_AWAITED) and
+	// records nothing.
+	SubmitToolResults(context.Context, *SubmitToolResultsRequest) (*SubmitToolResultsResponse, error)
+	// UpdateConversation changes the settings named in update_mask (system
+	// prompt, tools, defaults, labels, guardrail profile). Each call that
+	// changes something records one ConversationUpdated event; turns started
+	// after it use the new settings, a running turn keeps those it started
+	// with. A call that changes nothing records nothing.
+	UpdateConversation(context.Context, *UpdateConversationRequest) (*UpdateConversationResponse, error)
+	// UnarchiveConversation lets an archived conversation take turns again
+	// (records ConversationUnarchived; unarchiving an active conversation
+	// changes nothing).
+	UnarchiveConversation(context.Context, *UnarchiveConversationRequest) (*UnarchiveConversationResponse, error)
+	// ListTurns pages through a conversation's turns, oldest first.
+	ListTurns(context.Context, *ListTurnsRequest) (*ListTurnsResponse, error)
+	// ListMessages pages through a conversation's messages, oldest first (the
+	// system message first), or newest first.
+	ListMessages(context.Context, *ListMessagesRequest) (*ListMessagesResponse, error)
 	mustEmbedUnimplementedConversationServiceServer()
 }
 
@@ -409,6 +521,24 @@ func (UnimplementedConversationServiceServer) ExportConversation(*ExportConversa
 }
 func (UnimplementedConversationServiceServer) ImportConversation(ConversationService_ImportConversationServer) error {
 	return status.Errorf(codes.Unimplemented, "method ImportConversation not implemented")
+}
+func (UnimplementedConversationServiceServer) CancelTurn(context.Context, *CancelTurnRequest) (*CancelTurnResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CancelTurn not implemented")
+}
+func (UnimplementedConversationServiceServer) SubmitToolResults(context.Context, *SubmitToolResultsRequest) (*SubmitToolResultsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SubmitToolResults not implemented")
+}
+func (UnimplementedConversationServiceServer) UpdateConversation(context.Context, *UpdateConversationRequest) (*UpdateConversationResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UpdateConversation not implemented")
+}
+func (UnimplementedConversationServiceServer) UnarchiveConversation(context.Context, *UnarchiveConversationRequest) (*UnarchiveConversationResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UnarchiveConversation not implemented")
+}
+func (UnimplementedConversationServiceServer) ListTurns(context.Context, *ListTurnsRequest) (*ListTurnsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListTurns not implemented")
+}
+func (UnimplementedConversationServiceServer) ListMessages(context.Context, *ListMessagesRequest) (*ListMessagesResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListMessages not implemented")
 }
 func (UnimplementedConversationServiceServer) mustEmbedUnimplementedConversationServiceServer() {}
 
@@ -700,6 +830,114 @@ func (x *conversationServiceImportConversationServer) Recv() (*ImportConversatio
 	return m, nil
 }
 
+func _ConversationService_CancelTurn_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CancelTurnRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ConversationServiceServer).CancelTurn(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/turnlog.v1.ConversationService/CancelTurn",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ConversationServiceServer).CancelTurn(ctx, req.(*CancelTurnRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ConversationService_SubmitToolResults_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SubmitToolResultsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ConversationServiceServer).SubmitToolResults(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/turnlog.v1.ConversationService/SubmitToolResults",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ConversationServiceServer).SubmitToolResults(ctx, req.(*SubmitToolResultsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ConversationService_UpdateConversation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateConversationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ConversationServiceServer).UpdateConversation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/turnlog.v1.ConversationService/UpdateConversation",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ConversationServiceServer).UpdateConversation(ctx, req.(*UpdateConversationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ConversationService_UnarchiveConversation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UnarchiveConversationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ConversationServiceServer).UnarchiveConversation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/turnlog.v1.ConversationService/UnarchiveConversation",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ConversationServiceServer).UnarchiveConversation(ctx, req.(*UnarchiveConversationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ConversationService_ListTurns_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListTurnsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ConversationServiceServer).ListTurns(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/turnlog.v1.ConversationService/ListTurns",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ConversationServiceServer).ListTurns(ctx, req.(*ListTurnsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ConversationService_ListMessages_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListMessagesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ConversationServiceServer).ListMessages(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/turnlog.v1.ConversationService/ListMessages",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ConversationServiceServer).ListMessages(ctx, req.(*ListMessagesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _ConversationService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "turnlog.v1.ConversationService",
 	HandlerType: (*ConversationServiceServer)(nil),
@@ -739,6 +977,30 @@ var _ConversationService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "VerifyConversation",
 			Handler:    _ConversationService_VerifyConversation_Handler,
+		},
+		{
+			MethodName: "CancelTurn",
+			Handler:    _ConversationService_CancelTurn_Handler,
+		},
+		{
+			MethodName: "SubmitToolResults",
+			Handler:    _ConversationService_SubmitToolResults_Handler,
+		},
+		{
+			MethodName: "UpdateConversation",
+			Handler:    _ConversationService_UpdateConversation_Handler,
+		},
+		{
+			MethodName: "UnarchiveConversation",
+			Handler:    _ConversationService_UnarchiveConversation_Handler,
+		},
+		{
+			MethodName: "ListTurns",
+			Handler:    _ConversationService_ListTurns_Handler,
+		},
+		{
+			MethodName: "ListMessages",
+			Handler:    _ConversationService_ListMessages_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -11,7 +11,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/encoding/protojson"
 
 	turnlogv1 "github.com/turnlog/turnlog/clients/go/turnlog/v1"
 )
@@ -47,7 +46,9 @@ func (s session) showInvalidRequest(ctx context.Context) {
 	if err == nil {
 		fail("invalid_request", errors.New("the service accepted an invalid conversation id"))
 	}
-	if status.Code(err) != codes.InvalidArgument {
+	// Branch on the status code and the ErrorInfo reason (a turnlogv1.ErrorReason
+	// name), never on the message.
+	if status.Code(err) != codes.InvalidArgument || reasonOf(err) != turnlogv1.ErrorReason_INVALID_REQUEST.String() {
 		fail("invalid_request", err) // not the refusal expected: no service, a bad token ...
 	}
 	emit("invalid_request", map[string]any{"error": statusOf(err)})
@@ -242,51 +243,53 @@ func (s session) converseWithTool(ctx context.Context, name, prompt string) {
 	})
 }
 
-// typedJSON prints typed events in the proto3 JSON mapping with the proto
-// field names (the form clients/conformance compares).
-var typedJSON = protojson.MarshalOptions{UseProtoNames: true}
-
-// readTypedHistory reads every event of the conversation with
-// EVENT_VIEW_TYPED, following next_page_token to the end. Each LogEvent
-// carries its payload as a typed message (the oneof member named after the
-// event type) instead of JSON text; an event the service has no typed form
-// for comes with data_json instead.
-func (s session) readTypedHistory(ctx context.Context, name string, pageSize int) {
-	var events []map[string]any
-	pages, token := 0, ""
-	for {
-		resp, err := s.api.ReadEvents(ctx, &turnlogv1.ReadEventsRequest{
-			Conversation: name, PageSize: int32(pageSize), PageToken: token,
-			View: turnlogv1.EventView_EVENT_VIEW_TYPED,
-		})
-		if err != nil {
-			fail("history", err)
-		}
-		pages++
-		for _, e := range resp.GetEvents() {
-			entry := map[string]any{"version": e.GetVersion(), "type": e.GetType(), "member": nil, "typed": nil}
-			m := e.ProtoReflect()
-			if fd := m.WhichOneof(m.Descriptor().Oneofs().ByName("event")); fd != nil {
-				text, err := typedJSON.Marshal(m.Get(fd).Message().Interface())
-				if err != nil {
-					fail("history", err)
-				}
-				entry["member"], entry["typed"] = string(fd.Name()), json.RawMessage(text)
-			} else {
-				entry["data_json"] = e.GetDataJson()
-			}
-			events = append(events, entry)
-		}
-		if token = resp.GetNextPageToken(); token == "" {
-			break
-		}
-	}
-	emit("history", map[string]any{"conversation": name, "pages": pages, "events": events})
-}
-
 // cancelTurn starts a turn on one connection and cancels it with
 // CancelTurn from another (as a second device or an operator would); the
 // first stream then ends with TurnEnded, status CANCELLED.
 func (s session) cancelTurn(ctx context.Context, name, prompt string) {
-	fail("cancel", errors.New("CancelTurn is not in this build of the protos yet"))
+	first, err := s.conn.dial(ctx)
+	if err != nil {
+		fail("cancel", err)
+	}
+	defer first.Close()
+	stream, err := newClient(first).StreamTurn(ctx, &turnlogv1.StreamTurnRequest{
+		Action: &turnlogv1.StreamTurnRequest_Start{Start: &turnlogv1.TurnInput{
+			Conversation: name, RequestId: newRequestID(), Content: prompt,
+		}},
+	})
+	if err != nil {
+		fail("cancel", err)
+	}
+	r := &turnReader{}
+	resp, err := stream.Recv() // the first event names the turn
+	if err != nil {
+		fail("cancel", err)
+	}
+	r.add(resp.GetEvent())
+
+	second, err := s.conn.dial(ctx)
+	if err != nil {
+		fail("cancel", err)
+	}
+	defer second.Close()
+	cancelled, err := newClient(second).CancelTurn(ctx, &turnlogv1.CancelTurnRequest{
+		Conversation: name, TurnId: r.turnID, Reason: "the user changed their mind",
+	})
+	if err != nil {
+		fail("cancel", err)
+	}
+	for r.ended == nil {
+		resp, err := stream.Recv()
+		if err != nil {
+			fail("cancel", err) // io.EOF too: the stream ended without TurnEnded
+		}
+		r.add(resp.GetEvent())
+	}
+	emit("cancel", map[string]any{
+		"turn_id":         r.turnID,
+		"sequences":       r.sequences,
+		"response_status": cancelled.GetTurn().GetStatus().String(),
+		"status":          r.ended.GetTurn().GetStatus().String(),
+		"outcome_reason":  r.ended.GetTurn().GetOutcomeReason(),
+	})
 }
