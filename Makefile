@@ -137,7 +137,7 @@ clients-go-test: $(STAMP)
 	clients/go/go.sh vet
 	$(VENV)/bin/pytest tests/clients/test_go_client.py tests/clients/test_conformance.py
 
-# ---- The Node client (clients/node, docs/clients-node.md) -------------------
+# ---- The Node client (clients/node, docs/clients.md) ------------------------
 # Its own npm package: `npm ci` installs exactly its package-lock.json.
 # Its code is generated from the same descriptor image buf lints (protoc
 # builds it: buf cannot fetch google/rpc from the BSR here), by the locked
