@@ -8,10 +8,10 @@
 // writes DIR/<name>.json: every event's version, type, typed member as
 // proto3 JSON (proto field names), and whether its hash, recomputed here
 // from the documented encoding (docs/event-log.md, "Hash chain (encoding
-// v1)"), equals the one received; and whether the chain is intact.
+// v1)", hashchain.js), equals the one received; and whether the chain is
+// intact.
 // `clients/conformance/compare.py DIR` then compares them with Python's.
 
-import { createHash } from "node:crypto";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { parseArgs } from "node:util";
@@ -20,53 +20,7 @@ import { fromBinary, toJson } from "@bufbuild/protobuf";
 
 import { ReadEventsResponseSchema } from "./gen/turnlog/v1/conversation_service_pb.js";
 import { LogEventSchema } from "./gen/turnlog/v1/history_pb.js";
-
-const HASH_DOMAIN = Buffer.from("turnlog.event.v1", "utf8");
-const GENESIS_HASH = Buffer.alloc(32);
-
-/** int8 of the encoding: 8 bytes, big-endian, signed. */
-function int8(value) {
-  const out = Buffer.alloc(8);
-  out.writeBigInt64BE(BigInt(value));
-  return out;
-}
-
-/** f(s) of the encoding: int8(UTF-8 byte length) || UTF-8 bytes. */
-function field(text) {
-  const raw = Buffer.from(text, "utf8");
-  return Buffer.concat([int8(raw.length), raw]);
-}
-
-/** The 16 bytes of a UUID written as text ("8-4-4-4-12" hex). */
-function uuidBytes(text) {
-  const hex = text.replaceAll("-", "");
-  if (!/^[0-9a-fA-F]{32}$/.test(hex)) throw new Error(`not a UUID: ${text}`);
-  return Buffer.from(hex, "hex");
-}
-
-/**
- * Microseconds since the Unix epoch of a Timestamp, as a BigInt: seconds
- * already is one (int64), and seconds * 10^6 passes 2^53 for any date after
- * 2255, so plain numbers would round it.
- */
-function micros(timestamp) {
-  return timestamp.seconds * 1_000_000n + BigInt(timestamp.nanos) / 1000n;
-}
-
-/** An event's chain hash recomputed from its LogEvent fields (encoding v1). */
-function eventHash(event) {
-  return createHash("sha256")
-    .update(HASH_DOMAIN)
-    .update(event.prevHash)
-    .update(field(event.streamId))
-    .update(int8(event.version))
-    .update(uuidBytes(event.eventId))
-    .update(field(event.type))
-    .update(field(event.dataJson))
-    .update(field(event.metadataJson))
-    .update(int8(micros(event.recordTime)))
-    .digest();
-}
+import { verifyChain } from "./hashchain.js";
 
 /** The typed oneof member as `{member, typed}` (proto field name, proto3 JSON). */
 function typedMember(event) {
@@ -81,30 +35,16 @@ function typedMember(event) {
 
 /** The conformance summary of one ReadEventsResponse (README.md's format). */
 function summarize(name, response) {
-  const events = [];
-  let intact = true;
-  let expectedPrev = GENESIS_HASH;
-  response.events.forEach((event, index) => {
-    const hashOk = eventHash(event).equals(Buffer.from(event.hash));
-    const linked = Buffer.from(event.prevHash).equals(expectedPrev);
-    intact = intact && hashOk && linked && event.version === BigInt(index + 1);
-    expectedPrev = Buffer.from(event.hash);
-    events.push({
-      version: Number(event.version),
-      type: event.type,
-      hash_ok: hashOk,
-      ...typedMember(event),
-    });
-  });
-  const last = response.events.at(-1);
+  const chain = verifyChain(response.events);
   return {
     file: name,
-    chain: {
-      intact,
-      events: events.length,
-      head_hash: last ? Buffer.from(last.hash).toString("hex") : "",
-    },
-    events,
+    chain: { intact: chain.intact, events: response.events.length, head_hash: chain.headHash },
+    events: response.events.map((event, index) => ({
+      version: Number(event.version),
+      type: event.type,
+      hash_ok: chain.hashOk[index],
+      ...typedMember(event),
+    })),
   };
 }
 

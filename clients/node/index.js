@@ -10,6 +10,8 @@
 //   (`grpc-status-details-bin`), the two things a program branches on.
 // - `RequestQueue`: the request side of a bidirectional stream (Converse),
 //   fed while the responses are being read.
+// - `verifyChain` (from hashchain.js): a conversation's hash chain checked
+//   on the client, from the documented encoding.
 
 import { createClient, Code, ConnectError } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
@@ -24,6 +26,7 @@ export * from "./gen/turnlog/v1/errors_pb.js";
 export * from "./gen/turnlog/v1/events_pb.js";
 export * from "./gen/turnlog/v1/history_pb.js";
 export { ErrorInfoSchema };
+export { eventHash, verifyChain } from "./hashchain.js";
 
 /**
  * The base URL of a target: "host:port" is plain-text HTTP/2 (what `turnlog

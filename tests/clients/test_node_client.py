@@ -94,6 +94,7 @@ async def test_quickstart_streams_resumes_answers_the_tool_cancels_and_reads_typ
         "converse",
         "cancel",
         "history",
+        "verify",
     ]
     name = steps["create"]["conversation"]
 
@@ -192,6 +193,14 @@ async def test_quickstart_streams_resumes_answers_the_tool_cancels_and_reads_typ
     assert None not in history["members"]
     read_by_node = [json_format.ParseDict(e, hpb.LogEvent()) for e in history["events"]]
     assert read_by_node == expected
+    # 6. The chain Node verified from the raw events is the stored one.
+    assert steps["verify"] == {
+        "step": "verify",
+        "intact": True,
+        "events": len(expected),
+        "head_hash": expected[-1].hash.hex(),
+        "service": {"intact": True, "last_version": len(expected)},
+    }
     # The three turns' events are all there, typed.
     assert history["types"].count("TurnCompleted") == 2
     assert "ToolCallCompleted" in history["types"]

@@ -16,7 +16,10 @@
 //   4. starts a turn and cancels it with CancelTurn from a second
 //      connection, then sees its TurnEnded CANCELLED;
 //   5. reads the conversation's typed history with ReadEvents
-//      (EVENT_VIEW_TYPED), page by page to the end.
+//      (EVENT_VIEW_TYPED), page by page to the end;
+//   6. verifies the conversation's hash chain here, from its raw events
+//      (EVENT_VIEW_RAW: the hash covers the stored JSON text), and asks the
+//      service to verify it too (VerifyConversation).
 // Each step prints one JSON line. A failed call prints its gRPC code and
 // the ErrorInfo reason turnlog attaches, and the program exits 1.
 //
@@ -38,6 +41,7 @@ import {
   describeError,
   grpcCodeName,
   typedMemberName,
+  verifyChain,
 } from "../index.js";
 
 const { values: options, positionals } = parseArgs({
@@ -84,6 +88,20 @@ const WEATHER_TOOL = {
 function getWeather(argumentsJson) {
   const { city } = JSON.parse(argumentsJson);
   return JSON.stringify({ city, forecast: "sunny", celsius: 21 });
+}
+
+/** Every event of a conversation, reading ReadEvents page by page to the end. */
+async function readAllEvents(client, conversation, view) {
+  const events = [];
+  let pages = 0;
+  let pageToken = "";
+  do {
+    const page = await client.readEvents({ conversation, view, pageSize, pageToken });
+    pages += 1;
+    events.push(...page.events);
+    pageToken = page.nextPageToken;
+  } while (pageToken !== "");
+  return { events, pages };
 }
 
 let step = "create";
@@ -251,20 +269,7 @@ try {
 
   // ---- 5. the typed history, page by page ---------------------------------
   step = "history";
-  const events = [];
-  let pages = 0;
-  let pageToken = "";
-  do {
-    const page = await session.client.readEvents({
-      conversation: name,
-      view: EventView.TYPED,
-      pageSize,
-      pageToken,
-    });
-    pages += 1;
-    events.push(...page.events);
-    pageToken = page.nextPageToken;
-  } while (pageToken !== "");
+  const { events, pages } = await readAllEvents(session.client, name, EventView.TYPED);
   report(step, {
     conversation: name,
     pages,
@@ -274,6 +279,18 @@ try {
     // The events as proto3 JSON (proto field names), for comparing with
     // what another client reads.
     events: events.map((e) => toJson(LogEventSchema, e, { useProtoFieldName: true })),
+  });
+
+  // ---- 6. the hash chain, verified here and by the service ----------------
+  step = "verify";
+  const raw = (await readAllEvents(session.client, name, EventView.RAW)).events;
+  const chain = verifyChain(raw);
+  const verified = await session.client.verifyConversation({ name });
+  report(step, {
+    intact: chain.intact,
+    events: raw.length,
+    head_hash: chain.headHash,
+    service: { intact: verified.intact, last_version: Number(verified.lastVersion) },
   });
   session.close();
 } catch (err) {
