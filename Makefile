@@ -8,7 +8,8 @@ BUF    := node_modules/.bin/buf
 IMAGE  := build/proto.binpb
 
 .PHONY: install serve test check lint typecheck protos protos-check buf-lint breaking release-image fmt bench lock lock-check \
-	clients-go-install clients-go-gen clients-go-test
+	clients-go-install clients-go-gen clients-go-test \
+	clients-node-install clients-node-gen clients-node-gen-check clients-node-test clients-test
 
 # Every package the project installs (runtime, the dev and vllm extras, the
 # build backend, all transitive), at exact versions with their hashes. Only
@@ -135,3 +136,41 @@ clients-go-test: $(STAMP)
 	@test -z "$$(gofmt -l clients/go)" || { gofmt -l clients/go; echo "gofmt -w clients/go"; exit 1; }
 	clients/go/go.sh vet
 	$(VENV)/bin/pytest tests/clients/test_go_client.py tests/clients/test_conformance.py
+
+# ---- The Node client (clients/node, docs/clients.md) ------------------------
+# Its own npm package: `npm ci` installs exactly its package-lock.json.
+# Its code is generated from the same descriptor image buf lints (protoc
+# builds it: buf cannot fetch google/rpc from the BSR here), by the locked
+# buf with the package's own protoc-gen-es; only the public API and the
+# google.rpc messages its errors carry.
+NODE_CLIENT    := clients/node
+NODE_MODULES   := $(NODE_CLIENT)/node_modules/.package-lock.json
+NODE_GEN_PATHS := --path turnlog/v1 --path google/rpc/status.proto --path google/rpc/error_details.proto
+
+$(NODE_MODULES): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+## Install the Node client's packages (node_modules from its lock).
+clients-node-install:
+	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
+
+## Regenerate clients/node/gen/ from proto/.
+clients-node-gen: protos-check $(BUF) $(NODE_MODULES)
+	$(BUF) generate $(IMAGE) --template $(NODE_CLIENT)/buf.gen.yaml $(NODE_GEN_PATHS)
+
+# Generates into build/ and fails when the committed clients/node/gen/ differs.
+clients-node-gen-check: protos-check $(BUF) $(NODE_MODULES)
+	rm -rf build/node-gen
+	$(BUF) generate $(IMAGE) --template $(NODE_CLIENT)/buf.gen.yaml $(NODE_GEN_PATHS) -o build/node-gen
+	@diff -r build/node-gen/$(NODE_CLIENT)/gen $(NODE_CLIENT)/gen \
+		|| { echo "clients/node/gen is stale: run make clients-node-gen" >&2; exit 1; }
+
+## The Node client's checks: generated code current, the quickstart against a
+## live `turnlog serve`, and cross-language conformance.
+clients-node-test: clients-node-gen-check $(NODE_MODULES)
+	$(VENV)/bin/pytest tests/clients/test_node_client.py tests/clients/test_node_conformance.py
+
+## Both clients (issue 14): each against a live `turnlog serve`, and the
+## cross-language conformance check.
+clients-test: clients-go-test clients-node-test
