@@ -6,9 +6,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 BUF    := node_modules/.bin/buf
 IMAGE  := build/proto.binpb
+# The clients' toolchains (clients/go, clients/node; docs/clients.md).
+GO_STAMP     := build/.go-toolchain
+NODE_CLIENT  := clients/node
+NODE_MODULES := $(NODE_CLIENT)/node_modules/.package-lock.json
 
 .PHONY: install serve test check lint typecheck protos protos-check buf-lint breaking release-image fmt bench lock lock-check \
-	clients-go-install clients-go-gen clients-go-test \
+	clients-go-install clients-go-gen clients-go-check clients-go-test clients-check \
 	clients-node-install clients-node-gen clients-node-gen-check clients-node-test clients-test
 
 # Every package the project installs (runtime, the dev and vllm extras, the
@@ -55,7 +59,9 @@ $(BUF): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(STAMP) $(BUF)
+# The clients' toolchains come with it: tests/clients runs the Go and Node
+# examples against a live service as part of `make test`.
+install: $(STAMP) $(BUF) $(NODE_MODULES) $(GO_STAMP)
 
 # The model `make serve` generates with: by default a tiny random-weight
 # model built locally (no network; its replies are gibberish, but every part
@@ -102,7 +108,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy services/turnlog storage/turnlog
 
-check: lock-check buf-lint breaking lint typecheck
+check: lock-check buf-lint breaking lint typecheck clients-check
 
 ## Static checks, then the whole test suite against real PostgreSQL and vLLM.
 test: install check
@@ -125,16 +131,23 @@ clients-go-install:
 	DEBIAN_FRONTEND=noninteractive $(APT) install -y -q --no-install-recommends \
 		$$(grep -v '^#' $(GO_TOOLCHAIN))
 
+$(GO_STAMP): $(GO_TOOLCHAIN)
+	$(MAKE) clients-go-install
+	mkdir -p $(dir $@) && touch $@
+
 ## Regenerate clients/go/turnlog/v1 from proto/.
 clients-go-gen:
 	clients/go/generate.sh
 
-## The Go client: generated code fresh, gofmt, go vet, then the example against a
-## live `turnlog serve` and the cross-language conformance tests.
-clients-go-test: $(STAMP)
+## The Go client's static checks: generated code fresh, gofmt, go vet.
+clients-go-check: $(GO_STAMP)
 	clients/go/generate.sh --check
 	@test -z "$$(gofmt -l clients/go)" || { gofmt -l clients/go; echo "gofmt -w clients/go"; exit 1; }
 	clients/go/go.sh vet
+
+## The Go client: its checks, then the example against a live `turnlog serve`
+## and the cross-language conformance tests.
+clients-go-test: $(STAMP) clients-go-check
 	$(VENV)/bin/pytest tests/clients/test_go_client.py tests/clients/test_conformance.py
 
 # ---- The Node client (clients/node, docs/clients.md) ------------------------
@@ -143,8 +156,6 @@ clients-go-test: $(STAMP)
 # builds it: buf cannot fetch google/rpc from the BSR here), by the locked
 # buf with the package's own protoc-gen-es; only the public API and the
 # google.rpc messages its errors carry.
-NODE_CLIENT    := clients/node
-NODE_MODULES   := $(NODE_CLIENT)/node_modules/.package-lock.json
 NODE_GEN_PATHS := --path turnlog/v1 --path google/rpc/status.proto --path google/rpc/error_details.proto
 
 $(NODE_MODULES): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
@@ -170,6 +181,9 @@ clients-node-gen-check: protos-check $(BUF) $(NODE_MODULES)
 ## live `turnlog serve`, and cross-language conformance.
 clients-node-test: clients-node-gen-check $(NODE_MODULES)
 	$(VENV)/bin/pytest tests/clients/test_node_client.py tests/clients/test_node_conformance.py
+
+## Both clients' static checks (part of `make check`).
+clients-check: clients-go-check clients-node-gen-check
 
 ## Both clients (issue 14): each against a live `turnlog serve`, and the
 ## cross-language conformance check.
