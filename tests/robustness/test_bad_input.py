@@ -263,8 +263,10 @@ def _request_messages() -> list[descriptor.Descriptor]:
         if desc.full_name in seen or desc.full_name.startswith("google.protobuf."):
             continue
         seen[desc.full_name] = desc
+        rules = validation.RULES.get(desc.full_name, {})
         for f in desc.fields:
-            if f.message_type is not None:
+            # An output-only field is ignored, not walked: its type needs no rows.
+            if f.message_type is not None and rules.get(f.name) != validation.OUTPUT_ONLY:
                 if f.message_type.GetOptions().map_entry:
                     continue
                 todo.append(f.message_type)
