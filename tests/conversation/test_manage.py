@@ -7,11 +7,13 @@ checked where it matters: in what the next turn asks the engine for.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from conversation.conftest import SCRIPT
 from conversation_helpers import ServedApp, engine_server, error_reason, served
@@ -24,6 +26,7 @@ from turnlog.conversation.tools import builtin_tools
 from turnlog.engine.v1 import engine_pb2
 from turnlog.eventlog import wall_clock_us
 from turnlog.storage import PostgresEventStore
+from turnlog.storage.migrations import migrate
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
@@ -554,7 +557,8 @@ async def test_list_turns_pages_through_every_turn(stub: Stub) -> None:
     # 0 is the default (50); above 500 is read as 500; negative is invalid.
     for size in (0, 501, 2**31 - 1):
         page = await stub.ListTurns(spb.ListTurnsRequest(conversation=name, page_size=size))
-        assert len(page.turns) == 7 and not page.next_page_token
+        assert len(page.turns) == 7
+        assert not page.next_page_token
     error = await refused(stub.ListTurns(spb.ListTurnsRequest(conversation=name, page_size=-1)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_fields(error) == ["page_size"]
@@ -581,7 +585,9 @@ async def test_list_messages_pages_both_ways_with_no_gap_or_repeat(stub: Stub) -
 
     oldest = await every(False, 4)
     ids = [m.message_id for p in oldest for m in p.messages]
-    assert len(ids) == len(set(ids)) == 11 == oldest[0].total_size  # system + 5 × (user, reply)
+    assert (
+        len(ids) == len(set(ids)) == 11 == oldest[0].total_size
+    )  # system + 5 turns of (user, reply)
     assert oldest[0].messages[0].role == pb.ROLE_SYSTEM
     assert oldest[0].messages[0].content == "Be brief."
     newest = await every(True, 3)
@@ -662,7 +668,8 @@ async def test_get_conversation_is_bounded_and_counts_everything(stub: Stub) -> 
             spb.GetConversationRequest(name=name, message_limit=3, turn_limit=2)
         )
     ).conversation
-    assert got.message_count == 9 and got.turn_count == 4
+    assert got.message_count == 9
+    assert got.turn_count == 4
     assert [m.role for m in got.messages] == [
         pb.ROLE_SYSTEM,
         pb.ROLE_ASSISTANT,
@@ -680,7 +687,8 @@ async def test_get_conversation_is_bounded_and_counts_everything(stub: Stub) -> 
                 spb.GetConversationRequest(name=name, message_limit=limit, turn_limit=limit)
             )
         ).conversation
-        assert len(whole.messages) == 9 and len(whole.turns) == 4
+        assert len(whole.messages) == 9
+        assert len(whole.turns) == 4
     error = await refused(
         stub.GetConversation(spb.GetConversationRequest(name=name, message_limit=-1))
     )
@@ -696,3 +704,117 @@ async def test_get_conversation_is_bounded_and_counts_everything(stub: Stub) -> 
     )
     counts = {c.name: (c.message_count, c.turn_count, len(c.messages)) for c in both}
     assert counts == {name: (9, 4, 0), bare: (2, 1, 0)}
+
+
+# -- history: typed events, verification, export and import ------------------------------
+
+
+async def _managed_conversation(stub: Stub) -> str:
+    """A conversation with every new event: updated, turns under each setting, archived, back."""
+    name = await create(stub, "history", system_prompt="First.", labels={"a": "1"})
+    await send(stub, name, "hello", "t1")
+    await stub.UpdateConversation(
+        spb.UpdateConversationRequest(
+            conversation=pb.Conversation(
+                name=name,
+                system_prompt="Second.",
+                labels={"b": "2"},
+                defaults=pb.TurnDefaults(model="", temperature=0.5, max_tool_round_trips=1),
+            ),
+            update_mask=mask("system_prompt", "labels", "defaults"),
+            request_id="u1",
+        )
+    )
+    await send(stub, name, "hello", "t2")
+    await stub.ArchiveConversation(spb.ArchiveConversationRequest(name=name))
+    await stub.UnarchiveConversation(spb.UnarchiveConversationRequest(name=name))
+    await send(stub, name, "hello", "t3")
+    return name
+
+
+async def test_the_new_events_are_typed_verified_exported_and_imported(
+    stub: Stub, fresh_database_url: str
+) -> None:
+    name = await _managed_conversation(stub)
+    log = await events(stub, name)
+    updated = next(e for e in log if e.type == "ConversationUpdated")
+    typed = updated.conversation_updated
+    assert list(typed.fields) == ["defaults", "labels", "system_prompt"]
+    assert typed.system_prompt == "Second."
+    assert dict(typed.labels) == {"b": "2"}
+    assert typed.sampling.temperature == 0.5
+    assert typed.max_tool_round_trips == 1
+    assert not typed.HasField("context_policy")
+    assert typed.request_id == "u1"
+    # The stored JSON mirrors the typed message (labels an object, as in ConversationCreated).
+    assert '"labels":{"b":"2"}' in updated.data_json.replace(" ", "")
+    assert any(e.WhichOneof("event") == "conversation_unarchived" for e in log)
+
+    verified = await stub.VerifyConversation(spb.VerifyConversationRequest(name=name))
+    assert verified.intact, verified
+    assert verified.events_checked == len(log)
+
+    exported = b"".join(
+        [
+            r.data
+            async for r in stub.ExportConversation(
+                spb.ExportConversationRequest(name=name, format=hpb.EXPORT_FORMAT_JSONL)
+            )
+        ]
+    )
+    got = (await stub.GetConversation(spb.GetConversationRequest(name=name))).conversation
+    async with await psycopg.AsyncConnection.connect(fresh_database_url, autocommit=True) as c:
+        await c.execute("DROP SCHEMA IF EXISTS turnlog CASCADE")
+    await migrate(fresh_database_url)
+    other_store = await PostgresEventStore.open(fresh_database_url)
+    other_app = ConversationApplication(other_store, None)
+    try:
+        async with served(other_app) as other_service, other_service.stub() as other:
+
+            async def parts() -> AsyncIterator[spb.ImportConversationRequest]:
+                yield spb.ImportConversationRequest(data=exported)
+
+            imported = await other.ImportConversation(parts())
+            assert imported.events_written == len(log)
+            again = await other.GetConversation(spb.GetConversationRequest(name=name))
+            assert again.conversation == got
+            assert again.conversation.system_prompt == "Second."
+            assert again.conversation.state == pb.CONVERSATION_STATE_ACTIVE
+            checked = await other.VerifyConversation(spb.VerifyConversationRequest(name=name))
+            assert checked.intact
+    finally:
+        await other_app.shutdown()
+        await other_store.close()
+
+    atif = json.loads(
+        b"".join(
+            [
+                r.data
+                async for r in stub.ExportConversation(
+                    spb.ExportConversationRequest(name=name, format=hpb.EXPORT_FORMAT_ATIF)
+                )
+            ]
+        )
+    )
+    systems = [s["message"] for s in atif["steps"] if s["source"] == "system"]
+    assert systems == ["First.", "Second."]
+    conversation = atif["extra"]["conversation"]
+    assert "archived" not in conversation  # unarchived since
+    assert [u["fields"] for u in conversation["updates"]] == [
+        ["defaults", "labels", "system_prompt"]
+    ]
+
+
+async def test_a_fork_before_an_update_has_the_old_settings(stub: Stub) -> None:
+    name = await _managed_conversation(stub)
+    log = await events(stub, name)
+    before_update = next(e.version for e in log if e.type == "ConversationUpdated") - 1
+    fork = await stub.ForkConversation(
+        spb.ForkConversationRequest(name=name, version=before_update, request_id="f")
+    )
+    assert fork.conversation.system_prompt == "First."
+    assert dict(fork.conversation.labels) == {"a": "1"}
+    at = await stub.GetConversation(
+        spb.GetConversationRequest(name=name, version=before_update + 1)
+    )
+    assert at.conversation.system_prompt == "Second."
