@@ -13,10 +13,10 @@ from typing import Any
 
 import grpc
 import psycopg
-from google.protobuf import field_mask_pb2
 import pytest
 from conversation_helpers import USER_SCOPES, ServedApp, error_reason
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf import field_mask_pb2
 
 from turnlog.api.authentication import SCOPES
 from turnlog.auth.local import LOCAL_AUDIENCE, LOCAL_ISSUER, LocalSigningKey
