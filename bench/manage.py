@@ -15,7 +15,10 @@ engine, authentication and validation on) then answers, over loopback:
 - `GetConversation` with its defaults (the latest 100 messages and turns),
   and with message_limit and turn_limit 1,000;
 - the same first ListMessages page with the state cache emptied before each
-  call (a load from the latest snapshot, or the whole fold without one).
+  call (a load from the latest snapshot, or the whole fold without one);
+- ListConversations, a page of 50 (49 conversations of 10 turns and the
+  long one): each entry is the conversation's latest state, read through
+  the state cache; warm, and with the cache emptied before each call.
 
 Each figure is the median milliseconds of --reps calls after one warm-up;
 the state cache is warm unless said. Every page is checked (sizes, the system
@@ -54,7 +57,7 @@ from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
 
 async def build(store: PostgresEventStore, app: ConversationApplication, turns: int) -> str:
     """One conversation of `turns` turns; returns its id."""
-    cid = f"bench-{uuid.uuid4().hex[:8]}"
+    cid = f"bench-{uuid.uuid4().hex[:12]}"
     created = ev.ConversationCreated(
         conversation_id=cid, created_at_us=1, system_prompt="You are a helpful assistant."
     )
@@ -120,6 +123,7 @@ async def bench(dsn: str, turns: int, reps: int) -> dict[str, float]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
+        small = [await build(store, app, 10) for _ in range(49)]
         cid = await build(store, app, turns)
         name = f"conversations/{cid}"
         messages = 2 * turns + 1
@@ -147,6 +151,15 @@ async def bench(dsn: str, turns: int, reps: int) -> dict[str, float]:
                 app.repository.forget(cid)
                 await list_first()
 
+            async def conversations() -> None:
+                page = await stub.ListConversations(spb.ListConversationsRequest(page_size=50))
+                assert len(page.conversations) == 50
+
+            async def conversations_cold() -> None:
+                for each in [cid, *small]:
+                    app.repository.forget(each)
+                await conversations()
+
             figures = {
                 "list_messages_first_page_ms": await timed(reps, list_first),
                 "list_messages_middle_page_ms": await timed(
@@ -168,6 +181,8 @@ async def bench(dsn: str, turns: int, reps: int) -> dict[str, float]:
                     ),
                 ),
                 "list_messages_first_page_cold_cache_ms": await timed(reps, list_cold),
+                "list_conversations_50_ms": await timed(reps, conversations),
+                "list_conversations_50_cold_cache_ms": await timed(reps, conversations_cold),
             }
     finally:
         await server.stop(0)
