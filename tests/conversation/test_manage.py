@@ -385,6 +385,19 @@ async def test_a_server_tool_or_profile_that_does_not_exist_is_invalid(stub: Stu
         )
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, path
     assert await events(stub, name) == before
+    # Settings the mask does not name are not read, not even checked against the registry.
+    await stub.UpdateConversation(
+        spb.UpdateConversationRequest(
+            conversation=pb.Conversation(
+                name=name,
+                labels={"read": "yes"},
+                guardrail_profile="nope",
+                tools=[pb.ToolDefinition(name="no_such_tool")],
+            ),
+            update_mask=mask("labels"),
+        )
+    )
+    assert len(await events(stub, name)) == len(before) + 1
 
 
 async def test_new_settings_pass_the_request_guardrails(stub: Stub) -> None:

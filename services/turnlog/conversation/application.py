@@ -402,11 +402,8 @@ class ConversationApplication:
         pipeline = GuardrailPipeline.for_profile(
             profile or self.defaults.guardrail_profile, self.guardrails
         )
-        event = update_event(
-            command,
-            tools=tuple(self.tools.complete(t) for t in command.tools),
-            at_us=self.clock(),
-        )
+        tools = tuple(self.tools.complete(t) for t in command.tools) if "tools" in named else ()
+        event = update_event(command, tools=tools, at_us=self.clock())
         after = evolve(state, event)
         # Recorded as given, so refused (not rewritten) if a sanitize guardrail
         # would change them: the settings replaced, and every setting when the
