@@ -77,9 +77,11 @@ type ConversationServiceClient interface {
 	SubmitToolResults(ctx context.Context, in *SubmitToolResultsRequest, opts ...grpc.CallOption) (*SubmitToolResultsResponse, error)
 	// UpdateConversation changes the settings named in update_mask (system
 	// prompt, tools, defaults, labels, guardrail profile). Each call that
-	// changes something records one ConversationUpdated event; turns started
-	// after it use the new settings, a running turn keeps those it started
-	// with. A call that changes nothing records nothing.
+	// changes something records one ConversationUpdated event, and turns
+	// started after it use the new settings. While a turn runs it is
+	// FAILED_PRECONDITION (TURN_IN_PROGRESS), as ArchiveConversation is: the
+	// running turn appends at the versions it expects. A call that changes
+	// nothing records nothing (and is answered while a turn runs).
 	UpdateConversation(ctx context.Context, in *UpdateConversationRequest, opts ...grpc.CallOption) (*UpdateConversationResponse, error)
 	// UnarchiveConversation lets an archived conversation take turns again
 	// (records ConversationUnarchived; unarchiving an active conversation
@@ -460,9 +462,11 @@ type ConversationServiceServer interface {
 	SubmitToolResults(context.Context, *SubmitToolResultsRequest) (*SubmitToolResultsResponse, error)
 	// UpdateConversation changes the settings named in update_mask (system
 	// prompt, tools, defaults, labels, guardrail profile). Each call that
-	// changes something records one ConversationUpdated event; turns started
-	// after it use the new settings, a running turn keeps those it started
-	// with. A call that changes nothing records nothing.
+	// changes something records one ConversationUpdated event, and turns
+	// started after it use the new settings. While a turn runs it is
+	// FAILED_PRECONDITION (TURN_IN_PROGRESS), as ArchiveConversation is: the
+	// running turn appends at the versions it expects. A call that changes
+	// nothing records nothing (and is answered while a turn runs).
 	UpdateConversation(context.Context, *UpdateConversationRequest) (*UpdateConversationResponse, error)
 	// UnarchiveConversation lets an archived conversation take turns again
 	// (records ConversationUnarchived; unarchiving an active conversation
