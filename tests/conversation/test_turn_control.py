@@ -276,6 +276,9 @@ async def test_unknown_and_other_tenants_turns_are_not_found(
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await rpc(request, timeout=20)
             assert raised.value.code() == grpc.StatusCode.NOT_FOUND, request
+        # Nothing reached the turn: it still awaits its tool, and the log is as it was.
+        await asyncio.sleep(0.5)
+        assert a.app.running.get(name.removeprefix("conversations/"), turn_id) is not None
         assert await _events(a.store, name) == before
         # The owner's cancel still works (from B), while the tool is awaited.
         cancelled = await owner.CancelTurn(
