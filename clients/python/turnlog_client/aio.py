@@ -114,7 +114,7 @@ class AsyncTurnlogClient:
         """The generated stub on this client's channel (opened on first use)."""
         if self._stub is None:
             self._channel = self.credentials.channel(self.target, self._options)
-            self._stub = sgrpc.ConversationServiceAsyncStub(self._channel)
+            self._stub = sgrpc.ConversationServiceStub(self._channel)
         return self._stub
 
     async def close(self) -> None:
