@@ -1,0 +1,131 @@
+"""`turnlog chat` in a pseudo-terminal against a live `turnlog serve` (pexpect).
+
+The service is a `turnlog serve` subprocess over a scripted worker whose
+"slow story" streams for seconds, so the test can press Ctrl-C mid-turn.
+pexpect blocks, so the terminal is driven from a thread while the scripted
+worker runs on the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+from conversation_helpers import scripted_worker_server
+from sdk_helpers import SCRIPT
+from serve_processes import ServeProcess
+
+from turnlog_client import verify_export
+
+pytestmark = pytest.mark.timeout(180)
+#: The prompt as prompt_toolkit draws it (it moves the cursor instead of writing the space).
+PROMPT = "you>"
+
+
+def _spawn(serve: ServeProcess, *args: str, token: bool = True) -> pexpect.spawn:
+    env = {
+        **os.environ,
+        "TURNLOG_DATA_DIR": serve.env["TURNLOG_DATA_DIR"],
+        "PROMPT_TOOLKIT_NO_CPR": "1",  # pexpect answers no cursor-position requests
+        "TERM": "xterm",
+        "NO_COLOR": "1",
+    }
+    env.pop("TURNLOG_TOKEN", None)
+    command = ["-m", "turnlog.cli", "chat", "--target", serve.target, *args]
+    if token:
+        command += ["--token", serve.token]
+    return pexpect.spawn(
+        sys.executable,
+        command,
+        env=env,
+        encoding="utf-8",
+        timeout=30,
+        dimensions=(40, 200),
+    )
+
+
+def _session(serve: ServeProcess, export_to: Path) -> str:
+    """Drives one chat; returns the conversation's name."""
+    chat = _spawn(serve, token=False)  # the token is minted from the data folder's key
+    chat.expect(r"created (conversations/\S+)")
+    name = str(chat.match.group(1))
+    chat.expect_exact("type a message, or /help")
+    chat.expect_exact(PROMPT)
+
+    chat.sendline("hello")
+    chat.expect_exact("Hello there.")
+    chat.expect_exact(PROMPT)
+
+    chat.sendline("tell me a slow story")
+    chat.expect_exact("once upon a time once upon")  # streamed text arrives
+    chat.sendintr()  # Ctrl-C mid-turn
+    chat.expect_exact("cancelling the turn")
+    chat.expect_exact("[turn cancelled")
+    chat.expect_exact(PROMPT)
+    assert chat.isalive(), "Ctrl-C ended the program, not the turn"
+
+    chat.sendline("/history")
+    chat.expect_exact("you> hello")
+    chat.expect_exact("assistant> Hello there.")
+    chat.expect_exact("you> tell me a slow story")
+    chat.expect_exact(PROMPT)
+
+    chat.sendline(f"/export {export_to}")
+    chat.expect(r"exported (\d+) events to .* \(hash chain intact\)")
+    chat.expect_exact(PROMPT)
+
+    chat.sendline("/fork")
+    chat.expect(rf"forked {name} into (conversations/\S+)")
+    fork = str(chat.match.group(1))
+    assert fork != name
+    chat.expect_exact(PROMPT)
+    chat.sendline("/history")
+    chat.expect_exact(fork)
+    chat.expect_exact("assistant> Hello there.")
+    chat.expect_exact("you> tell me a slow story")
+    chat.expect_exact(PROMPT)
+
+    chat.sendintr()  # Ctrl-C at the prompt clears the line, nothing more
+    chat.expect_exact("Ctrl-D or /quit")
+    assert chat.isalive()
+    chat.sendline("/quit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+    return name
+
+
+def _resume(serve: ServeProcess, name: str) -> None:
+    chat = _spawn(serve, "--conversation", name.removeprefix("conversations/"))
+    chat.expect_exact(f"resumed {name}")
+    chat.expect_exact("assistant> Hello there.")
+    chat.expect_exact("type a message, or /help")
+    chat.expect_exact(PROMPT)
+    chat.sendeof()
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+async def test_turnlog_chat_in_a_terminal(database_url: str, tmp_path: Path) -> None:
+    async with scripted_worker_server(SCRIPT) as worker:
+        serve = ServeProcess(
+            tmp_path / "serve.log",
+            tmp_path / "data",
+            database_url=database_url,
+            worker=worker.target,
+        )
+        await asyncio.to_thread(serve.start)
+        try:
+            export = tmp_path / "chat.jsonl"
+            name = await asyncio.to_thread(_session, serve, export)
+            await asyncio.to_thread(_resume, serve, name)
+        finally:
+            await asyncio.to_thread(serve.stop)
+    [report] = verify_export(export)
+    assert report.intact
+    assert report.stream_id == "conversation-" + name.removeprefix("conversations/")
