@@ -67,7 +67,7 @@ serve: $(STAMP)
 	@test -e $(MODEL)/config.json || $(VENV)/bin/turnlog dev tiny-model $(MODEL)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/turnlog serve --spawn-worker "$(WORKER_ARGS)"
 
-## Regenerate gen/ from proto/.
+## Regenerate gen/ and docs/api-reference.md from proto/.
 protos: $(STAMP)
 	$(PY) proto/generate.py
 

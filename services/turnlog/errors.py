@@ -85,9 +85,21 @@ class ConversationArchivedError(FailedPreconditionError):
 
 
 class TurnNotRunningHereError(FailedPreconditionError):
-    """The turn is not running in this process (ended, or on another replica)."""
+    """The turn is not running (it has ended), or not in this process where that matters."""
 
     reason = "TURN_NOT_RUNNING"
+
+
+class ToolCallNotAwaitedError(FailedPreconditionError):
+    """A tool result for a call the turn does not await, or another result for an answered call."""
+
+    reason = "TOOL_CALL_NOT_AWAITED"
+
+
+class ClientToolsNeedStreamError(FailedPreconditionError):
+    """A unary turn (`SendMessage`) on a conversation with client-side tools: nobody could answer them."""
+
+    reason = "CLIENT_TOOLS_NEED_STREAM"
 
 
 class VersionConflictError(TurnlogError):
@@ -147,6 +159,13 @@ class DeadlineExceededError(TurnlogError):
 
     reason = "DEADLINE_EXCEEDED"
     retryable = True
+
+
+class ClientToolTimeoutError(DeadlineExceededError):
+    """The client did not answer a client-side tool call in time (the turn fails)."""
+
+    reason = "CLIENT_TOOL_TIMEOUT"
+    retryable = False
 
 
 class ContextLengthExceededError(InvalidArgumentError):

@@ -34,6 +34,7 @@ class Seed:
 
     name: str
     export: bytes
+    turn_id: str
 
 
 def _input(seed: Seed, request_id: str) -> spb.TurnInput:
@@ -52,6 +53,12 @@ CALLS: dict[str, Callable[[Seed], Any]] = {
     ),
     "StreamTurn": lambda s: spb.StreamTurnRequest(start=_input(s, "matrix-stream")),
     "Converse": lambda s: [spb.ConverseRequest(user_message=_input(s, "matrix-converse"))],
+    "CancelTurn": lambda s: spb.CancelTurnRequest(conversation=s.name, turn_id=s.turn_id),
+    "SubmitToolResults": lambda s: spb.SubmitToolResultsRequest(
+        conversation=s.name,
+        turn_id=s.turn_id,
+        results=[spb.ToolResult(call_id="matrix-call", result="x")],
+    ),
     "ReadEvents": lambda s: spb.ReadEventsRequest(conversation=s.name),
     "SubscribeEvents": lambda s: spb.SubscribeEventsRequest(conversation=s.name),
     "ForkConversation": lambda s: spb.ForkConversationRequest(
@@ -77,6 +84,8 @@ OTHER_TENANT: dict[str, tuple[grpc.StatusCode, str]] = {
             "CompactConversation",
             "StreamTurn",
             "Converse",
+            "CancelTurn",
+            "SubmitToolResults",
             "ReadEvents",
             "SubscribeEvents",
             "ForkConversation",
@@ -188,7 +197,7 @@ async def seed(service: ServedApp) -> Seed:
     async with service.stub(TENANT_A) as stub:
         created = await stub.CreateConversation(spb.CreateConversationRequest(request_id="seed"))
         name = created.conversation.name
-        await stub.SendMessage(
+        sent = await stub.SendMessage(
             spb.SendMessageRequest(input=spb.TurnInput(conversation=name, content="hi"))
         )
         export = b"".join(
@@ -199,7 +208,7 @@ async def seed(service: ServedApp) -> Seed:
                 )
             ]
         )
-    return Seed(name=name, export=export)
+    return Seed(name=name, export=export, turn_id=sent.turn.turn_id)
 
 
 def test_every_rpc_is_in_the_matrix() -> None:
@@ -252,5 +261,12 @@ async def test_the_owner_can_make_every_call(service: ServedApp, seed: Seed) -> 
                 call = stub.SubscribeEvents(CALLS[method](seed))
                 assert (await call.read()).events  # it never ends by itself
                 call.cancel()
+                continue
+            if method == "SubmitToolResults":
+                # The seed's turn has ended: past admission, the call is
+                # refused by the turn itself, not by the credential.
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await _call(stub, method, CALLS[method](seed))
+                assert error_reason(raised.value) == "TOOL_CALL_NOT_AWAITED"
                 continue
             await _call(stub, method, CALLS[method](seed))

@@ -1,4 +1,4 @@
-"""The conversation RPCs: create, get, list, archive, and turns (unary, streamed, bidi).
+"""The conversation RPCs: create, get, list, archive, and unary turns (streamed ones: `turns`).
 
 Thin: parse the request (`requests`; the validation interceptor has checked it), call
 `ConversationApplication`, build the response (`messages`). Errors become
@@ -6,10 +6,6 @@ statuses in `status.maps_errors`; no business rule lives here.
 """
 
 from __future__ import annotations
-
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 from turnlog import errors
 from turnlog.api.access import TenantAccess
@@ -20,7 +16,6 @@ from turnlog.api.messages import (
     conversation_message,
     decision_message,
     execution_message,
-    turn_event,
     turn_message,
 )
 from turnlog.api.requests import (
@@ -181,100 +176,3 @@ class ConversationRpcs(TenantAccess):
             if isinstance(update.payload, ev.ContextCompacted):
                 response.compaction.CopyFrom(compaction_message(update.payload))
         return response
-
-    @maps_errors
-    async def StreamTurn(  # noqa: N802
-        self, request: spb.StreamTurnRequest, context: Context
-    ) -> AsyncIterator[spb.StreamTurnResponse]:
-        # `action` is a required oneof (validation.REQUIRED_ONEOFS).
-        if request.WhichOneof("action") == "start":
-            command = turn_input(request.start, tenant=own_tenant())
-            cid = command.conversation_id
-            turn_id = await self.app.start_turn(command)
-            after = 0
-        else:
-            cid = conversation_id(request.resume.conversation)
-            turn_id, after = request.resume.turn_id, request.resume.after_sequence
-        # A disconnect ends only this watch; the turn runs on and can be resumed.
-        async for update in self.app.watch(cid, turn_id, tenant=own_tenant(), after_sequence=after):
-            yield spb.StreamTurnResponse(event=turn_event(update))
-
-    @maps_errors
-    async def Converse(  # noqa: N802
-        self, request_iterator: AsyncIterator[spb.ConverseRequest], context: Context
-    ) -> AsyncIterator[spb.ConverseResponse]:
-        out: asyncio.Queue[spb.ConverseResponse | BaseException | None] = asyncio.Queue()
-        running: dict[str, tuple[str, asyncio.Task[None]]] = {}
-
-        async def forward(cid: str, turn_id: str) -> None:
-            async for update in self.app.watch(cid, turn_id, tenant=own_tenant()):
-                await out.put(spb.ConverseResponse(event=turn_event(update)))
-
-        async def read() -> None:
-            try:
-                async for message in request_iterator:
-                    # Each message has passed validation; `action` is required.
-                    action = message.WhichOneof("action")
-                    if action == "user_message":
-                        command = turn_input(message.user_message, tenant=own_tenant())
-                        turn_id = await self.app.start_turn(command)
-                        task = asyncio.create_task(forward(command.conversation_id, turn_id))
-                        running[turn_id] = (command.conversation_id, task)
-                        task.add_done_callback(lambda t: _report(t, out))
-                    elif action == "tool_result":
-                        r = message.tool_result
-                        cid = running.get(r.turn_id, ("", None))[0]
-                        self.app.submit_tool_result(
-                            cid,
-                            r.turn_id,
-                            r.call_id,
-                            result=r.result,
-                            error=r.error,
-                            tenant=own_tenant(),
-                        )
-                    else:
-                        c = message.cancel
-                        cid = running.get(c.turn_id, ("", None))[0]
-                        await self.app.cancel_turn(cid, c.turn_id, c.reason, tenant=own_tenant())
-                # The client finished sending: end once every turn it started has ended.
-                await asyncio.gather(*(t for _, t in running.values()), return_exceptions=True)
-                await out.put(None)
-            except Exception as e:
-                await out.put(e)
-
-        tenant = own_tenant()
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                item = await out.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            reader.cancel()
-            for turn_id, (cid, task) in running.items():
-                if not task.done():
-                    # The session ended under a running turn (the client went
-                    # away, or the stream failed): nobody can answer its tools
-                    # or cancel it any more, so it is cancelled (aborted in the
-                    # worker, TurnCancelled recorded). A StreamTurn is not.
-                    with contextlib.suppress(errors.TurnlogError):
-                        await self.app.cancel_turn(cid, turn_id, SESSION_ENDED, tenant=tenant)
-                task.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
-
-
-#: The cancel reason recorded for the turns of a Converse session that broke off.
-SESSION_ENDED = "the client disconnected"
-
-
-def _report(
-    task: asyncio.Task[None], out: asyncio.Queue[spb.ConverseResponse | BaseException | None]
-) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        error = task.exception()
-        assert error is not None
-        out.put_nowait(error)

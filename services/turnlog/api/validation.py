@@ -73,6 +73,7 @@ MAX_STOP_STRINGS: Final = 16
 MAX_STOP_CHARS: Final = 256
 MAX_TOOL_RESULT_CHARS: Final = MAX_CONTENT_CHARS
 MAX_REASON_CHARS: Final = 4096
+MAX_TOOL_RESULTS: Final = 64
 MAX_PAGE_TOKEN_CHARS: Final = 1024
 MAX_EVENT_TYPE_CHARS: Final = 128
 MAX_TOOL_ROUND_TRIPS: Final = 32
@@ -471,7 +472,11 @@ RULES: Final[Mapping[str, Mapping[str, Rule]]] = {
         "cancel": Nested(),
     },
     spb.ToolResult.DESCRIPTOR.full_name: {
-        "turn_id": TURN_ID,
+        # Required in Converse (CHECKS); in SubmitToolResults, empty or the request's.
+        "turn_id": Text(
+            pattern=TOKEN_ID_PATTERN,
+            shape="1-128 letters, digits, _ . : - (empty only in SubmitToolResults)",
+        ),
         "call_id": Text(required=True, max_chars=MAX_REQUEST_ID),
         "result": Text(max_chars=MAX_TOOL_RESULT_CHARS),
         "error": Text(max_chars=MAX_REASON_CHARS),
@@ -479,6 +484,16 @@ RULES: Final[Mapping[str, Mapping[str, Rule]]] = {
     spb.CancelTurn.DESCRIPTOR.full_name: {
         "turn_id": TURN_ID,
         "reason": Text(max_chars=MAX_REASON_CHARS),
+    },
+    spb.CancelTurnRequest.DESCRIPTOR.full_name: {
+        "conversation": CONVERSATION_NAME,
+        "turn_id": TURN_ID,
+        "reason": Text(max_chars=MAX_REASON_CHARS),
+    },
+    spb.SubmitToolResultsRequest.DESCRIPTOR.full_name: {
+        "conversation": CONVERSATION_NAME,
+        "turn_id": TURN_ID,
+        "results": Items(MAX_TOOL_RESULTS, each=Nested()),
     },
     spb.ReadEventsRequest.DESCRIPTOR.full_name: {
         "conversation": OPTIONAL_CONVERSATION_NAME,
@@ -549,6 +564,26 @@ def _strict_is_per_turn(request: Any) -> list[Violation]:
     return []
 
 
+def _results_of_one_turn(request: Any) -> list[Violation]:
+    if not request.results:
+        return [("results", "at least 1 item")]
+    found = []
+    seen: set[str] = set()
+    for i, result in enumerate(request.results):
+        if result.turn_id and result.turn_id != request.turn_id:
+            found.append((f"results[{i}].turn_id", "empty or the request's turn_id"))
+        if result.call_id in seen:
+            found.append((f"results[{i}].call_id", "each result answers a different call"))
+        seen.add(result.call_id)
+    return found
+
+
+def _converse_result_names_its_turn(request: Any) -> list[Violation]:
+    if request.WhichOneof("action") == "tool_result" and not request.tool_result.turn_id:
+        return [("tool_result.turn_id", "required")]
+    return []
+
+
 #: Rules across fields of one message.
 CHECKS: Final[Mapping[str, Sequence[Callable[[Any], list[Violation]]]]] = {
     spb.ReadEventsRequest.DESCRIPTOR.full_name: (_event_scope,),
@@ -557,6 +592,8 @@ CHECKS: Final[Mapping[str, Sequence[Callable[[Any], list[Violation]]]]] = {
         _unique_tool_names,
         _strict_is_per_turn,
     ),
+    spb.SubmitToolResultsRequest.DESCRIPTOR.full_name: (_results_of_one_turn,),
+    spb.ConverseRequest.DESCRIPTOR.full_name: (_converse_result_names_its_turn,),
 }
 
 

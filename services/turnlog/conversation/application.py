@@ -28,24 +28,32 @@ Contracts (docs/conversation.md has the reasons):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from turnlog import errors, metrics
 from turnlog.conversation import turn
 from turnlog.conversation.context import TokenCounter
+from turnlog.conversation.control import MAX_WAIT_S, ToolResultInput, TurnControl
 from turnlog.conversation.listing import ConversationIndex, ConversationSummary, ListQuery
 from turnlog.conversation.options import ServiceDefaults, TurnOptions
-from turnlog.conversation.projection import TextPiece, TurnProjector, TurnResult, TurnUpdate
+from turnlog.conversation.projection import (
+    TextPiece,
+    TurnEnded,
+    TurnProjector,
+    TurnResult,
+    TurnUpdate,
+)
 from turnlog.conversation.recovery import TurnRecovery
 from turnlog.conversation.repository import ConversationRepository
 from turnlog.conversation.running import RunningTurns
 from turnlog.conversation.tools import ToolRegistry
 from turnlog.domain import events as ev
-from turnlog.domain.state import ConversationState, evolve, fold
+from turnlog.domain.state import ConversationState, Turn, TurnStatus, evolve, fold
 from turnlog.eventlog import Clock, derived_id, stream_id, wall_clock_us
 from turnlog.guardrails import (
     GuardrailPipeline,
@@ -53,7 +61,7 @@ from turnlog.guardrails import (
     conversation_fields,
     default_registry,
 )
-from turnlog.storage import NO_STREAM, EventStore, ReplicaLiveness
+from turnlog.storage import NO_STREAM, EventStore, ReplicaLiveness, TurnMailbox
 from turnlog.worker.client import EngineClient
 
 
@@ -104,6 +112,10 @@ class ConversationApplication:
             required when several replicas share the log; None means this
             process is the only one (recovery then closes every open turn it
             does not run).
+        mailbox: The turn mailbox shared with the other replicas (cancels and
+            client tool results for turns running elsewhere); None when this
+            process is the only one. Letters are taken from it from
+            construction until `shutdown` (`TurnControl`).
     """
 
     def __init__(
@@ -117,6 +129,7 @@ class ConversationApplication:
         clock: Clock = wall_clock_us,
         instance: str = "",
         ownership: ReplicaLiveness | None = None,
+        mailbox: TurnMailbox | None = None,
     ) -> None:
         self.store = store
         self.ownership = ownership
@@ -154,6 +167,15 @@ class ConversationApplication:
         self._recovery = TurnRecovery(
             self.repository, clock=clock, liveness=ownership, is_live_here=self.running.is_live
         )
+        self.control = TurnControl(
+            self.repository,
+            self.running,
+            mailbox,
+            guardrails=self.guardrails,
+            defaults=self.defaults,
+            clock=clock,
+        )
+        self.control.start()
 
     # -- conversations --------------------------------------------------------
 
@@ -375,7 +397,7 @@ class ConversationApplication:
             existing = state.turn_for_request(request_id)
             if existing is not None:
                 return existing.turn_id
-            refusal = _refusal(state, command)
+            refusal = _refusal(state, command, unary=not streamed)
             if refusal is not None:
                 if cached is not None:
                     continue
@@ -450,15 +472,87 @@ class ConversationApplication:
         reason: str = "",
         *,
         tenant: str = ev.DEFAULT_TENANT,
-    ) -> None:
-        """Cancel a running turn: aborts its generation, records `TurnCancelled`.
+    ) -> int | None:
+        """Cancel a running turn, on this replica or another: it aborts and records `TurnCancelled`.
+
+        Returns without waiting for the end; the id of the mailbox letter that
+        carried the cancel to another replica, or None (see `TurnControl.withdraw`).
 
         Raises:
-            NotFoundError: No such conversation of `tenant`.
-            TurnNotRunningHereError: The turn is not running in this process.
+            NotFoundError: No such conversation of `tenant`, or no such turn.
+            TurnNotRunningHereError: The turn has ended (or runs elsewhere,
+                and this process has no mailbox).
         """
-        _check_owner(self.running.get(conversation_id, turn_id), tenant, turn_id)
-        self.running.cancel(conversation_id, turn_id, reason or "cancelled by the client")
+        reason = reason or "cancelled by the client"
+        live = self.running.get(conversation_id, turn_id)
+        if live is not None and live.tenant == tenant:
+            self.running.cancel(conversation_id, turn_id, reason)  # runs here: no read
+            return None
+        state = await self.load(conversation_id, tenant=tenant)
+        turn = _turn_of(state, turn_id)
+        if turn.status is not TurnStatus.RUNNING:
+            raise errors.TurnNotRunningHereError(
+                "the turn has ended", metadata={"turnId": turn_id, "status": turn.status.value}
+            )
+        return await self.control.request_cancel(state, turn, reason)
+
+    async def cancel_and_wait(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        reason: str = "",
+        *,
+        tenant: str = ev.DEFAULT_TENANT,
+        timeout_s: float = MAX_WAIT_S,
+    ) -> TurnEnded:
+        """`CancelTurn`: cancel the turn if it runs (anywhere), then its end as the log records it.
+
+        A turn that has ended already is returned as it ended (a retry after
+        a lost reply succeeds).
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`, or no such turn.
+            DeadlineExceededError: the turn has not ended within `timeout_s`.
+        """
+        letter = None
+        with contextlib.suppress(errors.TurnNotRunningHereError):
+            letter = await self.cancel_turn(conversation_id, turn_id, reason, tenant=tenant)
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for update in self.watch(conversation_id, turn_id, tenant=tenant):
+                    if isinstance(update.payload, TurnEnded):
+                        return update.payload
+        except TimeoutError:
+            pass
+        finally:
+            await self.control.withdraw(letter)
+        raise errors.DeadlineExceededError(
+            "the turn has not ended yet; retry to wait longer", metadata={"turnId": turn_id}
+        )
+
+    async def submit_tool_results(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        results: Sequence[ToolResultInput],
+        *,
+        tenant: str = ev.DEFAULT_TENANT,
+        timeout_s: float = MAX_WAIT_S,
+    ) -> list[str]:
+        """Answer client-side tool calls a turn awaits (it runs here or on another replica).
+
+        Returns the call ids once the turn has recorded every result (a
+        result recorded before, identical, counts as recorded).
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`, or no such turn.
+            ToolCallNotAwaitedError: a call the turn does not await, or
+                another result for an answered call (nothing is recorded).
+            DeadlineExceededError: not recorded within `timeout_s`.
+        """
+        state = await self.load(conversation_id, tenant=tenant)
+        turn = _turn_of(state, turn_id)
+        return await self.control.submit_tool_results(state, turn, results, timeout_s=timeout_s)
 
     def submit_tool_result(
         self,
@@ -470,16 +564,32 @@ class ConversationApplication:
         error: str,
         tenant: str = ev.DEFAULT_TENANT,
     ) -> None:
-        """Answer a client-side tool call the turn awaits.
+        """Answer a client-side tool call of a turn running in this process, without waiting.
 
         Raises:
-            NotFoundError: No such conversation of `tenant`.
             TurnNotRunningHereError: The turn is not running here or awaits no such call.
         """
-        _check_owner(self.running.get(conversation_id, turn_id), tenant, turn_id)
-        self.running.submit_tool_result(
-            conversation_id, turn_id, call_id, result=result, error=error
+        live = self.running.get(conversation_id, turn_id)
+        _check_owner(live, tenant, turn_id)
+        state = self.repository.cached(conversation_id)
+        if live is None or state is None:
+            raise errors.TurnNotRunningHereError(
+                "no such tool call is awaited on this server",
+                metadata={"turnId": turn_id, "callId": call_id},
+            )
+        outcome = turn.check_tool_outcome(
+            self.control.pipeline_of(state),
+            turn_id,
+            call_id,
+            result=result,
+            error=error,
+            blocked_at_us=self.clock(),
         )
+        if not live.deliver_tool_outcome(call_id, outcome):
+            raise errors.TurnNotRunningHereError(
+                "no such tool call is awaited on this server",
+                metadata={"turnId": turn_id, "callId": call_id},
+            )
 
     async def shutdown(self) -> None:
         """Stop recovery, cancel running turns (each records TurnCancelled), wait for them.
@@ -487,6 +597,7 @@ class ConversationApplication:
         Does not close `ownership` (its owner does, after this).
         """
         await self._recovery.stop()
+        await self.control.stop()
         await self.running.cancel_all("the service is shutting down")
 
 
@@ -496,6 +607,13 @@ def _check_owner(live: turn.RunningTurn | None, tenant: str, turn_id: str) -> No
         raise errors.TurnNotRunningHereError(
             "the turn is not running on this server", metadata={"turnId": turn_id}
         )
+
+
+def _turn_of(state: ConversationState, turn_id: str) -> Turn:
+    found = state.turn(turn_id)
+    if found is None:
+        raise errors.NotFoundError(f"turn {turn_id!r} not found", metadata={"turnId": turn_id})
+    return found
 
 
 def owned(state: ConversationState, tenant: str | None) -> ConversationState:
@@ -508,12 +626,25 @@ def owned(state: ConversationState, tenant: str | None) -> ConversationState:
     return state
 
 
-def _refusal(state: ConversationState, command: TurnInput) -> errors.TurnlogError | None:
-    """Why `state` admits no new turn for `command`, or None."""
+def _refusal(
+    state: ConversationState, command: TurnInput, *, unary: bool = False
+) -> errors.TurnlogError | None:
+    """Why `state` admits no new turn for `command`, or None.
+
+    `unary`: the caller waits for the end without a stream (`SendMessage`),
+    so it could never answer a client-side tool: such a turn would hold the
+    conversation until the tool timeout, so it is refused at once.
+    """
     cid = state.conversation_id
     if state.archived:
         return errors.ConversationArchivedError(
             "the conversation is archived", metadata={"conversation": cid}
+        )
+    client_tools = [t.name for t in state.tools if t.client_side]
+    if unary and client_tools and not command.compaction_only:
+        return errors.ClientToolsNeedStreamError(
+            "the conversation has client-side tools: run its turns with StreamTurn or Converse",
+            metadata={"conversation": cid, "tools": ",".join(client_tools)[:256]},
         )
     if command.expected_version is not None and command.expected_version != state.version:
         return errors.VersionConflictError(stream_id(cid), command.expected_version, state.version)
@@ -532,6 +663,7 @@ __all__ = [
     "ListQuery",
     "ServiceDefaults",
     "TextPiece",
+    "ToolResultInput",
     "TurnInput",
     "TurnOptions",
     "TurnResult",
