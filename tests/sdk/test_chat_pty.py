@@ -45,6 +45,7 @@ def _spawn(serve: ServeProcess, *args: str, token: bool = True) -> pexpect.spawn
         encoding="utf-8",
         timeout=30,
         dimensions=(40, 200),
+        logfile=sys.stderr if os.environ.get("SDK_DEBUG") else None,
     )
 
 

@@ -178,3 +178,46 @@ async def test_a_second_message_while_a_turn_runs_is_refused_as_an_error(
     assert caught.value.reason
     await first.cancel()
     _ = [e async for e in first]
+
+
+async def test_cancel_turn_from_another_connection_ends_a_streamed_turn(
+    client: AsyncTurnlogClient, service: Service
+) -> None:
+    conversation = await client.create_conversation()
+    stream = client.stream_turn(conversation.name, "slow story")
+    async with service.client() as other:
+        async for event in stream:
+            if event.HasField("text_delta"):
+                cancelled = await other.cancel_turn(
+                    conversation.name, event.turn_id, reason="enough"
+                )
+                break
+        rest = [e async for e in stream]
+    assert cancelled.turn.status == pb.TURN_STATUS_CANCELLED
+    assert rest[-1].turn_ended.turn.status == pb.TURN_STATUS_CANCELLED
+    # Cancelling again answers the ended turn as it is (a retry after a lost reply).
+    again = await client.cancel_turn(conversation.name, stream.turn_id)
+    assert again.turn.status == pb.TURN_STATUS_CANCELLED
+
+
+async def test_submit_tool_results_answers_a_streamed_turns_client_tool(
+    client: AsyncTurnlogClient,
+) -> None:
+    conversation = await client.create_conversation(
+        tools=[pb.ToolDefinition(name="lookup", client_side=True)],
+        defaults=pb.TurnDefaults(max_tool_round_trips=1),
+    )
+    stream = client.stream_turn(conversation.name, "ask the client")
+    answered: list[str] = []
+    async for event in stream:
+        started = event.tool_execution_started
+        if event.HasField("tool_execution_started") and started.client_side:
+            result = spb.ToolResult(call_id=started.call.call_id, result="from afar")
+            response = await client.submit_tool_results(conversation.name, event.turn_id, [result])
+            answered.extend(response.call_ids)
+            # The same answer again is harmless.
+            await client.submit_tool_results(conversation.name, event.turn_id, [result])
+    assert answered
+    assert stream.ended is not None
+    folded = await client.get_conversation(conversation.name)
+    assert [m.content for m in folded.messages if m.role == pb.ROLE_TOOL] == ["from afar"]
