@@ -1,23 +1,23 @@
 """`turnlog chat` in a pseudo-terminal against a live `turnlog serve` (pexpect).
 
-The service is a `turnlog serve` subprocess over a scripted worker whose
-"slow story" streams for seconds, so the test can press Ctrl-C mid-turn.
-pexpect blocks, so the terminal is driven from a thread while the scripted
-worker runs on the test's event loop.
+The service is a `turnlog serve` subprocess over a scripted `turnlog worker`
+subprocess whose "slow story" streams for seconds, so the test can press
+Ctrl-C mid-turn. Both are subprocesses because pexpect forks this process to
+start the chat: a fork while gRPC threads run here crashes the child.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import sys
 from pathlib import Path
 
 import pexpect
 import pytest
-from conversation_helpers import scripted_worker_server
 from sdk_helpers import SCRIPT
 from serve_processes import ServeProcess
+from worker_processes import WorkerProcess
 
 from turnlog_client import verify_export
 
@@ -112,21 +112,24 @@ def _resume(serve: ServeProcess, name: str) -> None:
     assert chat.exitstatus == 0
 
 
-async def test_turnlog_chat_in_a_terminal(database_url: str, tmp_path: Path) -> None:
-    async with scripted_worker_server(SCRIPT) as worker:
-        serve = ServeProcess(
-            tmp_path / "serve.log",
-            tmp_path / "data",
-            database_url=database_url,
-            worker=worker.target,
-        )
-        await asyncio.to_thread(serve.start)
-        try:
-            export = tmp_path / "chat.jsonl"
-            name = await asyncio.to_thread(_session, serve, export)
-            await asyncio.to_thread(_resume, serve, name)
-        finally:
-            await asyncio.to_thread(serve.stop)
+def test_turnlog_chat_in_a_terminal(database_url: str, tmp_path: Path) -> None:
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps(SCRIPT))
+    worker = WorkerProcess(
+        ["--backend", "scripted", "--script", str(script)], tmp_path / "worker.log"
+    )
+    worker.start()
+    serve = ServeProcess(
+        tmp_path / "serve.log", tmp_path / "data", database_url=database_url, worker=worker.target
+    )
+    try:
+        serve.start()
+        export = tmp_path / "chat.jsonl"
+        name = _session(serve, export)
+        _resume(serve, name)
+    finally:
+        serve.stop()
+        worker.terminate()
     [report] = verify_export(export)
     assert report.intact
     assert report.stream_id == "conversation-" + name.removeprefix("conversations/")
