@@ -19,13 +19,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar
 
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import history_pb2 as hpb
-from turnlog_client.aio import AsyncTurnlogClient
+from turnlog_client.aio import DEFAULT_TARGET, AsyncTurnlogClient
+from turnlog_client.credentials import Credentials
+from turnlog_client.retry import RetryPolicy
 from turnlog_client.streams import ConverseTurn, Subscription, TurnStream
 
 P = ParamSpec("P")
@@ -156,8 +158,24 @@ class TurnlogClient:
     Use it as a context manager, or call `close()`: it owns a thread.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._aio = AsyncTurnlogClient(*args, **kwargs)
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        credentials: Credentials | None = None,
+        retry: RetryPolicy | None = None,
+        timeout_s: float | None = 30.0,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._aio = AsyncTurnlogClient(
+            target,
+            token=token,
+            credentials=credentials,
+            retry=retry,
+            timeout_s=timeout_s,
+            channel_options=channel_options,
+        )
         self._loop = _LoopThread()
 
     @property
