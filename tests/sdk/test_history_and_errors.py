@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -228,3 +229,44 @@ async def test_rate_limited_calls_wait_as_told_and_then_succeed(store: object) -
                 assert len({c.name for c in created}) == 6
         finally:
             await app.shutdown()
+
+
+async def test_a_filtered_subscription_keeps_its_checkpoints_and_resumes_after_them(
+    client: AsyncTurnlogClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from turnlog.history import service as history_service
+
+    monkeypatch.setattr(history_service, "CHECKPOINT_AFTER_SECONDS", 0.1)
+    subscription = client.subscribe_events(event_types=["ConversationArchived"])
+    archived: list[hpb.LogEvent] = []
+
+    async def watch() -> None:
+        async for event in subscription:
+            archived.append(event)
+
+    watching = asyncio.create_task(watch())
+    try:
+        while not subscription.caught_up:  # noqa: ASYNC110 (a flag the iterator sets)
+            await asyncio.sleep(0.05)
+        # Events the subscription does not send: it reports how far it read.
+        names = [(await client.create_conversation()).name for _ in range(3)]
+        last = [e.position async for e in client.read_events()][-1]
+        async with asyncio.timeout(30):
+            while subscription.position != last:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert subscription.checkpoints >= 1
+        assert archived == []
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+    # A subscription resumed from there reads nothing before it.
+    await client.archive_conversation(names[0])
+    resumed = client.subscribe_events(
+        event_types=["ConversationArchived"], after_position=subscription.position
+    )
+    first = await asyncio.wait_for(anext(resumed), 30)
+    await resumed.aclose()
+    assert first.type == "ConversationArchived"
+    assert first.conversation == names[0]
+    assert first.WhichOneof("event") == "conversation_archived"
