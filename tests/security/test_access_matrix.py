@@ -16,10 +16,12 @@ import psycopg
 import pytest
 from conversation_helpers import USER_SCOPES, ServedApp, error_reason
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf import field_mask_pb2
 
 from turnlog.api.authentication import SCOPES
 from turnlog.auth.local import LOCAL_AUDIENCE, LOCAL_ISSUER, LocalSigningKey
 from turnlog.auth.principal import Scope
+from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
 from turnlog.v1 import history_pb2 as hpb
@@ -69,6 +71,14 @@ CALLS: dict[str, Callable[[Seed], Any]] = {
         name=s.name, format=hpb.EXPORT_FORMAT_JSONL
     ),
     "ImportConversation": lambda s: [spb.ImportConversationRequest(data=s.export)],
+    "UpdateConversation": lambda s: spb.UpdateConversationRequest(
+        conversation=pb.Conversation(name=s.name, labels={"matrix": "yes"}),
+        update_mask=field_mask_pb2.FieldMask(paths=["labels"]),
+        request_id="matrix-update",
+    ),
+    "UnarchiveConversation": lambda s: spb.UnarchiveConversationRequest(name=s.name),
+    "ListTurns": lambda s: spb.ListTurnsRequest(conversation=s.name),
+    "ListMessages": lambda s: spb.ListMessagesRequest(conversation=s.name),
 }
 
 #: What tenant B (every user scope) gets for A's resource: NOT_FOUND, never a
@@ -91,6 +101,10 @@ OTHER_TENANT: dict[str, tuple[grpc.StatusCode, str]] = {
             "ForkConversation",
             "VerifyConversation",
             "ExportConversation",
+            "UpdateConversation",
+            "UnarchiveConversation",
+            "ListTurns",
+            "ListMessages",
         )
     },
     "ImportConversation": (grpc.StatusCode.PERMISSION_DENIED, "IMPORT_TENANT_MISMATCH"),

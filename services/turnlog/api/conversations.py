@@ -1,4 +1,5 @@
-"""The conversation RPCs: create, get, list, archive, and unary turns (streamed ones: `turns`).
+"""The conversation RPCs: create, get, list, archive, update, unarchive, list turns and
+messages, and unary turns (streamed ones and turn control: `turns`).
 
 Thin: parse the request (`requests`; the validation interceptor has checked it), call
 `ConversationApplication`, build the response (`messages`). Errors become
@@ -12,6 +13,7 @@ from turnlog.api.access import TenantAccess
 from turnlog.api.authentication import own_tenant
 from turnlog.api.messages import (
     assistant_message,
+    chat_message,
     compaction_message,
     conversation_message,
     decision_message,
@@ -19,10 +21,18 @@ from turnlog.api.messages import (
     turn_message,
 )
 from turnlog.api.requests import (
+    DEFAULT_CONVERSATION_LIMIT,
+    DEFAULT_MESSAGES_PAGE,
+    DEFAULT_TURNS_PAGE,
+    MAX_CONVERSATION_LIMIT,
+    MAX_MESSAGES_PAGE,
+    MAX_TURNS_PAGE,
     conversation_id,
     microseconds,
+    tool_definitions,
     turn_input,
     turn_options,
+    update_command,
 )
 from turnlog.api.status import Context, maps_errors
 from turnlog.conversation.application import (
@@ -30,6 +40,7 @@ from turnlog.conversation.application import (
     CreateConversation,
     ListQuery,
 )
+from turnlog.conversation.paging import page_size
 from turnlog.domain import events as ev
 from turnlog.domain.state import Turn, TurnStatus
 from turnlog.v1 import conversation_service_pb2 as spb
@@ -60,15 +71,6 @@ class ConversationRpcs(TenantAccess):
     async def CreateConversation(  # noqa: N802 (gRPC method name)
         self, request: spb.CreateConversationRequest, context: Context
     ) -> spb.CreateConversationResponse:
-        tools = tuple(
-            ev.ToolDefinition(
-                name=tool.name,
-                description=tool.description,
-                parameters_json_schema=tool.parameters_json_schema or "{}",
-                client_side=tool.client_side,
-            )
-            for tool in request.tools
-        )
         state = await self.app.create(
             CreateConversation(
                 tenant=own_tenant(),
@@ -76,7 +78,7 @@ class ConversationRpcs(TenantAccess):
                 conversation_id=request.conversation_id,
                 system_prompt=request.system_prompt,
                 defaults=turn_options(request.defaults),
-                tools=tools,
+                tools=tool_definitions(request.tools),
                 guardrail_profile=request.guardrail_profile,
                 labels=tuple(sorted(request.labels.items())),
             )
@@ -93,7 +95,13 @@ class ConversationRpcs(TenantAccess):
             tenant=await self.read_tenant("GetConversation", request.name),
             version=version,
         )
-        return spb.GetConversationResponse(conversation=conversation_message(state))
+        return spb.GetConversationResponse(
+            conversation=conversation_message(
+                state,
+                message_limit=_limit(request.message_limit),
+                turn_limit=_limit(request.turn_limit),
+            )
+        )
 
     @maps_errors
     async def ListConversations(  # noqa: N802
@@ -132,6 +140,61 @@ class ConversationRpcs(TenantAccess):
             conversation_id(request.name), tenant=own_tenant(), expected_version=expected
         )
         return spb.ArchiveConversationResponse(conversation=conversation_message(state))
+
+    @maps_errors
+    async def UpdateConversation(  # noqa: N802
+        self, request: spb.UpdateConversationRequest, context: Context
+    ) -> spb.UpdateConversationResponse:
+        state = await self.app.update(update_command(request, tenant=own_tenant()))
+        return spb.UpdateConversationResponse(conversation=conversation_message(state))
+
+    @maps_errors
+    async def UnarchiveConversation(  # noqa: N802
+        self, request: spb.UnarchiveConversationRequest, context: Context
+    ) -> spb.UnarchiveConversationResponse:
+        expected = request.expected_version if request.HasField("expected_version") else None
+        state = await self.app.unarchive(
+            conversation_id(request.name), tenant=own_tenant(), expected_version=expected
+        )
+        return spb.UnarchiveConversationResponse(conversation=conversation_message(state))
+
+    @maps_errors
+    async def ListTurns(  # noqa: N802
+        self, request: spb.ListTurnsRequest, context: Context
+    ) -> spb.ListTurnsResponse:
+        page = await self.app.list_turns(
+            conversation_id(request.conversation),
+            tenant=await self.read_tenant("ListTurns", request.conversation),
+            page_size=page_size(
+                request.page_size, default=DEFAULT_TURNS_PAGE, maximum=MAX_TURNS_PAGE
+            ),
+            page_token=request.page_token,
+        )
+        return spb.ListTurnsResponse(
+            turns=[turn_message(t) for t in page.items],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+        )
+
+    @maps_errors
+    async def ListMessages(  # noqa: N802
+        self, request: spb.ListMessagesRequest, context: Context
+    ) -> spb.ListMessagesResponse:
+        page = await self.app.list_messages(
+            conversation_id(request.conversation),
+            tenant=await self.read_tenant("ListMessages", request.conversation),
+            page_size=page_size(
+                request.page_size, default=DEFAULT_MESSAGES_PAGE, maximum=MAX_MESSAGES_PAGE
+            ),
+            page_token=request.page_token,
+            turn_id=request.turn_id,
+            newest_first=request.newest_first,
+        )
+        return spb.ListMessagesResponse(
+            messages=[chat_message(m) for m in page.items],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+        )
 
     @maps_errors
     async def SendMessage(  # noqa: N802
@@ -176,3 +239,8 @@ class ConversationRpcs(TenantAccess):
             if isinstance(update.payload, ev.ContextCompacted):
                 response.compaction.CopyFrom(compaction_message(update.payload))
         return response
+
+
+def _limit(requested: int) -> int:
+    """GetConversation's message_limit or turn_limit, coerced as a page size is."""
+    return page_size(requested, default=DEFAULT_CONVERSATION_LIMIT, maximum=MAX_CONVERSATION_LIMIT)

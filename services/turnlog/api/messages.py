@@ -14,6 +14,7 @@ from typing import Any
 from google.protobuf import descriptor, message, timestamp_pb2
 
 from turnlog import errors, grpc_errors
+from turnlog.api.requests import DEFAULT_CONVERSATION_LIMIT
 from turnlog.conversation.projection import (
     TextPiece,
     ToolCallPiece,
@@ -24,7 +25,7 @@ from turnlog.conversation.projection import (
 )
 from turnlog.domain import codec
 from turnlog.domain import events as ev
-from turnlog.domain.state import ConversationState, Turn, TurnStatus
+from turnlog.domain.state import ConversationState, Message, Turn, TurnStatus, system_message
 from turnlog.eventlog import conversation_of
 from turnlog.history.audit import ProblemKind
 from turnlog.storage import RecordedEvent
@@ -161,8 +162,33 @@ def compaction_message(c: ev.ContextCompacted) -> pb.ContextCompaction:
     )
 
 
-def conversation_message(state: ConversationState, *, full: bool = True) -> pb.Conversation:
-    """The API view of a folded conversation (without messages and turns unless `full`)."""
+def chat_message(m: Message) -> pb.Message:
+    return pb.Message(
+        message_id=m.message_id,
+        role=_ROLE[m.role],
+        content=m.content,
+        turn_id=m.turn_id,
+        tool_calls=[tool_call_message(c) for c in m.tool_calls],
+        tool_call_id=m.tool_call_id,
+    )
+
+
+def conversation_message(
+    state: ConversationState,
+    *,
+    full: bool = True,
+    message_limit: int = DEFAULT_CONVERSATION_LIMIT,
+    turn_limit: int = DEFAULT_CONVERSATION_LIMIT,
+) -> pb.Conversation:
+    """The API view of a folded conversation.
+
+    With `full`, `messages` holds the system message (when there is a system
+    prompt) and the latest `message_limit` other messages, `turns` the latest
+    `turn_limit` turns; without, neither. `message_count` and `turn_count`
+    always count them all. Only what is sent is copied, so a large
+    conversation costs its limits, not its length.
+    """
+    system = system_message(state)
     message = pb.Conversation(
         name=f"conversations/{state.conversation_id}",
         version=state.version,
@@ -181,6 +207,8 @@ def conversation_message(state: ConversationState, *, full: bool = True) -> pb.C
         ],
         guardrail_profile=state.guardrail_profile,
         labels=dict(state.labels),
+        message_count=len(state.messages) + (system is not None),
+        turn_count=len(state.turns),
     )
     if state.forked_from is not None:
         message.fork_origin.conversation = f"conversations/{state.forked_from[0]}"
@@ -188,18 +216,12 @@ def conversation_message(state: ConversationState, *, full: bool = True) -> pb.C
     if state.context_window is not None:
         message.context_window.CopyFrom(context_window_message(state.context_window))
     if full:
-        for m in state.messages:
-            message.messages.append(
-                pb.Message(
-                    message_id=m.message_id,
-                    role=_ROLE[m.role],
-                    content=m.content,
-                    turn_id=m.turn_id,
-                    tool_calls=[tool_call_message(c) for c in m.tool_calls],
-                    tool_call_id=m.tool_call_id,
-                )
-            )
-        message.turns.extend(turn_message(t) for t in state.turns)
+        if system is not None:
+            message.messages.append(chat_message(system))
+        if message_limit > 0:
+            message.messages.extend(chat_message(m) for m in state.messages[-message_limit:])
+        if turn_limit > 0:
+            message.turns.extend(turn_message(t) for t in state.turns[-turn_limit:])
     return message
 
 

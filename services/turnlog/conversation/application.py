@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -41,6 +42,7 @@ from turnlog.conversation.context import TokenCounter
 from turnlog.conversation.control import MAX_WAIT_S, ToolResultInput, TurnControl
 from turnlog.conversation.listing import ConversationIndex, ConversationSummary, ListQuery
 from turnlog.conversation.options import ServiceDefaults, TurnOptions
+from turnlog.conversation.paging import Page, page_of
 from turnlog.conversation.projection import (
     TextPiece,
     TurnEnded,
@@ -51,9 +53,23 @@ from turnlog.conversation.projection import (
 from turnlog.conversation.recovery import TurnRecovery
 from turnlog.conversation.repository import ConversationRepository
 from turnlog.conversation.running import RunningTurns
+from turnlog.conversation.settings import (
+    UpdateConversation,
+    changes_anything,
+    same_request,
+    update_event,
+)
 from turnlog.conversation.tools import ToolRegistry
 from turnlog.domain import events as ev
-from turnlog.domain.state import ConversationState, Turn, TurnStatus, evolve, fold
+from turnlog.domain.state import (
+    ConversationState,
+    Message,
+    Turn,
+    TurnStatus,
+    evolve,
+    fold,
+    messages_with_system,
+)
 from turnlog.eventlog import Clock, derived_id, stream_id, wall_clock_us
 from turnlog.guardrails import (
     GuardrailPipeline,
@@ -299,13 +315,200 @@ class ConversationApplication:
         )
         return after
 
+    async def unarchive(
+        self,
+        conversation_id: str,
+        *,
+        tenant: str = ev.DEFAULT_TENANT,
+        expected_version: int | None = None,
+    ) -> ConversationState:
+        """Let an archived conversation take turns again; an active one is returned as it is.
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`.
+            VersionConflictError: `expected_version` is not the current version.
+        """
+        state = await self.load(conversation_id, tenant=tenant)
+        if expected_version is not None and expected_version != state.version:
+            raise errors.VersionConflictError(
+                stream_id(conversation_id), expected_version, state.version
+            )
+        if not state.archived:
+            return state
+        # No turn runs in an archived conversation, so nothing can slip in
+        # between: the append at the loaded version only loses to another
+        # unarchive or update.
+        unarchived = ev.ConversationUnarchived(unarchived_at_us=self.clock())
+        event = self.repository.new_event(
+            derived_id(conversation_id, "unarchived", str(state.version)), unarchived
+        )
+        after = evolve(state, unarchived)
+        await self.repository.append(
+            conversation_id, [event], expected_version=state.version, state=after
+        )
+        return after
+
+    async def update(self, command: UpdateConversation) -> ConversationState:
+        """Replace the settings `command.fields` names: one `ConversationUpdated`, or nothing.
+
+        Idempotent by `request_id`: a retry returns the conversation as the
+        first call left it (the version its event made) and records nothing;
+        the same id with another change is refused. A call that changes no
+        setting records nothing. Archived conversations may be updated (their
+        settings are still read by exports, forks and an unarchive); a running
+        turn keeps the settings it started with, because an update waits for it
+        to end (refused meanwhile, as archive is: the turn's events are
+        appended at the versions it expects).
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`.
+            RequestIdReusedError: `request_id` made another change (metadata
+                `originalId`: that change's event id).
+            VersionConflictError: `expected_version` is not the current version.
+            TurnInProgressError: A turn is running.
+            InvalidArgumentError: Unknown guardrail profile or server tool;
+                `FieldRefusedError` for a field a sanitize guardrail would change.
+        """
+        cid = command.conversation_id
+        for attempt in range(3):
+            state = await self.load(cid, tenant=command.tenant)
+            event = self._update_event(command, state)
+            if command.request_id:
+                earlier = state.update_for_request(command.request_id)
+                if earlier is not None:
+                    if not same_request(earlier.event, event):
+                        raise errors.RequestIdReusedError(
+                            "this request_id was used for another change of the conversation",
+                            metadata={"originalId": _update_event_id(cid, command.request_id)},
+                        )
+                    return await self.load(cid, tenant=command.tenant, version=earlier.version)
+            if command.expected_version is not None and command.expected_version != state.version:
+                raise errors.VersionConflictError(
+                    stream_id(cid), command.expected_version, state.version
+                )
+            if not changes_anything(state, event):
+                return state
+            if state.open_turn is not None:
+                raise errors.TurnInProgressError(
+                    "a turn is running; update the conversation when it has ended",
+                    metadata={"turnId": state.open_turn.turn_id},
+                )
+            stored = self.repository.new_event(
+                _update_event_id(cid, command.request_id or str(uuid.uuid4())),
+                event,
+                correlation=command.request_id,
+            )
+            after = evolve(state, event)
+            try:
+                await self.repository.append(
+                    cid, [stored], expected_version=state.version, state=after
+                )
+            except (errors.VersionConflictError, errors.DuplicateEventError):
+                # A turn started or another update landed (perhaps this very
+                # request, retried concurrently): decide again on the new state,
+                # unless the caller named the version it expects.
+                self.repository.forget(cid)
+                if command.expected_version is not None or attempt == 2:
+                    raise
+                continue
+            return after
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _update_event(
+        self, command: UpdateConversation, state: ConversationState
+    ) -> ev.ConversationUpdated:
+        """The event of `command` on `state`, after the checks its new settings must pass."""
+        named = set(command.fields)
+        profile = (
+            command.guardrail_profile if "guardrail_profile" in named else state.guardrail_profile
+        )
+        pipeline = GuardrailPipeline.for_profile(
+            profile or self.defaults.guardrail_profile, self.guardrails
+        )
+        tools = tuple(self.tools.complete(t) for t in command.tools) if "tools" in named else ()
+        event = update_event(command, tools=tools, at_us=self.clock())
+        after = evolve(state, event)
+        # Recorded as given, so refused (not rewritten) if a sanitize guardrail
+        # would change them: the settings replaced, and every setting when the
+        # profile itself changes (they now fall under it).
+        fields = conversation_fields(
+            system_prompt=after.system_prompt,
+            labels=after.labels,
+            tools=after.tools,
+            sampling=after.sampling,
+        )
+        pipeline.check_fields(
+            dataclasses.replace(f, path=f"conversation.{f.path}")
+            for f in fields
+            if "guardrail_profile" in named or _setting_of(f.path) in named
+        )
+        return event
+
     async def list_conversations(self, query: ListQuery) -> tuple[list[ConversationSummary], str]:
         """A page of conversations, newest first, and the next page token ("" at the end).
+
+        Each entry's state is the conversation's latest (read through the
+        state cache), so that its version, settings and counts are current.
 
         Raises:
             InvalidArgumentError: A malformed page token.
         """
-        return await self._index.page(query)
+        page, token = await self._index.page(query)
+        latest = [
+            dataclasses.replace(s, state=await self.load(s.conversation_id, tenant=None))
+            for s in page
+        ]
+        return latest, token
+
+    async def list_turns(
+        self,
+        conversation_id: str,
+        *,
+        tenant: str | None = ev.DEFAULT_TENANT,
+        page_size: int,
+        page_token: str = "",
+    ) -> Page[Turn]:
+        """A page of the conversation's turns, oldest first.
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`.
+            InvalidArgumentError: A malformed page token, or one of another conversation.
+        """
+        state = await self.load(conversation_id, tenant=tenant)
+        return page_of(state.turns, size=page_size, token=page_token, scope={"c": conversation_id})
+
+    async def list_messages(
+        self,
+        conversation_id: str,
+        *,
+        tenant: str | None = ev.DEFAULT_TENANT,
+        page_size: int,
+        page_token: str = "",
+        turn_id: str = "",
+        newest_first: bool = False,
+    ) -> Page[Message]:
+        """A page of the conversation's messages (the system message first), or one turn's.
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`, or no such turn.
+            InvalidArgumentError: A malformed page token, or one of another query.
+        """
+        state = await self.load(conversation_id, tenant=tenant)
+        if turn_id:
+            if state.turn(turn_id) is None:
+                raise errors.NotFoundError(
+                    f"turn {turn_id!r} not found", metadata={"turnId": turn_id}
+                )
+            messages: Sequence[Message] = [m for m in state.messages if m.turn_id == turn_id]
+        else:
+            messages = messages_with_system(state)
+        return page_of(
+            messages,
+            size=page_size,
+            token=page_token,
+            scope={"c": conversation_id, "t": turn_id},
+            newest_first=newest_first,
+        )
 
     # -- recovery ----------------------------------------------------------------
 
@@ -616,6 +819,16 @@ def _turn_of(state: ConversationState, turn_id: str) -> Turn:
     return found
 
 
+def _update_event_id(conversation_id: str, request_id: str) -> str:
+    """The event id of the update a request id makes (what `originalId` names)."""
+    return derived_id(conversation_id, "updated", request_id)
+
+
+def _setting_of(path: str) -> str:
+    """The update mask path a guardrail field path belongs to: "tools[0].description" -> "tools"."""
+    return path.split(".", 1)[0].split("[", 1)[0]
+
+
 def owned(state: ConversationState, tenant: str | None) -> ConversationState:
     """`state` when `tenant` owns it (or is None: any tenant); else not found, as if absent."""
     if tenant is not None and state.tenant != tenant:
@@ -661,10 +874,12 @@ __all__ = [
     "ConversationSummary",
     "CreateConversation",
     "ListQuery",
+    "Page",
     "ServiceDefaults",
     "TextPiece",
     "ToolResultInput",
     "TurnInput",
     "TurnOptions",
     "TurnResult",
+    "UpdateConversation",
 ]

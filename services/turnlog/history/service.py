@@ -8,7 +8,6 @@ docs/history.md explains the formats and the choices made here.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import json
@@ -18,6 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, I
 from dataclasses import dataclass
 
 from turnlog import errors
+from turnlog.conversation.paging import make_token, read_token
 from turnlog.domain import codec
 from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, fold
@@ -225,22 +225,9 @@ class ImportOutcome:
     already_present: int
 
 
-def _token(payload: dict[str, object]) -> str:
-    raw = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _untoken(token: str) -> dict[str, object]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise errors.InvalidArgumentError(
-            "malformed page token", metadata={"field": "page_token"}
-        ) from e
-    if not isinstance(value, dict):
-        raise errors.InvalidArgumentError("malformed page token", metadata={"field": "page_token"})
-    return value
+# ReadEvents' page tokens: the list RPCs' one scheme (a token bound to its query).
+_token = make_token
+_untoken = read_token
 
 
 #: The stream recording administrators' cross-tenant reads (not a conversation:
