@@ -270,3 +270,44 @@ async def test_a_filtered_subscription_keeps_its_checkpoints_and_resumes_after_t
     assert first.type == "ConversationArchived"
     assert first.conversation == names[0]
     assert first.WhichOneof("event") == "conversation_archived"
+
+
+async def test_the_chain_is_verified_on_the_client_from_read_events(
+    client: AsyncTurnlogClient,
+) -> None:
+    name = await _conversation_with_history(client)
+    report = await client.verify_locally(name)
+    folded = await client.get_conversation(name)
+    assert report.intact
+    assert report.events_checked == report.last_version == folded.version
+    served = await client.verify_conversation(name)
+    assert served.intact
+    assert served.events_checked == report.events_checked
+
+
+async def test_manage_calls_and_their_paging(client: AsyncTurnlogClient) -> None:
+    name = await _conversation_with_history(client)
+    unarchived = await client.unarchive_conversation(name)
+    assert unarchived.state == pb.CONVERSATION_STATE_ACTIVE
+    current = await client.get_conversation(name)
+    current.system_prompt = "Be briefer."
+    updated = await client.update_conversation(current, ["system_prompt"])
+    assert updated.system_prompt == "Be briefer."
+    await client.send_message(name, "hi again")
+    folded = await client.get_conversation(name)
+    transcript = await client.transcript(name)
+    # The update is folded on the client too: the system message is the new prompt.
+    assert transcript.system_prompt == "Be briefer."
+    assert [m.SerializeToString() for m in transcript.messages] == [
+        m.SerializeToString() for m in folded.messages
+    ]
+    turns = [t async for t in client.list_turns(name, page_size=1)]
+    assert [t.turn_id for t in turns] == [t.turn_id for t in folded.turns]
+    assert len(turns) == folded.turn_count == 4
+    messages = [m async for m in client.list_messages(name, page_size=2)]
+    assert [m.message_id for m in messages] == [m.message_id for m in transcript.messages]
+    newest = [m async for m in client.list_messages(name, page_size=3, newest_first=True)]
+    assert newest == messages[::-1]
+    last_turn = [m async for m in client.list_messages(name, turn_id=turns[-1].turn_id)]
+    assert last_turn[0].content == "hi again"
+    assert {m.turn_id for m in last_turn} == {turns[-1].turn_id}

@@ -33,7 +33,7 @@ from turnlog_client.retry import NO_RETRY, RetryPolicy
 from turnlog_client.streams import ConverseTurn, Subscription, ToolCallback, TurnStream
 from turnlog_client.sync import TurnlogClient
 from turnlog_client.transcript import Transcript, TranscriptTurn
-from turnlog_client.verify import ExportFormatError, StreamReport, verify_export
+from turnlog_client.verify import ExportFormatError, StreamReport, verify_events, verify_export
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -69,5 +69,6 @@ __all__ = [
     "Unimplemented",
     "Unknown",
     "conversation_name",
+    "verify_events",
     "verify_export",
 ]

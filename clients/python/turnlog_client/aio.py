@@ -40,6 +40,7 @@ from turnlog_client.errors import TurnlogError, error_from_rpc
 from turnlog_client.retry import RetryPolicy
 from turnlog_client.streams import ConverseTurn, Subscription, ToolCallback, TurnStream
 from turnlog_client.transcript import Transcript
+from turnlog_client.verify import StreamReport, verify_events
 
 #: Where `make serve` listens.
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
@@ -450,6 +451,21 @@ class AsyncTurnlogClient:
             event_types=event_types,
             view=view,
         )
+
+    async def verify_locally(self, conversation: str) -> StreamReport:
+        """Checks the conversation's hash chain here, from its stored events (not the service's word).
+
+        Reads every event with its stored text and recomputes each hash
+        (`verify_events`); see `verify_conversation` for the service's own
+        check, which also folds the history.
+        """
+        events = [e async for e in self.read_events(conversation, view=hpb.EVENT_VIEW_RAW)]
+        reports = verify_events(events)
+        if not reports:
+            stream = conversation_name(conversation).removeprefix("conversations/")
+            return StreamReport(f"conversation-{stream}", 0, 0)
+        [report] = reports
+        return report
 
     async def fork_conversation(
         self,

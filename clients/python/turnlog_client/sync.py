@@ -221,6 +221,7 @@ class TurnlogClient:
     )
     fork_conversation = _blocking(AsyncTurnlogClient.fork_conversation)
     verify_conversation = _blocking(AsyncTurnlogClient.verify_conversation)
+    verify_locally = _blocking(AsyncTurnlogClient.verify_locally)
     export_conversation = _blocking(AsyncTurnlogClient.export_conversation)
     import_conversation = _blocking(AsyncTurnlogClient.import_conversation)
 

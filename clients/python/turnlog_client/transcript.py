@@ -2,10 +2,13 @@
 
 `ReadEvents` with `EVENT_VIEW_TYPED` gives each stored event as a typed
 message (`LogEvent.event`). `Transcript.fold` applies them in version order
-the way the service folds its log: messages come from `MessageAppended`
-(system and user messages), `GenerationCompleted` (assistant messages, with
-their tool calls) and `ToolCallCompleted`/`ToolCallFailed` (tool messages);
-turns open with `TurnStarted` and close with one of the five ending events.
+the way the service folds its log: the system message is the system prompt
+(a setting of `ConversationCreated`, changed by `ConversationUpdated`; the
+API shows it first, with message id "system"); the other messages come from
+`MessageAppended` (user messages), `GenerationCompleted` (assistant
+messages, with their tool calls) and `ToolCallCompleted`/`ToolCallFailed`
+(tool messages); turns open with `TurnStarted` and close with one of the
+five ending events.
 A client can thus rebuild, audit or render a conversation (at any version)
 from the log alone, and a test holds the result to `GetConversation`.
 
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import history_pb2 as hpb
 
+#: The id the API gives the system message.
+SYSTEM_MESSAGE_ID = "system"
 _ENDINGS = {
     "turn_completed": pb.TURN_STATUS_COMPLETED,
     "turn_failed": pb.TURN_STATUS_FAILED,
@@ -52,7 +57,8 @@ class Transcript:
     Attributes:
         conversation: the resource name.
         version: the last version folded.
-        messages: oldest first, as `pb.Message` (the shape GetConversation returns).
+        system_prompt: the system prompt at `version`.
+        chat: the messages but the system message, oldest first.
         turns: oldest first.
         archived: whether the conversation is archived at `version`.
         forked_from: (source name, source version) for a fork.
@@ -60,10 +66,21 @@ class Transcript:
 
     conversation: str = ""
     version: int = 0
-    messages: list[pb.Message] = field(default_factory=list)
+    system_prompt: str = ""
+    chat: list[pb.Message] = field(default_factory=list)
     turns: list[TranscriptTurn] = field(default_factory=list)
     archived: bool = False
     forked_from: tuple[str, int] | None = None
+
+    @property
+    def messages(self) -> list[pb.Message]:
+        """Every message as GetConversation shows them: the system message (if any) first."""
+        if not self.system_prompt:
+            return list(self.chat)
+        system = pb.Message(
+            message_id=SYSTEM_MESSAGE_ID, role=pb.ROLE_SYSTEM, content=self.system_prompt
+        )
+        return [system, *self.chat]
 
     @classmethod
     def fold(cls, events: Iterable[hpb.LogEvent]) -> Transcript:
@@ -82,7 +99,13 @@ class Transcript:
             )
         self.conversation = event.conversation
         self.version = event.version
-        if kind == "conversation_forked":
+        if kind == "conversation_created":
+            self.system_prompt = event.conversation_created.system_prompt
+        elif kind == "conversation_updated":
+            updated = event.conversation_updated
+            if "system_prompt" in updated.fields:
+                self.system_prompt = updated.system_prompt
+        elif kind == "conversation_forked":
             forked = event.conversation_forked
             self.forked_from = (
                 f"conversations/{forked.source_conversation_id}",
@@ -94,7 +117,7 @@ class Transcript:
             self.archived = False
         elif kind == "message_appended":
             m = event.message_appended
-            self.messages.append(
+            self.chat.append(
                 pb.Message(
                     message_id=m.message_id, role=m.role, content=m.content, turn_id=m.turn_id
                 )
@@ -106,7 +129,7 @@ class Transcript:
             )
         elif kind == "generation_completed":
             g = event.generation_completed
-            self.messages.append(
+            self.chat.append(
                 pb.Message(
                     message_id=g.generation_id,
                     role=pb.ROLE_ASSISTANT,
@@ -118,7 +141,7 @@ class Transcript:
         elif kind in ("tool_call_completed", "tool_call_failed"):
             done = getattr(event, kind)
             content = done.result if kind == "tool_call_completed" else done.error
-            self.messages.append(
+            self.chat.append(
                 pb.Message(
                     message_id=f"{done.turn_id}/{done.call_id}",
                     role=pb.ROLE_TOOL,

@@ -12,9 +12,10 @@ chain (encoding v1)")::
     f(s) = int8(byte length of UTF-8 s) || UTF-8 s;  int8 = 8 bytes big-endian
 
 This is an independent implementation of that text (SHA-256 from hashlib),
-so a client can check an export it was handed without trusting, or
-importing, the service's code. A test holds it to the service's verifier on
-the golden logs.
+so a client can check an export it was handed, or the events ReadEvents
+sent it (`verify_events`), without trusting, or importing, the service's
+code. Tests hold it to the service's verifier on the golden logs and to the
+cross-language conformance summaries (clients/conformance).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
+
+from turnlog.v1 import history_pb2 as hpb
 
 FORMAT = "turnlog.events.jsonl"
 FORMAT_VERSION = 1
@@ -193,18 +196,75 @@ def verify_export(source: Path | str | bytes | Iterable[str | bytes]) -> tuple[S
         break
     if header != {"format": FORMAT, "version": FORMAT_VERSION, "hash": HASH_ENCODING}:
         raise ExportFormatError(1, f"not a {FORMAT} version {FORMAT_VERSION} header")
-    # stream id -> (next version expected, prev_hash expected, events checked, last version)
-    progress: dict[str, tuple[int, bytes, int, int]] = {}
-    broken: dict[str, StreamReport] = {}
+    chains = _Chains()
     for number, raw in numbered:
         try:
             value = json.loads(raw)
         except ValueError:
             raise ExportFormatError(number, "not JSON") from None
-        event = _parse_event(number, value)
-        if event.stream_id in broken:
-            continue
-        expected_version, expected_prev, checked, _ = progress.get(
+        chains.check(_parse_event(number, value))
+    return chains.reports()
+
+
+def log_event_hash(event: hpb.LogEvent) -> bytes:
+    """The chain hash of an event as ReadEvents/SubscribeEvents send it (raw or both views).
+
+    Recomputed from its fields: `record_time` counts in whole microseconds.
+    An event read with the typed view only has no `data_json` and cannot be
+    checked.
+    """
+    return event_hash(
+        prev_hash=event.prev_hash,
+        stream_id=event.stream_id,
+        stream_version=event.version,
+        event_id=UUID(event.event_id),
+        type=event.type,
+        data_json=event.data_json,
+        metadata_json=event.metadata_json,
+        recorded_at_us=event.record_time.seconds * 1_000_000 + event.record_time.nanos // 1000,
+    )
+
+
+def verify_events(events: Iterable[hpb.LogEvent]) -> tuple[StreamReport, ...]:
+    """Checks the hash chains of events read from the service, on the client.
+
+    The events must carry their stored text (`EVENT_VIEW_RAW` or
+    `EVENT_VIEW_BOTH`) and each stream must start at version 1. This checks
+    what the service sent against itself, without trusting its
+    `VerifyConversation`: an edit, a deletion or a reordering of the stored
+    events shows, as it does in an export.
+    """
+    chains = _Chains()
+    for event in events:
+        chains.check(
+            _Line(
+                stream_id=event.stream_id,
+                version=event.version,
+                event_id=UUID(event.event_id),
+                type=event.type,
+                data_json=event.data_json,
+                metadata_json=event.metadata_json,
+                recorded_at_us=event.record_time.seconds * 1_000_000
+                + event.record_time.nanos // 1000,
+                prev_hash=event.prev_hash,
+                hash=event.hash,
+            )
+        )
+    return chains.reports()
+
+
+class _Chains:
+    """The checks of one or more streams' chains, event by event, in order."""
+
+    def __init__(self) -> None:
+        # stream id -> (next version expected, prev_hash expected, events checked, last version)
+        self._progress: dict[str, tuple[int, bytes, int, int]] = {}
+        self._broken: dict[str, StreamReport] = {}
+
+    def check(self, event: _Line) -> None:
+        if event.stream_id in self._broken:
+            return
+        expected_version, expected_prev, checked, _ = self._progress.get(
             event.stream_id, (1, _GENESIS, 0, 0)
         )
         checked += 1
@@ -227,15 +287,24 @@ def verify_export(source: Path | str | bytes | Iterable[str | bytes]) -> tuple[S
             != event.hash
         ):
             problem = "hash mismatch: the event's content was changed"
-        progress[event.stream_id] = (expected_version + 1, event.hash, checked, event.version)
+        self._progress[event.stream_id] = (expected_version + 1, event.hash, checked, event.version)
         if problem:
-            broken[event.stream_id] = StreamReport(
+            self._broken[event.stream_id] = StreamReport(
                 event.stream_id, checked, event.version, event.version, problem
             )
-    return tuple(
-        broken.get(stream_id) or StreamReport(stream_id, checked, last)
-        for stream_id, (_, _, checked, last) in progress.items()
-    )
+
+    def reports(self) -> tuple[StreamReport, ...]:
+        return tuple(
+            self._broken.get(stream_id) or StreamReport(stream_id, checked, last)
+            for stream_id, (_, _, checked, last) in self._progress.items()
+        )
 
 
-__all__ = ["ExportFormatError", "StreamReport", "event_hash", "verify_export"]
+__all__ = [
+    "ExportFormatError",
+    "StreamReport",
+    "event_hash",
+    "log_event_hash",
+    "verify_events",
+    "verify_export",
+]
