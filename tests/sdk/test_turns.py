@@ -221,3 +221,34 @@ async def test_submit_tool_results_answers_a_streamed_turns_client_tool(
     assert stream.ended is not None
     folded = await client.get_conversation(conversation.name)
     assert [m.content for m in folded.messages if m.role == pb.ROLE_TOOL] == ["from afar"]
+
+
+async def test_a_cut_converse_turn_is_read_to_its_end_over_stream_turn(
+    service: Service, client: AsyncTurnlogClient
+) -> None:
+    """A broken Converse cancels its turn on the service (docs/conversation.md): the
+    SDK reads the rest of it over StreamTurn, so the caller sees it end, not an error."""
+    conversation = await client.create_conversation(
+        tools=[pb.ToolDefinition(name="lookup", client_side=True)],
+        defaults=pb.TurnDefaults(max_tool_round_trips=1),
+    )
+    calls: list[pb.ToolCall] = []
+    async with TcpProxy(service.address) as proxy, service.client(proxy.address) as cut_client:
+
+        async def lookup(call: pb.ToolCall) -> str:
+            # The connection dies while the tool runs.
+            calls.append(call)
+            proxy.cut()
+            asyncio.get_running_loop().call_later(0.3, proxy.restore)
+            return "found it"
+
+        turn = cut_client.converse(conversation.name, "ask the client", tools={"lookup": lookup})
+        events = [event async for event in turn]
+    assert turn.resumes == 1
+    assert [c.name for c in calls] == ["lookup"], "the tool ran once"
+    assert _sequences(events) == list(range(1, len(events) + 1)), "a gap or a duplicate"
+    uncut = [e async for e in client.resume_turn(conversation.name, turn.turn_id)]
+    assert [e.SerializeToString() for e in events] == [e.SerializeToString() for e in uncut]
+    ended = events[-1].turn_ended.turn
+    assert ended.status == pb.TURN_STATUS_CANCELLED
+    assert "disconnected" in ended.outcome_reason

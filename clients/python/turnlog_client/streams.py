@@ -11,14 +11,15 @@ connection costs the caller nothing:
   position, the `caught_up` marker and every `checkpoint`, and resubscribes
   after the furthest of them.
 - `ConverseTurn` (Converse) runs one turn on a bidirectional stream and
-  answers the service's client-side tool calls with the caller's callbacks.
-  A Converse stream cannot be resumed as such (the service awaits tool
-  results on it), so a cut Converse turn raises.
+  answers the service's client-side tool calls with the caller's callbacks;
+  cut off, it reads the rest of the turn over a resumed StreamTurn (the
+  service cancels the turns of a broken Converse).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
@@ -29,7 +30,12 @@ import grpc
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import history_pb2 as hpb
-from turnlog_client.errors import TurnlogError, error_from_detail, error_from_rpc
+from turnlog_client.errors import (
+    FailedPrecondition,
+    TurnlogError,
+    error_from_detail,
+    error_from_rpc,
+)
 
 if TYPE_CHECKING:
     from turnlog_client.aio import AsyncTurnlogClient
@@ -137,10 +143,22 @@ class ConverseTurn:
     service awaits a client-side tool (`tool_execution_started.client_side`),
     the callback registered under the tool's name runs (a sync callback in a
     worker thread, so it never blocks the event loop) and its result, or its
-    exception as the call's error, goes back on the stream before the next
-    event is read. `cancel()` asks the service to cancel the turn in-band.
-    Refusals of the turn's user message raise; refusals of later actions (a
-    cancel that came too late) are kept in `rejections`.
+    exception as the call's error, goes back before the next event is read.
+    `cancel()` asks the service to cancel the turn. Refusals of the turn's
+    user message raise; refusals of later actions (a cancel that came too
+    late) are kept in `rejections`.
+
+    A cut connection: the service cancels the turns of a Converse stream
+    that breaks (docs/conversation.md), so the SDK reads the rest of the
+    turn's events over a `StreamTurn` resumed after the last sequence seen
+    (or started with the same request id, when the cut came before the
+    turn's first event: that watches the same turn, never a second), with
+    `TurnStream`'s retries. The caller sees the turn end (cancelled, "the
+    client disconnected") with no gap and no duplicate, instead of an
+    error, and may send the message again. While it reads that way, tool
+    calls are answered with `SubmitToolResults` (answers the cut stream may
+    have lost are sent again: the same answer twice has no effect) and
+    `cancel()` uses `CancelTurn`. `resumes` counts such switches.
     """
 
     def __init__(
@@ -155,10 +173,15 @@ class ConverseTurn:
         self._call: Any = None
         self._write_lock = asyncio.Lock()
         self._cancel_reason: str | None = None
+        self._over_stream_turn = False
+        #: Answers sent whose ToolExecutionFinished has not come yet, by call id.
+        self._unconfirmed: dict[str, spb.ToolResult] = {}
         self.turn_id = ""
+        self.last_sequence = 0
         self.ended: spb.TurnEnded | None = None
         self.rejections: list[TurnlogError] = []
         self.tool_calls_answered = 0
+        self.resumes = 0
         self._events = self._run()
 
     def __aiter__(self) -> Self:
@@ -173,14 +196,21 @@ class ConverseTurn:
     async def cancel(self, reason: str = "") -> None:
         """Ask the service to cancel the turn; events go on until its `turn_ended`."""
         self._cancel_reason = reason
-        if self.turn_id and self.ended is None:
+        if not self.turn_id or self.ended is not None:
+            return  # sent once the turn has started
+        if self._over_stream_turn:
+            await self._client.cancel_turn(self._input.conversation, self.turn_id, reason=reason)
+        else:
             await self._write(
                 spb.ConverseRequest(cancel=spb.CancelTurn(turn_id=self.turn_id, reason=reason))
             )
 
     async def _write(self, request: spb.ConverseRequest) -> None:
+        """Sends on the Converse stream; a failure shows as the stream's error when read."""
         async with self._write_lock:
-            if self._call is not None and self.ended is None:
+            if self._call is None or self.ended is not None:
+                return
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 await self._call.write(request)
 
     async def _answer(self, call: pb.ToolCall) -> spb.ToolResult:
@@ -202,7 +232,50 @@ class ConverseTurn:
         result.result = str(value)
         return result
 
+    def _note(self, event: spb.TurnEvent) -> bool:
+        """Records how far the turn got; False for an event already yielded."""
+        if event.sequence and event.sequence <= self.last_sequence:
+            return False
+        self.turn_id = event.turn_id
+        self.last_sequence = event.sequence or self.last_sequence
+        if event.HasField("tool_execution_finished"):
+            self._unconfirmed.pop(event.tool_execution_finished.execution.call.call_id, None)
+        if event.HasField("turn_ended"):
+            self.ended = event.turn_ended
+        return True
+
+    async def _tool_call(self, event: spb.TurnEvent) -> spb.ToolResult | None:
+        """The answer to a client-side tool call the event asks for, if it asks for one."""
+        started = event.tool_execution_started
+        if not (event.HasField("tool_execution_started") and started.client_side):
+            return None
+        answer = await self._answer(started.call)
+        self._unconfirmed[answer.call_id] = answer
+        self.tool_calls_answered += 1
+        return answer
+
     async def _run(self) -> AsyncGenerator[spb.TurnEvent, None]:
+        conversing = self._conversing()
+        try:
+            async for event in conversing:
+                yield event
+            return
+        except TurnlogError as error:
+            if not (error.retryable and self.ended is None):
+                raise
+        finally:
+            await conversing.aclose()
+        self.resumes += 1
+        self._over_stream_turn = True
+        streaming = self._streaming()
+        try:
+            async for event in streaming:
+                yield event
+        finally:
+            await streaming.aclose()
+
+    async def _conversing(self) -> AsyncGenerator[spb.TurnEvent, None]:
+        """The turn on its Converse stream, until it ends or the stream breaks."""
         # No request iterator: requests are written with call.write().
         self._call = self._client.stub.Converse(metadata=self._client.call_metadata)  # type: ignore[call-arg]
         try:
@@ -217,24 +290,55 @@ class ConverseTurn:
                     continue
                 event = response.event
                 first = not self.turn_id
-                self.turn_id = event.turn_id
-                if event.HasField("turn_ended"):
-                    self.ended = event.turn_ended
-                    await self._call.done_writing()
+                if not self._note(event):
+                    continue
+                if self.ended is not None:
+                    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                        await self._call.done_writing()
                 yield event
                 if self.ended is not None:
                     return
                 if first and self._cancel_reason is not None:
                     await self.cancel(self._cancel_reason)
-                started = event.tool_execution_started
-                if event.HasField("tool_execution_started") and started.client_side:
-                    answer = await self._answer(started.call)
+                answer = await self._tool_call(event)
+                if answer is not None:
                     await self._write(spb.ConverseRequest(tool_result=answer))
-                    self.tool_calls_answered += 1
+            raise TurnlogError("the stream ended before the turn", code=grpc.StatusCode.UNAVAILABLE)
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e) from e
         finally:
             self._call.cancel()
+
+    async def _streaming(self) -> AsyncGenerator[spb.TurnEvent, None]:
+        """The rest of the turn over StreamTurn, answering tools with SubmitToolResults."""
+        name = self._input.conversation
+        if self.turn_id:
+            stream = self._client.resume_turn(name, self.turn_id, self.last_sequence)
+        else:
+            # Cut before the turn was seen to start: start it over StreamTurn
+            # with the same request id, which watches the same turn if the
+            # user message did arrive (never a second turn).
+            stream = TurnStream(self._client, spb.StreamTurnRequest(start=self._input), name)
+        try:
+            if self._unconfirmed and self.turn_id:
+                # The cut stream may have lost them; the same answer twice is harmless.
+                with contextlib.suppress(FailedPrecondition):
+                    await self._client.submit_tool_results(
+                        name, self.turn_id, list(self._unconfirmed.values())
+                    )
+            if self._cancel_reason is not None:
+                await self.cancel(self._cancel_reason)
+            async for event in stream:
+                if not self._note(event):
+                    continue
+                yield event
+                if self.ended is not None:
+                    return
+                answer = await self._tool_call(event)
+                if answer is not None:
+                    await self._client.submit_tool_results(name, self.turn_id, [answer])
+        finally:
+            await stream.aclose()
 
 
 class Subscription:
