@@ -29,6 +29,8 @@ SCRIPT: dict[str, Any] = {
             "text": "Let me compute.",
             "tool_calls": [{"name": "calculator", "arguments": {"expression": "6*7"}}],
         },
+        # The default guardrail profile redacts the address (a MODIFY decision).
+        {"match": "mail me", "text": "Write to alice@example.com please."},
     ],
     "default": {"text": "Hello there."},
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from sdk_helpers import SCRIPT
 from serve_processes import ServeProcess
 from worker_processes import WorkerProcess
 
-from turnlog_client import verify_export
+from turnlog.v1 import conversation_pb2 as pb
+from turnlog_client import TurnlogClient, verify_export
 
 pytestmark = pytest.mark.timeout(180)
 #: The prompt as prompt_toolkit draws it (it moves the cursor instead of writing the space).
@@ -61,6 +63,18 @@ def _session(serve: ServeProcess, export_to: Path) -> str:
     chat.expect_exact("Hello there.")
     chat.expect_exact(PROMPT)
 
+    # (The scripted model answers the first cue found in the whole prompt, so
+    # the cues come in the script's reverse order.)
+    chat.sendline("please mail me")
+    chat.expect(r"guardrail \S+: modify")  # shown inline as the reply streams
+    chat.expect_exact(PROMPT)
+
+    chat.sendline("what is 6*7")  # a tool this conversation does not offer
+    chat.expect_exact("retracted")
+    chat.expect_exact("guardrail tool_allow_list: block")
+    chat.expect_exact("[turn blocked: sanitize_response/tool_allow_list")
+    chat.expect_exact(PROMPT)
+
     chat.sendline("tell me a slow story")
     chat.expect_exact("once upon a time once upon")  # streamed text arrives
     chat.sendintr()  # Ctrl-C mid-turn
@@ -100,11 +114,56 @@ def _session(serve: ServeProcess, export_to: Path) -> str:
     return name
 
 
+CREATE_WITH_CALCULATOR = """
+import sys
+from turnlog.v1 import conversation_pb2 as pb
+from turnlog_client import TurnlogClient
+schema = '{"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}'
+with TurnlogClient(sys.argv[1], token=sys.argv[2]) as client:
+    tools = [pb.ToolDefinition(name="calculator", parameters_json_schema=schema)]
+    print(client.create_conversation(tools=tools).name)
+"""
+
+
+def _tools(serve: ServeProcess) -> None:
+    """Tool calls and results inline, in a conversation offering the service's calculator."""
+    # Made by a subprocess: no gRPC threads may run here when pexpect forks.
+    made = subprocess.run(
+        [sys.executable, "-c", CREATE_WITH_CALCULATOR, serve.target, serve.token],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    name = made.stdout.strip()
+    chat = _spawn(serve, "--conversation", name)
+    chat.expect_exact(f"resumed {name}")
+    chat.expect_exact(PROMPT)
+    chat.sendline("what is 6*7")
+    chat.expect_exact('tool call calculator({"expression": "6*7"}) (service)')
+    chat.expect_exact('tool result {"result": 42}')
+    chat.expect_exact(PROMPT)
+    chat.sendline("/quit")
+    chat.expect(pexpect.EOF)
+
+
 def _resume(serve: ServeProcess, name: str) -> None:
     chat = _spawn(serve, "--conversation", name.removeprefix("conversations/"))
     chat.expect_exact(f"resumed {name}")
     chat.expect_exact("assistant> Hello there.")
     chat.expect_exact("type a message, or /help")
+    chat.expect_exact(PROMPT)
+    # A turn another client started (the last spawn is behind us: gRPC may
+    # run here now), cancelled with /cancel.
+    with TurnlogClient(serve.target, token=serve.token) as other:
+        stream = other.stream_turn(name, "one more slow story")
+        next(stream)
+        chat.sendline("/cancel")
+        chat.expect_exact("[turn cancelled]")
+        chat.expect_exact(PROMPT)
+        assert list(stream)[-1].turn_ended.turn.status == pb.TURN_STATUS_CANCELLED
+    chat.sendline("/cancel")
+    chat.expect_exact("no turn is running")
     chat.expect_exact(PROMPT)
     chat.sendeof()
     chat.expect(pexpect.EOF)
@@ -126,6 +185,7 @@ def test_turnlog_chat_in_a_terminal(database_url: str, tmp_path: Path) -> None:
         serve.start()
         export = tmp_path / "chat.jsonl"
         name = _session(serve, export)
+        _tools(serve)
         _resume(serve, name)
     finally:
         serve.stop()

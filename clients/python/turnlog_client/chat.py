@@ -203,7 +203,7 @@ class Chat:
                 where = "client" if event.tool_execution_started.client_side else "service"
                 out.print(
                     f"  [cyan]tool call[/cyan] {escape(call.name)}({escape(call.arguments_json)})"
-                    f" [dim]({where})[/dim]",
+                    f" ({where})",
                     highlight=False,
                 )
             elif kind == "tool_execution_finished":
