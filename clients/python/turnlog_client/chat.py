@@ -175,7 +175,8 @@ class Chat:
 
     async def _render(self, turn: ConverseTurn) -> None:
         out = self.console
-        streaming = False
+        streaming = False  # a streamed line is open
+        retracted = False  # this generation's streamed text was partly withdrawn
         async for event in turn:
             kind = event.WhichOneof("kind")
             if kind == "text_delta":
@@ -184,60 +185,58 @@ class Chat:
                     streaming = True
                 out.print(event.text_delta.text, end="", highlight=False, markup=False)
                 continue
-            if streaming and kind in (
-                "tool_execution_started",
-                "tool_execution_finished",
-                "guardrail_decision",
-                "retraction",
-                "turn_ended",
-                "assistant_message",
-            ):
-                if kind == "assistant_message":
-                    out.print(highlight=False)
-                    streaming = False
-                    continue
-                out.print(highlight=False)
+            if kind == "retraction":
+                retracted = True
+            line = self._describe(event)
+            if kind == "assistant_message":
+                if retracted:
+                    # What was shown is not what was recorded: show the record.
+                    content = escape(event.assistant_message.content)
+                    line = f"assistant (as recorded)> {content}"
+                retracted = False
+            if line is None:
+                continue
+            if streaming:
+                out.print(highlight=False)  # end the streamed line first
                 streaming = False
-            if kind == "tool_execution_started":
-                call = event.tool_execution_started.call
-                where = "client" if event.tool_execution_started.client_side else "service"
-                out.print(
-                    f"  [cyan]tool call[/cyan] {escape(call.name)}({escape(call.arguments_json)})"
-                    f" ({where})",
-                    highlight=False,
-                )
-            elif kind == "tool_execution_finished":
-                execution = event.tool_execution_finished.execution
-                if execution.error:
-                    out.print(f"  [red]tool error[/red] {escape(execution.error)}", highlight=False)
-                else:
-                    out.print(
-                        f"  [cyan]tool result[/cyan] {escape(execution.result)}", highlight=False
-                    )
-            elif kind == "guardrail_decision":
-                decision = event.guardrail_decision
-                if decision.verdict != spb.VERDICT_ALLOW or self.show_all_decisions:
-                    out.print(
-                        f"  [yellow]guardrail[/yellow] {escape(decision.guardrail)}: "
-                        f"{_VERDICTS.get(decision.verdict, '?')}"
-                        + (f" ({escape(decision.reason)})" if decision.reason else ""),
-                        highlight=False,
-                    )
-            elif kind == "retraction":
-                retraction = event.retraction
-                out.print(
-                    f"  [yellow]retracted[/yellow] {retraction.retracted_chars} characters"
-                    + (f" ({escape(retraction.reason)})" if retraction.reason else ""),
-                    highlight=False,
-                )
-            elif kind == "turn_ended":
-                ended = event.turn_ended.turn
-                if ended.status != pb.TURN_STATUS_COMPLETED:
-                    label = _ENDED.get(ended.status, "turn ended")
-                    reason = f": {ended.outcome_reason}" if ended.outcome_reason else ""
-                    out.print(f"[{label}{reason}]", highlight=False, markup=False)
+            out.print(line, highlight=False)
         if streaming:
             out.print(highlight=False)
+
+    def _describe(self, event: spb.TurnEvent) -> str | None:
+        """The line (rich markup) that shows a non-text event, or None to show nothing."""
+        kind = event.WhichOneof("kind")
+        if kind == "tool_execution_started":
+            started = event.tool_execution_started
+            where = "client" if started.client_side else "service"
+            call = started.call
+            return f"  [cyan]tool call[/cyan] {escape(call.name)}({escape(call.arguments_json)}) ({where})"
+        if kind == "tool_execution_finished":
+            execution = event.tool_execution_finished.execution
+            if execution.error:
+                return f"  [red]tool error[/red] {escape(execution.error)}"
+            return f"  [cyan]tool result[/cyan] {escape(execution.result)}"
+        if kind == "guardrail_decision":
+            decision = event.guardrail_decision
+            if decision.verdict == spb.VERDICT_ALLOW and not self.show_all_decisions:
+                return None  # every guardrail allows every generation: too many to show
+            verdict = _VERDICTS.get(decision.verdict, "?")
+            reason = f" ({escape(decision.reason)})" if decision.reason else ""
+            return f"  [yellow]guardrail[/yellow] {escape(decision.guardrail)}: {verdict}{reason}"
+        if kind == "retraction":
+            retraction = event.retraction
+            reason = f" ({escape(retraction.reason)})" if retraction.reason else ""
+            return f"  [yellow]retracted[/yellow] {retraction.retracted_chars} characters{reason}"
+        if kind == "tool_round_limit_reached":
+            return f"  [yellow]tool round limit[/yellow] {event.tool_round_limit_reached.limit}"
+        if kind == "turn_ended":
+            ended = event.turn_ended.turn
+            if ended.status == pb.TURN_STATUS_COMPLETED:
+                return None
+            label = _ENDED.get(ended.status, "turn ended")
+            reason = f": {ended.outcome_reason}" if ended.outcome_reason else ""
+            return escape(f"[{label}{reason}]")
+        return None
 
     async def run(self) -> int:
         session: PromptSession[str] = PromptSession()
