@@ -320,7 +320,10 @@ async def chat(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return asyncio.run(chat(args))
+    try:
+        return asyncio.run(chat(args))
+    except KeyboardInterrupt:  # Ctrl-C outside a turn and the prompt (a slow /export ...)
+        return 130
 
 
 if __name__ == "__main__":
