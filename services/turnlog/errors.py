@@ -155,6 +155,16 @@ class ContextLengthExceededError(InvalidArgumentError):
     reason = "CONTEXT_LENGTH_EXCEEDED"
 
 
+class ModelNotServedError(FailedPreconditionError):
+    """A turn names a model that no connected worker serves (metadata `model`, `servedModels`).
+
+    Refused before anything is recorded: running it on whatever model is
+    there would record a model name that never generated.
+    """
+
+    reason = "MODEL_NOT_SERVED"
+
+
 class ContextExhaustedError(FailedPreconditionError):
     """The conversation's prompt no longer fits the model's context, and its policy leaves nothing out."""
 
