@@ -1020,21 +1020,49 @@ class TurnFailedEvent(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TURN_ID_FIELD_NUMBER: _builtins.int
     FAILED_AT_US_FIELD_NUMBER: _builtins.int
     ERROR_KIND_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     turn_id: _builtins.str
     """The turn."""
     failed_at_us: _builtins.int
     """When."""
     error_kind: _builtins.str
-    """The kind of error."""
+    """The error's reason (an ErrorReason name; INTERNAL for a bug)."""
     phase: _builtins.str
     """Where in the turn it failed."""
     retryable: _builtins.bool
     """Whether trying again may work."""
+    message: _builtins.str
+    """What went wrong, safe to show (empty in events recorded before it was)."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The reason's metadata (lowerCamel keys, as listed at its ErrorReason)."""
+
     def __init__(
         self,
         *,
@@ -1043,10 +1071,12 @@ class TurnFailedEvent(_message.Message):
         error_kind: _builtins.str = ...,
         phase: _builtins.str = ...,
         retryable: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_kind", b"error_kind", "failed_at_us", b"failed_at_us", "phase", b"phase", "retryable", b"retryable", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_kind", b"error_kind", "failed_at_us", b"failed_at_us", "message", b"message", "metadata", b"metadata", "phase", b"phase", "retryable", b"retryable", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

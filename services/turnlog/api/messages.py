@@ -13,6 +13,7 @@ from typing import Any
 
 from google.protobuf import descriptor, message, timestamp_pb2
 
+from turnlog import grpc_errors
 from turnlog.conversation.projection import (
     TextPiece,
     ToolCallPiece,
@@ -29,6 +30,7 @@ from turnlog.history.audit import ProblemKind
 from turnlog.storage import RecordedEvent
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
+from turnlog.v1 import errors_pb2
 from turnlog.v1 import events_pb2 as epb
 from turnlog.v1 import history_pb2 as hpb
 
@@ -101,7 +103,27 @@ def turn_message(turn: Turn) -> pb.Turn:
     )
     if turn.ended_at_us is not None:
         message.end_time.FromMicroseconds(turn.ended_at_us)
+    if turn.failure is not None:
+        message.error.CopyFrom(failure_detail(turn.failure))
     return message
+
+
+def failure_detail(failed: ev.TurnFailed) -> errors_pb2.ErrorDetail:
+    """The `ErrorDetail` of a failed turn: the status a unary call would have failed with.
+
+    The code comes from the recorded reason through the one status table
+    (`grpc_errors`), so a turn's error and an RPC's error of the same reason
+    never disagree. Events recorded before `message` was get a message made
+    of the phase and reason.
+    """
+    return errors_pb2.ErrorDetail(
+        code=grpc_errors.code_of_reason(failed.error_kind),
+        reason=failed.error_kind,
+        message=failed.message or f"the turn failed in its {failed.phase} ({failed.error_kind})",
+        metadata=dict(failed.metadata),
+        retryable=failed.retryable,
+        phase=failed.phase,
+    )
 
 
 def defaults_message(state: ConversationState) -> pb.TurnDefaults:

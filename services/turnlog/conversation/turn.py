@@ -688,6 +688,8 @@ class TurnRunner:
                     error_kind=e.reason,
                     phase=phase,
                     retryable=e.retryable,
+                    message=e.message,
+                    metadata=tuple(sorted(e.metadata.items())),
                 )
             )
         except Exception:
@@ -699,6 +701,7 @@ class TurnRunner:
                     error_kind="INTERNAL",
                     phase=phase,
                     retryable=False,
+                    message="internal error",  # a bug's own text is for the log only
                 )
             )
         finally:

@@ -50,6 +50,8 @@ class Turn:
     """The stream version of the turn's `TurnStarted` event."""
     compaction_only: bool = False
     """A `CompactConversation` unit (no messages)."""
+    failure: ev.TurnFailed | None = None
+    """For a FAILED turn: the event that ended it (the turn's structured error)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -265,6 +267,7 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
                 status=TurnStatus.FAILED,
                 ended_at_us=event.failed_at_us,
                 outcome_reason=f"{event.phase}: {event.error_kind}",
+                failure=event,
             )
         case ev.TurnCancelled():
             return _end_turn(
