@@ -8,6 +8,8 @@ log exactly as it was.
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,9 +20,11 @@ from conversation_helpers import ScriptedWorker, error_reason, scripted_worker_s
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 from turnlog.conversation.application import ConversationApplication
+from turnlog.storage import NO_STREAM, NewEvent, PostgresEventStore
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
+from turnlog.v1 import history_pb2 as hpb
 
 MODEL = "scripted-semantics"
 SCRIPT: dict[str, Any] = {
@@ -68,6 +72,14 @@ async def log_digest(database_url: str) -> list[tuple[str, int, bytes]]:
             "SELECT stream_id, stream_version, hash FROM turnlog.events ORDER BY global_position"
         )
         return [(str(r[0]), int(r[1]), bytes(r[2])) for r in await cursor.fetchall()]
+
+
+async def all_visible(store: PostgresEventStore, database_url: str) -> None:
+    """Waits until reads of all streams see every stored event (they lag on a shared server)."""
+    count = len(await log_digest(database_url))
+    async with asyncio.timeout(30):
+        while len((await store.read_all(limit=count + 1)).events) < count:  # noqa: ASYNC110 (polling the database)
+            await asyncio.sleep(0.05)
 
 
 def details(error: grpc.aio.AioRpcError) -> tuple[dict[str, str], list[str]]:
@@ -140,3 +152,99 @@ async def test_a_failed_turn_carries_its_structured_error_on_every_path(
     ok = await send(stub, await create(stub), "hello")
     assert ok.turn.status == pb.TURN_STATUS_COMPLETED
     assert not ok.turn.HasField("error")
+
+
+# -- AIP-158 paging -----------------------------------------------------------------
+
+
+async def test_a_page_size_above_the_maximum_is_coerced(
+    stub: sgrpc.ConversationServiceStub, store: PostgresEventStore, database_url: str
+) -> None:
+    for _ in range(3):
+        await create(stub)
+    await all_visible(store, database_url)
+    listed = await stub.ListConversations(spb.ListConversationsRequest(page_size=2**31 - 1))
+    assert len(listed.conversations) == 3
+    assert not listed.next_page_token
+    # Coerced to the maximum (1,000 events), not refused and not "everything".
+    many = [NewEvent(event_id=uuid.uuid4(), type="Filler", data={}) for _ in range(1001)]
+    await store.append("conversation-many", many, expected_version=NO_STREAM)
+    read = await stub.ReadEvents(
+        spb.ReadEventsRequest(conversation="conversations/many", page_size=2**31 - 1)
+    )
+    assert len(read.events) == 1000
+    assert read.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.ListConversations(spb.ListConversationsRequest(page_size=-1))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(refused.value)[1] == ["page_size"]
+
+
+async def test_a_page_token_with_other_fields_is_refused_by_every_list_rpc(
+    stub: sgrpc.ConversationServiceStub, store: PostgresEventStore, database_url: str
+) -> None:
+    for i in range(3):
+        await create(stub, labels={"team": "a"}, request_id=f"c{i}")
+    await all_visible(store, database_url)
+    listing = spb.ListConversationsRequest(page_size=1, labels={"team": "a"})
+    first = await stub.ListConversations(listing)
+    assert first.next_page_token
+    reading = spb.ReadEventsRequest(page_size=1, event_types=["ConversationCreated"])
+    read = await stub.ReadEvents(reading)
+    assert read.next_page_token
+    # The same other fields, another page_size and view: fine.
+    listing.page_token, listing.page_size = first.next_page_token, 5
+    assert len((await stub.ListConversations(listing)).conversations) == 2
+    reading.page_token, reading.page_size = read.next_page_token, 5
+    reading.view = hpb.EVENT_VIEW_BOTH
+    assert len((await stub.ReadEvents(reading)).events) == 2
+    # Another filter, another RPC's token, a forged one: INVALID_ARGUMENT on page_token.
+    refused_requests: list[tuple[Any, Any]] = [
+        (
+            stub.ListConversations,
+            spb.ListConversationsRequest(page_token=first.next_page_token, show_archived=True),
+        ),
+        (stub.ListConversations, spb.ListConversationsRequest(page_token=first.next_page_token)),
+        (stub.ListConversations, spb.ListConversationsRequest(page_token=read.next_page_token)),
+        (stub.ReadEvents, spb.ReadEventsRequest(page_token=read.next_page_token)),
+        (
+            stub.ReadEvents,
+            spb.ReadEventsRequest(
+                page_token=read.next_page_token, event_types=["ConversationCreated", "TurnStarted"]
+            ),
+        ),
+        (stub.ReadEvents, spb.ReadEventsRequest(page_token=first.next_page_token)),
+        (stub.ReadEvents, spb.ReadEventsRequest(page_token="bm90LW91cnM")),
+    ]
+    for call, request in refused_requests:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(request)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+        assert error_reason(refused.value) == "INVALID_REQUEST", request
+        assert details(refused.value)[1] == ["page_token"], request
+
+
+# -- event types ----------------------------------------------------------------------
+
+
+async def test_an_unknown_event_type_is_refused_by_read_and_subscribe(
+    stub: sgrpc.ConversationServiceStub, store: PostgresEventStore, database_url: str
+) -> None:
+    await create(stub)
+    await all_visible(store, database_url)
+    before = await log_digest(database_url)
+    known = ["ConversationCreated", "TurnFailed"]
+    read = await stub.ReadEvents(spb.ReadEventsRequest(event_types=known))
+    assert [e.type for e in read.events] == ["ConversationCreated"]
+    for types in (["TurnComplete"], ["ConversationCreated", "conversationcreated"]):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ReadEvents(spb.ReadEventsRequest(event_types=types))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_reason(refused.value) == "INVALID_REQUEST"
+        assert details(refused.value)[1] == [f"event_types[{len(types) - 1}]"]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.SubscribeEvents(spb.SubscribeEventsRequest(event_types=types)):
+                pass
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert details(refused.value)[1] == [f"event_types[{len(types) - 1}]"]
+    assert await log_digest(database_url) == before

@@ -456,7 +456,9 @@ async def test_read_events_pages_are_cut_at_2_mib_and_still_cover_everything_onc
     await app.store.append("conversation-tokens", tokens, expected_version=NO_STREAM)
     # ... and a mix of small and large ones, one larger than the cap.
     sizes = [200, 900_000, 200, 1_200_000, 2_500_000, 200, 600_000, 600_000, 600_000, 200, 1000]
-    mixed = [filler(n, "Large" if n > 500 else "Small") for n in sizes]
+    # Filtered by type below, so the types are real ones (an unknown name is refused).
+    large, small = "TextStreamed", "ToolRoundLimitReached"
+    mixed = [filler(n, large if n > 500 else small) for n in sizes]
     await app.store.append("conversation-mixed", mixed, expected_version=NO_STREAM)
 
     def ids(events: list[NewEvent]) -> list[str]:
@@ -466,13 +468,13 @@ async def test_read_events_pages_are_cut_at_2_mib_and_still_cover_everything_onc
         (spb.ReadEventsRequest(conversation="conversations/tokens"), ids(tokens)),
         (spb.ReadEventsRequest(conversation="conversations/mixed"), ids(mixed)),
         (
-            spb.ReadEventsRequest(conversation="conversations/mixed", event_types=["Large"]),
-            ids([e for e in mixed if e.type == "Large"]),
+            spb.ReadEventsRequest(conversation="conversations/mixed", event_types=[large]),
+            ids([e for e in mixed if e.type == large]),
         ),
         (spb.ReadEventsRequest(), ids(tokens + mixed)),
         (
-            spb.ReadEventsRequest(event_types=["Large", "GenerationCompleted"]),
-            ids(tokens + [e for e in mixed if e.type == "Large"]),
+            spb.ReadEventsRequest(event_types=[large, "GenerationCompleted"]),
+            ids(tokens + [e for e in mixed if e.type == large]),
         ),
     ]
     for request, expected in cases:

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from turnlog import errors
+from turnlog.api import paging
 from turnlog.api.access import TenantAccess
 from turnlog.api.authentication import own_tenant
 from turnlog.api.messages import (
@@ -24,6 +25,8 @@ from turnlog.api.messages import (
     turn_message,
 )
 from turnlog.api.requests import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
     conversation_id,
     microseconds,
     turn_input,
@@ -104,11 +107,13 @@ class ConversationRpcs(TenantAccess):
     async def ListConversations(  # noqa: N802
         self, request: spb.ListConversationsRequest, context: Context
     ) -> spb.ListConversationsResponse:
-        page, token = await self.app.list_conversations(
+        page, cursor = await self.app.list_conversations(
             ListQuery(
                 tenant=await self.read_tenant("ListConversations"),
-                page_size=request.page_size or 50,
-                page_token=request.page_token,
+                page_size=paging.page_size(
+                    request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
+                ),
+                page_token=paging.open(request),
                 labels=tuple(sorted(request.labels.items())),
                 created_after_us=(
                     microseconds(request.create_time_after)
@@ -125,7 +130,7 @@ class ConversationRpcs(TenantAccess):
         )
         return spb.ListConversationsResponse(
             conversations=[conversation_message(s.state, full=False) for s in page],
-            next_page_token=token,
+            next_page_token=paging.seal(request, cursor),
         )
 
     @maps_errors
