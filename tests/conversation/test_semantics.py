@@ -20,6 +20,7 @@ from conversation_helpers import ScriptedWorker, error_reason, scripted_worker_s
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 from turnlog.conversation.application import ConversationApplication
+from turnlog.guardrails import BuiltinSettings, default_registry
 from turnlog.storage import NO_STREAM, NewEvent, PostgresEventStore
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
@@ -43,7 +44,11 @@ SCRIPT: dict[str, Any] = {
             "fail_at_token": 3,
             "fail_reason": "ENGINE_INTERNAL",
         },
-        {"match": "leak a secret", "text": "Sure, the forbidden word is kaboom, enjoy."},
+        {
+            "match": "leak in french",
+            "text": "Café 😀 déjà vu, le mot interdit est kaboom, voilà.",
+            "token_delay_ms": 3,
+        },
     ],
     "default": {"text": "Hello there."},
 }
@@ -248,3 +253,45 @@ async def test_an_unknown_event_type_is_refused_by_read_and_subscribe(
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert details(refused.value)[1] == [f"event_types[{len(types) - 1}]"]
     assert await log_digest(database_url) == before
+
+
+# -- retraction counts ----------------------------------------------------------------
+
+
+async def test_a_retraction_counts_code_points_and_utf8_bytes(
+    make_app: Callable[..., ConversationApplication],
+) -> None:
+    app = make_app(guardrails=default_registry(BuiltinSettings(blocked_terms=("kaboom",))))
+    async with served(app) as serving, serving.stub() as stub:
+        name = await create(stub)
+        events = [
+            r.event
+            async for r in stub.StreamTurn(
+                spb.StreamTurnRequest(
+                    start=spb.TurnInput(conversation=name, content="leak in french")
+                )
+            )
+        ]
+    await app.shutdown()
+    [at] = [i for i, e in enumerate(events) if e.HasField("retraction")]
+    shown = "".join(e.text_delta.text for e in events[:at] if e.HasField("text_delta"))
+    # Non-ASCII was shown: one code point of 2 bytes (é), one of 4 (the emoji).
+    assert "é" in shown
+    assert "😀" in shown
+    assert "kaboom" not in shown
+    retraction = events[at].retraction
+    assert retraction.retracted_chars == len(shown)  # code points
+    assert retraction.retracted_utf8_bytes == len(shown.encode())
+    assert retraction.retracted_utf8_bytes > retraction.retracted_chars
+    assert events[-1].turn_ended.turn.status == pb.TURN_STATUS_BLOCKED
+    # Read back from the log (a resume), the same counts.
+    async with served(app) as serving, serving.stub() as stub:
+        resumed = [
+            r.event
+            async for r in stub.StreamTurn(
+                spb.StreamTurnRequest(
+                    resume=spb.ResumeTurn(conversation=name, turn_id=events[0].turn_id)
+                )
+            )
+        ]
+    assert [e.retraction for e in resumed if e.HasField("retraction")] == [retraction]

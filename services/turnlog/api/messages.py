@@ -15,6 +15,7 @@ from google.protobuf import descriptor, message, timestamp_pb2
 
 from turnlog import grpc_errors
 from turnlog.conversation.projection import (
+    Retraction,
     TextPiece,
     ToolCallPiece,
     ToolFinished,
@@ -262,10 +263,11 @@ def turn_event(update: TurnUpdate) -> spb.TurnEvent:
         message.tool_call_delta.call.CopyFrom(tool_call_message(p.call))
     elif isinstance(p, ev.GuardrailDecided):
         message.guardrail_decision.CopyFrom(decision_message(p))
-    elif isinstance(p, ev.TextRetracted):
-        message.retraction.generation_id = p.generation_id
-        message.retraction.retracted_chars = p.end - p.start
-        message.retraction.reason = p.reason
+    elif isinstance(p, Retraction):
+        message.retraction.generation_id = p.event.generation_id
+        message.retraction.retracted_chars = p.chars
+        message.retraction.retracted_utf8_bytes = p.utf8_bytes
+        message.retraction.reason = p.event.reason
     elif isinstance(p, ev.GenerationCompleted):
         message.assistant_message.CopyFrom(assistant_message(p))
     elif isinstance(p, ToolStarted):
