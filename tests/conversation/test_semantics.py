@@ -26,6 +26,7 @@ from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
 from turnlog.v1 import history_pb2 as hpb
+from turnlog.worker.client import EngineClient
 
 MODEL = "scripted-semantics"
 SCRIPT: dict[str, Any] = {
@@ -295,3 +296,91 @@ async def test_a_retraction_counts_code_points_and_utf8_bytes(
             )
         ]
     assert [e.retraction for e in resumed if e.HasField("retraction")] == [retraction]
+
+
+# -- the model a turn runs on ------------------------------------------------------------
+
+
+async def recorded_models(store: PostgresEventStore, name: str) -> list[tuple[str, str]]:
+    """(type, model) of the generation events recorded in a conversation."""
+    events = await store.read_stream(f"conversation-{name.partition('/')[2]}")
+    return [
+        (e.type, str(e.data["model"]))
+        for e in events
+        if e.type in ("GenerationStarted", "GenerationCompleted")
+    ]
+
+
+async def test_a_model_no_worker_serves_is_refused_before_anything_is_recorded(
+    stub: sgrpc.ConversationServiceStub, database_url: str
+) -> None:
+    name = await create(stub)
+    # A conversation default no worker serves is accepted at create (workers
+    # come and go), and refused when a turn would run on it.
+    other = await create(stub, defaults=pb.TurnDefaults(model="gpt-nothing"))
+    before = await log_digest(database_url)
+    attempts: list[tuple[str, Any]] = [
+        (name, pb.TurnDefaults(model="gpt-nothing")),
+        (other, pb.TurnDefaults()),
+    ]
+    for conversation, options in attempts:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await send(stub, conversation, "hello", options=options)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_reason(refused.value) == "MODEL_NOT_SERVED"
+        metadata, _ = details(refused.value)
+        assert metadata["model"] == "gpt-nothing"
+        assert metadata["servedModels"] == MODEL
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.StreamTurn(
+                spb.StreamTurnRequest(
+                    start=spb.TurnInput(conversation=conversation, content="hi", options=options)
+                )
+            ):
+                pass
+        assert error_reason(refused.value) == "MODEL_NOT_SERVED"
+    assert await log_digest(database_url) == before
+    # The served model, named or not, runs; the log records the model that generated.
+    await send(stub, name, "hello", options=pb.TurnDefaults(model=MODEL))
+    await send(stub, other, "hello", options=pb.TurnDefaults(model=MODEL))
+
+
+async def test_the_log_records_the_model_that_generated(
+    stub: sgrpc.ConversationServiceStub, store: PostgresEventStore
+) -> None:
+    name = await create(stub)
+    await send(stub, name, "hello")  # no model named: whatever the worker serves
+    await send(stub, name, "hello again", options=pb.TurnDefaults(model=MODEL))
+    assert (
+        await recorded_models(store, name)
+        == [
+            ("GenerationStarted", MODEL),
+            ("GenerationCompleted", MODEL),
+        ]
+        * 2
+    )
+
+
+async def test_a_turn_is_routed_to_a_worker_serving_its_model(
+    store: PostgresEventStore,
+) -> None:
+    scripts = [
+        {"model": f"model-{x}", "default": {"text": f"Answered by {x}."}} for x in ("a", "b")
+    ]
+    async with (
+        scripted_worker_server(scripts[0]) as a,
+        scripted_worker_server(scripts[1]) as b,
+        EngineClient([a.target, b.target], load_poll_interval_s=0) as engine,
+    ):
+        app = ConversationApplication(store, engine)
+        async with served(app) as serving, serving.stub() as stub:
+            for model in ("model-b", "model-a", "model-b"):
+                name = await create(stub, defaults=pb.TurnDefaults(model=model))
+                sent = await send(stub, name, "who are you?")
+                assert sent.assistant_message.content == f"Answered by {model[-1]}."
+                assert {m for _, m in await recorded_models(store, name)} == {model}
+            # None named: the first served model by name, recorded as such.
+            name = await create(stub)
+            assert (await send(stub, name, "hi")).assistant_message.content == "Answered by a."
+            assert {m for _, m in await recorded_models(store, name)} == {"model-a"}
+        await app.shutdown()

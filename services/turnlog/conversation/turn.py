@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 
 from turnlog import errors, metrics
 from turnlog.conversation import context, engine_io
+from turnlog.conversation.models import model_for_turn
 from turnlog.conversation.options import ResolvedOptions, ServiceDefaults, TurnOptions, resolve
 from turnlog.conversation.projection import TurnProjector, TurnUpdate
 from turnlog.conversation.repository import ConversationRepository
@@ -181,6 +182,8 @@ async def prepare(
     # (before anything is recorded or sent) if a sanitize guardrail would change them.
     pipeline.check_fields(sampling_fields(options.sampling, prefix="options"))
     resolved = resolve(deps.defaults, state, options)
+    # Refused here, before anything is recorded or sent, if no worker serves it.
+    resolved = replace(resolved, model=await model_for_turn(deps.engine, resolved.model))
     if compaction_only:
         return await _prepare_compaction(deps, state, pipeline, turn_id, request_id, resolved)
     with metrics.stage_timer("request_guardrails"):
@@ -604,7 +607,9 @@ class TurnRunner:
             self.compaction_due = plan.window.first_version
             return
         self.first_plan = plan
-        stream = self.deps.engine.generate(engine_io.copy_of(plan.start), affinity_key=self.cid)
+        stream = self.deps.engine.generate(
+            engine_io.copy_of(plan.start), affinity_key=self.cid, model=self.model
+        )
         stream.start()
         self.prestarted = stream
         self.prestarted_at = time.perf_counter()
@@ -933,7 +938,9 @@ class TurnRunner:
             stream, self.prestarted = self.prestarted, None
             sent = self.prestarted_at
             if stream is None:
-                stream = engine.generate(engine_io.copy_of(start), affinity_key=affinity)
+                stream = engine.generate(
+                    engine_io.copy_of(start), affinity_key=affinity, model=request.model
+                )
                 sent = time.perf_counter()
             reader = engine_io.GenerationReader(
                 turn_id=self.turn_id, model=request.model, sent_at=sent
