@@ -384,3 +384,115 @@ async def test_a_turn_is_routed_to_a_worker_serving_its_model(
             assert (await send(stub, name, "hi")).assistant_message.content == "Answered by a."
             assert {m for _, m in await recorded_models(store, name)} == {"model-a"}
         await app.shutdown()
+
+
+# -- request ids reused with other content ----------------------------------------------
+
+
+async def refused_as_reused(call: Any, original_id: str) -> None:
+    """`call` fails ALREADY_EXISTS REQUEST_ID_REUSED naming `original_id`."""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_reason(refused.value) == "REQUEST_ID_REUSED"
+    assert details(refused.value)[0]["originalId"] == original_id
+
+
+async def test_create_conversation_refuses_a_reused_request_id(
+    stub: sgrpc.ConversationServiceStub, database_url: str
+) -> None:
+    settings: dict[str, Any] = {
+        "request_id": "create-1",
+        "system_prompt": "Be brief.",
+        "labels": {"team": "a"},
+        "defaults": pb.TurnDefaults(temperature=0.5),
+    }
+    name = await create(stub, **settings)
+    cid = name.partition("/")[2]
+    await send(stub, name, "hello")  # what happens after the create is no content of it
+    before = await log_digest(database_url)
+    assert await create(stub, **settings) == name  # an exact retry
+    for change in (
+        {"system_prompt": "Be long."},
+        {"labels": {"team": "b"}},
+        {"defaults": pb.TurnDefaults(temperature=0.7)},
+        {"guardrail_profile": "default"},
+    ):
+        await refused_as_reused(
+            stub.CreateConversation(spb.CreateConversationRequest(**{**settings, **change})), cid
+        )
+    assert await log_digest(database_url) == before
+
+
+async def test_a_turn_refuses_a_reused_request_id(
+    stub: sgrpc.ConversationServiceStub, database_url: str
+) -> None:
+    name = await create(stub)
+    first = await send(stub, name, "hello", request_id="turn-1")
+    turn_id = first.turn.turn_id
+    before = await log_digest(database_url)
+    retried = await send(stub, name, "hello", request_id="turn-1")
+    assert retried.turn.turn_id == turn_id
+    streamed = [
+        r.event
+        async for r in stub.StreamTurn(
+            spb.StreamTurnRequest(
+                start=spb.TurnInput(conversation=name, content="hello", request_id="turn-1")
+            )
+        )
+    ]
+    assert streamed[-1].turn_ended.turn.turn_id == turn_id
+    await refused_as_reused(send(stub, name, "goodbye", request_id="turn-1"), turn_id)
+    await refused_as_reused(
+        send(stub, name, "hello", request_id="turn-1", options=pb.TurnDefaults(temperature=1.5)),
+        turn_id,
+    )
+
+    async def stream_other() -> None:
+        async for _ in stub.StreamTurn(
+            spb.StreamTurnRequest(
+                start=spb.TurnInput(conversation=name, content="bye", request_id="turn-1")
+            )
+        ):
+            pass
+
+    await refused_as_reused(stream_other(), turn_id)
+    # A compaction is another kind of request.
+    await refused_as_reused(
+        stub.CompactConversation(spb.CompactConversationRequest(name=name, request_id="turn-1")),
+        turn_id,
+    )
+    assert await log_digest(database_url) == before
+
+
+async def test_a_fork_refuses_a_reused_request_id(
+    stub: sgrpc.ConversationServiceStub, database_url: str
+) -> None:
+    source = await create(stub)
+    other = await create(stub)
+    await send(stub, source, "hello")
+    forked = await stub.ForkConversation(
+        spb.ForkConversationRequest(name=source, request_id="fork-1")
+    )
+    fork_name = forked.conversation.name
+    fork_id = fork_name.partition("/")[2]
+    # The source moves on; a retry (no version named) is still the same fork.
+    await send(stub, source, "hello again")
+    before = await log_digest(database_url)
+    retried = await stub.ForkConversation(
+        spb.ForkConversationRequest(name=source, request_id="fork-1")
+    )
+    assert retried.conversation == forked.conversation
+    assert retried.prefix_version == forked.prefix_version
+    named = await stub.ForkConversation(
+        spb.ForkConversationRequest(
+            name=source, request_id="fork-1", version=forked.conversation.fork_origin.version
+        )
+    )
+    assert named.conversation.name == fork_name
+    for request in (
+        spb.ForkConversationRequest(name=other, request_id="fork-1"),
+        spb.ForkConversationRequest(name=source, request_id="fork-1", version=1),
+    ):
+        await refused_as_reused(stub.ForkConversation(request), fork_id)
+    assert await log_digest(database_url) == before

@@ -167,6 +167,7 @@ async def prepare(
     streamed: bool,
     arrived: float,
     compaction_only: bool = False,
+    request_digest: str = "",
 ) -> TurnRunner:
     """The turn's start events (after the request guardrails), not yet recorded.
 
@@ -185,7 +186,9 @@ async def prepare(
     # Refused here, before anything is recorded or sent, if no worker serves it.
     resolved = replace(resolved, model=await model_for_turn(deps.engine, resolved.model))
     if compaction_only:
-        return await _prepare_compaction(deps, state, pipeline, turn_id, request_id, resolved)
+        return await _prepare_compaction(
+            deps, state, pipeline, turn_id, request_id, resolved, request_digest
+        )
     with metrics.stage_timer("request_guardrails"):
         outcome = await pipeline.check_request(
             RequestSubject(
@@ -219,6 +222,7 @@ async def prepare(
             max_tool_round_trips=resolved.max_tool_round_trips,
             context_policy=resolved.context_policy,
             strict_max_tokens=resolved.strict_max_tokens,
+            request_digest=request_digest,
         )
     )
     # The log keeps the user text as the request stages left it (redacted).
@@ -248,6 +252,7 @@ async def _prepare_compaction(
     turn_id: str,
     request_id: str,
     resolved: ResolvedOptions,
+    request_digest: str = "",
 ) -> TurnRunner:
     """A `CompactConversation` unit: a turn with no message whose one piece of work is a summary.
 
@@ -289,6 +294,7 @@ async def _prepare_compaction(
             sampling=resolved.sampling,
             context_policy=ev.ContextPolicy.COMPACT,
             compaction_only=True,
+            request_digest=request_digest,
         )
     )
     return run

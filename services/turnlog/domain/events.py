@@ -179,6 +179,8 @@ class TurnStarted:
     """Refuse rather than clamp a max_tokens beyond the room the prompt leaves."""
     compaction_only: bool = False
     """A `CompactConversation` unit: no user message, one summary, no reply."""
+    request_digest: str = ""
+    """A digest of the request's content: a request id reused with other content is refused."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

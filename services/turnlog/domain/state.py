@@ -50,6 +50,8 @@ class Turn:
     """The stream version of the turn's `TurnStarted` event."""
     compaction_only: bool = False
     """A `CompactConversation` unit (no messages)."""
+    request_digest: str = ""
+    """Of the request that started it ("" when recorded before digests)."""
     failure: ev.TurnFailed | None = None
     """For a FAILED turn: the event that ended it (the turn's structured error)."""
 
@@ -202,6 +204,7 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
                 started_at_us=event.started_at_us,
                 start_version=state.version + 1,
                 compaction_only=event.compaction_only,
+                request_digest=event.request_digest,
             )
             return replace(state, turns=(*state.turns, turn))
         case ev.GenerationStarted():
