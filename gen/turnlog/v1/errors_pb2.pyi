@@ -48,7 +48,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     MALFORMED_MESSAGE: _ErrorReason.ValueType  # 4
     """INVALID_ARGUMENT, not retryable. A request body does not parse as the
-    RPC's request message. Metadata: none.
+    RPC's request message. Metadata: messageType.
     """
     FIELD_REFUSED_BY_GUARDRAIL: _ErrorReason.ValueType  # 5
     """INVALID_ARGUMENT, not retryable. A field recorded as given (a system
@@ -65,7 +65,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     INVALID_EXPORT_FILE: _ErrorReason.ValueType  # 7
     """INVALID_ARGUMENT, not retryable. ImportConversation: the file is not a
     turnlog JSONL export (bad header, a line that is not an event).
-    Metadata: none.
+    Metadata: line (1-based).
     """
     IMPORT_REJECTED: _ErrorReason.ValueType  # 8
     """INVALID_ARGUMENT, not retryable. ImportConversation: the file's events
@@ -263,7 +263,7 @@ path, when there is one), tool.
 """
 MALFORMED_MESSAGE: ErrorReason.ValueType  # 4
 """INVALID_ARGUMENT, not retryable. A request body does not parse as the
-RPC's request message. Metadata: none.
+RPC's request message. Metadata: messageType.
 """
 FIELD_REFUSED_BY_GUARDRAIL: ErrorReason.ValueType  # 5
 """INVALID_ARGUMENT, not retryable. A field recorded as given (a system
@@ -280,7 +280,7 @@ minReplyTokens.
 INVALID_EXPORT_FILE: ErrorReason.ValueType  # 7
 """INVALID_ARGUMENT, not retryable. ImportConversation: the file is not a
 turnlog JSONL export (bad header, a line that is not an event).
-Metadata: none.
+Metadata: line (1-based).
 """
 IMPORT_REJECTED: ErrorReason.ValueType  # 8
 """INVALID_ARGUMENT, not retryable. ImportConversation: the file's events
