@@ -75,6 +75,8 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+#: Seconds `EngineClient.served_models` waits for a worker's GetModelInfo.
+MODEL_INFO_TIMEOUT_S = 5.0
 #: Seconds calls still running on a replaced channel (new credentials) get to finish.
 REPLACED_CHANNEL_GRACE_S = 10.0
 
@@ -529,8 +531,10 @@ class EngineClient:
         """
 
         async def ask(worker: WorkerConnection) -> None:
-            with contextlib.suppress(errors.TurnlogError):
-                await worker.model_info()
+            # A worker that does not answer soon (a silent network) counts for nothing.
+            with contextlib.suppress(errors.TurnlogError, TimeoutError):
+                async with asyncio.timeout(MODEL_INFO_TIMEOUT_S):
+                    await worker.model_info()
 
         await asyncio.gather(*(ask(w) for w in self.workers if w.served_model is None))
         return frozenset(w.served_model for w in self.workers if w.served_model is not None)
