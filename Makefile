@@ -6,8 +6,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 BUF    := node_modules/.bin/buf
 IMAGE  := build/proto.binpb
+# The clients' toolchains (clients/go, clients/node; docs/clients.md).
+GO_STAMP     := build/.go-toolchain
+NODE_CLIENT  := clients/node
+NODE_MODULES := $(NODE_CLIENT)/node_modules/.package-lock.json
 
-.PHONY: install serve test check lint typecheck protos protos-check buf-lint breaking release-image fmt bench lock lock-check
+.PHONY: install serve test check lint typecheck protos protos-check buf-lint breaking release-image fmt bench lock lock-check \
+	clients-go-install clients-go-gen clients-go-check clients-go-test clients-check \
+	clients-node-install clients-node-gen clients-node-gen-check clients-node-test clients-test
 
 # Every package the project installs (runtime, the dev and vllm extras, the
 # build backend, all transitive), at exact versions with their hashes. Only
@@ -53,7 +59,9 @@ $(BUF): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(STAMP) $(BUF)
+# The clients' toolchains come with it: tests/clients runs the Go and Node
+# examples against a live service as part of `make test`.
+install: $(STAMP) $(BUF) $(NODE_MODULES) $(GO_STAMP)
 
 # The model `make serve` generates with: by default a tiny random-weight
 # model built locally (no network; its replies are gibberish, but every part
@@ -100,7 +108,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy services/turnlog storage/turnlog
 
-check: lock-check buf-lint breaking lint typecheck
+check: lock-check buf-lint breaking lint typecheck clients-check
 
 ## Static checks, then the whole test suite against real PostgreSQL and vLLM.
 test: install check
@@ -109,3 +117,74 @@ test: install check
 fmt: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# -- The Go client (clients/go, docs/clients.md) --------------------------------------
+# Built offline against Debian's Go packages, at the versions that
+# clients/go/toolchain.txt pins (`make clients-go-install` needs root:
+# APT="sudo apt-get" otherwise).
+APT ?= apt-get
+GO_TOOLCHAIN := clients/go/toolchain.txt
+
+## Install the Go toolchain and Go libraries of clients/go (Debian packages, pinned).
+clients-go-install:
+	$(APT) update -qq
+	DEBIAN_FRONTEND=noninteractive $(APT) install -y -q --no-install-recommends \
+		$$(grep -v '^#' $(GO_TOOLCHAIN))
+
+$(GO_STAMP): $(GO_TOOLCHAIN)
+	$(MAKE) clients-go-install
+	mkdir -p $(dir $@) && touch $@
+
+## Regenerate clients/go/turnlog/v1 from proto/.
+clients-go-gen:
+	clients/go/generate.sh
+
+## The Go client's static checks: generated code fresh, gofmt, go vet.
+clients-go-check: $(GO_STAMP)
+	clients/go/generate.sh --check
+	@test -z "$$(gofmt -l clients/go)" || { gofmt -l clients/go; echo "gofmt -w clients/go"; exit 1; }
+	clients/go/go.sh vet
+
+## The Go client: its checks, then the example against a live `turnlog serve`
+## and the cross-language conformance tests.
+clients-go-test: $(STAMP) clients-go-check
+	$(VENV)/bin/pytest tests/clients/test_go_client.py tests/clients/test_conformance.py
+
+# ---- The Node client (clients/node, docs/clients.md) ------------------------
+# Its own npm package: `npm ci` installs exactly its package-lock.json.
+# Its code is generated from the same descriptor image buf lints (protoc
+# builds it: buf cannot fetch google/rpc from the BSR here), by the locked
+# buf with the package's own protoc-gen-es; only the public API and the
+# google.rpc messages its errors carry.
+NODE_GEN_PATHS := --path turnlog/v1 --path google/rpc/status.proto --path google/rpc/error_details.proto
+
+$(NODE_MODULES): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+## Install the Node client's packages (node_modules from its lock).
+clients-node-install:
+	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
+
+## Regenerate clients/node/gen/ from proto/.
+clients-node-gen: protos-check $(BUF) $(NODE_MODULES)
+	$(BUF) generate $(IMAGE) --template $(NODE_CLIENT)/buf.gen.yaml $(NODE_GEN_PATHS)
+
+# Generates into build/ and fails when the committed clients/node/gen/ differs.
+clients-node-gen-check: protos-check $(BUF) $(NODE_MODULES)
+	rm -rf build/node-gen
+	$(BUF) generate $(IMAGE) --template $(NODE_CLIENT)/buf.gen.yaml $(NODE_GEN_PATHS) -o build/node-gen
+	@diff -r build/node-gen/$(NODE_CLIENT)/gen $(NODE_CLIENT)/gen \
+		|| { echo "clients/node/gen is stale: run make clients-node-gen" >&2; exit 1; }
+
+## The Node client's checks: generated code current, the quickstart against a
+## live `turnlog serve`, and cross-language conformance.
+clients-node-test: clients-node-gen-check $(NODE_MODULES)
+	$(VENV)/bin/pytest tests/clients/test_node_client.py tests/clients/test_node_conformance.py
+
+## Both clients' static checks (part of `make check`).
+clients-check: clients-go-check clients-node-gen-check
+
+## Both clients (issue 14): each against a live `turnlog serve`, and the
+## cross-language conformance check.
+clients-test: clients-go-test clients-node-test

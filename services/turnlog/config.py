@@ -41,6 +41,8 @@ class Settings:
         tenant_max_running_turns: turns a tenant may run at once per replica.
         tenant_requests_per_s, tenant_burst: each tenant's request rate limit
             per replica (0: none).
+        client_tool_timeout_s: how long a turn awaits a client-side tool
+            result before it fails (docs/conversation.md, "Turn control").
     """
 
     database_url: str | None
@@ -58,6 +60,7 @@ class Settings:
     tenant_max_running_turns: int = 128
     tenant_requests_per_s: float = 500.0
     tenant_burst: int = 1000
+    client_tool_timeout_s: float = 60.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -82,4 +85,5 @@ class Settings:
             tenant_max_running_turns=int(env("TURNLOG_TENANT_MAX_RUNNING_TURNS") or 128),
             tenant_requests_per_s=float(env("TURNLOG_TENANT_REQUESTS_PER_S") or 500.0),
             tenant_burst=int(env("TURNLOG_TENANT_BURST") or 1000),
+            client_tool_timeout_s=float(env("TURNLOG_CLIENT_TOOL_TIMEOUT_S") or 60.0),
         )

@@ -37,6 +37,20 @@ class InvalidArgumentError(TurnlogError):
     reason = "INVALID_ARGUMENT"
 
 
+class PageTokenError(InvalidArgumentError):
+    """A page token that is not ours, or used with other fields than its request's.
+
+    Refused alike by every list RPC: a field violation on `page_token`
+    (reason INVALID_REQUEST, as the validation table's), found past the
+    table because only the list's own code can read the token.
+    """
+
+    reason = "INVALID_REQUEST"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, metadata={"field": "page_token", "fields": "page_token"})
+
+
 class NotFoundError(TurnlogError):
     """The named resource (stream, conversation, turn, request) does not exist."""
 
@@ -85,9 +99,21 @@ class ConversationArchivedError(FailedPreconditionError):
 
 
 class TurnNotRunningHereError(FailedPreconditionError):
-    """The turn is not running in this process (ended, or on another replica)."""
+    """The turn is not running (it has ended), or not in this process where that matters."""
 
     reason = "TURN_NOT_RUNNING"
+
+
+class ToolCallNotAwaitedError(FailedPreconditionError):
+    """A tool result for a call the turn does not await, or another result for an answered call."""
+
+    reason = "TOOL_CALL_NOT_AWAITED"
+
+
+class ClientToolsNeedStreamError(FailedPreconditionError):
+    """A unary turn (`SendMessage`) on a conversation with client-side tools: nobody could answer them."""
+
+    reason = "CLIENT_TOOLS_NEED_STREAM"
 
 
 class VersionConflictError(TurnlogError):
@@ -147,6 +173,13 @@ class DeadlineExceededError(TurnlogError):
 
     reason = "DEADLINE_EXCEEDED"
     retryable = True
+
+
+class ClientToolTimeoutError(DeadlineExceededError):
+    """The client did not answer a client-side tool call in time (the turn fails)."""
+
+    reason = "CLIENT_TOOL_TIMEOUT"
+    retryable = False
 
 
 class ContextLengthExceededError(InvalidArgumentError):

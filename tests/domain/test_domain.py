@@ -31,6 +31,15 @@ st.register_type_strategy(float, finite_floats)
 # The domain's labels invariant: unique keys, sorted.
 labels = st.dictionaries(texts, texts, max_size=3).map(lambda d: tuple(sorted(d.items())))
 st.register_type_strategy(ev.ConversationCreated, st.builds(ev.ConversationCreated, labels=labels))
+st.register_type_strategy(ev.ConversationUpdated, st.builds(ev.ConversationUpdated, labels=labels))
+settings_updates = st.builds(
+    ev.ConversationUpdated,
+    fields=st.sets(st.sampled_from(ev.UPDATABLE_SETTINGS), min_size=1).map(
+        lambda paths: tuple(sorted(paths))
+    ),
+    labels=labels,
+    request_id=st.sampled_from(["", "u1", "u2"]),
+)
 
 any_event = st.one_of([st.from_type(cls) for cls in ev.EVENT_TYPES])
 
@@ -175,6 +184,13 @@ def conversations(draw: st.DrawFn) -> list[ev.Event]:
     ]
     n_turns = draw(st.integers(0, 4))
     for i in range(n_turns):
+        # Settings change, and the conversation is archived and back, between turns only.
+        events += draw(st.lists(settings_updates, max_size=2))
+        if draw(st.booleans()):
+            events += [
+                ev.ConversationArchived(archived_at_us=draw(micros)),
+                ev.ConversationUnarchived(unarchived_at_us=draw(micros)),
+            ]
         turn = draw(turn_events(f"t{i}"))
         events += turn
         ended = (ev.TurnCompleted, ev.TurnFailed, ev.TurnCancelled, ev.TurnInterrupted)
@@ -198,10 +214,15 @@ def test_fold_counts_versions_and_ends_each_turn_as_its_log_says(events: list[ev
     assert state.version == len(events)
     created = events[0]
     assert isinstance(created, ev.ConversationCreated)
+    prompts = [created.system_prompt] + [
+        e.system_prompt
+        for e in events
+        if isinstance(e, ev.ConversationUpdated) and "system_prompt" in e.fields
+    ]
     assert (state.conversation_id, state.created_at_us, state.system_prompt) == (
         created.conversation_id,
         created.created_at_us,
-        created.system_prompt,
+        prompts[-1],
     )
     # The turns, read from the script independently of `evolve`:
     # (id, request id, status, start version, end time).
@@ -243,6 +264,66 @@ def test_usage_of_a_turn_is_the_sum_of_its_generations(events: list[ev.Event]) -
         ]
         assert turn.usage.prompt_tokens == sum(g.usage.prompt_tokens for g in generated)
         assert turn.generations == len(generated)
+
+
+def test_an_update_replaces_only_the_settings_it_names() -> None:
+    created = ev.ConversationCreated(
+        conversation_id="c",
+        created_at_us=1,
+        system_prompt="old",
+        model="m",
+        sampling=ev.SamplingParams(temperature=0.1, max_tokens=9),
+        tools=(ev.ToolDefinition(name="t"),),
+        labels=(("a", "1"),),
+        guardrail_profile="strict",
+        max_tool_round_trips=3,
+        context_policy=ev.ContextPolicy.DISABLED,
+    )
+    before = fold([created])
+    prompt = ev.ConversationUpdated(
+        updated_at_us=2, fields=("system_prompt",), system_prompt="new", labels=(("x", "y"),)
+    )
+    after = evolve(before, prompt)
+    assert after.system_prompt == "new"
+    assert after.labels == before.labels  # not named: not read
+    assert after.updates == ()  # no request id: nothing to find it by
+    defaults = ev.ConversationUpdated(
+        updated_at_us=3,
+        fields=("defaults", "labels"),
+        sampling=ev.SamplingParams(top_p=0.5),
+        request_id="r",
+    )
+    last = evolve(after, defaults)
+    # "defaults" is the whole TurnDefaults: unset values are unset, not kept.
+    assert (last.model, last.sampling, last.max_tool_round_trips, last.context_policy) == (
+        "",
+        ev.SamplingParams(top_p=0.5),
+        None,
+        None,
+    )
+    assert last.labels == ()
+    assert (last.tools, last.guardrail_profile, last.system_prompt) == (
+        before.tools,
+        "strict",
+        "new",
+    )
+    found = last.update_for_request("r")
+    assert found is not None
+    assert (found.version, found.event) == (3, defaults)
+    assert last.update_for_request("other") is None
+    with pytest.raises(InvalidTransitionError):
+        evolve(last, ev.ConversationUpdated(updated_at_us=4, fields=("messages",)))
+
+
+def test_unarchive_makes_an_archived_conversation_active() -> None:
+    state = fold(
+        [
+            ev.ConversationCreated(conversation_id="c", created_at_us=1),
+            ev.ConversationArchived(archived_at_us=2),
+        ]
+    )
+    assert state.archived
+    assert not evolve(state, ev.ConversationUnarchived(unarchived_at_us=3)).archived
 
 
 def test_events_before_creation_are_invalid() -> None:

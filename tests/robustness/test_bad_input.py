@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 from fuzz_harness import FUZZ, FUZZ_TIMEOUT_S, Serving
-from google.protobuf import descriptor, descriptor_pool, message, message_factory
+from google.protobuf import descriptor, descriptor_pool, field_mask_pb2, message, message_factory
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -29,6 +29,8 @@ from hypothesis import strategies as st
 from message_strategies import Hints, bogus_tokens, messages, nested_json, positions, regexes
 
 from turnlog.api import validation
+from turnlog.domain.events import UPDATABLE_SETTINGS
+from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2
 
 #: The services of the public API, from their own descriptors.
@@ -190,6 +192,14 @@ def hints(serving: Serving) -> Hints:
             "fork_conversation_id": ids,
             "call_id": ["call-1"],
             "data": [seed.export, seed.export[:-1], seed.export.replace(b"Be brief", b"Be rude.")],
+            # Message fields named like the string hints above: their own values.
+            "turnlog.v1.UpdateConversationRequest.conversation": [
+                pb.Conversation(name=n, system_prompt="Be kind.", labels={"team": "fuzz"})
+                for n in names
+            ],
+            "turnlog.v1.UpdateConversationRequest.update_mask": [
+                field_mask_pb2.FieldMask(paths=[path]) for path in UPDATABLE_SETTINGS
+            ],
         },
         strategies={
             "page_token": bogus_tokens,
@@ -263,8 +273,10 @@ def _request_messages() -> list[descriptor.Descriptor]:
         if desc.full_name in seen or desc.full_name.startswith("google.protobuf."):
             continue
         seen[desc.full_name] = desc
+        rules = validation.RULES.get(desc.full_name, {})
         for f in desc.fields:
-            if f.message_type is not None:
+            # An output-only field is ignored, not walked: its type needs no rows.
+            if f.message_type is not None and rules.get(f.name) != validation.OUTPUT_ONLY:
                 if f.message_type.GetOptions().map_entry:
                     continue
                 todo.append(f.message_type)

@@ -16,10 +16,12 @@ import psycopg
 import pytest
 from conversation_helpers import USER_SCOPES, ServedApp, error_reason
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf import field_mask_pb2
 
 from turnlog.api.authentication import SCOPES
 from turnlog.auth.local import LOCAL_AUDIENCE, LOCAL_ISSUER, LocalSigningKey
 from turnlog.auth.principal import Scope
+from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
 from turnlog.v1 import history_pb2 as hpb
@@ -34,6 +36,7 @@ class Seed:
 
     name: str
     export: bytes
+    turn_id: str
 
 
 def _input(seed: Seed, request_id: str) -> spb.TurnInput:
@@ -52,6 +55,12 @@ CALLS: dict[str, Callable[[Seed], Any]] = {
     ),
     "StreamTurn": lambda s: spb.StreamTurnRequest(start=_input(s, "matrix-stream")),
     "Converse": lambda s: [spb.ConverseRequest(user_message=_input(s, "matrix-converse"))],
+    "CancelTurn": lambda s: spb.CancelTurnRequest(conversation=s.name, turn_id=s.turn_id),
+    "SubmitToolResults": lambda s: spb.SubmitToolResultsRequest(
+        conversation=s.name,
+        turn_id=s.turn_id,
+        results=[spb.ToolResult(call_id="matrix-call", result="x")],
+    ),
     "ReadEvents": lambda s: spb.ReadEventsRequest(conversation=s.name),
     "SubscribeEvents": lambda s: spb.SubscribeEventsRequest(conversation=s.name),
     "ForkConversation": lambda s: spb.ForkConversationRequest(
@@ -62,6 +71,14 @@ CALLS: dict[str, Callable[[Seed], Any]] = {
         name=s.name, format=hpb.EXPORT_FORMAT_JSONL
     ),
     "ImportConversation": lambda s: [spb.ImportConversationRequest(data=s.export)],
+    "UpdateConversation": lambda s: spb.UpdateConversationRequest(
+        conversation=pb.Conversation(name=s.name, labels={"matrix": "yes"}),
+        update_mask=field_mask_pb2.FieldMask(paths=["labels"]),
+        request_id="matrix-update",
+    ),
+    "UnarchiveConversation": lambda s: spb.UnarchiveConversationRequest(name=s.name),
+    "ListTurns": lambda s: spb.ListTurnsRequest(conversation=s.name),
+    "ListMessages": lambda s: spb.ListMessagesRequest(conversation=s.name),
 }
 
 #: What tenant B (every user scope) gets for A's resource: NOT_FOUND, never a
@@ -77,11 +94,17 @@ OTHER_TENANT: dict[str, tuple[grpc.StatusCode, str]] = {
             "CompactConversation",
             "StreamTurn",
             "Converse",
+            "CancelTurn",
+            "SubmitToolResults",
             "ReadEvents",
             "SubscribeEvents",
             "ForkConversation",
             "VerifyConversation",
             "ExportConversation",
+            "UpdateConversation",
+            "UnarchiveConversation",
+            "ListTurns",
+            "ListMessages",
         )
     },
     "ImportConversation": (grpc.StatusCode.PERMISSION_DENIED, "IMPORT_TENANT_MISMATCH"),
@@ -188,7 +211,7 @@ async def seed(service: ServedApp) -> Seed:
     async with service.stub(TENANT_A) as stub:
         created = await stub.CreateConversation(spb.CreateConversationRequest(request_id="seed"))
         name = created.conversation.name
-        await stub.SendMessage(
+        sent = await stub.SendMessage(
             spb.SendMessageRequest(input=spb.TurnInput(conversation=name, content="hi"))
         )
         export = b"".join(
@@ -199,7 +222,7 @@ async def seed(service: ServedApp) -> Seed:
                 )
             ]
         )
-    return Seed(name=name, export=export)
+    return Seed(name=name, export=export, turn_id=sent.turn.turn_id)
 
 
 def test_every_rpc_is_in_the_matrix() -> None:
@@ -252,5 +275,12 @@ async def test_the_owner_can_make_every_call(service: ServedApp, seed: Seed) -> 
                 call = stub.SubscribeEvents(CALLS[method](seed))
                 assert (await call.read()).events  # it never ends by itself
                 call.cancel()
+                continue
+            if method == "SubmitToolResults":
+                # The seed's turn has ended: past admission, the call is
+                # refused by the turn itself, not by the credential.
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await _call(stub, method, CALLS[method](seed))
+                assert error_reason(raised.value) == "TOOL_CALL_NOT_AWAITED"
                 continue
             await _call(stub, method, CALLS[method](seed))

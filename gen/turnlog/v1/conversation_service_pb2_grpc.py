@@ -283,9 +283,11 @@ class ConversationServiceServicer:
     def UpdateConversation(self, request, context):
         """UpdateConversation changes the settings named in update_mask (system
         prompt, tools, defaults, labels, guardrail profile). Each call that
-        changes something records one ConversationUpdated event; turns started
-        after it use the new settings, a running turn keeps those it started
-        with. A call that changes nothing records nothing.
+        changes something records one ConversationUpdated event, and turns
+        started after it use the new settings. While a turn runs it is
+        FAILED_PRECONDITION (TURN_IN_PROGRESS), as ArchiveConversation is: the
+        running turn appends at the versions it expects. A call that changes
+        nothing records nothing (and is answered while a turn runs).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -131,9 +131,11 @@ class ConversationServiceStub:
     UpdateConversation: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.UpdateConversationRequest, _conversation_service_pb2.UpdateConversationResponse]
     """UpdateConversation changes the settings named in update_mask (system
     prompt, tools, defaults, labels, guardrail profile). Each call that
-    changes something records one ConversationUpdated event; turns started
-    after it use the new settings, a running turn keeps those it started
-    with. A call that changes nothing records nothing.
+    changes something records one ConversationUpdated event, and turns
+    started after it use the new settings. While a turn runs it is
+    FAILED_PRECONDITION (TURN_IN_PROGRESS), as ArchiveConversation is: the
+    running turn appends at the versions it expects. A call that changes
+    nothing records nothing (and is answered while a turn runs).
     """
     UnarchiveConversation: _grpc.UnaryUnaryMultiCallable[_conversation_service_pb2.UnarchiveConversationRequest, _conversation_service_pb2.UnarchiveConversationResponse]
     """UnarchiveConversation lets an archived conversation take turns again
@@ -222,9 +224,11 @@ class ConversationServiceAsyncStub(ConversationServiceStub):
     UpdateConversation: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.UpdateConversationRequest, _conversation_service_pb2.UpdateConversationResponse]  # type: ignore[assignment]
     """UpdateConversation changes the settings named in update_mask (system
     prompt, tools, defaults, labels, guardrail profile). Each call that
-    changes something records one ConversationUpdated event; turns started
-    after it use the new settings, a running turn keeps those it started
-    with. A call that changes nothing records nothing.
+    changes something records one ConversationUpdated event, and turns
+    started after it use the new settings. While a turn runs it is
+    FAILED_PRECONDITION (TURN_IN_PROGRESS), as ArchiveConversation is: the
+    running turn appends at the versions it expects. A call that changes
+    nothing records nothing (and is answered while a turn runs).
     """
     UnarchiveConversation: _aio.UnaryUnaryMultiCallable[_conversation_service_pb2.UnarchiveConversationRequest, _conversation_service_pb2.UnarchiveConversationResponse]  # type: ignore[assignment]
     """UnarchiveConversation lets an archived conversation take turns again
@@ -412,9 +416,11 @@ class ConversationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_conversation_service_pb2.UpdateConversationResponse, _abc.Awaitable[_conversation_service_pb2.UpdateConversationResponse]]:
         """UpdateConversation changes the settings named in update_mask (system
         prompt, tools, defaults, labels, guardrail profile). Each call that
-        changes something records one ConversationUpdated event; turns started
-        after it use the new settings, a running turn keeps those it started
-        with. A call that changes nothing records nothing.
+        changes something records one ConversationUpdated event, and turns
+        started after it use the new settings. While a turn runs it is
+        FAILED_PRECONDITION (TURN_IN_PROGRESS), as ArchiveConversation is: the
+        running turn appends at the versions it expects. A call that changes
+        nothing records nothing (and is answered while a turn runs).
         """
 
     @_abc_1.abstractmethod

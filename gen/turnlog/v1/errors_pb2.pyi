@@ -120,7 +120,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     CLIENT_TOOLS_NEED_STREAM: _ErrorReason.ValueType  # 18
     """FAILED_PRECONDITION, not retryable. A turn would offer client-side tools
     but was started by SendMessage, which cannot deliver their calls: use
-    StreamTurn or Converse. Metadata: conversation, tool.
+    StreamTurn or Converse. Metadata: conversation, tools (the client-side
+    tools' names, comma-separated).
     """
     MODEL_NOT_SERVED: _ErrorReason.ValueType  # 19
     """FAILED_PRECONDITION, not retryable. The turn's model (its own, the
@@ -178,6 +179,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 31
     """DEADLINE_EXCEEDED, retryable. The operation ran past its deadline.
     Metadata: none.
+    """
+    CLIENT_TOOL_TIMEOUT: _ErrorReason.ValueType  # 44
+    """DEADLINE_EXCEEDED, not retryable. In a failed turn's error (phase
+    tool): the client did not answer a client-side tool call within the
+    service's timeout. Metadata: callId, timeoutS.
     """
     UNAUTHENTICATED: _ErrorReason.ValueType  # 32
     """UNAUTHENTICATED, not retryable. The credential does not verify (a cause
@@ -335,7 +341,8 @@ the turn ended); nothing is recorded. Metadata: turnId, callId.
 CLIENT_TOOLS_NEED_STREAM: ErrorReason.ValueType  # 18
 """FAILED_PRECONDITION, not retryable. A turn would offer client-side tools
 but was started by SendMessage, which cannot deliver their calls: use
-StreamTurn or Converse. Metadata: conversation, tool.
+StreamTurn or Converse. Metadata: conversation, tools (the client-side
+tools' names, comma-separated).
 """
 MODEL_NOT_SERVED: ErrorReason.ValueType  # 19
 """FAILED_PRECONDITION, not retryable. The turn's model (its own, the
@@ -393,6 +400,11 @@ none.
 DEADLINE_EXCEEDED: ErrorReason.ValueType  # 31
 """DEADLINE_EXCEEDED, retryable. The operation ran past its deadline.
 Metadata: none.
+"""
+CLIENT_TOOL_TIMEOUT: ErrorReason.ValueType  # 44
+"""DEADLINE_EXCEEDED, not retryable. In a failed turn's error (phase
+tool): the client did not answer a client-side tool call within the
+service's timeout. Metadata: callId, timeoutS.
 """
 UNAUTHENTICATED: ErrorReason.ValueType  # 32
 """UNAUTHENTICATED, not retryable. The credential does not verify (a cause

@@ -1,4 +1,5 @@
-"""The conversation RPCs: create, get, list, archive, and turns (unary, streamed, bidi).
+"""The conversation RPCs: create, get, list, archive, update, unarchive, list turns and
+messages, and unary turns (streamed ones and turn control: `turns`).
 
 Thin: parse the request (`requests`; the validation interceptor has checked it), call
 `ConversationApplication`, build the response (`messages`). Errors become
@@ -7,30 +8,34 @@ statuses in `status.maps_errors`; no business rule lives here.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-
 from turnlog import errors
-from turnlog.api import paging
+from turnlog.api import page_tokens
 from turnlog.api.access import TenantAccess
 from turnlog.api.authentication import own_tenant
 from turnlog.api.messages import (
     assistant_message,
+    chat_message,
     compaction_message,
     conversation_message,
     decision_message,
     execution_message,
-    turn_event,
     turn_message,
 )
 from turnlog.api.requests import (
+    DEFAULT_CONVERSATION_LIMIT,
+    DEFAULT_MESSAGES_PAGE,
     DEFAULT_PAGE_SIZE,
+    DEFAULT_TURNS_PAGE,
+    MAX_CONVERSATION_LIMIT,
+    MAX_MESSAGES_PAGE,
     MAX_PAGE_SIZE,
+    MAX_TURNS_PAGE,
     conversation_id,
     microseconds,
+    tool_definitions,
     turn_input,
     turn_options,
+    update_command,
 )
 from turnlog.api.status import Context, maps_errors
 from turnlog.conversation.application import (
@@ -38,6 +43,7 @@ from turnlog.conversation.application import (
     CreateConversation,
     ListQuery,
 )
+from turnlog.conversation.paging import page_size
 from turnlog.domain import events as ev
 from turnlog.domain.state import Turn, TurnStatus
 from turnlog.v1 import conversation_service_pb2 as spb
@@ -68,15 +74,6 @@ class ConversationRpcs(TenantAccess):
     async def CreateConversation(  # noqa: N802 (gRPC method name)
         self, request: spb.CreateConversationRequest, context: Context
     ) -> spb.CreateConversationResponse:
-        tools = tuple(
-            ev.ToolDefinition(
-                name=tool.name,
-                description=tool.description,
-                parameters_json_schema=tool.parameters_json_schema or "{}",
-                client_side=tool.client_side,
-            )
-            for tool in request.tools
-        )
         state = await self.app.create(
             CreateConversation(
                 tenant=own_tenant(),
@@ -84,7 +81,7 @@ class ConversationRpcs(TenantAccess):
                 conversation_id=request.conversation_id,
                 system_prompt=request.system_prompt,
                 defaults=turn_options(request.defaults),
-                tools=tools,
+                tools=tool_definitions(request.tools),
                 guardrail_profile=request.guardrail_profile,
                 labels=tuple(sorted(request.labels.items())),
             )
@@ -101,7 +98,13 @@ class ConversationRpcs(TenantAccess):
             tenant=await self.read_tenant("GetConversation", request.name),
             version=version,
         )
-        return spb.GetConversationResponse(conversation=conversation_message(state))
+        return spb.GetConversationResponse(
+            conversation=conversation_message(
+                state,
+                message_limit=_limit(request.message_limit),
+                turn_limit=_limit(request.turn_limit),
+            )
+        )
 
     @maps_errors
     async def ListConversations(  # noqa: N802
@@ -110,10 +113,10 @@ class ConversationRpcs(TenantAccess):
         page, cursor = await self.app.list_conversations(
             ListQuery(
                 tenant=await self.read_tenant("ListConversations"),
-                page_size=paging.page_size(
+                page_size=page_size(
                     request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
                 ),
-                page_token=paging.open(request),
+                page_token=page_tokens.cursor_of(request),
                 labels=tuple(sorted(request.labels.items())),
                 created_after_us=(
                     microseconds(request.create_time_after)
@@ -130,7 +133,7 @@ class ConversationRpcs(TenantAccess):
         )
         return spb.ListConversationsResponse(
             conversations=[conversation_message(s.state, full=False) for s in page],
-            next_page_token=paging.seal(request, cursor),
+            next_page_token=page_tokens.token_for(request, cursor),
         )
 
     @maps_errors
@@ -142,6 +145,61 @@ class ConversationRpcs(TenantAccess):
             conversation_id(request.name), tenant=own_tenant(), expected_version=expected
         )
         return spb.ArchiveConversationResponse(conversation=conversation_message(state))
+
+    @maps_errors
+    async def UpdateConversation(  # noqa: N802
+        self, request: spb.UpdateConversationRequest, context: Context
+    ) -> spb.UpdateConversationResponse:
+        state = await self.app.update(update_command(request, tenant=own_tenant()))
+        return spb.UpdateConversationResponse(conversation=conversation_message(state))
+
+    @maps_errors
+    async def UnarchiveConversation(  # noqa: N802
+        self, request: spb.UnarchiveConversationRequest, context: Context
+    ) -> spb.UnarchiveConversationResponse:
+        expected = request.expected_version if request.HasField("expected_version") else None
+        state = await self.app.unarchive(
+            conversation_id(request.name), tenant=own_tenant(), expected_version=expected
+        )
+        return spb.UnarchiveConversationResponse(conversation=conversation_message(state))
+
+    @maps_errors
+    async def ListTurns(  # noqa: N802
+        self, request: spb.ListTurnsRequest, context: Context
+    ) -> spb.ListTurnsResponse:
+        page = await self.app.list_turns(
+            conversation_id(request.conversation),
+            tenant=await self.read_tenant("ListTurns", request.conversation),
+            page_size=page_size(
+                request.page_size, default=DEFAULT_TURNS_PAGE, maximum=MAX_TURNS_PAGE
+            ),
+            page_token=request.page_token,
+        )
+        return spb.ListTurnsResponse(
+            turns=[turn_message(t) for t in page.items],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+        )
+
+    @maps_errors
+    async def ListMessages(  # noqa: N802
+        self, request: spb.ListMessagesRequest, context: Context
+    ) -> spb.ListMessagesResponse:
+        page = await self.app.list_messages(
+            conversation_id(request.conversation),
+            tenant=await self.read_tenant("ListMessages", request.conversation),
+            page_size=page_size(
+                request.page_size, default=DEFAULT_MESSAGES_PAGE, maximum=MAX_MESSAGES_PAGE
+            ),
+            page_token=request.page_token,
+            turn_id=request.turn_id,
+            newest_first=request.newest_first,
+        )
+        return spb.ListMessagesResponse(
+            messages=[chat_message(m) for m in page.items],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+        )
 
     @maps_errors
     async def SendMessage(  # noqa: N802
@@ -187,99 +245,7 @@ class ConversationRpcs(TenantAccess):
                 response.compaction.CopyFrom(compaction_message(update.payload))
         return response
 
-    @maps_errors
-    async def StreamTurn(  # noqa: N802
-        self, request: spb.StreamTurnRequest, context: Context
-    ) -> AsyncIterator[spb.StreamTurnResponse]:
-        # `action` is a required oneof (validation.REQUIRED_ONEOFS).
-        if request.WhichOneof("action") == "start":
-            command = turn_input(request.start, tenant=own_tenant())
-            cid = command.conversation_id
-            turn_id = await self.app.start_turn(command)
-            after = 0
-        else:
-            cid = conversation_id(request.resume.conversation)
-            turn_id, after = request.resume.turn_id, request.resume.after_sequence
-        # A disconnect ends only this watch; the turn runs on and can be resumed.
-        async for update in self.app.watch(cid, turn_id, tenant=own_tenant(), after_sequence=after):
-            yield spb.StreamTurnResponse(event=turn_event(update))
 
-    @maps_errors
-    async def Converse(  # noqa: N802
-        self, request_iterator: AsyncIterator[spb.ConverseRequest], context: Context
-    ) -> AsyncIterator[spb.ConverseResponse]:
-        out: asyncio.Queue[spb.ConverseResponse | BaseException | None] = asyncio.Queue()
-        running: dict[str, tuple[str, asyncio.Task[None]]] = {}
-
-        async def forward(cid: str, turn_id: str) -> None:
-            async for update in self.app.watch(cid, turn_id, tenant=own_tenant()):
-                await out.put(spb.ConverseResponse(event=turn_event(update)))
-
-        async def read() -> None:
-            try:
-                async for message in request_iterator:
-                    # Each message has passed validation; `action` is required.
-                    action = message.WhichOneof("action")
-                    if action == "user_message":
-                        command = turn_input(message.user_message, tenant=own_tenant())
-                        turn_id = await self.app.start_turn(command)
-                        task = asyncio.create_task(forward(command.conversation_id, turn_id))
-                        running[turn_id] = (command.conversation_id, task)
-                        task.add_done_callback(lambda t: _report(t, out))
-                    elif action == "tool_result":
-                        r = message.tool_result
-                        cid = running.get(r.turn_id, ("", None))[0]
-                        self.app.submit_tool_result(
-                            cid,
-                            r.turn_id,
-                            r.call_id,
-                            result=r.result,
-                            error=r.error,
-                            tenant=own_tenant(),
-                        )
-                    else:
-                        c = message.cancel
-                        cid = running.get(c.turn_id, ("", None))[0]
-                        await self.app.cancel_turn(cid, c.turn_id, c.reason, tenant=own_tenant())
-                # The client finished sending: end once every turn it started has ended.
-                await asyncio.gather(*(t for _, t in running.values()), return_exceptions=True)
-                await out.put(None)
-            except Exception as e:
-                await out.put(e)
-
-        tenant = own_tenant()
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                item = await out.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            reader.cancel()
-            for turn_id, (cid, task) in running.items():
-                if not task.done():
-                    # The session ended under a running turn (the client went
-                    # away, or the stream failed): nobody can answer its tools
-                    # or cancel it any more, so it is cancelled (aborted in the
-                    # worker, TurnCancelled recorded). A StreamTurn is not.
-                    with contextlib.suppress(errors.TurnlogError):
-                        await self.app.cancel_turn(cid, turn_id, SESSION_ENDED, tenant=tenant)
-                task.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
-
-
-#: The cancel reason recorded for the turns of a Converse session that broke off.
-SESSION_ENDED = "the client disconnected"
-
-
-def _report(
-    task: asyncio.Task[None], out: asyncio.Queue[spb.ConverseResponse | BaseException | None]
-) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        error = task.exception()
-        assert error is not None
-        out.put_nowait(error)
+def _limit(requested: int) -> int:
+    """GetConversation's message_limit or turn_limit, coerced as a page size is."""
+    return page_size(requested, default=DEFAULT_CONVERSATION_LIMIT, maximum=MAX_CONVERSATION_LIMIT)

@@ -1,4 +1,4 @@
-"""Domain values to response messages: conversations, turns, turn events, log events."""
+"""Domain values to response messages: conversations, turns, turn events, log events, errors as data."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any
 
 from google.protobuf import descriptor, message, timestamp_pb2
 
-from turnlog import grpc_errors
+from turnlog import errors, grpc_errors
+from turnlog.api.requests import DEFAULT_CONVERSATION_LIMIT
 from turnlog.conversation.projection import (
     Retraction,
     TextPiece,
@@ -25,13 +26,13 @@ from turnlog.conversation.projection import (
 )
 from turnlog.domain import codec
 from turnlog.domain import events as ev
-from turnlog.domain.state import ConversationState, Turn, TurnStatus
+from turnlog.domain.state import ConversationState, Message, Turn, TurnStatus, system_message
 from turnlog.eventlog import conversation_of
 from turnlog.history.audit import ProblemKind
 from turnlog.storage import RecordedEvent
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
-from turnlog.v1 import errors_pb2
+from turnlog.v1 import errors_pb2 as erpb
 from turnlog.v1 import events_pb2 as epb
 from turnlog.v1 import history_pb2 as hpb
 
@@ -109,7 +110,7 @@ def turn_message(turn: Turn) -> pb.Turn:
     return message
 
 
-def failure_detail(failed: ev.TurnFailed) -> errors_pb2.ErrorDetail:
+def failure_detail(failed: ev.TurnFailed) -> erpb.ErrorDetail:
     """The `ErrorDetail` of a failed turn: the status a unary call would have failed with.
 
     The code comes from the recorded reason through the one status table
@@ -117,7 +118,7 @@ def failure_detail(failed: ev.TurnFailed) -> errors_pb2.ErrorDetail:
     never disagree. Events recorded before `message` was get a message made
     of the phase and reason.
     """
-    return errors_pb2.ErrorDetail(
+    return erpb.ErrorDetail(
         code=grpc_errors.code_of_reason(failed.error_kind),
         reason=failed.error_kind,
         message=failed.message or f"the turn failed in its {failed.phase} ({failed.error_kind})",
@@ -182,8 +183,33 @@ def compaction_message(c: ev.ContextCompacted) -> pb.ContextCompaction:
     )
 
 
-def conversation_message(state: ConversationState, *, full: bool = True) -> pb.Conversation:
-    """The API view of a folded conversation (without messages and turns unless `full`)."""
+def chat_message(m: Message) -> pb.Message:
+    return pb.Message(
+        message_id=m.message_id,
+        role=_ROLE[m.role],
+        content=m.content,
+        turn_id=m.turn_id,
+        tool_calls=[tool_call_message(c) for c in m.tool_calls],
+        tool_call_id=m.tool_call_id,
+    )
+
+
+def conversation_message(
+    state: ConversationState,
+    *,
+    full: bool = True,
+    message_limit: int = DEFAULT_CONVERSATION_LIMIT,
+    turn_limit: int = DEFAULT_CONVERSATION_LIMIT,
+) -> pb.Conversation:
+    """The API view of a folded conversation.
+
+    With `full`, `messages` holds the system message (when there is a system
+    prompt) and the latest `message_limit` other messages, `turns` the latest
+    `turn_limit` turns; without, neither. `message_count` and `turn_count`
+    always count them all. Only what is sent is copied, so a large
+    conversation costs its limits, not its length.
+    """
+    system = system_message(state)
     message = pb.Conversation(
         name=f"conversations/{state.conversation_id}",
         version=state.version,
@@ -202,6 +228,8 @@ def conversation_message(state: ConversationState, *, full: bool = True) -> pb.C
         ],
         guardrail_profile=state.guardrail_profile,
         labels=dict(state.labels),
+        message_count=len(state.messages) + (system is not None),
+        turn_count=len(state.turns),
     )
     if state.forked_from is not None:
         message.fork_origin.conversation = f"conversations/{state.forked_from[0]}"
@@ -209,18 +237,12 @@ def conversation_message(state: ConversationState, *, full: bool = True) -> pb.C
     if state.context_window is not None:
         message.context_window.CopyFrom(context_window_message(state.context_window))
     if full:
-        for m in state.messages:
-            message.messages.append(
-                pb.Message(
-                    message_id=m.message_id,
-                    role=_ROLE[m.role],
-                    content=m.content,
-                    turn_id=m.turn_id,
-                    tool_calls=[tool_call_message(c) for c in m.tool_calls],
-                    tool_call_id=m.tool_call_id,
-                )
-            )
-        message.turns.extend(turn_message(t) for t in state.turns)
+        if system is not None:
+            message.messages.append(chat_message(system))
+        if message_limit > 0:
+            message.messages.extend(chat_message(m) for m in state.messages[-message_limit:])
+        if turn_limit > 0:
+            message.turns.extend(turn_message(t) for t in state.turns[-turn_limit:])
     return message
 
 
@@ -291,6 +313,28 @@ PROBLEM = {
     ProblemKind.HASH_CHAIN: hpb.VERIFICATION_PROBLEM_HASH_CHAIN,
     ProblemKind.FOLD: hpb.VERIFICATION_PROBLEM_FOLD,
 }
+
+
+def error_detail(error: errors.TurnlogError) -> erpb.ErrorDetail:
+    """An error as data: the code, reason, message and metadata its status would carry."""
+    info = grpc_errors.error_info_of(error)
+    return erpb.ErrorDetail(
+        code=grpc_errors.code_of(error),
+        reason=info.reason,
+        message=grpc_errors.public_message(error),
+        metadata={k: v for k, v in info.metadata.items() if k != "retryable"},
+        retryable=error.retryable,
+        phase=error.metadata.get("phase", ""),
+    )
+
+
+def action_rejected(index: int, turn_id: str, error: errors.TurnlogError) -> spb.ConverseResponse:
+    """The `Converse` answer to its `index`-th request (1-based), refused with `error`."""
+    return spb.ConverseResponse(
+        action_rejected=spb.ActionRejected(
+            action_index=index, turn_id=turn_id, error=error_detail(error)
+        )
+    )
 
 
 def log_event(event: RecordedEvent, *, raw: bool = True, typed: bool = False) -> hpb.LogEvent:

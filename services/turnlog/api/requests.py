@@ -8,11 +8,12 @@ handler calls these, so a field here is already known to be well formed.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 
-from turnlog.conversation.application import TurnInput, TurnOptions
+from turnlog.conversation.application import TurnInput, TurnOptions, UpdateConversation
 from turnlog.domain import events as ev
 from turnlog.history.service import EventQuery
 from turnlog.storage import Position
@@ -30,6 +31,11 @@ MAX_REGEX_CHARS = 4096
 MAX_EVENTS_PAGE = 1000
 DEFAULT_EVENTS_PAGE = 100
 MAX_EVENT_TYPES = 64
+#: ListTurns' and ListMessages' page sizes, and GetConversation's message and
+#: turn limits: the default (for 0) and the most (a larger one is coerced).
+DEFAULT_TURNS_PAGE, MAX_TURNS_PAGE = 50, 500
+DEFAULT_MESSAGES_PAGE, MAX_MESSAGES_PAGE = 100, 1000
+DEFAULT_CONVERSATION_LIMIT, MAX_CONVERSATION_LIMIT = 100, 1000
 #: The largest JSONL file ImportConversation accepts (bytes, all parts together).
 MAX_IMPORT_BYTES = 256 * 1024 * 1024
 
@@ -85,6 +91,37 @@ def turn_input(message: spb.TurnInput, *, tenant: str) -> TurnInput:
         options=turn_options(message.options),
         expected_version=(
             message.expected_version if message.HasField("expected_version") else None
+        ),
+    )
+
+
+def tool_definitions(tools: Iterable[pb.ToolDefinition]) -> tuple[ev.ToolDefinition, ...]:
+    return tuple(
+        ev.ToolDefinition(
+            name=tool.name,
+            description=tool.description,
+            parameters_json_schema=tool.parameters_json_schema or "{}",
+            client_side=tool.client_side,
+        )
+        for tool in tools
+    )
+
+
+def update_command(request: spb.UpdateConversationRequest, *, tenant: str) -> UpdateConversation:
+    """The update of `request` (its mask checked by the validation table), for `tenant`."""
+    c = request.conversation
+    return UpdateConversation(
+        tenant=tenant,
+        conversation_id=conversation_id(c.name),
+        fields=tuple(request.update_mask.paths),
+        system_prompt=c.system_prompt,
+        tools=tool_definitions(c.tools),
+        defaults=turn_options(c.defaults),
+        labels=tuple(sorted(c.labels.items())),
+        guardrail_profile=c.guardrail_profile,
+        request_id=request.request_id,
+        expected_version=(
+            request.expected_version if request.HasField("expected_version") else None
         ),
     )
 

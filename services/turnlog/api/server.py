@@ -34,7 +34,7 @@ from turnlog.conversation.options import ServiceDefaults
 from turnlog.conversation.tools import builtin_tools
 from turnlog.eventlog import wall_clock_us
 from turnlog.metrics import start_metrics_server
-from turnlog.storage import PostgresReplicaLock, open_event_store
+from turnlog.storage import PostgresReplicaLock, PostgresTurnMailbox, open_event_store
 from turnlog.tls import ReloadingChannelCredentials, TlsFilesError
 from turnlog.v1 import conversation_service_pb2, conversation_service_pb2_grpc
 from turnlog.worker.client import EngineClient, WorkerTarget
@@ -182,12 +182,19 @@ async def run_server(
             opened.conninfo, f"serve-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         )
         stack.push_async_callback(ownership.close)
+        # Cancels and client tool results for turns that run on another replica.
+        mailbox = await PostgresTurnMailbox.open(opened.conninfo)
+        stack.push_async_callback(mailbox.close)
         app = ConversationApplication(
             opened.store,
             engine,
             tools=builtin_tools(wall_clock_us),
             ownership=ownership,
-            defaults=ServiceDefaults(tenant_max_running_turns=settings.tenant_max_running_turns),
+            mailbox=mailbox,
+            defaults=ServiceDefaults(
+                tenant_max_running_turns=settings.tenant_max_running_turns,
+                client_tool_timeout_s=settings.client_tool_timeout_s,
+            ),
         )
         # Before serving, and then periodically: turns whose replica died
         # (this one before a restart, or any other) are closed.

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from turnlog.api.conversations import ConversationRpcs
 from turnlog.api.history import HistoryRpcs
+from turnlog.api.turns import TurnRpcs
 from turnlog.conversation.application import ConversationApplication
 from turnlog.history.service import HistoryService
 from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
 
 
-class ConversationServicer(ConversationRpcs, HistoryRpcs, sgrpc.ConversationServiceServicer):
+class ConversationServicer(
+    ConversationRpcs, TurnRpcs, HistoryRpcs, sgrpc.ConversationServiceServicer
+):
     """Implements turnlog.v1.ConversationService over `ConversationApplication` and `HistoryService`."""
 
     def __init__(self, app: ConversationApplication, history: HistoryService | None = None) -> None:

@@ -22,7 +22,6 @@ from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 
 from turnlog import errors, grpc_errors
-from turnlog.v1 import errors_pb2
 
 log = logging.getLogger(__name__)
 
@@ -100,27 +99,6 @@ def to_status(error: BaseException) -> grpc.Status:
     return rpc_status.to_status(grpc_errors.status_of(error, extra))
 
 
-def error_detail(error: BaseException, *, phase: str = "") -> errors_pb2.ErrorDetail:
-    """An error as data: the code, reason, message and metadata `to_status` would send.
-
-    For errors that do not end a call (Converse's `ActionRejected`); a failed
-    turn's `Turn.error` is built from its recorded event instead
-    (`messages.failure_detail`), with the same fields. As in every status,
-    an error that is not a `TurnlogError` says only "internal error".
-    """
-    info = grpc_errors.error_info_of(error)
-    metadata = dict(info.metadata)
-    retryable = metadata.pop("retryable", "false") == "true"
-    return errors_pb2.ErrorDetail(
-        code=grpc_errors.code_of(error),
-        reason=info.reason,
-        message=grpc_errors.public_message(error),
-        metadata=metadata,
-        retryable=retryable,
-        phase=phase,
-    )
-
-
 async def abort(context: Context, error: BaseException) -> NoReturn:
     """End the call with the status of `error`."""
     # grpc's stubs lack abort_with_status; it raises like abort().
@@ -174,7 +152,6 @@ __all__ = [
     "Context",
     "FieldViolationsError",
     "abort",
-    "error_detail",
     "maps_errors",
     "to_status",
 ]

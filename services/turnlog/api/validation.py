@@ -36,19 +36,26 @@ from google.protobuf import descriptor, duration_pb2, message, timestamp_pb2
 
 from turnlog import errors
 from turnlog.api.requests import (
+    DEFAULT_CONVERSATION_LIMIT,
     DEFAULT_EVENTS_PAGE,
+    DEFAULT_MESSAGES_PAGE,
     DEFAULT_PAGE_SIZE,
+    DEFAULT_TURNS_PAGE,
     ID_PATTERN,
     MAX_CONTENT_CHARS,
+    MAX_CONVERSATION_LIMIT,
     MAX_EVENT_TYPES,
     MAX_EVENTS_PAGE,
+    MAX_MESSAGES_PAGE,
     MAX_PAGE_SIZE,
     MAX_REGEX_CHARS,
     MAX_REQUEST_ID,
+    MAX_TURNS_PAGE,
     TOOL_NAME_PATTERN,
 )
 from turnlog.api.status import Context, FieldViolationsError, abort
 from turnlog.domain import codec
+from turnlog.domain.events import UPDATABLE_SETTINGS
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
 from turnlog.v1 import history_pb2 as hpb
@@ -76,6 +83,7 @@ MAX_STOP_STRINGS: Final = 16
 MAX_STOP_CHARS: Final = 256
 MAX_TOOL_RESULT_CHARS: Final = MAX_CONTENT_CHARS
 MAX_REASON_CHARS: Final = 4096
+MAX_TOOL_RESULTS: Final = 64
 MAX_PAGE_TOKEN_CHARS: Final = 1024
 MAX_TOOL_ROUND_TRIPS: Final = 32
 
@@ -198,20 +206,6 @@ class KnownName(Rule):
 
     def describe(self) -> str:
         return self.shape
-
-
-@dataclass(frozen=True)
-class PageSize(Rule):
-    """A list RPC's page_size (AIP-158): negative is invalid, above `maximum` is coerced."""
-
-    default: int
-    maximum: int
-
-    def check(self, value: Any) -> str | None:
-        return "must be ≥ 0" if value < 0 else None
-
-    def describe(self) -> str:
-        return f"≥ 0 (0: {self.default:,}; above {self.maximum:,}: {self.maximum:,})"
 
 
 @dataclass(frozen=True)
@@ -339,6 +333,38 @@ class Nested(Rule):
         return "checked by its message type's rules"
 
 
+@dataclass(frozen=True)
+class PageSize(Rule):
+    """A page size or limit (AIP-158): 0 is the default, above the most is coerced, negative is invalid."""
+
+    default: int
+    maximum: int
+
+    def check(self, value: Any) -> str | None:
+        return "must be ≥ 0" if value < 0 else None
+
+    def describe(self) -> str:
+        return f"≥ 0; 0 means {self.default:,}, above {self.maximum:,} reads as {self.maximum:,}"
+
+
+@dataclass(frozen=True)
+class MaskPaths(Rule):
+    """A `google.protobuf.FieldMask`: required, each path among `paths`."""
+
+    paths: tuple[str, ...]
+
+    def check(self, value: Any) -> str | None:
+        if not value.paths:
+            return f"required: name the fields to replace ({', '.join(self.paths)})"
+        for path in value.paths:
+            if path not in self.paths:
+                return f"{path[:64]!r} is not a path this update takes ({', '.join(self.paths)})"
+        return None
+
+    def describe(self) -> str:
+        return f"required; paths among {', '.join(self.paths)}"
+
+
 def _json_depth(text: str) -> int:
     """How deeply brackets nest in JSON text (strings skipped), without parsing."""
     depth = deepest = 0
@@ -384,7 +410,7 @@ LABELS: Final = Entries(
     key=Text(required=True, max_chars=MAX_LABEL_KEY_CHARS),
     value=Text(max_chars=MAX_LABEL_VALUE_CHARS),
 )
-# AIP-158: a size above the maximum is coerced (api/paging.py), not refused.
+# AIP-158: a size above the maximum is coerced (conversation.paging.page_size), not refused.
 PAGE_SIZE: Final = PageSize(default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
 EVENTS_PAGE_SIZE: Final = PageSize(default=DEFAULT_EVENTS_PAGE, maximum=MAX_EVENTS_PAGE)
 PAGE_TOKEN: Final = Text(
@@ -415,18 +441,25 @@ EVENT_VIEW: Final = Member(
     ),
 )
 
+#: The rule of a message field a request may carry but the server ignores
+#: (AIP-203 output-only fields): not walked, so nothing below it is checked.
+OUTPUT_ONLY: Final = Unchecked("output only; ignored")
+UPDATE_MASK: Final = MaskPaths(UPDATABLE_SETTINGS)
+SYSTEM_PROMPT: Final = Text(max_bytes=MAX_SYSTEM_PROMPT_BYTES)
+GUARDRAIL_PROFILE: Final = Text(
+    pattern=GUARDRAIL_PROFILE_PATTERN, shape="empty or 1-64 letters, digits, _ . -"
+)
+
 #: Per request message (full name): every field's rule. Nested message types
 #: have rows of their own; `Nested()` marks where they are used.
 RULES: Final[Mapping[str, Mapping[str, Rule]]] = {
     spb.CreateConversationRequest.DESCRIPTOR.full_name: {
         "request_id": REQUEST_ID,
         "conversation_id": CONVERSATION_ID,
-        "system_prompt": Text(max_bytes=MAX_SYSTEM_PROMPT_BYTES),
+        "system_prompt": SYSTEM_PROMPT,
         "defaults": Nested(),
         "tools": Items(MAX_TOOLS, each=Nested()),
-        "guardrail_profile": Text(
-            pattern=GUARDRAIL_PROFILE_PATTERN, shape="empty or 1-64 letters, digits, _ . -"
-        ),
+        "guardrail_profile": GUARDRAIL_PROFILE,
         "labels": LABELS,
     },
     pb.TurnDefaults.DESCRIPTOR.full_name: {
@@ -460,6 +493,8 @@ RULES: Final[Mapping[str, Mapping[str, Rule]]] = {
     spb.GetConversationRequest.DESCRIPTOR.full_name: {
         "name": CONVERSATION_NAME,
         "version": VERSION,
+        "message_limit": PageSize(DEFAULT_CONVERSATION_LIMIT, MAX_CONVERSATION_LIMIT),
+        "turn_limit": PageSize(DEFAULT_CONVERSATION_LIMIT, MAX_CONVERSATION_LIMIT),
     },
     spb.ListConversationsRequest.DESCRIPTOR.full_name: {
         "page_size": PAGE_SIZE,
@@ -503,7 +538,11 @@ RULES: Final[Mapping[str, Mapping[str, Rule]]] = {
         "cancel": Nested(),
     },
     spb.ToolResult.DESCRIPTOR.full_name: {
-        "turn_id": TURN_ID,
+        # Required in Converse (CHECKS); in SubmitToolResults, empty or the request's.
+        "turn_id": Text(
+            pattern=TOKEN_ID_PATTERN,
+            shape="1-128 letters, digits, _ . : - (empty only in SubmitToolResults)",
+        ),
         "call_id": Text(required=True, max_chars=MAX_REQUEST_ID),
         "result": Text(max_chars=MAX_TOOL_RESULT_CHARS),
         "error": Text(max_chars=MAX_REASON_CHARS),
@@ -511,6 +550,16 @@ RULES: Final[Mapping[str, Mapping[str, Rule]]] = {
     spb.CancelTurn.DESCRIPTOR.full_name: {
         "turn_id": TURN_ID,
         "reason": Text(max_chars=MAX_REASON_CHARS),
+    },
+    spb.CancelTurnRequest.DESCRIPTOR.full_name: {
+        "conversation": CONVERSATION_NAME,
+        "turn_id": TURN_ID,
+        "reason": Text(max_chars=MAX_REASON_CHARS),
+    },
+    spb.SubmitToolResultsRequest.DESCRIPTOR.full_name: {
+        "conversation": CONVERSATION_NAME,
+        "turn_id": TURN_ID,
+        "results": Items(MAX_TOOL_RESULTS, each=Nested()),
     },
     spb.ReadEventsRequest.DESCRIPTOR.full_name: {
         "conversation": OPTIONAL_CONVERSATION_NAME,
@@ -548,6 +597,47 @@ RULES: Final[Mapping[str, Mapping[str, Rule]]] = {
     spb.ImportConversationRequest.DESCRIPTOR.full_name: {
         "data": Unchecked("any bytes; all parts together at most 256 MiB"),
     },
+    spb.UpdateConversationRequest.DESCRIPTOR.full_name: {
+        "conversation": Nested(),
+        "update_mask": UPDATE_MASK,
+        "expected_version": EXPECTED_VERSION,
+        "request_id": REQUEST_ID,
+    },
+    # Only as UpdateConversationRequest.conversation: the settings it replaces
+    # have CreateConversationRequest's limits; the rest is output only.
+    pb.Conversation.DESCRIPTOR.full_name: {
+        "name": CONVERSATION_NAME,
+        "version": OUTPUT_ONLY,
+        "create_time": OUTPUT_ONLY,
+        "state": OUTPUT_ONLY,
+        "system_prompt": SYSTEM_PROMPT,
+        "defaults": Nested(),
+        "tools": Items(MAX_TOOLS, each=Nested()),
+        "guardrail_profile": GUARDRAIL_PROFILE,
+        "labels": LABELS,
+        "messages": OUTPUT_ONLY,
+        "turns": OUTPUT_ONLY,
+        "fork_origin": OUTPUT_ONLY,
+        "context_window": OUTPUT_ONLY,
+        "message_count": OUTPUT_ONLY,
+        "turn_count": OUTPUT_ONLY,
+    },
+    spb.UnarchiveConversationRequest.DESCRIPTOR.full_name: {
+        "name": CONVERSATION_NAME,
+        "expected_version": EXPECTED_VERSION,
+    },
+    spb.ListTurnsRequest.DESCRIPTOR.full_name: {
+        "conversation": CONVERSATION_NAME,
+        "page_size": PageSize(DEFAULT_TURNS_PAGE, MAX_TURNS_PAGE),
+        "page_token": PAGE_TOKEN,
+    },
+    spb.ListMessagesRequest.DESCRIPTOR.full_name: {
+        "conversation": CONVERSATION_NAME,
+        "page_size": PageSize(DEFAULT_MESSAGES_PAGE, MAX_MESSAGES_PAGE),
+        "page_token": PAGE_TOKEN,
+        "turn_id": Text(pattern=TOKEN_ID_PATTERN, shape="empty or 1-128 letters, digits, _ . : -"),
+        "newest_first": Unchecked("a flag"),
+    },
 }
 
 #: Oneofs of which one member must be set.
@@ -575,9 +665,38 @@ def _unique_tool_names(request: Any) -> list[Violation]:
     ]
 
 
+def _update_target(request: Any) -> list[Violation]:
+    found = []
+    if not request.HasField("conversation"):
+        found.append(("conversation.name", "required"))
+    if problem := UPDATE_MASK.check(request.update_mask):
+        found.append(("update_mask", problem))
+    return found
+
+
 def _strict_is_per_turn(request: Any) -> list[Violation]:
     if request.defaults.HasField("strict_max_tokens"):
         return [("defaults.strict_max_tokens", "a turn option only")]
+    return []
+
+
+def _results_of_one_turn(request: Any) -> list[Violation]:
+    if not request.results:
+        return [("results", "at least 1 item")]
+    found = []
+    seen: set[str] = set()
+    for i, result in enumerate(request.results):
+        if result.turn_id and result.turn_id != request.turn_id:
+            found.append((f"results[{i}].turn_id", "empty or the request's turn_id"))
+        if result.call_id in seen:
+            found.append((f"results[{i}].call_id", "each result answers a different call"))
+        seen.add(result.call_id)
+    return found
+
+
+def _converse_result_names_its_turn(request: Any) -> list[Violation]:
+    if request.WhichOneof("action") == "tool_result" and not request.tool_result.turn_id:
+        return [("tool_result.turn_id", "required")]
     return []
 
 
@@ -589,6 +708,10 @@ CHECKS: Final[Mapping[str, Sequence[Callable[[Any], list[Violation]]]]] = {
         _unique_tool_names,
         _strict_is_per_turn,
     ),
+    spb.SubmitToolResultsRequest.DESCRIPTOR.full_name: (_results_of_one_turn,),
+    spb.ConverseRequest.DESCRIPTOR.full_name: (_converse_result_names_its_turn,),
+    spb.UpdateConversationRequest.DESCRIPTOR.full_name: (_update_target,),
+    pb.Conversation.DESCRIPTOR.full_name: (_unique_tool_names, _strict_is_per_turn),
 }
 
 
@@ -653,6 +776,8 @@ def _walk(value: message.Message, prefix: str, found: list[Violation]) -> None:
         path = _join(prefix, field.name)
         rule = rules.get(field.name)
         is_message = field.type == descriptor.FieldDescriptor.TYPE_MESSAGE
+        if rule == OUTPUT_ONLY:
+            continue
         repeated = field.is_repeated
         if repeated:
             items = getattr(value, field.name)
@@ -895,6 +1020,7 @@ def describe_table() -> Iterable[tuple[str, str, str]]:
 
 __all__ = [
     "CHECKS",
+    "OUTPUT_ONLY",
     "REQUIRED_ONEOFS",
     "RULES",
     "MalformedMessageError",

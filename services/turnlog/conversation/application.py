@@ -28,27 +28,50 @@ Contracts (docs/conversation.md has the reasons):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from turnlog import errors, metrics
 from turnlog.conversation import turn
 from turnlog.conversation.context import TokenCounter
+from turnlog.conversation.control import MAX_WAIT_S, ToolResultInput, TurnControl
 from turnlog.conversation.listing import ConversationIndex, ConversationSummary, ListQuery
 from turnlog.conversation.options import ServiceDefaults, TurnOptions
-from turnlog.conversation.projection import TextPiece, TurnProjector, TurnResult, TurnUpdate
+from turnlog.conversation.paging import Page, page_of
+from turnlog.conversation.projection import (
+    TextPiece,
+    TurnEnded,
+    TurnProjector,
+    TurnResult,
+    TurnUpdate,
+)
 from turnlog.conversation.recovery import TurnRecovery
 from turnlog.conversation.repository import ConversationRepository
 from turnlog.conversation.running import RunningTurns
+from turnlog.conversation.settings import (
+    UpdateConversation,
+    changes_anything,
+    same_request,
+    update_event,
+)
 from turnlog.conversation.tools import ToolRegistry
 from turnlog.domain import events as ev
-from turnlog.domain.state import ConversationState, Turn, evolve, fold
+from turnlog.domain.state import (
+    ConversationState,
+    Message,
+    Turn,
+    TurnStatus,
+    evolve,
+    fold,
+    messages_with_system,
+)
 from turnlog.eventlog import Clock, derived_id, stream_id, wall_clock_us
 from turnlog.guardrails import (
     GuardrailPipeline,
@@ -56,7 +79,7 @@ from turnlog.guardrails import (
     conversation_fields,
     default_registry,
 )
-from turnlog.storage import NO_STREAM, EventStore, ReplicaLiveness
+from turnlog.storage import NO_STREAM, EventStore, ReplicaLiveness, TurnMailbox
 from turnlog.worker.client import EngineClient
 
 
@@ -107,6 +130,10 @@ class ConversationApplication:
             required when several replicas share the log; None means this
             process is the only one (recovery then closes every open turn it
             does not run).
+        mailbox: The turn mailbox shared with the other replicas (cancels and
+            client tool results for turns running elsewhere); None when this
+            process is the only one. Letters are taken from it from
+            construction until `shutdown` (`TurnControl`).
     """
 
     def __init__(
@@ -120,6 +147,7 @@ class ConversationApplication:
         clock: Clock = wall_clock_us,
         instance: str = "",
         ownership: ReplicaLiveness | None = None,
+        mailbox: TurnMailbox | None = None,
     ) -> None:
         self.store = store
         self.ownership = ownership
@@ -157,6 +185,15 @@ class ConversationApplication:
         self._recovery = TurnRecovery(
             self.repository, clock=clock, liveness=ownership, is_live_here=self.running.is_live
         )
+        self.control = TurnControl(
+            self.repository,
+            self.running,
+            mailbox,
+            guardrails=self.guardrails,
+            defaults=self.defaults,
+            clock=clock,
+        )
+        self.control.start()
 
     # -- conversations --------------------------------------------------------
 
@@ -289,13 +326,200 @@ class ConversationApplication:
         )
         return after
 
+    async def unarchive(
+        self,
+        conversation_id: str,
+        *,
+        tenant: str = ev.DEFAULT_TENANT,
+        expected_version: int | None = None,
+    ) -> ConversationState:
+        """Let an archived conversation take turns again; an active one is returned as it is.
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`.
+            VersionConflictError: `expected_version` is not the current version.
+        """
+        state = await self.load(conversation_id, tenant=tenant)
+        if expected_version is not None and expected_version != state.version:
+            raise errors.VersionConflictError(
+                stream_id(conversation_id), expected_version, state.version
+            )
+        if not state.archived:
+            return state
+        # No turn runs in an archived conversation, so nothing can slip in
+        # between: the append at the loaded version only loses to another
+        # unarchive or update.
+        unarchived = ev.ConversationUnarchived(unarchived_at_us=self.clock())
+        event = self.repository.new_event(
+            derived_id(conversation_id, "unarchived", str(state.version)), unarchived
+        )
+        after = evolve(state, unarchived)
+        await self.repository.append(
+            conversation_id, [event], expected_version=state.version, state=after
+        )
+        return after
+
+    async def update(self, command: UpdateConversation) -> ConversationState:
+        """Replace the settings `command.fields` names: one `ConversationUpdated`, or nothing.
+
+        Idempotent by `request_id`: a retry returns the conversation as the
+        first call left it (the version its event made) and records nothing;
+        the same id with another change is refused. A call that changes no
+        setting records nothing. Archived conversations may be updated (their
+        settings are still read by exports, forks and an unarchive); a running
+        turn keeps the settings it started with, because an update waits for it
+        to end (refused meanwhile, as archive is: the turn's events are
+        appended at the versions it expects).
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`.
+            RequestIdReusedError: `request_id` made another change (metadata
+                `originalId`: that change's event id).
+            VersionConflictError: `expected_version` is not the current version.
+            TurnInProgressError: A turn is running.
+            InvalidArgumentError: Unknown guardrail profile or server tool;
+                `FieldRefusedError` for a field a sanitize guardrail would change.
+        """
+        cid = command.conversation_id
+        for attempt in range(3):
+            state = await self.load(cid, tenant=command.tenant)
+            event = self._update_event(command, state)
+            if command.request_id:
+                earlier = state.update_for_request(command.request_id)
+                if earlier is not None:
+                    if not same_request(earlier.event, event):
+                        raise errors.RequestIdReusedError(
+                            "this request_id was used for another change of the conversation",
+                            metadata={"originalId": _update_event_id(cid, command.request_id)},
+                        )
+                    return await self.load(cid, tenant=command.tenant, version=earlier.version)
+            if command.expected_version is not None and command.expected_version != state.version:
+                raise errors.VersionConflictError(
+                    stream_id(cid), command.expected_version, state.version
+                )
+            if not changes_anything(state, event):
+                return state
+            if state.open_turn is not None:
+                raise errors.TurnInProgressError(
+                    "a turn is running; update the conversation when it has ended",
+                    metadata={"turnId": state.open_turn.turn_id},
+                )
+            stored = self.repository.new_event(
+                _update_event_id(cid, command.request_id or str(uuid.uuid4())),
+                event,
+                correlation=command.request_id,
+            )
+            after = evolve(state, event)
+            try:
+                await self.repository.append(
+                    cid, [stored], expected_version=state.version, state=after
+                )
+            except (errors.VersionConflictError, errors.DuplicateEventError):
+                # A turn started or another update landed (perhaps this very
+                # request, retried concurrently): decide again on the new state,
+                # unless the caller named the version it expects.
+                self.repository.forget(cid)
+                if command.expected_version is not None or attempt == 2:
+                    raise
+                continue
+            return after
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _update_event(
+        self, command: UpdateConversation, state: ConversationState
+    ) -> ev.ConversationUpdated:
+        """The event of `command` on `state`, after the checks its new settings must pass."""
+        named = set(command.fields)
+        profile = (
+            command.guardrail_profile if "guardrail_profile" in named else state.guardrail_profile
+        )
+        pipeline = GuardrailPipeline.for_profile(
+            profile or self.defaults.guardrail_profile, self.guardrails
+        )
+        tools = tuple(self.tools.complete(t) for t in command.tools) if "tools" in named else ()
+        event = update_event(command, tools=tools, at_us=self.clock())
+        after = evolve(state, event)
+        # Recorded as given, so refused (not rewritten) if a sanitize guardrail
+        # would change them: the settings replaced, and every setting when the
+        # profile itself changes (they now fall under it).
+        fields = conversation_fields(
+            system_prompt=after.system_prompt,
+            labels=after.labels,
+            tools=after.tools,
+            sampling=after.sampling,
+        )
+        pipeline.check_fields(
+            dataclasses.replace(f, path=f"conversation.{f.path}")
+            for f in fields
+            if "guardrail_profile" in named or _setting_of(f.path) in named
+        )
+        return event
+
     async def list_conversations(self, query: ListQuery) -> tuple[list[ConversationSummary], str]:
         """A page of conversations, newest first, and the next page token ("" at the end).
+
+        Each entry's state is the conversation's latest (read through the
+        state cache), so that its version, settings and counts are current.
 
         Raises:
             InvalidArgumentError: A malformed page token.
         """
-        return await self._index.page(query)
+        page, token = await self._index.page(query)
+        latest = [
+            dataclasses.replace(s, state=await self.load(s.conversation_id, tenant=None))
+            for s in page
+        ]
+        return latest, token
+
+    async def list_turns(
+        self,
+        conversation_id: str,
+        *,
+        tenant: str | None = ev.DEFAULT_TENANT,
+        page_size: int,
+        page_token: str = "",
+    ) -> Page[Turn]:
+        """A page of the conversation's turns, oldest first.
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`.
+            InvalidArgumentError: A malformed page token, or one of another conversation.
+        """
+        state = await self.load(conversation_id, tenant=tenant)
+        return page_of(state.turns, size=page_size, token=page_token, scope={"c": conversation_id})
+
+    async def list_messages(
+        self,
+        conversation_id: str,
+        *,
+        tenant: str | None = ev.DEFAULT_TENANT,
+        page_size: int,
+        page_token: str = "",
+        turn_id: str = "",
+        newest_first: bool = False,
+    ) -> Page[Message]:
+        """A page of the conversation's messages (the system message first), or one turn's.
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`, or no such turn.
+            InvalidArgumentError: A malformed page token, or one of another query.
+        """
+        state = await self.load(conversation_id, tenant=tenant)
+        if turn_id:
+            if state.turn(turn_id) is None:
+                raise errors.NotFoundError(
+                    f"turn {turn_id!r} not found", metadata={"turnId": turn_id}
+                )
+            messages: Sequence[Message] = [m for m in state.messages if m.turn_id == turn_id]
+        else:
+            messages = messages_with_system(state)
+        return page_of(
+            messages,
+            size=page_size,
+            token=page_token,
+            scope={"c": conversation_id, "t": turn_id},
+            newest_first=newest_first,
+        )
 
     # -- recovery ----------------------------------------------------------------
 
@@ -388,7 +612,7 @@ class ConversationApplication:
             if existing is not None:
                 _check_same_turn_request(existing, command)
                 return existing.turn_id
-            refusal = _refusal(state, command)
+            refusal = _refusal(state, command, unary=not streamed)
             if refusal is not None:
                 if cached is not None:
                     continue
@@ -464,15 +688,87 @@ class ConversationApplication:
         reason: str = "",
         *,
         tenant: str = ev.DEFAULT_TENANT,
-    ) -> None:
-        """Cancel a running turn: aborts its generation, records `TurnCancelled`.
+    ) -> int | None:
+        """Cancel a running turn, on this replica or another: it aborts and records `TurnCancelled`.
+
+        Returns without waiting for the end; the id of the mailbox letter that
+        carried the cancel to another replica, or None (see `TurnControl.withdraw`).
 
         Raises:
-            NotFoundError: No such conversation of `tenant`.
-            TurnNotRunningHereError: The turn is not running in this process.
+            NotFoundError: No such conversation of `tenant`, or no such turn.
+            TurnNotRunningHereError: The turn has ended (or runs elsewhere,
+                and this process has no mailbox).
         """
-        _check_owner(self.running.get(conversation_id, turn_id), tenant, turn_id)
-        self.running.cancel(conversation_id, turn_id, reason or "cancelled by the client")
+        reason = reason or "cancelled by the client"
+        live = self.running.get(conversation_id, turn_id)
+        if live is not None and live.tenant == tenant:
+            self.running.cancel(conversation_id, turn_id, reason)  # runs here: no read
+            return None
+        state = await self.load(conversation_id, tenant=tenant)
+        turn = _turn_of(state, turn_id)
+        if turn.status is not TurnStatus.RUNNING:
+            raise errors.TurnNotRunningHereError(
+                "the turn has ended", metadata={"turnId": turn_id, "status": turn.status.value}
+            )
+        return await self.control.request_cancel(state, turn, reason)
+
+    async def cancel_and_wait(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        reason: str = "",
+        *,
+        tenant: str = ev.DEFAULT_TENANT,
+        timeout_s: float = MAX_WAIT_S,
+    ) -> TurnEnded:
+        """`CancelTurn`: cancel the turn if it runs (anywhere), then its end as the log records it.
+
+        A turn that has ended already is returned as it ended (a retry after
+        a lost reply succeeds).
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`, or no such turn.
+            DeadlineExceededError: the turn has not ended within `timeout_s`.
+        """
+        letter = None
+        with contextlib.suppress(errors.TurnNotRunningHereError):
+            letter = await self.cancel_turn(conversation_id, turn_id, reason, tenant=tenant)
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for update in self.watch(conversation_id, turn_id, tenant=tenant):
+                    if isinstance(update.payload, TurnEnded):
+                        return update.payload
+        except TimeoutError:
+            pass
+        finally:
+            await self.control.withdraw(letter)
+        raise errors.DeadlineExceededError(
+            "the turn has not ended yet; retry to wait longer", metadata={"turnId": turn_id}
+        )
+
+    async def submit_tool_results(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        results: Sequence[ToolResultInput],
+        *,
+        tenant: str = ev.DEFAULT_TENANT,
+        timeout_s: float = MAX_WAIT_S,
+    ) -> list[str]:
+        """Answer client-side tool calls a turn awaits (it runs here or on another replica).
+
+        Returns the call ids once the turn has recorded every result (a
+        result recorded before, identical, counts as recorded).
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`, or no such turn.
+            ToolCallNotAwaitedError: a call the turn does not await, or
+                another result for an answered call (nothing is recorded).
+            DeadlineExceededError: not recorded within `timeout_s`.
+        """
+        state = await self.load(conversation_id, tenant=tenant)
+        turn = _turn_of(state, turn_id)
+        return await self.control.submit_tool_results(state, turn, results, timeout_s=timeout_s)
 
     def submit_tool_result(
         self,
@@ -484,16 +780,32 @@ class ConversationApplication:
         error: str,
         tenant: str = ev.DEFAULT_TENANT,
     ) -> None:
-        """Answer a client-side tool call the turn awaits.
+        """Answer a client-side tool call of a turn running in this process, without waiting.
 
         Raises:
-            NotFoundError: No such conversation of `tenant`.
             TurnNotRunningHereError: The turn is not running here or awaits no such call.
         """
-        _check_owner(self.running.get(conversation_id, turn_id), tenant, turn_id)
-        self.running.submit_tool_result(
-            conversation_id, turn_id, call_id, result=result, error=error
+        live = self.running.get(conversation_id, turn_id)
+        _check_owner(live, tenant, turn_id)
+        state = self.repository.cached(conversation_id)
+        if live is None or state is None:
+            raise errors.TurnNotRunningHereError(
+                "no such tool call is awaited on this server",
+                metadata={"turnId": turn_id, "callId": call_id},
+            )
+        outcome = turn.check_tool_outcome(
+            self.control.pipeline_of(state),
+            turn_id,
+            call_id,
+            result=result,
+            error=error,
+            blocked_at_us=self.clock(),
         )
+        if not live.deliver_tool_outcome(call_id, outcome):
+            raise errors.TurnNotRunningHereError(
+                "no such tool call is awaited on this server",
+                metadata={"turnId": turn_id, "callId": call_id},
+            )
 
     async def shutdown(self) -> None:
         """Stop recovery, cancel running turns (each records TurnCancelled), wait for them.
@@ -501,6 +813,7 @@ class ConversationApplication:
         Does not close `ownership` (its owner does, after this).
         """
         await self._recovery.stop()
+        await self.control.stop()
         await self.running.cancel_all("the service is shutting down")
 
 
@@ -510,6 +823,23 @@ def _check_owner(live: turn.RunningTurn | None, tenant: str, turn_id: str) -> No
         raise errors.TurnNotRunningHereError(
             "the turn is not running on this server", metadata={"turnId": turn_id}
         )
+
+
+def _turn_of(state: ConversationState, turn_id: str) -> Turn:
+    found = state.turn(turn_id)
+    if found is None:
+        raise errors.NotFoundError(f"turn {turn_id!r} not found", metadata={"turnId": turn_id})
+    return found
+
+
+def _update_event_id(conversation_id: str, request_id: str) -> str:
+    """The event id of the update a request id makes (what `originalId` names)."""
+    return derived_id(conversation_id, "updated", request_id)
+
+
+def _setting_of(path: str) -> str:
+    """The update mask path a guardrail field path belongs to: "tools[0].description" -> "tools"."""
+    return path.split(".", 1)[0].split("[", 1)[0]
 
 
 def owned(state: ConversationState, tenant: str | None) -> ConversationState:
@@ -568,12 +898,25 @@ def _created_content(state: ConversationState) -> tuple[object, ...]:
     )
 
 
-def _refusal(state: ConversationState, command: TurnInput) -> errors.TurnlogError | None:
-    """Why `state` admits no new turn for `command`, or None."""
+def _refusal(
+    state: ConversationState, command: TurnInput, *, unary: bool = False
+) -> errors.TurnlogError | None:
+    """Why `state` admits no new turn for `command`, or None.
+
+    `unary`: the caller waits for the end without a stream (`SendMessage`),
+    so it could never answer a client-side tool: such a turn would hold the
+    conversation until the tool timeout, so it is refused at once.
+    """
     cid = state.conversation_id
     if state.archived:
         return errors.ConversationArchivedError(
             "the conversation is archived", metadata={"conversation": cid}
+        )
+    client_tools = [t.name for t in state.tools if t.client_side]
+    if unary and client_tools and not command.compaction_only:
+        return errors.ClientToolsNeedStreamError(
+            "the conversation has client-side tools: run its turns with StreamTurn or Converse",
+            metadata={"conversation": cid, "tools": ",".join(client_tools)[:256]},
         )
     if command.expected_version is not None and command.expected_version != state.version:
         return errors.VersionConflictError(stream_id(cid), command.expected_version, state.version)
@@ -590,9 +933,12 @@ __all__ = [
     "ConversationSummary",
     "CreateConversation",
     "ListQuery",
+    "Page",
     "ServiceDefaults",
     "TextPiece",
+    "ToolResultInput",
     "TurnInput",
     "TurnOptions",
     "TurnResult",
+    "UpdateConversation",
 ]

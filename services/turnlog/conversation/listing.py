@@ -1,7 +1,8 @@
 """The conversation list: an in-memory read model per process, caught up from the log.
 
 Every `ConversationIndex.page` call first reads the lifecycle events
-(`ConversationCreated`, `ConversationForked`, `ConversationArchived`) that
+(`ConversationCreated`, `ConversationForked`, `ConversationArchived`,
+`ConversationUnarchived`, `ConversationUpdated`: what the filters read) that
 were appended since the last call: the first call scans the log, later ones
 read only what is new. Page tokens are opaque (create time + id), newest first.
 """
@@ -15,10 +16,18 @@ from dataclasses import dataclass, replace
 from turnlog import errors
 from turnlog.conversation.repository import ConversationRepository
 from turnlog.domain import events as ev
-from turnlog.domain.state import ConversationState, fold
+from turnlog.domain.state import ConversationState, evolve, fold
 from turnlog.storage import START_POSITION, Position
 
-_LIFECYCLE_TYPES = frozenset({"ConversationCreated", "ConversationForked", "ConversationArchived"})
+_LIFECYCLE_TYPES = frozenset(
+    {
+        "ConversationCreated",
+        "ConversationForked",
+        "ConversationArchived",
+        "ConversationUnarchived",
+        "ConversationUpdated",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,9 +81,7 @@ class ConversationIndex:
                 created, _, cid = raw.partition(":")
                 after = (int(created), cid)
             except (ValueError, UnicodeDecodeError) as e:
-                raise errors.InvalidArgumentError(
-                    "malformed page token", metadata={"field": "page_token"}
-                ) from e
+                raise errors.PageTokenError("malformed page token") from e
         wanted = set(query.labels)
         tenants = (
             list(self._index.values())
@@ -135,10 +142,12 @@ class ConversationIndex:
                             state=state,
                         )
                     elif cid in self._tenant_of:
+                        # Archived, unarchived or updated (labels): refold the entry.
                         entries = self._index[self._tenant_of[cid]]
                         entry = entries[cid]
+                        state = evolve(entry.state, event)
                         entries[cid] = replace(
-                            entry, archived=True, state=replace(entry.state, archived=True)
+                            entry, archived=state.archived, labels=state.labels, state=state
                         )
                 self._position = page.next_position
                 if page.reached_end:

@@ -36,7 +36,8 @@ class ServiceDefaults:
             then shown to its watchers, while a generation runs (a
             generation's first piece is recorded at once): smoother
             streaming vs commits.
-        client_tool_timeout_s: How long a turn awaits a client-side tool result.
+        client_tool_timeout_s: How long a turn awaits a client-side tool
+            result; then the turn fails (`CLIENT_TOOL_TIMEOUT`).
         snapshot_every: Save a snapshot when this many events follow the last one.
         guardrail_profile: The profile of conversations that name none ("" = registry default).
         state_cache_size: Conversations whose latest folded state is kept in
@@ -52,7 +53,7 @@ class ServiceDefaults:
     sampling: ev.SamplingParams = field(default_factory=lambda: ev.SamplingParams(max_tokens=512))
     max_tool_round_trips: int = 4
     text_flush_interval_s: float = 0.25
-    client_tool_timeout_s: float = 300.0
+    client_tool_timeout_s: float = 60.0
     snapshot_every: int = 200
     guardrail_profile: str = ""
     state_cache_size: int = 1024

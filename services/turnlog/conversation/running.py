@@ -4,7 +4,8 @@
 updates and waiters, its task, the client-tool results it awaits), the
 turns whose start is being recorded, and one start at a time per request
 id. Recovery asks it which turns are alive here; watchers, cancels and
-client-tool results find their turn through it.
+client-tool results find their turn through it (those that arrived at
+another replica come through `turnlog.conversation.control`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from turnlog import errors, metrics
 from turnlog.conversation.turn import RunningTurn, TurnRunner
+from turnlog.domain import events as ev
 
 
 class RunningTurns:
@@ -117,8 +119,19 @@ class RunningTurns:
         if self.per_tenant[tenant] <= 0:
             del self.per_tenant[tenant]
 
-    def cancel(self, conversation_id: str, turn_id: str, reason: str) -> None:
+    def cancel(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        reason: str,
+        *,
+        decisions: tuple[ev.GuardrailDecided, ...] | None = None,
+    ) -> None:
         """Cancel a running turn (it records `TurnCancelled`).
+
+        `decisions`: the reason's sanitize decisions when they were made where
+        the cancel arrived (another replica; `reason` is then sanitized
+        already); None: the turn checks the reason itself.
 
         Raises:
             TurnNotRunningHereError: The turn is not running in this process.
@@ -128,26 +141,11 @@ class RunningTurns:
             raise errors.TurnNotRunningHereError(
                 "the turn is not running on this server", metadata={"turnId": turn_id}
             )
+        if live.cancel_reason:
+            return  # cancelled already: the first reason is the one recorded
         live.cancel_reason = reason
+        live.cancel_decisions = decisions
         live.task.cancel()
-
-    def submit_tool_result(
-        self, conversation_id: str, turn_id: str, call_id: str, *, result: str, error: str
-    ) -> None:
-        """Answer a client-side tool call a turn awaits.
-
-        Raises:
-            TurnNotRunningHereError: The turn is not running here or awaits no such call.
-        """
-        live = self.get(conversation_id, turn_id)
-        future = None if live is None else live.tool_results.get(call_id)
-        if future is None:
-            raise errors.TurnNotRunningHereError(
-                "no such tool call is awaited on this server",
-                metadata={"turnId": turn_id, "callId": call_id},
-            )
-        if not future.done():
-            future.set_result((result, error))
 
     async def cancel_all(self, reason: str) -> None:
         """Cancel every running turn and wait for them (each records `TurnCancelled`)."""

@@ -87,6 +87,51 @@ class TurnDependencies:
     tokens: context.TokenCounter
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolOutcome:
+    """A tool call's outcome as the sanitize guardrails left it: the events that record it.
+
+    Made where the outcome arrives (this process for a server-side tool or a
+    result sent here; another replica for a result sent there, which hands
+    it over through the turn mailbox), so the raw text never travels or
+    rests anywhere beyond the process that received it.
+    """
+
+    decisions: tuple[ev.GuardrailDecided, ...]
+    recorded: ev.ToolCallCompleted | ev.ToolCallFailed | ev.TurnBlocked
+    """The outcome's record, or the block that ends the turn (nothing of the text is kept)."""
+
+
+def check_tool_outcome(
+    pipeline: GuardrailPipeline,
+    turn_id: str,
+    call_id: str,
+    *,
+    result: str,
+    error: str,
+    blocked_at_us: int,
+) -> ToolOutcome:
+    """A tool's result or error through the sanitize-request guardrails (stage 2).
+
+    A tool's result or error enters the conversation like the user's text:
+    the log and the next generation's prompt, which is built from the log,
+    only hold the sanitized text (JSON value by value).
+    """
+    checked = pipeline.sanitize_input(
+        error or result,
+        subject=f"the {'error' if error else 'result'} of tool call {call_id!r}",
+    )
+    decisions = decisions_to_events(checked.decisions, turn_id=turn_id)
+    recorded: ev.ToolCallCompleted | ev.ToolCallFailed | ev.TurnBlocked
+    if checked.blocked is not None:
+        recorded = checked.blocked.to_event(turn_id=turn_id, blocked_at_us=blocked_at_us)
+    elif error:
+        recorded = ev.ToolCallFailed(turn_id=turn_id, call_id=call_id, error=checked.text)
+    else:
+        recorded = ev.ToolCallCompleted(turn_id=turn_id, call_id=call_id, result=checked.text)
+    return ToolOutcome(decisions=decisions, recorded=recorded)
+
+
 class RunningTurn:
     """The live side of one turn in this process: updates so far and their waiters."""
 
@@ -98,7 +143,12 @@ class RunningTurn:
         self.updates: list[TurnUpdate] = []
         self.task: asyncio.Task[None] | None = None
         self.cancel_reason = ""
-        self.tool_results: dict[str, asyncio.Future[tuple[str, str]]] = {}
+        #: The cancel reason's guardrail decisions, when they were made where
+        #: the cancel arrived (another replica): recorded as they are.
+        self.cancel_decisions: tuple[ev.GuardrailDecided, ...] | None = None
+        #: The client-side calls of the current generation that are not
+        #: answered yet: each gets its checked outcome (`deliver_tool_outcome`).
+        self.tool_results: dict[str, asyncio.Future[ToolOutcome]] = {}
         self.error: errors.TurnlogError | None = None
         #: A streaming client watches this turn (it was started for one, or
         #: `watch` attached one): its text is recorded every flush interval,
@@ -107,6 +157,14 @@ class RunningTurn:
         loop = asyncio.get_running_loop()
         self._changed: asyncio.Future[None] = loop.create_future()
         self._over: asyncio.Future[None] = loop.create_future()
+
+    def deliver_tool_outcome(self, call_id: str, outcome: ToolOutcome) -> bool:
+        """Answer an awaited client-side call; False if it is not awaited (or answered already)."""
+        future = self.tool_results.get(call_id)
+        if future is None or future.done():
+            return False
+        future.set_result(outcome)
+        return True
 
     def publish(self, updates: Sequence[TurnUpdate]) -> None:
         if not updates:
@@ -724,6 +782,11 @@ class TurnRunner:
         reason = self.live.cancel_reason or "cancelled"
         if self.state.open_turn is None:
             return reason  # ended already: nothing more can be recorded of it
+        if self.live.cancel_decisions is not None:
+            # Checked where the cancel arrived (another replica).
+            for decided in self.live.cancel_decisions:
+                self.add(decided)
+            return reason
         checked = self.pipeline.sanitize_input(reason, subject="the cancel reason")
         for decided in decisions_to_events(checked.decisions, turn_id=self.turn_id):
             self.add(decided)
@@ -960,67 +1023,101 @@ class TurnRunner:
     async def _run_tools(self, calls: Sequence[ev.ToolCall]) -> bool:
         """Run the calls (already sanitized, stage 5) and record each outcome.
 
-        A tool's result or error enters the conversation like the user's
-        text: it passes the sanitize-request guardrails (JSON value by value)
-        before it is recorded, so the log and the next generation's prompt,
-        which is built from the log, only hold the sanitized text.
+        Server-side calls run here; client-side calls are awaited (each for
+        at most `client_tool_timeout_s`) from whoever answers them, on any
+        replica (`deliver_tool_outcome`, fed by `RunningTurns` and the turn
+        mailbox). Every client-side call of the generation can be answered
+        from the moment the generation is recorded, even the ones whose turn
+        to be requested has not come yet. Each outcome passes the
+        sanitize-request guardrails before it is recorded (`check_tool_outcome`).
 
         Returns:
             False when a guardrail blocked an outcome: the turn then ended
             blocked (recorded), and the calls after it did not run.
+
+        Raises:
+            ClientToolTimeoutError: a client-side call went unanswered; its
+                `ToolCallFailed` is buffered, and the turn ends FAILED.
         """
         definitions = {t.name: t for t in self.state.tools}
-        for call in calls:
-            definition = definitions.get(call.name)
-            client_side = definition is not None and definition.client_side
-            self.add(ev.ToolCallRequested(turn_id=self.turn_id, call=call, client_side=client_side))
-            if client_side:
-                future: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
-                self.live.tool_results[call.call_id] = future
-                # Record before waiting: the client may take long, and the
-                # request must be visible to resumes on any replica.
-                await self._record(_Moment.CLIENT_TOOL)
-                try:
-                    async with asyncio.timeout(self.deps.defaults.client_tool_timeout_s):
-                        result, error = await future
-                except TimeoutError:
-                    result, error = "", "the client did not answer in time"
-                finally:
-                    self.live.tool_results.pop(call.call_id, None)
-            else:
+        loop = asyncio.get_running_loop()
+        client_calls = {
+            call.call_id
+            for call in calls
+            if (d := definitions.get(call.name)) is not None and d.client_side
+        }
+        self.live.tool_results = {call_id: loop.create_future() for call_id in client_calls}
+        try:
+            for call in calls:
+                client_side = call.call_id in client_calls
+                self.add(
+                    ev.ToolCallRequested(turn_id=self.turn_id, call=call, client_side=client_side)
+                )
+                if client_side:
+                    outcome = await self._await_client(call)
+                else:
+                    await self._record(_Moment.SHOW)
+                    try:
+                        result, error = (
+                            await self.deps.tools.execute(call.name, call.arguments_json),
+                            "",
+                        )
+                    except ToolError as e:
+                        result, error = "", str(e)
+                    outcome = check_tool_outcome(
+                        self.pipeline,
+                        self.turn_id,
+                        call.call_id,
+                        result=result,
+                        error=error,
+                        blocked_at_us=self.deps.clock(),
+                    )
+                for decided in outcome.decisions:
+                    self.add(decided)
+                if isinstance(outcome.recorded, ev.TurnBlocked):
+                    await self.finish(outcome.recorded)
+                    return False
+                self.add(outcome.recorded)
                 await self._record(_Moment.SHOW)
-                try:
-                    result, error = (
-                        await self.deps.tools.execute(call.name, call.arguments_json),
-                        "",
-                    )
-                except ToolError as e:
-                    result, error = "", str(e)
-            checked = self.pipeline.sanitize_input(
-                error or result,
-                subject=f"the {'error' if error else 'result'} of tool call {call.call_id!r}",
-            )
-            for decided in decisions_to_events(checked.decisions, turn_id=self.turn_id):
-                self.add(decided)
-            if checked.blocked is not None:
-                await self.finish(
-                    checked.blocked.to_event(turn_id=self.turn_id, blocked_at_us=self.deps.clock())
-                )
-                return False
-            if error:
-                self.add(
-                    ev.ToolCallFailed(
-                        turn_id=self.turn_id, call_id=call.call_id, error=checked.text
-                    )
-                )
-            else:
-                self.add(
-                    ev.ToolCallCompleted(
-                        turn_id=self.turn_id, call_id=call.call_id, result=checked.text
-                    )
-                )
-            await self._record(_Moment.SHOW)
+        finally:
+            self.live.tool_results = {}
         return True
 
+    async def _await_client(self, call: ev.ToolCall) -> ToolOutcome:
+        """Record the request (resumes on any replica must see it), then await its answer.
 
-__all__ = ["RunningTurn", "TurnDependencies", "TurnRunner", "prepare"]
+        Raises:
+            ClientToolTimeoutError: no answer within `client_tool_timeout_s`.
+        """
+        future = self.live.tool_results[call.call_id]
+        await self._record(_Moment.CLIENT_TOOL)
+        timeout_s = self.deps.defaults.client_tool_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            # The call gets an outcome (the history stays a well-formed chat:
+            # every call answered), then the turn fails: a model told that a
+            # tool failed would answer without it, which is not what the
+            # client asked for.
+            self.add(
+                ev.ToolCallFailed(
+                    turn_id=self.turn_id,
+                    call_id=call.call_id,
+                    error="the client did not answer in time",
+                )
+            )
+            raise errors.ClientToolTimeoutError(
+                f"no result for client tool call {call.call_id!r} within {timeout_s:g} s",
+                metadata={"callId": call.call_id, "timeoutS": f"{timeout_s:g}"},
+            ) from None
+
+
+__all__ = [
+    "RunningTurn",
+    "ToolOutcome",
+    "TurnDependencies",
+    "TurnRunner",
+    "check_tool_outcome",
+    "prepare",
+]

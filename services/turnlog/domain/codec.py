@@ -68,6 +68,7 @@ def _labels_to_pairs(data: dict[str, JSON]) -> dict[str, JSON]:
 
 _STORED_FORM: dict[str, tuple[Upcaster, Upcaster]] = {
     "ConversationCreated": (_labels_to_object, _labels_to_pairs),
+    "ConversationUpdated": (_labels_to_object, _labels_to_pairs),
 }
 
 

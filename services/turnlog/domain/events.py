@@ -155,6 +155,48 @@ class ConversationArchived:
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationUnarchived:
+    """An archived conversation may take turns again."""
+
+    unarchived_at_us: int
+
+
+#: The settings `ConversationUpdated` can replace: `UpdateConversationRequest.update_mask` paths.
+UPDATABLE_SETTINGS: tuple[str, ...] = (
+    "system_prompt",
+    "tools",
+    "defaults",
+    "labels",
+    "guardrail_profile",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationUpdated:
+    """Some of a conversation's settings replaced (`UpdateConversation`).
+
+    Only the settings named in `fields` (`UPDATABLE_SETTINGS`, sorted) are
+    replaced; the other values are left at their defaults and mean nothing.
+    "defaults" replaces `model`, `sampling`, `max_tool_round_trips` and
+    `context_policy` together. `labels` are (key, value) pairs with unique
+    keys, sorted, stored as a JSON object as in `ConversationCreated`.
+    Turns started after it use the new settings.
+    """
+
+    updated_at_us: int
+    fields: tuple[str, ...]
+    system_prompt: str = ""
+    tools: tuple[ToolDefinition, ...] = ()
+    model: str = ""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tool_round_trips: int | None = None
+    context_policy: ContextPolicy | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    guardrail_profile: str = ""
+    request_id: str = ""
+
+
 # --- messages and turns -----------------------------------------------------
 
 
@@ -385,6 +427,8 @@ Event = (
     ConversationCreated
     | ConversationForked
     | ConversationArchived
+    | ConversationUpdated
+    | ConversationUnarchived
     | MessageAppended
     | TurnStarted
     | GenerationStarted
@@ -408,6 +452,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     ConversationCreated,
     ConversationForked,
     ConversationArchived,
+    ConversationUpdated,
+    ConversationUnarchived,
     MessageAppended,
     TurnStarted,
     GenerationStarted,

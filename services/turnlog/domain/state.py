@@ -57,6 +57,14 @@ class Turn:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SettingsUpdate:
+    """A recorded `ConversationUpdated` and its stream version (the idempotency lookup of updates)."""
+
+    version: int
+    event: ev.ConversationUpdated
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ConversationState:
     """Everything the service knows about one conversation at one version.
 
@@ -88,6 +96,8 @@ class ConversationState:
     """The window of the latest generation's prompt (None before any was recorded)."""
     compactions: tuple[ev.ContextCompacted, ...] = ()
     """Every summary recorded, oldest first (a window names the one it used)."""
+    updates: tuple[SettingsUpdate, ...] = ()
+    """Every `ConversationUpdated` with a request id, oldest first (retries find theirs here)."""
 
     def compaction(self, compaction_id: str) -> ev.ContextCompacted | None:
         """The compaction with this id, if any ("" : none)."""
@@ -111,12 +121,40 @@ class ConversationState:
                 return t
         return None
 
+    def update_for_request(self, request_id: str) -> SettingsUpdate | None:
+        """The settings update a request id recorded, if any (the idempotency lookup)."""
+        for u in reversed(self.updates):
+            if u.event.request_id == request_id:
+                return u
+        return None
+
     def turn_for_request(self, request_id: str) -> Turn | None:
         """The turn a request id started, if any (the idempotency lookup)."""
         for t in reversed(self.turns):
             if t.request_id == request_id:
                 return t
         return None
+
+
+#: The message id of the system message (`messages_with_system`).
+SYSTEM_MESSAGE_ID = "system"
+
+
+def system_message(state: ConversationState) -> Message | None:
+    """The conversation's system prompt as its first message (None without a system prompt).
+
+    The log records the system prompt as a setting, not as a message; the API
+    shows it as the first message, as the chat the model is given holds it.
+    """
+    if not state.system_prompt:
+        return None
+    return Message(message_id=SYSTEM_MESSAGE_ID, role=ev.Role.SYSTEM, content=state.system_prompt)
+
+
+def messages_with_system(state: ConversationState) -> tuple[Message, ...]:
+    """The conversation's messages, oldest first, its system message (if any) first."""
+    first = system_message(state)
+    return state.messages if first is None else (first, *state.messages)
 
 
 class InvalidTransitionError(Exception):
@@ -186,6 +224,10 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
             )
         case ev.ConversationArchived():
             return replace(state, archived=True)
+        case ev.ConversationUnarchived():
+            return replace(state, archived=False)
+        case ev.ConversationUpdated():
+            return _update_settings(state, event)
         case ev.MessageAppended():
             message = Message(
                 message_id=event.message_id,
@@ -296,6 +338,32 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
                 ended_at_us=event.detected_at_us,
             )
     raise InvalidTransitionError(f"unknown event {type(event).__name__}")
+
+
+def _update_settings(state: ConversationState, event: ev.ConversationUpdated) -> ConversationState:
+    """Replace the settings `event.fields` names; the others stay as they are."""
+    changes: dict[str, object] = {}
+    for name in event.fields:
+        match name:
+            case "system_prompt":
+                changes["system_prompt"] = event.system_prompt
+            case "tools":
+                changes["tools"] = event.tools
+            case "defaults":
+                changes["model"] = event.model
+                changes["sampling"] = event.sampling
+                changes["max_tool_round_trips"] = event.max_tool_round_trips
+                changes["context_policy"] = event.context_policy
+            case "labels":
+                changes["labels"] = event.labels
+            case "guardrail_profile":
+                changes["guardrail_profile"] = event.guardrail_profile
+            case _:
+                raise InvalidTransitionError(f"ConversationUpdated names an unknown field {name!r}")
+    if event.request_id:
+        record = SettingsUpdate(version=state.version + 1, event=event)
+        changes["updates"] = (*state.updates, record)
+    return replace(state, **changes)  # type: ignore[arg-type]
 
 
 def _require_open(state: ConversationState, turn_id: str) -> Turn:

@@ -138,6 +138,7 @@ class _Exporter:
         self.created: ev.ConversationCreated | None = None
         self.forked: ev.ConversationForked | None = None
         self.archived: ev.ConversationArchived | None = None
+        self.updates: list[ev.ConversationUpdated] = []
         self.stream_id: str | None = None
         self.copied_through = 0
         # The event being added: its version, its recorded time (log input only).
@@ -177,6 +178,19 @@ class _Exporter:
             case ev.ConversationArchived():
                 self.archived = event
                 self._tick(event.archived_at_us)
+            case ev.ConversationUnarchived():
+                self.archived = None
+                self._tick(event.unarchived_at_us)
+            case ev.ConversationUpdated():
+                # The agent above is the conversation as created; each change
+                # of settings is listed in extra, and a new system prompt is a
+                # system step where it took effect.
+                self.updates.append(event)
+                if "system_prompt" in event.fields:
+                    step = self._new_step("system", event, own_time_us=event.updated_at_us)
+                    step.message = event.system_prompt
+                else:
+                    self._tick(event.updated_at_us)
             case ev.MessageAppended():
                 self._message(event)
             case ev.TurnStarted():
@@ -475,6 +489,8 @@ class _Exporter:
                 conversation["max_tool_round_trips"] = created.max_tool_round_trips
         if self.archived is not None:
             conversation["archived"] = _data(self.archived)
+        if self.updates:
+            conversation["updates"] = [_data(u) for u in self.updates]
         extra: JSONObject = {"conversation": conversation}
         if self.forked is not None:
             extra["fork_origin"] = {

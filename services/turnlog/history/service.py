@@ -8,7 +8,6 @@ docs/history.md explains the formats and the choices made here.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import json
@@ -18,6 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, I
 from dataclasses import dataclass
 
 from turnlog import errors
+from turnlog.conversation.paging import make_token, read_token
 from turnlog.domain import codec
 from turnlog.domain import events as ev
 from turnlog.domain.state import ConversationState, fold
@@ -225,22 +225,9 @@ class ImportOutcome:
     already_present: int
 
 
-def _token(payload: dict[str, object]) -> str:
-    raw = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _untoken(token: str) -> dict[str, object]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise errors.InvalidArgumentError(
-            "malformed page token", metadata={"field": "page_token"}
-        ) from e
-    if not isinstance(value, dict):
-        raise errors.InvalidArgumentError("malformed page token", metadata={"field": "page_token"})
-    return value
+# ReadEvents' page tokens: the list RPCs' one scheme (a token bound to its query).
+_token = make_token
+_untoken = read_token
 
 
 #: The stream recording administrators' cross-tenant reads (not a conversation:
@@ -304,9 +291,7 @@ class HistoryService:
         if page_token:
             saved = _untoken(page_token)
             if {"c": saved.get("c"), "t": saved.get("t")} != scope:
-                raise errors.InvalidArgumentError(
-                    "the page token was made for another query", metadata={"field": "page_token"}
-                )
+                raise errors.PageTokenError("the page token was made for another query")
             try:
                 if query.conversation_id is not None:
                     after_version = int(str(saved["a"]))
@@ -315,9 +300,7 @@ class HistoryService:
                 else:
                     after_position = Position.parse(str(saved["a"]))
             except (KeyError, ValueError, errors.InvalidArgumentError) as e:
-                raise errors.InvalidArgumentError(
-                    "malformed page token", metadata={"field": "page_token"}
-                ) from e
+                raise errors.PageTokenError("malformed page token") from e
         collected: list[RecordedEvent] = []
         taken = 0  # bytes, by `size`
         full = False  # the byte cap cut the page

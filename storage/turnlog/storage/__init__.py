@@ -2,7 +2,8 @@
 
 The conversation service opens a store with `open_event_store(settings)`
 and uses only the `EventStore` protocol and the dataclasses of `port`, and
-the `ReplicaLiveness` protocol of `liveness` (PostgreSQL: `PostgresReplicaLock`).
+the `ReplicaLiveness` protocol of `liveness` (PostgreSQL: `PostgresReplicaLock`),
+and the `TurnMailbox` protocol of `mailbox` (PostgreSQL: `PostgresTurnMailbox`).
 This package is the only one that imports psycopg.
 docs/event-log.md describes the schema and guarantees.
 """
@@ -11,6 +12,8 @@ from turnlog.storage.connect import OpenedStore, open_event_store
 from turnlog.storage.embedded import EmbeddedPostgres
 from turnlog.storage.hashchain import event_hash, verify_chain
 from turnlog.storage.liveness import Claim, ReplicaLiveness
+from turnlog.storage.mailbox import InMemoryTurnMailbox, Letter, Notice, TurnMailbox
+from turnlog.storage.mailbox_postgres import PostgresTurnMailbox
 from turnlog.storage.memory import InMemoryEventStore
 from turnlog.storage.migrations import migrate
 from turnlog.storage.port import (
@@ -52,15 +55,20 @@ __all__ = [
     "ImportResult",
     "ImportedEvent",
     "InMemoryEventStore",
+    "InMemoryTurnMailbox",
+    "Letter",
     "NewEvent",
+    "Notice",
     "OpenedStore",
     "Position",
     "PostgresEventStore",
     "PostgresReplicaLock",
+    "PostgresTurnMailbox",
     "RawJson",
     "RecordedEvent",
     "ReplicaLiveness",
     "Snapshot",
+    "TurnMailbox",
     "VerificationReport",
     "event_hash",
     "migrate",
