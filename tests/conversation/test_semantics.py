@@ -220,8 +220,28 @@ async def test_a_page_token_with_other_fields_is_refused_by_every_list_rpc(
     reading.page_token, reading.page_size = read.next_page_token, 5
     reading.view = hpb.EVENT_VIEW_BOTH
     assert len((await stub.ReadEvents(reading)).events) == 2
+    # ListTurns and ListMessages (their own scoped tokens) refuse alike.
+    chat = await create(stub)
+    for i in range(2):
+        await send(stub, chat, f"hello {i}")
+    turns = await stub.ListTurns(spb.ListTurnsRequest(conversation=chat, page_size=1))
+    messages = await stub.ListMessages(spb.ListMessagesRequest(conversation=chat, page_size=1))
+    assert turns.next_page_token
+    assert messages.next_page_token
+    elsewhere = await create(stub)
     # Another filter, another RPC's token, a forged one: INVALID_ARGUMENT on page_token.
     refused_requests: list[tuple[Any, Any]] = [
+        (
+            stub.ListTurns,
+            spb.ListTurnsRequest(conversation=elsewhere, page_token=turns.next_page_token),
+        ),
+        (
+            stub.ListMessages,
+            spb.ListMessagesRequest(
+                conversation=chat, newest_first=True, page_token=messages.next_page_token
+            ),
+        ),
+        (stub.ListMessages, spb.ListMessagesRequest(conversation=chat, page_token="bm90LW91cnM")),
         (
             stub.ListConversations,
             spb.ListConversationsRequest(page_token=first.next_page_token, show_archived=True),
