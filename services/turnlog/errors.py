@@ -48,7 +48,7 @@ class PageTokenError(InvalidArgumentError):
     reason = "INVALID_REQUEST"
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, metadata={"field": "page_token", "fields": "page_token"})
+        super().__init__(message, metadata={"fields": "page_token"})
 
 
 class NotFoundError(TurnlogError):
