@@ -32,12 +32,18 @@ PENDING: frozenset[str] = frozenset()
 
 
 def _load(path: Path) -> ModuleType:
-    # The script imports its neighbours (generate, reference) as a script would.
+    # The script imports its neighbours (generate, reference) as a script
+    # would; they leave sys.modules again, so that no other test's module of
+    # the same name (tests/clients has a `reference`) is shadowed.
+    before = set(sys.modules)
     sys.path.insert(0, str(path.parent))
     try:
         return _exec(path)
     finally:
         sys.path.remove(str(path.parent))
+        for name in set(sys.modules) - before - {path.stem}:
+            if str(path.parent) in str(getattr(sys.modules[name], "__file__", "")):
+                del sys.modules[name]
 
 
 def _exec(path: Path) -> ModuleType:

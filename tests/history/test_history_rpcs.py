@@ -108,10 +108,11 @@ async def test_a_fork_at_every_version_rebuilds_that_prefix(
     name = await conversation(stub, prompts)
     cid = name.removeprefix("conversations/")
     latest = (await app.load(cid)).version
+    # Request ids name one fork each (a reuse for another source is refused).
     for version in range(1, latest + 1):
         source = await app.load(cid, version=version)
         fork = await stub.ForkConversation(
-            spb.ForkConversationRequest(name=name, version=version, request_id=f"f{version}")
+            spb.ForkConversationRequest(name=name, version=version, request_id=f"{cid}-f{version}")
         )
         fork_id = fork.conversation.name.removeprefix("conversations/")
         prefix = await app.load(fork_id, version=fork.prefix_version)
@@ -126,7 +127,7 @@ async def test_a_fork_at_every_version_rebuilds_that_prefix(
         )
         assert verified.intact
         again = await stub.ForkConversation(
-            spb.ForkConversationRequest(name=name, version=version, request_id=f"f{version}")
+            spb.ForkConversationRequest(name=name, version=version, request_id=f"{cid}-f{version}")
         )
         assert again.conversation.name == fork.conversation.name  # idempotent
 
