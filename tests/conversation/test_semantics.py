@@ -535,3 +535,37 @@ async def test_a_fork_refuses_a_reused_request_id(
     ):
         await refused_as_reused(stub.ForkConversation(request), fork_id)
     assert await log_digest(database_url) == before
+
+
+async def test_converse_rejects_a_reused_request_id_and_an_unserved_model_as_actions(
+    stub: sgrpc.ConversationServiceStub, database_url: str
+) -> None:
+    name = await create(stub)
+    first = await send(stub, name, "hello", request_id="conv-1")
+    before = await log_digest(database_url)
+    requests = [
+        spb.ConverseRequest(
+            user_message=spb.TurnInput(conversation=name, content="other", request_id="conv-1")
+        ),
+        spb.ConverseRequest(
+            user_message=spb.TurnInput(
+                conversation=name, content="hi", options=pb.TurnDefaults(model="gpt-nothing")
+            )
+        ),
+    ]
+    call = stub.Converse(iter(requests))
+    rejected = []
+    async for response in call:
+        assert response.HasField("action_rejected")
+        rejected.append(response.action_rejected)
+        if len(rejected) == len(requests):
+            call.cancel()
+            break
+    reused, unserved = rejected
+    assert (reused.action_index, reused.error.reason) == (1, "REQUEST_ID_REUSED")
+    assert reused.error.code == code_pb2.ALREADY_EXISTS
+    assert reused.error.metadata["originalId"] == first.turn.turn_id
+    assert (unserved.action_index, unserved.error.reason) == (2, "MODEL_NOT_SERVED")
+    assert unserved.error.code == code_pb2.FAILED_PRECONDITION
+    assert dict(unserved.error.metadata) == {"model": "gpt-nothing", "servedModels": MODEL}
+    assert await log_digest(database_url) == before
