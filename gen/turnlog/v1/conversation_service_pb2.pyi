@@ -1163,7 +1163,9 @@ class ToolExecutionStarted(_message.Message):
     CALL_FIELD_NUMBER: _builtins.int
     CLIENT_SIDE_FIELD_NUMBER: _builtins.int
     client_side: _builtins.bool
-    """The client must run it and answer with a ToolResult (Converse only)."""
+    """The client must run it and answer: a Converse tool_result, or
+    SubmitToolResults from any connection (a StreamTurn client).
+    """
     @_builtins.property
     def call(self) -> _conversation_pb2.ToolCall:
         """The call."""

@@ -2244,7 +2244,8 @@ type ToolExecutionStarted struct {
 
 	// The call.
 	Call *ToolCall `protobuf:"bytes,1,opt,name=call,proto3" json:"call,omitempty"`
-	// The client must run it and answer with a ToolResult (Converse only).
+	// The client must run it and answer: a Converse tool_result, or
+	// SubmitToolResults from any connection (a StreamTurn client).
 	ClientSide bool `protobuf:"varint,2,opt,name=client_side,json=clientSide,proto3" json:"client_side,omitempty"`
 }
 

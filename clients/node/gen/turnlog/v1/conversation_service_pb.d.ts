@@ -1106,7 +1106,8 @@ export declare type ToolExecutionStarted = Message<"turnlog.v1.ToolExecutionStar
   call?: ToolCall | undefined;
 
   /**
-   * The client must run it and answer with a ToolResult (Converse only).
+   * The client must run it and answer: a Converse tool_result, or
+   * SubmitToolResults from any connection (a StreamTurn client).
    *
    * @generated from field: bool client_side = 2;
    */
