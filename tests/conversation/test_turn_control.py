@@ -276,6 +276,9 @@ async def test_unknown_and_other_tenants_turns_are_not_found(
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await rpc(request, timeout=20)
             assert raised.value.code() == grpc.StatusCode.NOT_FOUND, request
+        # Nothing reached the turn: it still awaits its tool, and the log is as it was.
+        await asyncio.sleep(0.5)
+        assert a.app.running.get(name.removeprefix("conversations/"), turn_id) is not None
         assert await _events(a.store, name) == before
         # The owner's cancel still works (from B), while the tool is awaited.
         cancelled = await owner.CancelTurn(
@@ -438,3 +441,110 @@ async def test_a_dropped_listening_connection_recovers(
         )
         assert cancelled.turn.status == pb.TURN_STATUS_CANCELLED
         await _rest(stream)
+
+
+async def test_two_different_results_racing_for_one_call_record_one(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    async with a.served.stub() as on_a, b.served.stub() as on_b:
+        name = await _conversation(on_a, client_tool=True)
+        stream, seen = await _start_stream(on_a, name, "ask the client", "tool_execution_started")
+        turn_id, call_id = seen[-1].turn_id, seen[-1].tool_execution_started.call.call_id
+
+        async def submit(stub: sgrpc.ConversationServiceStub, result: str) -> str:
+            try:
+                await stub.SubmitToolResults(
+                    spb.SubmitToolResultsRequest(
+                        conversation=name,
+                        turn_id=turn_id,
+                        results=[spb.ToolResult(call_id=call_id, result=result)],
+                    ),
+                    timeout=20,
+                )
+            except grpc.aio.AioRpcError as e:
+                return error_reason(e)
+            return "OK"
+
+        outcomes = await asyncio.gather(submit(on_a, "from a"), submit(on_b, "from b"))
+        assert sorted(outcomes) == ["OK", "TOOL_CALL_NOT_AWAITED"]
+        await _rest(stream)
+    recorded = [e for e in await _events(a.store, name) if isinstance(e, ev.ToolCallCompleted)]
+    winner = "from a" if outcomes[0] == "OK" else "from b"
+    assert [e.result for e in recorded] == [winner]
+
+
+async def test_a_lost_notification_only_delays_the_letter(
+    replicas: tuple[Replica, Replica], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from turnlog.storage import mailbox_postgres
+
+    a, b = replicas
+    # Replica B's letters now go without their NOTIFY: only A's poll finds them.
+    monkeypatch.setattr(
+        mailbox_postgres,
+        "_POST",
+        "INSERT INTO turnlog.turn_mailbox (turn_id, body) VALUES (%s, %s) RETURNING letter_id, %s",
+    )
+    a.app.control.poll_interval_s = 0.5
+    async with a.served.stub() as on_a, b.served.stub() as on_b:
+        name = await _conversation(on_a)
+        stream, seen = await _start_stream(on_a, name, "long story", "text_delta")
+        cancelled = await on_b.CancelTurn(
+            spb.CancelTurnRequest(conversation=name, turn_id=seen[0].turn_id), timeout=20
+        )
+        assert cancelled.turn.status == pb.TURN_STATUS_CANCELLED
+        await _rest(stream)
+
+
+async def test_replicas_sharing_an_in_memory_mailbox(
+    store: PostgresEventStore, engine: EngineClient
+) -> None:
+    """The in-memory adapter carries cancels and results between apps of one process alike."""
+    from turnlog.conversation.application import CreateConversation, ToolResultInput, TurnInput
+    from turnlog.conversation.projection import ToolStarted, TurnEnded
+    from turnlog.storage import InMemoryTurnMailbox
+
+    shared = InMemoryTurnMailbox()
+    # Two tool rounds: the scripted model numbers each generation's calls
+    # afresh, so the second round's call has the first one's id.
+    defaults = ServiceDefaults(max_tool_round_trips=2)
+    a = ConversationApplication(
+        store, engine, mailbox=shared.subscribe(), instance="mem-a", defaults=defaults
+    )
+    other_store = await PostgresEventStore.open(store_url(store), poll_interval=0.2)
+    b = ConversationApplication(
+        other_store, engine, mailbox=shared.subscribe(), instance="mem-b", defaults=defaults
+    )
+    try:
+        state = await a.create(
+            CreateConversation(tools=(ev.ToolDefinition(name="lookup", client_side=True),))
+        )
+        cid = state.conversation_id
+        turn_id = await a.start_turn(TurnInput(conversation_id=cid, content="ask the client"))
+        calls = []
+        async for update in a.watch(cid, turn_id):
+            if isinstance(update.payload, ToolStarted):
+                call_id = update.payload.call.call_id
+                calls.append(call_id)
+                answered = await b.submit_tool_results(
+                    cid, turn_id, [ToolResultInput(call_id=call_id, result="r")], timeout_s=10
+                )
+                assert answered == [call_id]
+            if isinstance(update.payload, TurnEnded):
+                assert update.payload.turn.status.value == "completed", update.payload.turn
+        assert len(calls) == 2
+        second = await a.start_turn(TurnInput(conversation_id=cid, content="long story"))
+        ended = await b.cancel_and_wait(cid, second, "enough", timeout_s=10)
+        assert ended.turn.status.value == "cancelled"
+        assert len(shared) == 0
+    finally:
+        await a.shutdown()
+        await b.shutdown()
+        await other_store.close()
+
+
+def store_url(store: PostgresEventStore) -> str:
+    conninfo = store._pool.conninfo
+    assert isinstance(conninfo, str)
+    return conninfo

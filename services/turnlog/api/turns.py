@@ -141,10 +141,13 @@ class TurnRpcs:
         async def cancel(cid: str, turn_id: str, reason: str) -> None:
             letter = await self.app.cancel_turn(cid, turn_id, reason, tenant=tenant)
             if letter is not None:
-                # On another replica: keep the letter until the turn has ended.
-                with contextlib.suppress(errors.TurnlogError):
-                    await self.app.cancel_and_wait(cid, turn_id, reason, tenant=tenant)
-                await self.app.control.withdraw(letter)
+                # On another replica: withdraw the letter once the turn has
+                # ended (untaken if it ended first); this stream shows the end.
+                try:
+                    with contextlib.suppress(errors.TurnlogError):
+                        await self.app.turn_end(cid, turn_id, tenant=tenant)
+                finally:
+                    await self.app.control.withdraw(letter)
 
         async def read() -> None:
             nonlocal conversation

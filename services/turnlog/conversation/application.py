@@ -5,6 +5,7 @@ store calls either. The application decides; its collaborators do the rest:
 `repository` loads and records conversations (state cache, snapshots);
 `turn` runs one turn and decides when its events are written (`engine_io`
 speaks to the worker for it); `running` holds this process's turns;
+`control` reaches a turn on any replica (cancels, client tool results);
 `listing` is the list read model; `recovery` closes interrupted turns.
 
 Contracts (docs/conversation.md has the reasons):
@@ -31,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -270,6 +273,15 @@ class ConversationApplication:
                 and existing.tenant == command.tenant
                 and existing.create_request_id == command.request_id
             ):
+                # Compared with the conversation as created (later updates
+                # and turns do not make a retry of its creation different).
+                original = await self.repository.load(conversation_id, version=1)
+                if _created_content(original) != _created_content(state):
+                    raise errors.RequestIdReusedError(
+                        f"request id {command.request_id!r} created a conversation "
+                        "with other settings",
+                        metadata={"originalId": conversation_id},
+                    ) from e
                 return existing
             raise errors.AlreadyExistsError(
                 f"conversation {conversation_id!r} exists already",
@@ -526,9 +538,16 @@ class ConversationApplication:
 
     # -- turns ---------------------------------------------------------------------
 
-    async def send(self, command: TurnInput) -> TurnResult:
-        """Run a turn (or find the one this request id started) and wait for its end."""
-        turn_id = await self.start_turn(command, streamed=False)
+    async def send(self, command: TurnInput, *, allow_client_tools: bool = False) -> TurnResult:
+        """Run a turn (or find the one this request id started) and wait for its end.
+
+        Refused (`ClientToolsNeedStreamError`) on a conversation with
+        client-side tools unless `allow_client_tools`: a caller that only
+        waits for the end can answer none (a replay lets them time out).
+        """
+        turn_id = await self.start_turn(
+            command, streamed=False, refuse_client_tools=not allow_client_tools
+        )
         live = self.running.get(command.conversation_id, turn_id)
         if live is not None:
             updates = await live.outcome()
@@ -563,11 +582,15 @@ class ConversationApplication:
             )
         )
 
-    async def start_turn(self, command: TurnInput, *, streamed: bool = True) -> str:
+    async def start_turn(
+        self, command: TurnInput, *, streamed: bool = True, refuse_client_tools: bool = False
+    ) -> str:
         """Start a turn, or find the turn this request id already started; returns its id.
 
         `streamed`: the caller will watch the turn's text as it comes (False:
         it waits for the end, so the worker may send the text in larger pieces).
+        `refuse_client_tools`: the caller cannot answer client-side tools, so a
+        conversation that has some is refused (`ClientToolsNeedStreamError`).
 
         Raises:
             NotFoundError, ConversationArchivedError, TurnInProgressError,
@@ -579,10 +602,15 @@ class ConversationApplication:
         # A concurrent send of the same request waits for this one's start,
         # then finds its turn like any retry: one engine request.
         async with self.running.one_start(command.conversation_id, request_id):
-            return await self._start(command, request_id, arrived, streamed)
+            return await self._start(command, request_id, arrived, streamed, refuse_client_tools)
 
     async def _start(
-        self, command: TurnInput, request_id: str, arrived: float, streamed: bool
+        self,
+        command: TurnInput,
+        request_id: str,
+        arrived: float,
+        streamed: bool,
+        refuse_client_tools: bool,
     ) -> str:
         cid = command.conversation_id
         for attempt in range(3):
@@ -599,8 +627,9 @@ class ConversationApplication:
                     state = await self.load(cid, tenant=command.tenant)
             existing = state.turn_for_request(request_id)
             if existing is not None:
+                _check_same_turn_request(existing, command)
                 return existing.turn_id
-            refusal = _refusal(state, command, unary=not streamed)
+            refusal = _refusal(state, command, refuse_client_tools=refuse_client_tools)
             if refusal is not None:
                 if cached is not None:
                     continue
@@ -618,6 +647,7 @@ class ConversationApplication:
                 streamed=streamed,
                 arrived=arrived,
                 compaction_only=command.compaction_only,
+                request_digest=turn_request_digest(command),
             )
             try:
                 await self.running.begin(run, tenant_limit=self.defaults.tenant_max_running_turns)
@@ -721,14 +751,31 @@ class ConversationApplication:
         with contextlib.suppress(errors.TurnNotRunningHereError):
             letter = await self.cancel_turn(conversation_id, turn_id, reason, tenant=tenant)
         try:
+            return await self.turn_end(conversation_id, turn_id, tenant=tenant, timeout_s=timeout_s)
+        finally:
+            await self.control.withdraw(letter)
+
+    async def turn_end(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        *,
+        tenant: str = ev.DEFAULT_TENANT,
+        timeout_s: float = MAX_WAIT_S,
+    ) -> TurnEnded:
+        """The turn's end as the log records it, once it has ended (here or on any replica).
+
+        Raises:
+            NotFoundError: No such conversation of `tenant`, or no such turn.
+            DeadlineExceededError: the turn has not ended within `timeout_s`.
+        """
+        try:
             async with asyncio.timeout(timeout_s):
                 async for update in self.watch(conversation_id, turn_id, tenant=tenant):
                     if isinstance(update.payload, TurnEnded):
                         return update.payload
         except TimeoutError:
             pass
-        finally:
-            await self.control.withdraw(letter)
         raise errors.DeadlineExceededError(
             "the turn has not ended yet; retry to wait longer", metadata={"turnId": turn_id}
         )
@@ -839,14 +886,60 @@ def owned(state: ConversationState, tenant: str | None) -> ConversationState:
     return state
 
 
+def turn_request_digest(command: TurnInput) -> str:
+    """What a turn's request id stands for: its message, its options, its kind.
+
+    Not the conversation (the turn id derives from it and the request id, so
+    another conversation is another turn), nor `expected_version` (a
+    precondition, not content), nor the tenant. A digest, not a signature:
+    it only tells a retry from a request id reused for something else.
+    """
+    content = {
+        "content": command.content,
+        "options": dataclasses.asdict(command.options),
+        "compaction_only": command.compaction_only,
+    }
+    encoded = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _check_same_turn_request(existing: Turn, command: TurnInput) -> None:
+    """A retry finds its turn; a request id reused with other content is refused.
+
+    Turns recorded before digests (empty) are taken as retries, as they were.
+
+    Raises:
+        RequestIdReusedError: the turn was started by other content.
+    """
+    if existing.request_digest and existing.request_digest != turn_request_digest(command):
+        raise errors.RequestIdReusedError(
+            f"request id {existing.request_id!r} started another turn with other content",
+            metadata={"originalId": existing.turn_id},
+        )
+
+
+def _created_content(state: ConversationState) -> tuple[object, ...]:
+    """What a CreateConversation request id stands for: the settings it recorded."""
+    return (
+        state.system_prompt,
+        state.model,
+        state.sampling,
+        state.tools,
+        state.guardrail_profile,
+        state.labels,
+        state.max_tool_round_trips,
+        state.context_policy,
+    )
+
+
 def _refusal(
-    state: ConversationState, command: TurnInput, *, unary: bool = False
+    state: ConversationState, command: TurnInput, *, refuse_client_tools: bool = False
 ) -> errors.TurnlogError | None:
     """Why `state` admits no new turn for `command`, or None.
 
-    `unary`: the caller waits for the end without a stream (`SendMessage`),
-    so it could never answer a client-side tool: such a turn would hold the
-    conversation until the tool timeout, so it is refused at once.
+    `refuse_client_tools`: the caller waits for the end without a stream
+    (`SendMessage`), so it could never answer a client-side tool: such a turn
+    would hold the conversation until the tool timeout, so it is refused at once.
     """
     cid = state.conversation_id
     if state.archived:
@@ -854,7 +947,7 @@ def _refusal(
             "the conversation is archived", metadata={"conversation": cid}
         )
     client_tools = [t.name for t in state.tools if t.client_side]
-    if unary and client_tools and not command.compaction_only:
+    if refuse_client_tools and client_tools and not command.compaction_only:
         return errors.ClientToolsNeedStreamError(
             "the conversation has client-side tools: run its turns with StreamTurn or Converse",
             metadata={"conversation": cid, "tools": ",".join(client_tools)[:256]},

@@ -48,8 +48,10 @@ MAX_WAIT_S = 60.0
 #: stops waiting, after `MAX_WAIT_S` at most).
 LETTER_TTL_S = 3600.0
 #: How often the receiver looks for letters without a notification (a lost
-#: NOTIFY, a listener reconnecting) and expires old ones.
+#: NOTIFY, a listener reconnecting).
 POLL_INTERVAL_S = 2.0
+#: How often each replica deletes letters older than `LETTER_TTL_S`.
+EXPIRY_INTERVAL_S = 60.0
 
 _TERMINAL = (
     ev.TurnCompleted,
@@ -71,7 +73,12 @@ class ToolResultInput:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Calls:
-    """A turn's tool calls as far as the log shows: which the turn awaits, which are answered."""
+    """A turn's tool calls as far as the log shows: which the turn awaits, which are answered.
+
+    `answered` holds the outcomes of the latest generation's calls, then
+    (for ids not reused by it) those of earlier generations: call ids are
+    unique within a generation only (a model may number its calls afresh).
+    """
 
     awaited: frozenset[str]
     answered: dict[str, ev.ToolCallCompleted | ev.ToolCallFailed]
@@ -92,7 +99,10 @@ class _CallsReader:
         self.turn_id = turn_id
         self.client_tools = client_tools
         self.latest: tuple[ev.ToolCall, ...] = ()
+        #: Outcomes of the latest generation's calls.
         self.answered: dict[str, ev.ToolCallCompleted | ev.ToolCallFailed] = {}
+        #: Outcomes of earlier generations' calls.
+        self.earlier: dict[str, ev.ToolCallCompleted | ev.ToolCallFailed] = {}
         self.ended: ev.Event | None = None
 
     def apply(self, event: ev.Event) -> None:
@@ -100,6 +110,8 @@ class _CallsReader:
             return
         if isinstance(event, ev.GenerationCompleted):
             self.latest = event.tool_calls
+            self.earlier.update(self.answered)
+            self.answered = {}
         elif isinstance(event, ev.ToolCallCompleted | ev.ToolCallFailed):
             self.answered[event.call_id] = event
         elif isinstance(event, _TERMINAL):
@@ -113,7 +125,7 @@ class _CallsReader:
         )
         return _Calls(
             awaited=frozenset() if self.ended is not None else awaited,
-            answered=dict(self.answered),
+            answered={**self.earlier, **self.answered},
         )
 
 
@@ -268,7 +280,7 @@ class TurnControl:
         """The calls to answer now; raises if any result is not acceptable (nothing sent then)."""
         to_send = []
         for call_id, outcome in mine.items():
-            recorded = calls.answered.get(call_id)
+            recorded = None if call_id in calls.awaited else calls.answered.get(call_id)
             if recorded is not None:
                 if _same_outcome(recorded, outcome):
                     continue  # answered already, with this result
@@ -324,6 +336,7 @@ class TurnControl:
             self._receiver = asyncio.create_task(self._serve(), name="turn-control")
 
     async def stop(self) -> None:
+        """Stop taking letters (shutdown); letters for this process's turns then wait, moot."""
         if self._receiver is not None:
             self._receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -339,18 +352,18 @@ class TurnControl:
             notice = await mailbox.wait(self.poll_interval_s)
             here = set(self.running.turns)
             wanted = here if notice.everything else here & notice.turn_ids
-            if wanted:
-                try:
-                    letters = await mailbox.take(wanted)
-                except errors.StorageUnavailableError as e:
-                    log.warning("could not read the turn mailbox: %s", e)
-                    await asyncio.sleep(self.poll_interval_s)
-                    continue
-                for letter in letters:
+            try:
+                for letter in await mailbox.take(wanted) if wanted else ():
                     self.apply(letter)
-            if time.monotonic() - last_expiry >= max(self.poll_interval_s, 60.0):
-                last_expiry = time.monotonic()
-                await mailbox.expire(LETTER_TTL_S)
+                if time.monotonic() - last_expiry >= EXPIRY_INTERVAL_S:
+                    last_expiry = time.monotonic()
+                    await mailbox.expire(LETTER_TTL_S)
+            except errors.StorageUnavailableError as e:
+                log.warning("could not read the turn mailbox: %s", e)
+                await asyncio.sleep(self.poll_interval_s)
+            except Exception:
+                # A bug must not stop this replica's turns from being reached.
+                log.exception("turn control failed on a letter")
 
     def apply(self, letter: Letter) -> None:
         """Apply one letter to the turn it is for, if it still runs here (else it is moot)."""
@@ -372,9 +385,10 @@ class TurnControl:
                 return
             for call_id, outcome in body["outcomes"].items():
                 recorded = _decode(outcome["recorded"])
-                assert isinstance(
+                if not isinstance(
                     recorded, ev.ToolCallCompleted | ev.ToolCallFailed | ev.TurnBlocked
-                )
+                ):
+                    raise TypeError("not a tool outcome")
                 decided = tuple(_decode(d) for d in outcome["decisions"])
                 live.deliver_tool_outcome(
                     call_id,
@@ -383,7 +397,7 @@ class TurnControl:
                         recorded=recorded,
                     ),
                 )
-        except (KeyError, TypeError, ValueError, AssertionError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             log.error("ignoring a malformed turn letter %d: %s", letter.letter_id, type(e).__name__)
 
 

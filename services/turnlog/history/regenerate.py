@@ -18,7 +18,7 @@ What cannot be reproduced is reported rather than hidden: a turn without a
 seed and with a temperature above 0 samples differently; the log keeps the
 user's text as the request guardrails left it (redacted), so a request stage
 that modified it sees the modified text again; client-side tools have no
-client here and time out.
+client here and time out (which fails the turn).
 """
 
 from __future__ import annotations
@@ -225,7 +225,8 @@ async def _regenerate_turn(
                     context_policy=turn.context_policy or ev.ContextPolicy.DISABLED,
                     strict_max_tokens=turn.strict_max_tokens,
                 ),
-            )
+            ),
+            allow_client_tools=True,
         )
     finally:
         await app.shutdown()
