@@ -72,6 +72,8 @@ def test_a_status_becomes_its_class_with_reason_metadata_and_violations() -> Non
     assert not error.retryable
     assert [(v.field, v.description) for v in error.field_violations] == [("page_size", "<0")]
     assert str(error) == "INVALID_ARGUMENT INVALID_REQUEST: the request is invalid"
+    assert error.error_reason == errors_pb2.INVALID_REQUEST
+    assert TurnlogError("x", reason="FROM_A_NEWER_SERVICE").error_reason == 0
 
 
 def test_retry_info_and_retry_after_set_the_wait() -> None:

@@ -15,6 +15,7 @@ from tcp_proxy import TcpProxy
 
 from turnlog.api.limits import RateLimit
 from turnlog.v1 import conversation_pb2 as pb
+from turnlog.v1 import errors_pb2
 from turnlog.v1 import history_pb2 as hpb
 from turnlog_client import (
     NO_RETRY,
@@ -176,6 +177,7 @@ async def test_errors_are_classes_with_reason_and_retryable(
         await client.get_conversation("no-such-conversation")
     assert missing.value.code == grpc.StatusCode.NOT_FOUND
     assert missing.value.reason
+    assert missing.value.error_reason != errors_pb2.ERROR_REASON_UNSPECIFIED  # a listed reason
     assert not missing.value.retryable
 
     with pytest.raises(InvalidArgument) as invalid:
@@ -191,7 +193,7 @@ async def test_errors_are_classes_with_reason_and_retryable(
     async with AsyncTurnlogClient(service.address, retry=NO_RETRY) as anonymous:
         with pytest.raises(Unauthenticated) as refused:
             await anonymous.get_conversation(conversation.name)
-    assert refused.value.reason
+    assert refused.value.error_reason != errors_pb2.ERROR_REASON_UNSPECIFIED
     # The log is unchanged by all of it.
     assert (await client.get_conversation(conversation.name)).version == 1
 

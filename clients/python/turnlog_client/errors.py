@@ -81,6 +81,15 @@ class TurnlogError(Exception):
             )
         self.retryable = retryable
 
+    @property
+    def error_reason(self) -> errors_pb2.ErrorReason.ValueType:
+        """`reason` as an `ErrorReason` value; ERROR_REASON_UNSPECIFIED for one this client
+        does not know (a newer service's): treat the error by its status code then."""
+        try:
+            return errors_pb2.ErrorReason.Value(self.reason)
+        except ValueError:
+            return errors_pb2.ERROR_REASON_UNSPECIFIED
+
     def __str__(self) -> str:
         reason = f" {self.reason}" if self.reason else ""
         return f"{self.code.name}{reason}: {self.message}"
