@@ -31,11 +31,15 @@ LOCK_FLAGS := --extra dev --extra vllm --build-deps-for editable --generate-hash
 # break `import transformers` on CPU torch; vLLM needs them only for
 # multimodal models, so the lock leaves them out (see docs/engine.md).
 # Last, the lock is checked against pyproject.toml: a stale lock fails here.
-$(STAMP): pyproject.toml $(LOCK)
+# The Python client (clients/python, a distribution of its own) goes in
+# editable too: its runtime needs are a subset of the server's, and its `chat`
+# extra's libraries are in the server's dev extra, so the lock holds them.
+$(STAMP): pyproject.toml clients/python/pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --no-deps --require-hashes -r $(LOCK)
 	$(VENV)/bin/pip-sync -q $(LOCK) --pip-args "--no-deps --require-hashes"
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e clients/python
 	$(PY) .ci/check_lock.py
 	touch $@
 
@@ -104,9 +108,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 # Directories, not `-p turnlog`: for a namespace package spread over several
-# roots, `-p` checks only part of it.
+# roots, `-p` checks only part of it. The client distribution's package
+# (clients/python, on mypy_path) is checked with the server's.
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy services/turnlog storage/turnlog
+	$(VENV)/bin/mypy services/turnlog storage/turnlog clients/python/turnlog_client
 
 check: lock-check buf-lint breaking lint typecheck clients-check
 

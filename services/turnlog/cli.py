@@ -180,7 +180,62 @@ def build_parser() -> argparse.ArgumentParser:
     from turnlog.auth.cli import add_auth_commands
 
     add_auth_commands(subparsers)
+    _add_chat_command(subparsers)
     return parser
+
+
+def _add_chat_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`turnlog chat`: the client distribution's terminal chat, from the server's CLI.
+
+    The chat lives in turnlog-client (`turnlog_client.chat`, also installed as
+    `turnlog-chat`); this only delegates to it, adding one thing a client
+    cannot do: with no token given, it mints one from this machine's local
+    signing key (the data folder's, as `turnlog token` does), so the README's
+    quick start is `make serve`, then `turnlog chat`.
+    """
+    chat = subparsers.add_parser(
+        "chat", help="chat with the service in the terminal (turnlog-client's turnlog-chat)"
+    )
+    try:
+        from turnlog_client.chat import add_arguments
+    except ImportError:
+        chat.set_defaults(func=_chat_missing)
+        return
+    add_arguments(chat)
+    chat.set_defaults(func=_chat)
+
+
+def _chat_missing(args: argparse.Namespace) -> int:
+    print(
+        "turnlog chat needs turnlog-client: pip install -e 'clients/python[chat]'",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from turnlog_client.chat import chat
+
+    if args.token is None:
+        args.token = _local_token()
+    return asyncio.run(chat(args))
+
+
+def _local_token() -> str | None:
+    """A token of the default tenant signed by this machine's local key, if it has one."""
+    from turnlog.auth.local import AUTH_FOLDER, KEY_FILE, LocalSigningKey
+    from turnlog.auth.principal import DEFAULT_TENANT, Scope
+    from turnlog.config import Settings
+
+    data_dir = Settings.from_env().data_dir
+    if not (data_dir / AUTH_FOLDER / KEY_FILE).exists():
+        return None  # never make a key here: that is `turnlog serve`'s job
+    try:
+        key = LocalSigningKey.load_or_create(data_dir)
+    except (OSError, ValueError):
+        return None
+    scopes = (Scope.READ, Scope.WRITE, Scope.HISTORY)
+    return key.mint_token(DEFAULT_TENANT, scopes, subject="turnlog-chat", ttl_s=12 * 3600)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

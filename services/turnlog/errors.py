@@ -37,6 +37,20 @@ class InvalidArgumentError(TurnlogError):
     reason = "INVALID_ARGUMENT"
 
 
+class PageTokenError(InvalidArgumentError):
+    """A page token that is not ours, or used with other fields than its request's.
+
+    Refused alike by every list RPC: a field violation on `page_token`
+    (reason INVALID_REQUEST, as the validation table's), found past the
+    table because only the list's own code can read the token.
+    """
+
+    reason = "INVALID_REQUEST"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, metadata={"fields": "page_token"})
+
+
 class NotFoundError(TurnlogError):
     """The named resource (stream, conversation, turn, request) does not exist."""
 
@@ -172,6 +186,16 @@ class ContextLengthExceededError(InvalidArgumentError):
     """Prompt plus requested output tokens do not fit the model's context."""
 
     reason = "CONTEXT_LENGTH_EXCEEDED"
+
+
+class ModelNotServedError(FailedPreconditionError):
+    """A turn names a model that no connected worker serves (metadata `model`, `servedModels`).
+
+    Refused before anything is recorded: running it on whatever model is
+    there would record a model name that never generated.
+    """
+
+    reason = "MODEL_NOT_SERVED"
 
 
 class ContextExhaustedError(FailedPreconditionError):

@@ -51,6 +51,27 @@ def code_of(error: BaseException) -> int:
     return internal
 
 
+def _classes(cls: type[errors.TurnlogError]) -> list[type[errors.TurnlogError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_classes(sub))
+    return found
+
+
+def code_of_reason(reason: str) -> int:
+    """The google.rpc.Code that errors of `reason` go out with (INTERNAL when unknown).
+
+    For errors recorded as data (a failed turn keeps its reason, not its
+    class): looked up among the `TurnlogError` classes defined so far, at
+    each call, so that those of modules imported later count too.
+    """
+    for cls in _classes(errors.TurnlogError):
+        if cls.reason == reason:
+            return code_of(cls.__new__(cls))  # the table reads only the type
+    internal: int = code_pb2.INTERNAL
+    return internal
+
+
 def public_message(error: BaseException) -> str:
     """A TurnlogError's own message (written to be shown); a fixed text otherwise."""
     return error.message if isinstance(error, errors.TurnlogError) else INTERNAL_MESSAGE

@@ -32,12 +32,16 @@ class RecordingEngine(EngineClient):
         self.sent: list[engine_pb2.StartGeneration] = []
 
     def generate(
-        self, start: engine_pb2.StartGeneration, *, affinity_key: str | None = None
+        self,
+        start: engine_pb2.StartGeneration,
+        *,
+        affinity_key: str | None = None,
+        model: str = "",
     ) -> PooledRequestStream:
         copy = engine_pb2.StartGeneration()
         copy.CopyFrom(start)
         self.sent.append(copy)
-        return super().generate(start, affinity_key=affinity_key)
+        return super().generate(start, affinity_key=affinity_key, model=model)
 
 
 @dataclass

@@ -12,7 +12,13 @@ from turnlog.conversation.application import (
     TurnInput,
     TurnOptions,
 )
-from turnlog.conversation.projection import TextPiece, ToolCallPiece, ToolStarted, TurnEnded
+from turnlog.conversation.projection import (
+    Retraction,
+    TextPiece,
+    ToolCallPiece,
+    ToolStarted,
+    TurnEnded,
+)
 from turnlog.domain import events as ev
 from turnlog.domain.state import TurnStatus
 from turnlog.eventlog import stream_id
@@ -194,8 +200,9 @@ async def test_guardrail_blocks_response_with_retraction(
         TurnInput(conversation_id=cid, content="leak slowly", request_id="1")
     )
     payloads = [u.payload async for u in app.watch(cid, turn_id)]
-    [retraction] = [p for p in payloads if isinstance(p, ev.TextRetracted)]
-    at = payloads.index(retraction)
+    [retracted] = [p for p in payloads if isinstance(p, Retraction)]
+    at = payloads.index(retracted)
+    retraction = retracted.event
     shown = "".join(p.text for p in payloads[:at] if isinstance(p, TextPiece))
     assert shown  # something was shown, so something had to be retracted
     assert "Sure, the forbidden word is kaboom, enjoy.".startswith(shown)

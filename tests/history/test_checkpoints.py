@@ -238,17 +238,21 @@ async def until_caught_up_rpc(call: Any) -> list[spb.SubscribeEventsResponse]:
     raise AssertionError("the subscription ended")
 
 
+#: The type the gRPC subscriptions below filter on: a real one (an unknown name is refused).
+WANTED = "ContextCompacted"
+
+
 async def test_a_sparse_filtered_subscription_gets_checkpoints_and_resumes_from_them(
     stub: Stub, app: ConversationApplication
 ) -> None:
     # 1,500 events of no interest, the one wanted, 1,500 more: store pages
     # of 1,000 are read, so three checkpoints (the last page, one event,
     # ends the catch-up).
-    log = [event("Other") for _ in range(1500)] + [event("Wanted")]
+    log = [event("Other") for _ in range(1500)] + [event(WANTED)]
     log += [event("Other") for _ in range(1500)]
     await app.store.append("conversation-sparse", log, expected_version=NO_STREAM)
     await all_visible(app.store, len(log))
-    request = spb.SubscribeEventsRequest(event_types=["Wanted"])
+    request = spb.SubscribeEventsRequest(event_types=[WANTED])
     call = stub.SubscribeEvents(request)
     messages = await until_caught_up_rpc(call)
     call.cancel()
@@ -266,18 +270,18 @@ async def test_a_sparse_filtered_subscription_gets_checkpoints_and_resumes_from_
     assert messages[-1].caught_up.position == str(stored[-1].position)
     # From the checkpoint before it: the wanted event, once.
     first = stub.SubscribeEvents(
-        spb.SubscribeEventsRequest(event_types=["Wanted"], after_position=positions[0])
+        spb.SubscribeEventsRequest(event_types=[WANTED], after_position=positions[0])
     )
     resumed = await until_caught_up_rpc(first)
     first.cancel()
     assert [e.event_id for m in resumed for e in m.events] == [str(log[1500].event_id)]
     # From the one after it: nothing before the live events.
     second = stub.SubscribeEvents(
-        spb.SubscribeEventsRequest(event_types=["Wanted"], after_position=positions[1])
+        spb.SubscribeEventsRequest(event_types=[WANTED], after_position=positions[1])
     )
     resumed = await until_caught_up_rpc(second)
     assert [kind(m) for m in resumed] == ["checkpoint", "caught_up"]
-    later = event("Wanted")
+    later = event(WANTED)
     await app.store.append("conversation-sparse", [later], expected_version=len(log))
     arrived = await asyncio.wait_for(anext(aiter(second)), 30)
     second.cancel()
@@ -289,7 +293,7 @@ async def test_a_live_subscription_over_grpc_gets_a_checkpoint(
 ) -> None:
     monkeypatch.setattr(history_service, "CHECKPOINT_AFTER_SECONDS", 0.1)
     async with conversation_stub(app) as stub:
-        call = stub.SubscribeEvents(spb.SubscribeEventsRequest(event_types=["Wanted"]))
+        call = stub.SubscribeEvents(spb.SubscribeEventsRequest(event_types=[WANTED]))
         await until_caught_up_rpc(call)
         others = [event("Other") for _ in range(50)]
         await app.store.append("conversation-busy", others, expected_version=NO_STREAM)

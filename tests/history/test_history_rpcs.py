@@ -108,10 +108,11 @@ async def test_a_fork_at_every_version_rebuilds_that_prefix(
     name = await conversation(stub, prompts)
     cid = name.removeprefix("conversations/")
     latest = (await app.load(cid)).version
+    # Request ids name one fork each (a reuse for another source is refused).
     for version in range(1, latest + 1):
         source = await app.load(cid, version=version)
         fork = await stub.ForkConversation(
-            spb.ForkConversationRequest(name=name, version=version, request_id=f"f{version}")
+            spb.ForkConversationRequest(name=name, version=version, request_id=f"{cid}-f{version}")
         )
         fork_id = fork.conversation.name.removeprefix("conversations/")
         prefix = await app.load(fork_id, version=fork.prefix_version)
@@ -126,7 +127,7 @@ async def test_a_fork_at_every_version_rebuilds_that_prefix(
         )
         assert verified.intact
         again = await stub.ForkConversation(
-            spb.ForkConversationRequest(name=name, version=version, request_id=f"f{version}")
+            spb.ForkConversationRequest(name=name, version=version, request_id=f"{cid}-f{version}")
         )
         assert again.conversation.name == fork.conversation.name  # idempotent
 
@@ -456,7 +457,9 @@ async def test_read_events_pages_are_cut_at_2_mib_and_still_cover_everything_onc
     await app.store.append("conversation-tokens", tokens, expected_version=NO_STREAM)
     # ... and a mix of small and large ones, one larger than the cap.
     sizes = [200, 900_000, 200, 1_200_000, 2_500_000, 200, 600_000, 600_000, 600_000, 200, 1000]
-    mixed = [filler(n, "Large" if n > 500 else "Small") for n in sizes]
+    # Filtered by type below, so the types are real ones (an unknown name is refused).
+    large, small = "TextStreamed", "ToolRoundLimitReached"
+    mixed = [filler(n, large if n > 500 else small) for n in sizes]
     await app.store.append("conversation-mixed", mixed, expected_version=NO_STREAM)
 
     def ids(events: list[NewEvent]) -> list[str]:
@@ -466,13 +469,13 @@ async def test_read_events_pages_are_cut_at_2_mib_and_still_cover_everything_onc
         (spb.ReadEventsRequest(conversation="conversations/tokens"), ids(tokens)),
         (spb.ReadEventsRequest(conversation="conversations/mixed"), ids(mixed)),
         (
-            spb.ReadEventsRequest(conversation="conversations/mixed", event_types=["Large"]),
-            ids([e for e in mixed if e.type == "Large"]),
+            spb.ReadEventsRequest(conversation="conversations/mixed", event_types=[large]),
+            ids([e for e in mixed if e.type == large]),
         ),
         (spb.ReadEventsRequest(), ids(tokens + mixed)),
         (
-            spb.ReadEventsRequest(event_types=["Large", "GenerationCompleted"]),
-            ids(tokens + [e for e in mixed if e.type == "Large"]),
+            spb.ReadEventsRequest(event_types=[large, "GenerationCompleted"]),
+            ids(tokens + [e for e in mixed if e.type == large]),
         ),
     ]
     for request, expected in cases:

@@ -135,8 +135,8 @@ def dataclass_strategy(cls: Any) -> st.SearchStrategy[Any]:
     ints = INT32 if cls is ev.ContextWindow else INT64
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if cls in (ev.ConversationCreated, ev.ConversationUpdated) and f.name == "labels":
-            # The domain's invariant: unique keys, sorted.
+        if hints[f.name] == tuple[tuple[str, str], ...]:
+            # Labels, an error's metadata: the domain's invariant is unique keys, sorted.
             fields[f.name] = st.dictionaries(TEXT, TEXT, max_size=3).map(
                 lambda d: tuple(sorted(d.items()))
             )

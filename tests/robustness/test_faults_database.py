@@ -361,8 +361,9 @@ async def test_a_full_disk_refuses_turns_and_leaves_nothing_half_written(
                 freed = time.monotonic()
                 # The refused request again: its turn (closed by recovery if
                 # its start was recorded), then a new turn.
+                # (the same content: a request id reused with other content is refused)
                 again = await _until_served(
-                    lambda: stub.SendMessage(_send(name, "hi", f"t{turns}"), timeout=30)
+                    lambda: stub.SendMessage(_send(name, "hi " * 500, f"t{turns}"), timeout=30)
                 )
                 assert again.turn.status in (pb.TURN_STATUS_COMPLETED, pb.TURN_STATUS_INTERRUPTED)
                 after = await stub.SendMessage(_send(name, "hi", "after"), timeout=30)

@@ -150,7 +150,14 @@ class CreateConversationRequest(_message.Message):
     GUARDRAIL_PROFILE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency key (a UUID is recommended); at most 128."""
+    """Client-chosen idempotency key (a UUID is recommended); at most 128. A
+    retry returns the conversation it created. Its content is the settings
+    the request records: conversation_id, system_prompt, defaults, tools,
+    guardrail_profile and labels; the same request_id with any of them
+    different is ALREADY_EXISTS (REQUEST_ID_REUSED, originalId: the
+    conversation's id) and records nothing. (With conversation_id set, the
+    request_id is checked against that conversation only.)
+    """
     conversation_id: _builtins.str
     """Optional client-chosen id; the service picks one when empty. 1-63
     letters, digits, - or _, starting with a letter or digit.
@@ -425,7 +432,11 @@ class CompactConversationRequest(_message.Message):
     name: _builtins.str
     """"conversations/{conversation_id}"."""
     request_id: _builtins.str
-    """Client-chosen idempotency key."""
+    """Client-chosen idempotency key; a retry returns the same unit. It shares
+    the conversation's turn request ids: one that started a turn (any
+    TurnInput) is ALREADY_EXISTS (REQUEST_ID_REUSED, originalId: that
+    turn's id) and records nothing.
+    """
     expected_version: _builtins.int
     """Fail with ABORTED unless the conversation is at this version."""
     def __init__(
@@ -525,7 +536,14 @@ class TurnInput(_message.Message):
     conversation: _builtins.str
     """"conversations/{conversation_id}"."""
     request_id: _builtins.str
-    """Client-chosen idempotency key of the turn; at most 128."""
+    """Client-chosen idempotency key of the turn, within its conversation; at
+    most 128. A retry watches (or returns) the same turn and never
+    generates twice. Its content is content and options (expected_version
+    is a precondition, not content): the same request_id with another
+    message or other options, or one a CompactConversation used, is
+    ALREADY_EXISTS (REQUEST_ID_REUSED, originalId: the turn's id) and
+    records nothing.
+    """
     content: _builtins.str
     """The user's message: not blank, at most 1,000,000."""
     expected_version: _builtins.int
@@ -1536,7 +1554,12 @@ class ForkConversationRequest(_message.Message):
     fork_conversation_id: _builtins.str
     """Optional id of the new conversation; derived from request_id when empty."""
     request_id: _builtins.str
-    """Idempotency key: a retry returns the same fork."""
+    """Idempotency key: a retry returns the same fork, even after the source
+    moved on. Its content is the source (name) and version (a retry may
+    leave version unset): another source, or another version, is
+    ALREADY_EXISTS (REQUEST_ID_REUSED, originalId: the fork's id) and
+    records nothing.
+    """
     def __init__(
         self,
         *,

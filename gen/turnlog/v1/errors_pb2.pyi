@@ -31,24 +31,431 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
     """Not set."""
     INVALID_REQUEST: _ErrorReason.ValueType  # 1
-    """INVALID_ARGUMENT: a field breaks a documented limit; a
-    google.rpc.BadRequest lists each bad field.
+    """INVALID_ARGUMENT, not retryable. A field breaks a documented limit (the
+    limits are on the fields, listed in docs/validation.md); a
+    google.rpc.BadRequest lists each bad field. Metadata: fields (the first
+    five paths, comma-separated), moreViolations (when more than twenty).
+    """
+    INTERNAL: _ErrorReason.ValueType  # 2
+    """INTERNAL, not retryable. A bug: the service failed for a cause it did
+    not expect; the message says nothing more. Metadata: none.
+    """
+    INVALID_ARGUMENT: _ErrorReason.ValueType  # 3
+    """INVALID_ARGUMENT, not retryable. The request is malformed in a way the
+    field limits do not catch (an unknown guardrail profile or server tool,
+    a page token that is not one of ours). Metadata: field (the bad field's
+    path, when there is one), tool.
+    """
+    MALFORMED_MESSAGE: _ErrorReason.ValueType  # 4
+    """INVALID_ARGUMENT, not retryable. A request body does not parse as the
+    RPC's request message. Metadata: messageType.
+    """
+    FIELD_REFUSED_BY_GUARDRAIL: _ErrorReason.ValueType  # 5
+    """INVALID_ARGUMENT, not retryable. A field recorded as given (a system
+    prompt, a label, a tool definition, a stop string) would be changed by a
+    sanitize guardrail, so it is refused rather than rewritten. Metadata:
+    field, guardrail, guardrailProfile.
+    """
+    CONTEXT_LENGTH_EXCEEDED: _ErrorReason.ValueType  # 6
+    """INVALID_ARGUMENT, not retryable. The prompt plus the reply's minimum
+    room do not fit the model's context even with old turns left out.
+    Metadata: promptTokens, maxTokens, maxContextTokens, policy,
+    minReplyTokens.
+    """
+    INVALID_EXPORT_FILE: _ErrorReason.ValueType  # 7
+    """INVALID_ARGUMENT, not retryable. ImportConversation: the file is not a
+    turnlog JSONL export (bad header, a line that is not an event).
+    Metadata: line (1-based).
+    """
+    IMPORT_REJECTED: _ErrorReason.ValueType  # 8
+    """INVALID_ARGUMENT, not retryable. ImportConversation: the file's events
+    are not one whole conversation stream whose hashes verify. Metadata:
+    version (the first bad event's version, 0 for the file as a whole).
+    """
+    NOT_FOUND: _ErrorReason.ValueType  # 9
+    """NOT_FOUND, not retryable. The conversation, turn, version or request
+    does not exist, or belongs to another tenant (answered exactly alike).
+    Metadata: conversation, turnId, requestId or version (what was looked
+    for).
+    """
+    ALREADY_EXISTS: _ErrorReason.ValueType  # 10
+    """ALREADY_EXISTS, not retryable. The resource to create exists already and
+    this is not a retry of the request that made it (a conversation id or
+    fork id taken, a replica name held). Metadata: conversation or instance.
+    """
+    REQUEST_ID_REUSED: _ErrorReason.ValueType  # 11
+    """ALREADY_EXISTS, not retryable. A request_id was used before with
+    different content; a retry must repeat its request exactly (each
+    request_id field says what content means for its RPC). Metadata:
+    originalId (the conversation, turn or fork the first request made).
+    """
+    HISTORY_DIVERGED: _ErrorReason.ValueType  # 12
+    """ALREADY_EXISTS, not retryable. ImportConversation: the stored history of
+    the file's conversation differs from the file's. Metadata: streamId,
+    version, conversation.
+    """
+    FAILED_PRECONDITION: _ErrorReason.ValueType  # 13
+    """FAILED_PRECONDITION, not retryable. The request is valid but the
+    resource's state does not allow it. Metadata: none.
+    """
+    TURN_IN_PROGRESS: _ErrorReason.ValueType  # 14
+    """FAILED_PRECONDITION, retryable. Another turn of the conversation is
+    running (one turn at a time); retry when it has ended. Metadata: turnId
+    (the running turn) or conversation.
+    """
+    CONVERSATION_ARCHIVED: _ErrorReason.ValueType  # 15
+    """FAILED_PRECONDITION, not retryable. The conversation is archived and
+    takes no turns (UnarchiveConversation first). Metadata: conversation.
+    """
+    TURN_NOT_RUNNING: _ErrorReason.ValueType  # 16
+    """FAILED_PRECONDITION, not retryable. The turn is not running in the
+    replica that was asked (it ended, or runs elsewhere). Metadata: turnId,
+    callId.
+    """
+    TOOL_CALL_NOT_AWAITED: _ErrorReason.ValueType  # 17
+    """FAILED_PRECONDITION, not retryable. A tool result answers a call the
+    turn does not await (unknown, answered already with another result, or
+    the turn ended); nothing is recorded. Metadata: turnId, callId.
+    """
+    CLIENT_TOOLS_NEED_STREAM: _ErrorReason.ValueType  # 18
+    """FAILED_PRECONDITION, not retryable. A turn would offer client-side tools
+    but was started by SendMessage, which cannot deliver their calls: use
+    StreamTurn or Converse. Metadata: conversation, tools (the client-side
+    tools' names, comma-separated).
+    """
+    MODEL_NOT_SERVED: _ErrorReason.ValueType  # 19
+    """FAILED_PRECONDITION, not retryable. The turn's model (its own, the
+    conversation's default or the service's) is served by no connected
+    worker; nothing is recorded. Metadata: model, servedModels (the models
+    the workers serve, comma-separated).
+    """
+    CONTEXT_EXHAUSTED: _ErrorReason.ValueType  # 20
+    """FAILED_PRECONDITION, not retryable. The conversation's prompt no longer
+    fits the model's context and its context policy is DISABLED. Metadata:
+    promptTokens, maxTokens, maxContextTokens, policy.
+    """
+    NOTHING_TO_COMPACT: _ErrorReason.ValueType  # 21
+    """FAILED_PRECONDITION, not retryable. CompactConversation: the window
+    holds no turn to summarize; nothing is recorded. Metadata: conversation.
+    """
+    VERSION_CONFLICT: _ErrorReason.ValueType  # 22
+    """ABORTED, not retryable. expected_version is not the stream's version
+    (someone else wrote first): read again and decide again. Metadata:
+    streamId, expectedVersion, actualVersion.
+    """
+    DUPLICATE_EVENT: _ErrorReason.ValueType  # 23
+    """ABORTED, not retryable. An event id is stored already with other
+    content or in another stream. Metadata: eventId or streamId.
+    """
+    INTEGRITY_VIOLATION: _ErrorReason.ValueType  # 24
+    """DATA_LOSS, not retryable. Stored history fails verification (a broken
+    hash chain, a version gap, an edited migration). Metadata: none.
+    """
+    STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 25
+    """UNAVAILABLE, retryable. The database cannot be reached or refused the
+    operation for a transient cause. Metadata: turnId (inside a turn).
+    """
+    ENGINE_UNAVAILABLE: _ErrorReason.ValueType  # 26
+    """UNAVAILABLE, retryable. No engine worker can take the request (none
+    configured, none reachable, or one failed mid-request). Metadata:
+    grpcCode, turnId, phase.
+    """
+    ENGINE_INTERNAL: _ErrorReason.ValueType  # 27
+    """INTERNAL, not retryable. A worker failed a request for a cause internal
+    to it. Metadata: none.
+    """
+    UNSUPPORTED_BY_MODEL: _ErrorReason.ValueType  # 28
+    """UNIMPLEMENTED, not retryable. The served model cannot do this (e.g.
+    embeddings from a generative model). Metadata: model.
+    """
+    EXPORT_FORMAT_UNAVAILABLE: _ErrorReason.ValueType  # 29
+    """UNIMPLEMENTED, not retryable. ExportConversation: the format asked for
+    is not built. Metadata: none.
+    """
+    CANCELLED: _ErrorReason.ValueType  # 30
+    """CANCELLED, not retryable. The caller cancelled the operation. Metadata:
+    none.
+    """
+    DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 31
+    """DEADLINE_EXCEEDED, retryable. The operation ran past its deadline.
+    Metadata: none.
+    """
+    CLIENT_TOOL_TIMEOUT: _ErrorReason.ValueType  # 44
+    """DEADLINE_EXCEEDED, not retryable. In a failed turn's error (phase
+    tool): the client did not answer a client-side tool call within the
+    service's timeout. Metadata: callId, timeoutS.
+    """
+    UNAUTHENTICATED: _ErrorReason.ValueType  # 32
+    """UNAUTHENTICATED, not retryable. The credential does not verify (a cause
+    not named by a CREDENTIAL_ reason). Metadata: none.
+    """
+    CREDENTIAL_MISSING: _ErrorReason.ValueType  # 33
+    """UNAUTHENTICATED, not retryable. The call carries no credential (no
+    bearer token, API key or client certificate). Metadata: none.
+    """
+    CREDENTIAL_MALFORMED: _ErrorReason.ValueType  # 34
+    """UNAUTHENTICATED, not retryable. The credential cannot be parsed (not a
+    JWT, not an API key). Metadata: none.
+    """
+    CREDENTIAL_INVALID: _ErrorReason.ValueType  # 35
+    """UNAUTHENTICATED, not retryable. The credential does not verify: a bad
+    signature, an unknown key, an unknown or removed API key. Metadata:
+    none.
+    """
+    CREDENTIAL_EXPIRED: _ErrorReason.ValueType  # 36
+    """UNAUTHENTICATED, not retryable. The credential's lifetime is over (or
+    has not begun); a live stream ends with it. Metadata: none.
+    """
+    CREDENTIAL_WRONG_ISSUER: _ErrorReason.ValueType  # 37
+    """UNAUTHENTICATED, not retryable. The token's issuer is not trusted.
+    Metadata: none.
+    """
+    CREDENTIAL_WRONG_AUDIENCE: _ErrorReason.ValueType  # 38
+    """UNAUTHENTICATED, not retryable. The token is meant for another audience.
+    Metadata: none.
+    """
+    PERMISSION_DENIED: _ErrorReason.ValueType  # 39
+    """PERMISSION_DENIED, not retryable. The caller may not do this. Metadata:
+    none.
+    """
+    SCOPE_MISSING: _ErrorReason.ValueType  # 40
+    """PERMISSION_DENIED, not retryable. The credential lacks the scope the RPC
+    needs. Metadata: requiredScope.
+    """
+    IMPORT_TENANT_MISMATCH: _ErrorReason.ValueType  # 41
+    """PERMISSION_DENIED, not retryable. ImportConversation: the file's
+    conversation belongs to another tenant than the caller's (an
+    administrator may import it). Metadata: none.
+    """
+    RESOURCE_EXHAUSTED: _ErrorReason.ValueType  # 42
+    """RESOURCE_EXHAUSTED, retryable. A limit is reached; a google.rpc.RetryInfo
+    says when to retry. Metadata: retryAfterMs.
+    """
+    TENANT_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 43
+    """RESOURCE_EXHAUSTED, retryable. The tenant's request rate or running
+    turns are at their limit; a google.rpc.RetryInfo says when to retry.
+    Metadata: limit (requests_per_second or running_turns), retryAfterMs.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every reason the service puts in a google.rpc.ErrorInfo
     (domain "turnlog.dev") or an ErrorDetail: the reason string is the value's
     name, exactly (so the values carry no ERROR_REASON_ prefix, as in
-    google.api.ErrorReason). Each value says the status code it comes with
-    and its metadata keys. Clients should treat a reason they do not know by
-    its status code.
+    google.api.ErrorReason). Each value's comment starts with the status code
+    it comes with and whether a retry may succeed ("retryable": the same
+    request again, after a backoff), then says when it happens, and ends with
+    its metadata keys (every ErrorInfo also carries `retryable`, "true" or
+    "false"). docs/errors.md is a table made from these comments. Clients
+    should treat a reason they do not know by its status code.
     """
 
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
 """Not set."""
 INVALID_REQUEST: ErrorReason.ValueType  # 1
-"""INVALID_ARGUMENT: a field breaks a documented limit; a
-google.rpc.BadRequest lists each bad field.
+"""INVALID_ARGUMENT, not retryable. A field breaks a documented limit (the
+limits are on the fields, listed in docs/validation.md); a
+google.rpc.BadRequest lists each bad field. Metadata: fields (the first
+five paths, comma-separated), moreViolations (when more than twenty).
+"""
+INTERNAL: ErrorReason.ValueType  # 2
+"""INTERNAL, not retryable. A bug: the service failed for a cause it did
+not expect; the message says nothing more. Metadata: none.
+"""
+INVALID_ARGUMENT: ErrorReason.ValueType  # 3
+"""INVALID_ARGUMENT, not retryable. The request is malformed in a way the
+field limits do not catch (an unknown guardrail profile or server tool,
+a page token that is not one of ours). Metadata: field (the bad field's
+path, when there is one), tool.
+"""
+MALFORMED_MESSAGE: ErrorReason.ValueType  # 4
+"""INVALID_ARGUMENT, not retryable. A request body does not parse as the
+RPC's request message. Metadata: messageType.
+"""
+FIELD_REFUSED_BY_GUARDRAIL: ErrorReason.ValueType  # 5
+"""INVALID_ARGUMENT, not retryable. A field recorded as given (a system
+prompt, a label, a tool definition, a stop string) would be changed by a
+sanitize guardrail, so it is refused rather than rewritten. Metadata:
+field, guardrail, guardrailProfile.
+"""
+CONTEXT_LENGTH_EXCEEDED: ErrorReason.ValueType  # 6
+"""INVALID_ARGUMENT, not retryable. The prompt plus the reply's minimum
+room do not fit the model's context even with old turns left out.
+Metadata: promptTokens, maxTokens, maxContextTokens, policy,
+minReplyTokens.
+"""
+INVALID_EXPORT_FILE: ErrorReason.ValueType  # 7
+"""INVALID_ARGUMENT, not retryable. ImportConversation: the file is not a
+turnlog JSONL export (bad header, a line that is not an event).
+Metadata: line (1-based).
+"""
+IMPORT_REJECTED: ErrorReason.ValueType  # 8
+"""INVALID_ARGUMENT, not retryable. ImportConversation: the file's events
+are not one whole conversation stream whose hashes verify. Metadata:
+version (the first bad event's version, 0 for the file as a whole).
+"""
+NOT_FOUND: ErrorReason.ValueType  # 9
+"""NOT_FOUND, not retryable. The conversation, turn, version or request
+does not exist, or belongs to another tenant (answered exactly alike).
+Metadata: conversation, turnId, requestId or version (what was looked
+for).
+"""
+ALREADY_EXISTS: ErrorReason.ValueType  # 10
+"""ALREADY_EXISTS, not retryable. The resource to create exists already and
+this is not a retry of the request that made it (a conversation id or
+fork id taken, a replica name held). Metadata: conversation or instance.
+"""
+REQUEST_ID_REUSED: ErrorReason.ValueType  # 11
+"""ALREADY_EXISTS, not retryable. A request_id was used before with
+different content; a retry must repeat its request exactly (each
+request_id field says what content means for its RPC). Metadata:
+originalId (the conversation, turn or fork the first request made).
+"""
+HISTORY_DIVERGED: ErrorReason.ValueType  # 12
+"""ALREADY_EXISTS, not retryable. ImportConversation: the stored history of
+the file's conversation differs from the file's. Metadata: streamId,
+version, conversation.
+"""
+FAILED_PRECONDITION: ErrorReason.ValueType  # 13
+"""FAILED_PRECONDITION, not retryable. The request is valid but the
+resource's state does not allow it. Metadata: none.
+"""
+TURN_IN_PROGRESS: ErrorReason.ValueType  # 14
+"""FAILED_PRECONDITION, retryable. Another turn of the conversation is
+running (one turn at a time); retry when it has ended. Metadata: turnId
+(the running turn) or conversation.
+"""
+CONVERSATION_ARCHIVED: ErrorReason.ValueType  # 15
+"""FAILED_PRECONDITION, not retryable. The conversation is archived and
+takes no turns (UnarchiveConversation first). Metadata: conversation.
+"""
+TURN_NOT_RUNNING: ErrorReason.ValueType  # 16
+"""FAILED_PRECONDITION, not retryable. The turn is not running in the
+replica that was asked (it ended, or runs elsewhere). Metadata: turnId,
+callId.
+"""
+TOOL_CALL_NOT_AWAITED: ErrorReason.ValueType  # 17
+"""FAILED_PRECONDITION, not retryable. A tool result answers a call the
+turn does not await (unknown, answered already with another result, or
+the turn ended); nothing is recorded. Metadata: turnId, callId.
+"""
+CLIENT_TOOLS_NEED_STREAM: ErrorReason.ValueType  # 18
+"""FAILED_PRECONDITION, not retryable. A turn would offer client-side tools
+but was started by SendMessage, which cannot deliver their calls: use
+StreamTurn or Converse. Metadata: conversation, tools (the client-side
+tools' names, comma-separated).
+"""
+MODEL_NOT_SERVED: ErrorReason.ValueType  # 19
+"""FAILED_PRECONDITION, not retryable. The turn's model (its own, the
+conversation's default or the service's) is served by no connected
+worker; nothing is recorded. Metadata: model, servedModels (the models
+the workers serve, comma-separated).
+"""
+CONTEXT_EXHAUSTED: ErrorReason.ValueType  # 20
+"""FAILED_PRECONDITION, not retryable. The conversation's prompt no longer
+fits the model's context and its context policy is DISABLED. Metadata:
+promptTokens, maxTokens, maxContextTokens, policy.
+"""
+NOTHING_TO_COMPACT: ErrorReason.ValueType  # 21
+"""FAILED_PRECONDITION, not retryable. CompactConversation: the window
+holds no turn to summarize; nothing is recorded. Metadata: conversation.
+"""
+VERSION_CONFLICT: ErrorReason.ValueType  # 22
+"""ABORTED, not retryable. expected_version is not the stream's version
+(someone else wrote first): read again and decide again. Metadata:
+streamId, expectedVersion, actualVersion.
+"""
+DUPLICATE_EVENT: ErrorReason.ValueType  # 23
+"""ABORTED, not retryable. An event id is stored already with other
+content or in another stream. Metadata: eventId or streamId.
+"""
+INTEGRITY_VIOLATION: ErrorReason.ValueType  # 24
+"""DATA_LOSS, not retryable. Stored history fails verification (a broken
+hash chain, a version gap, an edited migration). Metadata: none.
+"""
+STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 25
+"""UNAVAILABLE, retryable. The database cannot be reached or refused the
+operation for a transient cause. Metadata: turnId (inside a turn).
+"""
+ENGINE_UNAVAILABLE: ErrorReason.ValueType  # 26
+"""UNAVAILABLE, retryable. No engine worker can take the request (none
+configured, none reachable, or one failed mid-request). Metadata:
+grpcCode, turnId, phase.
+"""
+ENGINE_INTERNAL: ErrorReason.ValueType  # 27
+"""INTERNAL, not retryable. A worker failed a request for a cause internal
+to it. Metadata: none.
+"""
+UNSUPPORTED_BY_MODEL: ErrorReason.ValueType  # 28
+"""UNIMPLEMENTED, not retryable. The served model cannot do this (e.g.
+embeddings from a generative model). Metadata: model.
+"""
+EXPORT_FORMAT_UNAVAILABLE: ErrorReason.ValueType  # 29
+"""UNIMPLEMENTED, not retryable. ExportConversation: the format asked for
+is not built. Metadata: none.
+"""
+CANCELLED: ErrorReason.ValueType  # 30
+"""CANCELLED, not retryable. The caller cancelled the operation. Metadata:
+none.
+"""
+DEADLINE_EXCEEDED: ErrorReason.ValueType  # 31
+"""DEADLINE_EXCEEDED, retryable. The operation ran past its deadline.
+Metadata: none.
+"""
+CLIENT_TOOL_TIMEOUT: ErrorReason.ValueType  # 44
+"""DEADLINE_EXCEEDED, not retryable. In a failed turn's error (phase
+tool): the client did not answer a client-side tool call within the
+service's timeout. Metadata: callId, timeoutS.
+"""
+UNAUTHENTICATED: ErrorReason.ValueType  # 32
+"""UNAUTHENTICATED, not retryable. The credential does not verify (a cause
+not named by a CREDENTIAL_ reason). Metadata: none.
+"""
+CREDENTIAL_MISSING: ErrorReason.ValueType  # 33
+"""UNAUTHENTICATED, not retryable. The call carries no credential (no
+bearer token, API key or client certificate). Metadata: none.
+"""
+CREDENTIAL_MALFORMED: ErrorReason.ValueType  # 34
+"""UNAUTHENTICATED, not retryable. The credential cannot be parsed (not a
+JWT, not an API key). Metadata: none.
+"""
+CREDENTIAL_INVALID: ErrorReason.ValueType  # 35
+"""UNAUTHENTICATED, not retryable. The credential does not verify: a bad
+signature, an unknown key, an unknown or removed API key. Metadata:
+none.
+"""
+CREDENTIAL_EXPIRED: ErrorReason.ValueType  # 36
+"""UNAUTHENTICATED, not retryable. The credential's lifetime is over (or
+has not begun); a live stream ends with it. Metadata: none.
+"""
+CREDENTIAL_WRONG_ISSUER: ErrorReason.ValueType  # 37
+"""UNAUTHENTICATED, not retryable. The token's issuer is not trusted.
+Metadata: none.
+"""
+CREDENTIAL_WRONG_AUDIENCE: ErrorReason.ValueType  # 38
+"""UNAUTHENTICATED, not retryable. The token is meant for another audience.
+Metadata: none.
+"""
+PERMISSION_DENIED: ErrorReason.ValueType  # 39
+"""PERMISSION_DENIED, not retryable. The caller may not do this. Metadata:
+none.
+"""
+SCOPE_MISSING: ErrorReason.ValueType  # 40
+"""PERMISSION_DENIED, not retryable. The credential lacks the scope the RPC
+needs. Metadata: requiredScope.
+"""
+IMPORT_TENANT_MISMATCH: ErrorReason.ValueType  # 41
+"""PERMISSION_DENIED, not retryable. ImportConversation: the file's
+conversation belongs to another tenant than the caller's (an
+administrator may import it). Metadata: none.
+"""
+RESOURCE_EXHAUSTED: ErrorReason.ValueType  # 42
+"""RESOURCE_EXHAUSTED, retryable. A limit is reached; a google.rpc.RetryInfo
+says when to retry. Metadata: retryAfterMs.
+"""
+TENANT_LIMIT_EXCEEDED: ErrorReason.ValueType  # 43
+"""RESOURCE_EXHAUSTED, retryable. The tenant's request rate or running
+turns are at their limit; a google.rpc.RetryInfo says when to retry.
+Metadata: limit (requests_per_second or running_turns), retryAfterMs.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

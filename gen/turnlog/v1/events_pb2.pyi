@@ -514,6 +514,7 @@ class TurnStartedEvent(_message.Message):
     CONTEXT_POLICY_FIELD_NUMBER: _builtins.int
     STRICT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
     COMPACTION_ONLY_FIELD_NUMBER: _builtins.int
+    REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
     turn_id: _builtins.str
     """The turn's id."""
     request_id: _builtins.str
@@ -528,6 +529,11 @@ class TurnStartedEvent(_message.Message):
     """Refuse rather than clamp max_tokens."""
     compaction_only: _builtins.bool
     """A CompactConversation unit: no user message, one summary, no reply."""
+    request_digest: _builtins.str
+    """A digest of the request's content (message, options, kind), so that a
+    request_id reused with other content is told from a retry (empty in
+    turns recorded before it was).
+    """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
         """The turn's own sampling settings."""
@@ -543,10 +549,11 @@ class TurnStartedEvent(_message.Message):
         context_policy: _conversation_pb2.ContextPolicy.ValueType | None = ...,
         strict_max_tokens: _builtins.bool = ...,
         compaction_only: _builtins.bool = ...,
+        request_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_context_policy", b"_context_policy", "context_policy", b"context_policy", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_context_policy", b"_context_policy", "compaction_only", b"compaction_only", "context_policy", b"context_policy", "max_tool_round_trips", b"max_tool_round_trips", "request_id", b"request_id", "sampling", b"sampling", "started_at_us", b"started_at_us", "strict_max_tokens", b"strict_max_tokens", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_context_policy", b"_context_policy", "compaction_only", b"compaction_only", "context_policy", b"context_policy", "max_tool_round_trips", b"max_tool_round_trips", "request_digest", b"request_digest", "request_id", b"request_id", "sampling", b"sampling", "started_at_us", b"started_at_us", "strict_max_tokens", b"strict_max_tokens", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__context_policy: _TypeAlias = _typing.Literal["context_policy"]  # noqa: Y015
     _WhichOneofArgType__context_policy: _TypeAlias = _typing.Literal["_context_policy", b"_context_policy"]  # noqa: Y015
@@ -1020,21 +1027,49 @@ class TurnFailedEvent(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TURN_ID_FIELD_NUMBER: _builtins.int
     FAILED_AT_US_FIELD_NUMBER: _builtins.int
     ERROR_KIND_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     turn_id: _builtins.str
     """The turn."""
     failed_at_us: _builtins.int
     """When."""
     error_kind: _builtins.str
-    """The kind of error."""
+    """The error's reason (an ErrorReason name; INTERNAL for a bug)."""
     phase: _builtins.str
     """Where in the turn it failed."""
     retryable: _builtins.bool
     """Whether trying again may work."""
+    message: _builtins.str
+    """What went wrong, safe to show (empty in events recorded before it was)."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The reason's metadata (lowerCamel keys, as listed at its ErrorReason)."""
+
     def __init__(
         self,
         *,
@@ -1043,10 +1078,12 @@ class TurnFailedEvent(_message.Message):
         error_kind: _builtins.str = ...,
         phase: _builtins.str = ...,
         retryable: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_kind", b"error_kind", "failed_at_us", b"failed_at_us", "phase", b"phase", "retryable", b"retryable", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_kind", b"error_kind", "failed_at_us", b"failed_at_us", "message", b"message", "metadata", b"metadata", "phase", b"phase", "retryable", b"retryable", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

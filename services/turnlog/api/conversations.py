@@ -9,6 +9,7 @@ statuses in `status.maps_errors`; no business rule lives here.
 from __future__ import annotations
 
 from turnlog import errors
+from turnlog.api import page_tokens
 from turnlog.api.access import TenantAccess
 from turnlog.api.authentication import own_tenant
 from turnlog.api.messages import (
@@ -23,9 +24,11 @@ from turnlog.api.messages import (
 from turnlog.api.requests import (
     DEFAULT_CONVERSATION_LIMIT,
     DEFAULT_MESSAGES_PAGE,
+    DEFAULT_PAGE_SIZE,
     DEFAULT_TURNS_PAGE,
     MAX_CONVERSATION_LIMIT,
     MAX_MESSAGES_PAGE,
+    MAX_PAGE_SIZE,
     MAX_TURNS_PAGE,
     conversation_id,
     microseconds,
@@ -107,11 +110,13 @@ class ConversationRpcs(TenantAccess):
     async def ListConversations(  # noqa: N802
         self, request: spb.ListConversationsRequest, context: Context
     ) -> spb.ListConversationsResponse:
-        page, token = await self.app.list_conversations(
+        page, cursor = await self.app.list_conversations(
             ListQuery(
                 tenant=await self.read_tenant("ListConversations"),
-                page_size=request.page_size or 50,
-                page_token=request.page_token,
+                page_size=page_size(
+                    request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
+                ),
+                page_token=page_tokens.cursor_of(request),
                 labels=tuple(sorted(request.labels.items())),
                 created_after_us=(
                     microseconds(request.create_time_after)
@@ -128,7 +133,7 @@ class ConversationRpcs(TenantAccess):
         )
         return spb.ListConversationsResponse(
             conversations=[conversation_message(s.state, full=False) for s in page],
-            next_page_token=token,
+            next_page_token=page_tokens.token_for(request, cursor),
         )
 
     @maps_errors

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from turnlog.api import page_tokens
 from turnlog.api.access import TenantAccess
 from turnlog.api.authentication import caller, own_tenant
 from turnlog.api.messages import PROBLEM, conversation_message, log_event
 from turnlog.api.requests import (
     DEFAULT_EVENTS_PAGE,
+    MAX_EVENTS_PAGE,
     MAX_IMPORT_BYTES,
     EventView,
     conversation_id,
@@ -22,6 +24,7 @@ from turnlog.api.requests import (
 )
 from turnlog.api.status import Context, FieldViolationsError, maps_errors
 from turnlog.auth.principal import Scope
+from turnlog.conversation.paging import page_size
 from turnlog.history import service as history_service
 from turnlog.storage import RecordedEvent
 from turnlog.v1 import conversation_service_pb2 as spb
@@ -73,13 +76,15 @@ class HistoryRpcs(TenantAccess):
         events = _LogEvents(event_view(request))
         page = await self.history.read_events(
             event_query(request, tenant=tenant),
-            page_size=request.page_size or DEFAULT_EVENTS_PAGE,
-            page_token=request.page_token,
+            page_size=page_size(
+                request.page_size, default=DEFAULT_EVENTS_PAGE, maximum=MAX_EVENTS_PAGE
+            ),
+            page_token=page_tokens.cursor_of(request),
             size=events.size,
         )
         return spb.ReadEventsResponse(
             events=[events.message(e) for e in page.events],
-            next_page_token=page.next_page_token,
+            next_page_token=page_tokens.token_for(request, page.next_page_token),
         )
 
     @maps_errors

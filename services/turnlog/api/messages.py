@@ -16,6 +16,7 @@ from google.protobuf import descriptor, message, timestamp_pb2
 from turnlog import errors, grpc_errors
 from turnlog.api.requests import DEFAULT_CONVERSATION_LIMIT
 from turnlog.conversation.projection import (
+    Retraction,
     TextPiece,
     ToolCallPiece,
     ToolFinished,
@@ -104,7 +105,27 @@ def turn_message(turn: Turn) -> pb.Turn:
     )
     if turn.ended_at_us is not None:
         message.end_time.FromMicroseconds(turn.ended_at_us)
+    if turn.failure is not None:
+        message.error.CopyFrom(failure_detail(turn.failure))
     return message
+
+
+def failure_detail(failed: ev.TurnFailed) -> erpb.ErrorDetail:
+    """The `ErrorDetail` of a failed turn: the status a unary call would have failed with.
+
+    The code comes from the recorded reason through the one status table
+    (`grpc_errors`), so a turn's error and an RPC's error of the same reason
+    never disagree. Events recorded before `message` was get a message made
+    of the phase and reason.
+    """
+    return erpb.ErrorDetail(
+        code=grpc_errors.code_of_reason(failed.error_kind),
+        reason=failed.error_kind,
+        message=failed.message or f"the turn failed in its {failed.phase} ({failed.error_kind})",
+        metadata=dict(failed.metadata),
+        retryable=failed.retryable,
+        phase=failed.phase,
+    )
 
 
 def defaults_message(state: ConversationState) -> pb.TurnDefaults:
@@ -264,10 +285,11 @@ def turn_event(update: TurnUpdate) -> spb.TurnEvent:
         message.tool_call_delta.call.CopyFrom(tool_call_message(p.call))
     elif isinstance(p, ev.GuardrailDecided):
         message.guardrail_decision.CopyFrom(decision_message(p))
-    elif isinstance(p, ev.TextRetracted):
-        message.retraction.generation_id = p.generation_id
-        message.retraction.retracted_chars = p.end - p.start
-        message.retraction.reason = p.reason
+    elif isinstance(p, Retraction):
+        message.retraction.generation_id = p.event.generation_id
+        message.retraction.retracted_chars = p.chars
+        message.retraction.retracted_utf8_bytes = p.utf8_bytes
+        message.retraction.reason = p.event.reason
     elif isinstance(p, ev.GenerationCompleted):
         message.assistant_message.CopyFrom(assistant_message(p))
     elif isinstance(p, ToolStarted):

@@ -69,6 +69,8 @@ def to_status(error: BaseException) -> grpc.Status:
     violations: Sequence[tuple[str, str]] = ()
     if isinstance(error, FieldViolationsError):
         violations = error.violations
+    elif isinstance(error, errors.PageTokenError):
+        violations = (("page_token", error.message),)
     elif isinstance(error, errors.InvalidArgumentError) and error.metadata.get("field"):
         # Found past the validation table (a page token that is not ours):
         # still a field violation, so every malformed field reads the same.
@@ -148,4 +150,10 @@ def maps_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
     return unary
 
 
-__all__ = ["Context", "FieldViolationsError", "abort", "maps_errors", "to_status"]
+__all__ = [
+    "Context",
+    "FieldViolationsError",
+    "abort",
+    "maps_errors",
+    "to_status",
+]

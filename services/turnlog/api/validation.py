@@ -37,7 +37,9 @@ from google.protobuf import descriptor, duration_pb2, message, timestamp_pb2
 from turnlog import errors
 from turnlog.api.requests import (
     DEFAULT_CONVERSATION_LIMIT,
+    DEFAULT_EVENTS_PAGE,
     DEFAULT_MESSAGES_PAGE,
+    DEFAULT_PAGE_SIZE,
     DEFAULT_TURNS_PAGE,
     ID_PATTERN,
     MAX_CONTENT_CHARS,
@@ -52,6 +54,7 @@ from turnlog.api.requests import (
     TOOL_NAME_PATTERN,
 )
 from turnlog.api.status import Context, FieldViolationsError, abort
+from turnlog.domain import codec
 from turnlog.domain.events import UPDATABLE_SETTINGS
 from turnlog.v1 import conversation_pb2 as pb
 from turnlog.v1 import conversation_service_pb2 as spb
@@ -82,14 +85,12 @@ MAX_TOOL_RESULT_CHARS: Final = MAX_CONTENT_CHARS
 MAX_REASON_CHARS: Final = 4096
 MAX_TOOL_RESULTS: Final = 64
 MAX_PAGE_TOKEN_CHARS: Final = 1024
-MAX_EVENT_TYPE_CHARS: Final = 128
 MAX_TOOL_ROUND_TRIPS: Final = 32
 
 NAME_PATTERN: Final = re.compile(r"^conversations/[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 TOKEN_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 PAGE_TOKEN_PATTERN: Final = re.compile(r"^[A-Za-z0-9_=-]*$")
 POSITION_PATTERN: Final = re.compile(r"^([0-9]{1,19})-([0-9]{1,19})$")
-EVENT_TYPE_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
 GUARDRAIL_PROFILE_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
 # What the engine's structured-output backend (xgrammar) cannot parse although
 # Python's `re` can: lookaround, named/flag/conditional groups (any "(?" but
@@ -191,6 +192,20 @@ class Range(Rule):
             return f"{'>' if self.low_open else '≥'} {show(self.low)}"
         assert self.high is not None
         return f"≤ {show(self.high)}"
+
+
+@dataclass(frozen=True)
+class KnownName(Rule):
+    """One of a set of names, compared exactly (the set is said in words, not listed)."""
+
+    names: frozenset[str]
+    shape: str
+
+    def check(self, value: Any) -> str | None:
+        return None if value in self.names else f"must be {self.shape}"
+
+    def describe(self) -> str:
+        return self.shape
 
 
 @dataclass(frozen=True)
@@ -395,6 +410,9 @@ LABELS: Final = Entries(
     key=Text(required=True, max_chars=MAX_LABEL_KEY_CHARS),
     value=Text(max_chars=MAX_LABEL_VALUE_CHARS),
 )
+# AIP-158: a size above the maximum is coerced (conversation.paging.page_size), not refused.
+PAGE_SIZE: Final = PageSize(default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+EVENTS_PAGE_SIZE: Final = PageSize(default=DEFAULT_EVENTS_PAGE, maximum=MAX_EVENTS_PAGE)
 PAGE_TOKEN: Final = Text(
     max_chars=MAX_PAGE_TOKEN_CHARS,
     pattern=PAGE_TOKEN_PATTERN,
@@ -402,13 +420,13 @@ PAGE_TOKEN: Final = Text(
 )
 EVENT_TYPES: Final = Items(
     MAX_EVENT_TYPES,
-    # A name like "TurnCompleted": it reaches SQL as a text parameter, which
-    # cannot hold NUL (PostgreSQL refuses it, which used to be INTERNAL).
-    each=Text(
-        required=True,
-        max_chars=MAX_EVENT_TYPE_CHARS,
-        pattern=EVENT_TYPE_PATTERN,
-        shape="an event type name (letters, digits, _ . -)",
+    # Only names the domain's event registry knows: a misspelt type would
+    # otherwise select nothing, silently (and a name reaches SQL as a text
+    # parameter, which cannot hold NUL).
+    each=KnownName(
+        names=frozenset(codec.EVENT_CLASSES),
+        shape="the name of an event type the server records (a LogEvent.event member's type, "
+        "e.g. TurnCompleted)",
     ),
 )
 EVENT_VIEW: Final = Member(
@@ -479,7 +497,7 @@ RULES: Final[Mapping[str, Mapping[str, Rule]]] = {
         "turn_limit": PageSize(DEFAULT_CONVERSATION_LIMIT, MAX_CONVERSATION_LIMIT),
     },
     spb.ListConversationsRequest.DESCRIPTOR.full_name: {
-        "page_size": Range(low=0, high=MAX_PAGE_SIZE),
+        "page_size": PAGE_SIZE,
         "page_token": PAGE_TOKEN,
         "labels": LABELS,
         "create_time_after": Nested(),
@@ -548,7 +566,7 @@ RULES: Final[Mapping[str, Mapping[str, Rule]]] = {
         "after_version": AFTER,
         "after_position": Position(),
         "event_types": EVENT_TYPES,
-        "page_size": Range(low=0, high=MAX_EVENTS_PAGE),
+        "page_size": EVENTS_PAGE_SIZE,
         "page_token": PAGE_TOKEN,
         "view": EVENT_VIEW,
     },

@@ -32,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -271,6 +273,15 @@ class ConversationApplication:
                 and existing.tenant == command.tenant
                 and existing.create_request_id == command.request_id
             ):
+                # Compared with the conversation as created (later updates
+                # and turns do not make a retry of its creation different).
+                original = await self.repository.load(conversation_id, version=1)
+                if _created_content(original) != _created_content(state):
+                    raise errors.RequestIdReusedError(
+                        f"request id {command.request_id!r} created a conversation "
+                        "with other settings",
+                        metadata={"originalId": conversation_id},
+                    ) from e
                 return existing
             raise errors.AlreadyExistsError(
                 f"conversation {conversation_id!r} exists already",
@@ -616,6 +627,7 @@ class ConversationApplication:
                     state = await self.load(cid, tenant=command.tenant)
             existing = state.turn_for_request(request_id)
             if existing is not None:
+                _check_same_turn_request(existing, command)
                 return existing.turn_id
             refusal = _refusal(state, command, refuse_client_tools=refuse_client_tools)
             if refusal is not None:
@@ -635,6 +647,7 @@ class ConversationApplication:
                 streamed=streamed,
                 arrived=arrived,
                 compaction_only=command.compaction_only,
+                request_digest=turn_request_digest(command),
             )
             try:
                 await self.running.begin(run, tenant_limit=self.defaults.tenant_max_running_turns)
@@ -871,6 +884,52 @@ def owned(state: ConversationState, tenant: str | None) -> ConversationState:
             metadata={"conversation": state.conversation_id},
         )
     return state
+
+
+def turn_request_digest(command: TurnInput) -> str:
+    """What a turn's request id stands for: its message, its options, its kind.
+
+    Not the conversation (the turn id derives from it and the request id, so
+    another conversation is another turn), nor `expected_version` (a
+    precondition, not content), nor the tenant. A digest, not a signature:
+    it only tells a retry from a request id reused for something else.
+    """
+    content = {
+        "content": command.content,
+        "options": dataclasses.asdict(command.options),
+        "compaction_only": command.compaction_only,
+    }
+    encoded = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _check_same_turn_request(existing: Turn, command: TurnInput) -> None:
+    """A retry finds its turn; a request id reused with other content is refused.
+
+    Turns recorded before digests (empty) are taken as retries, as they were.
+
+    Raises:
+        RequestIdReusedError: the turn was started by other content.
+    """
+    if existing.request_digest and existing.request_digest != turn_request_digest(command):
+        raise errors.RequestIdReusedError(
+            f"request id {existing.request_id!r} started another turn with other content",
+            metadata={"originalId": existing.turn_id},
+        )
+
+
+def _created_content(state: ConversationState) -> tuple[object, ...]:
+    """What a CreateConversation request id stands for: the settings it recorded."""
+    return (
+        state.system_prompt,
+        state.model,
+        state.sampling,
+        state.tools,
+        state.guardrail_profile,
+        state.labels,
+        state.max_tool_round_trips,
+        state.context_policy,
+    )
 
 
 def _refusal(

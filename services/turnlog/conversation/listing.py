@@ -81,9 +81,7 @@ class ConversationIndex:
                 created, _, cid = raw.partition(":")
                 after = (int(created), cid)
             except (ValueError, UnicodeDecodeError) as e:
-                raise errors.InvalidArgumentError(
-                    "malformed page token", metadata={"field": "page_token"}
-                ) from e
+                raise errors.PageTokenError("malformed page token") from e
         wanted = set(query.labels)
         tenants = (
             list(self._index.values())

@@ -51,15 +51,13 @@ def read_token(token: str) -> dict[str, object]:
     return value
 
 
-def _malformed() -> errors.InvalidArgumentError:
-    return errors.InvalidArgumentError("malformed page token", metadata={"field": "page_token"})
+def _malformed() -> errors.PageTokenError:
+    return errors.PageTokenError("malformed page token")
 
 
-def other_query() -> errors.InvalidArgumentError:
+def other_query() -> errors.PageTokenError:
     """The refusal of a token made for a request with other fields."""
-    return errors.InvalidArgumentError(
-        "the page token was made for another query", metadata={"field": "page_token"}
-    )
+    return errors.PageTokenError("the page token was made for another query")
 
 
 def page_size(requested: int, *, default: int, maximum: int) -> int:

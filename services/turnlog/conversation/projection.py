@@ -15,7 +15,7 @@ Mapping (events not listed produce nothing):
 | `TurnStarted` | one `TurnStarted` |
 | `GuardrailDecided` | one decision |
 | `TextStreamed(pieces)` | one `TextPiece` per piece (each was one live delta) |
-| `TextRetracted` | one retraction |
+| `TextRetracted` | one `Retraction` (the event, and the withdrawn text's UTF-8 size) |
 | `GenerationCompleted` | one `ToolCallPiece` per tool call, then one assistant message |
 | `ToolCallRequested` | one `ToolStarted` |
 | `ToolCallCompleted` / `ToolCallFailed` | one `ToolFinished` |
@@ -72,6 +72,25 @@ class ToolFinished:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Retraction:
+    """Streamed text withdrawn: the `TextRetracted` event, and the withdrawn text's size.
+
+    The event counts code points (`end - start`); a client in a language
+    whose strings count UTF-16 units or bytes needs a unit it can use as
+    well, so the projection, which has seen every piece streamed, also
+    counts the withdrawn text in UTF-8 bytes.
+    """
+
+    event: ev.TextRetracted
+    utf8_bytes: int
+
+    @property
+    def chars(self) -> int:
+        """Code points withdrawn."""
+        return self.event.end - self.event.start
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TurnEnded:
     """The turn ended; always the last update of a turn."""
 
@@ -84,7 +103,7 @@ UpdatePayload = (
     | ev.GuardrailDecided
     | TextPiece
     | ToolCallPiece
-    | ev.TextRetracted
+    | Retraction
     | ev.GenerationCompleted
     | ToolStarted
     | ToolFinished
@@ -143,6 +162,8 @@ class TurnProjector:
         self.turn_id = turn_id
         self.sequence = 0
         self._calls: dict[str, ev.ToolCall] = {}
+        self._streamed: dict[str, list[str]] = {}
+        """generation id -> the pieces streamed so far (to size a retraction)."""
 
     def _next(self, payload: UpdatePayload) -> TurnUpdate:
         self.sequence += 1
@@ -158,8 +179,12 @@ class TurnProjector:
         if turn_id_of(event) != self.turn_id:
             return []
         match event:
-            case ev.TurnStarted() | ev.GuardrailDecided() | ev.TextRetracted():
+            case ev.TurnStarted() | ev.GuardrailDecided():
                 return [self._next(event)]
+            case ev.TextRetracted():
+                text = "".join(self._streamed.get(event.generation_id, ()))
+                withdrawn = text[event.start : event.end].encode("utf-8", "surrogatepass")
+                return [self._next(Retraction(event=event, utf8_bytes=len(withdrawn)))]
             case ev.GenerationCompleted():
                 calls = [
                     self._next(ToolCallPiece(generation_id=event.generation_id, call=call))
@@ -169,6 +194,7 @@ class TurnProjector:
             case ev.ToolRoundLimitReached() | ev.ContextCompacted():
                 return [self._next(event)]
             case ev.TextStreamed():
+                self._streamed.setdefault(event.generation_id, []).extend(event.pieces)
                 return [
                     self._next(TextPiece(generation_id=event.generation_id, text=p))
                     for p in event.pieces

@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 
 from turnlog import errors, metrics
 from turnlog.conversation import context, engine_io
+from turnlog.conversation.models import model_for_turn
 from turnlog.conversation.options import ResolvedOptions, ServiceDefaults, TurnOptions, resolve
 from turnlog.conversation.projection import TurnProjector, TurnUpdate
 from turnlog.conversation.repository import ConversationRepository
@@ -224,6 +225,7 @@ async def prepare(
     streamed: bool,
     arrived: float,
     compaction_only: bool = False,
+    request_digest: str = "",
 ) -> TurnRunner:
     """The turn's start events (after the request guardrails), not yet recorded.
 
@@ -239,8 +241,12 @@ async def prepare(
     # (before anything is recorded or sent) if a sanitize guardrail would change them.
     pipeline.check_fields(sampling_fields(options.sampling, prefix="options"))
     resolved = resolve(deps.defaults, state, options)
+    # Refused here, before anything is recorded or sent, if no worker serves it.
+    resolved = replace(resolved, model=await model_for_turn(deps.engine, resolved.model))
     if compaction_only:
-        return await _prepare_compaction(deps, state, pipeline, turn_id, request_id, resolved)
+        return await _prepare_compaction(
+            deps, state, pipeline, turn_id, request_id, resolved, request_digest
+        )
     with metrics.stage_timer("request_guardrails"):
         outcome = await pipeline.check_request(
             RequestSubject(
@@ -274,6 +280,7 @@ async def prepare(
             max_tool_round_trips=resolved.max_tool_round_trips,
             context_policy=resolved.context_policy,
             strict_max_tokens=resolved.strict_max_tokens,
+            request_digest=request_digest,
         )
     )
     # The log keeps the user text as the request stages left it (redacted).
@@ -303,6 +310,7 @@ async def _prepare_compaction(
     turn_id: str,
     request_id: str,
     resolved: ResolvedOptions,
+    request_digest: str = "",
 ) -> TurnRunner:
     """A `CompactConversation` unit: a turn with no message whose one piece of work is a summary.
 
@@ -344,6 +352,7 @@ async def _prepare_compaction(
             sampling=resolved.sampling,
             context_policy=ev.ContextPolicy.COMPACT,
             compaction_only=True,
+            request_digest=request_digest,
         )
     )
     return run
@@ -662,7 +671,9 @@ class TurnRunner:
             self.compaction_due = plan.window.first_version
             return
         self.first_plan = plan
-        stream = self.deps.engine.generate(engine_io.copy_of(plan.start), affinity_key=self.cid)
+        stream = self.deps.engine.generate(
+            engine_io.copy_of(plan.start), affinity_key=self.cid, model=self.model
+        )
         stream.start()
         self.prestarted = stream
         self.prestarted_at = time.perf_counter()
@@ -746,6 +757,8 @@ class TurnRunner:
                     error_kind=e.reason,
                     phase=phase,
                     retryable=e.retryable,
+                    message=e.message,
+                    metadata=tuple(sorted(e.metadata.items())),
                 )
             )
         except Exception:
@@ -757,6 +770,7 @@ class TurnRunner:
                     error_kind="INTERNAL",
                     phase=phase,
                     retryable=False,
+                    message="internal error",  # a bug's own text is for the log only
                 )
             )
         finally:
@@ -993,7 +1007,9 @@ class TurnRunner:
             stream, self.prestarted = self.prestarted, None
             sent = self.prestarted_at
             if stream is None:
-                stream = engine.generate(engine_io.copy_of(start), affinity_key=affinity)
+                stream = engine.generate(
+                    engine_io.copy_of(start), affinity_key=affinity, model=request.model
+                )
                 sent = time.perf_counter()
             reader = engine_io.GenerationReader(
                 turn_id=self.turn_id, model=request.model, sent_at=sent

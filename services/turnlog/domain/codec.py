@@ -29,7 +29,8 @@ EVENT_CLASSES: dict[str, type[ev.Event]] = {cls.__name__: cls for cls in ev.EVEN
 
 #: The snapshot kind of `ConversationState` in its current shape; bump it when
 #: the state's shape changes, and old snapshots are simply ignored.
-STATE_KIND = "conversation.v1"
+# v2: a failed turn keeps its error (`Turn.failure`).
+STATE_KIND = "conversation.v2"
 
 
 def _labels_pairs_to_object(data: dict[str, JSON]) -> dict[str, JSON]:

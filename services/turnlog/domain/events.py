@@ -221,6 +221,8 @@ class TurnStarted:
     """Refuse rather than clamp a max_tokens beyond the room the prompt leaves."""
     compaction_only: bool = False
     """A `CompactConversation` unit: no user message, one summary, no reply."""
+    request_digest: str = ""
+    """A digest of the request's content: a request id reused with other content is refused."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -379,11 +381,20 @@ class TurnCompleted:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TurnFailed:
+    """A turn ended with an error; the API shows it as `Turn.error` (an `ErrorDetail`).
+
+    `error_kind` is the error's reason (an `ErrorReason` name, "INTERNAL"
+    for a bug). `message` (safe to show) and `metadata` (lowerCamel keys)
+    were added later with empty defaults, so older events still decode.
+    """
+
     turn_id: str
     failed_at_us: int
     error_kind: str
     phase: str
     retryable: bool
+    message: str = ""
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

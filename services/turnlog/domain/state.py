@@ -50,6 +50,10 @@ class Turn:
     """The stream version of the turn's `TurnStarted` event."""
     compaction_only: bool = False
     """A `CompactConversation` unit (no messages)."""
+    request_digest: str = ""
+    """Of the request that started it ("" when recorded before digests)."""
+    failure: ev.TurnFailed | None = None
+    """For a FAILED turn: the event that ended it (the turn's structured error)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -242,6 +246,7 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
                 started_at_us=event.started_at_us,
                 start_version=state.version + 1,
                 compaction_only=event.compaction_only,
+                request_digest=event.request_digest,
             )
             return replace(state, turns=(*state.turns, turn))
         case ev.GenerationStarted():
@@ -307,6 +312,7 @@ def _apply(state: ConversationState, event: ev.Event) -> ConversationState:
                 status=TurnStatus.FAILED,
                 ended_at_us=event.failed_at_us,
                 outcome_reason=f"{event.phase}: {event.error_kind}",
+                failure=event,
             )
         case ev.TurnCancelled():
             return _end_turn(

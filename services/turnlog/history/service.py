@@ -291,9 +291,7 @@ class HistoryService:
         if page_token:
             saved = _untoken(page_token)
             if {"c": saved.get("c"), "t": saved.get("t")} != scope:
-                raise errors.InvalidArgumentError(
-                    "the page token was made for another query", metadata={"field": "page_token"}
-                )
+                raise errors.PageTokenError("the page token was made for another query")
             try:
                 if query.conversation_id is not None:
                     after_version = int(str(saved["a"]))
@@ -302,9 +300,7 @@ class HistoryService:
                 else:
                     after_position = Position.parse(str(saved["a"]))
             except (KeyError, ValueError, errors.InvalidArgumentError) as e:
-                raise errors.InvalidArgumentError(
-                    "malformed page token", metadata={"field": "page_token"}
-                ) from e
+                raise errors.PageTokenError("malformed page token") from e
         collected: list[RecordedEvent] = []
         taken = 0  # bytes, by `size`
         full = False  # the byte cap cut the page
@@ -497,13 +493,25 @@ class HistoryService:
         the fork folds, verifies and exports on its own. A source that is a
         fork itself is copied without its own `ConversationForked`. A turn
         open at the fork version is closed in the fork by `TurnInterrupted`.
-        Idempotent by `request_id` (same source, version and request: the
-        same fork).
+        Idempotent by `request_id`: the fork's id derives from it (unless
+        given), and a retry (the same source, and the same version or none)
+        returns the same fork, even after the source moved on.
 
         Raises:
             NotFoundError: no such conversation or version.
+            RequestIdReusedError: the request id made a fork of another
+                source or version (nothing is recorded).
             AlreadyExistsError: the fork id is taken by something else.
         """
+        fork_id = command.fork_id or (
+            derived_id("fork", command.tenant, command.request_id)
+            if command.request_id
+            else str(uuid.uuid4())
+        )
+        if command.request_id:
+            retried = await self._fork_of_request(fork_id, command)
+            if retried is not None:
+                return retried
         src_sid = stream_id(command.source_id)
         latest = await self.store.stream_version(src_sid)
         version = latest if command.version is None else command.version
@@ -519,11 +527,6 @@ class HistoryService:
                 f"conversation {command.source_id!r} does not exist at version {version}",
                 metadata={"conversation": command.source_id, "version": str(version)},
             )
-        fork_id = command.fork_id or (
-            derived_id("fork", command.tenant, command.source_id, str(version), command.request_id)
-            if command.request_id
-            else str(uuid.uuid4())
-        )
         forked = ev.ConversationForked(
             conversation_id=fork_id,
             source_conversation_id=command.source_id,
@@ -561,23 +564,10 @@ class HistoryService:
         try:
             await self.store.append(fork_sid, new_events, expected_version=NO_STREAM)
         except (errors.VersionConflictError, errors.DuplicateEventError) as e:
-            first = await self.store.read_stream(fork_sid, limit=1)
-            if (
-                command.request_id
-                and first
-                and first[0].type == "ConversationForked"
-                and first[0].metadata.tenant == command.tenant
-                and first[0].metadata.correlation_id == command.request_id
-                and first[0].data.get("source_conversation_id") == command.source_id
-                and first[0].data.get("source_version") == version
-            ):
-                stored = await self.store.read_stream(fork_sid)
-                return ForkResult(
-                    state=fold(codec.decode_stored(x) for x in stored),
-                    source_version=version,
-                    prefix_version=prefix_version,
-                    interrupted_turn_id=open_turn.turn_id if open_turn else "",
-                )
+            # A concurrent retry won the race: answered as any retry.
+            retried = await self._fork_of_request(fork_id, command) if command.request_id else None
+            if retried is not None:
+                return retried
             raise errors.AlreadyExistsError(
                 f"conversation {fork_id!r} exists already", metadata={"conversation": fork_id}
             ) from e
@@ -629,6 +619,49 @@ class HistoryService:
             events.extend(batch)
             if len(batch) < limit:
                 return events
+
+    async def _fork_of_request(self, fork_id: str, command: ForkCommand) -> ForkResult | None:
+        """The fork `command.request_id` made already, or None when there is none yet.
+
+        Raises:
+            RequestIdReusedError: the request id made a fork of another source
+                or version.
+            AlreadyExistsError: `fork_id` is another conversation.
+        """
+        stored = await self.store.read_stream(stream_id(fork_id))
+        if not stored:
+            return None
+        first = stored[0]
+        if (
+            first.type != "ConversationForked"
+            or first.metadata.tenant != command.tenant
+            or first.metadata.correlation_id != command.request_id
+        ):
+            raise errors.AlreadyExistsError(
+                f"conversation {fork_id!r} exists already", metadata={"conversation": fork_id}
+            )
+        source, version = first.data.get("source_conversation_id"), first.data.get("source_version")
+        if source != command.source_id or command.version not in (None, version):
+            raise errors.RequestIdReusedError(
+                f"request id {command.request_id!r} forked another conversation or version",
+                metadata={"originalId": fork_id},
+            )
+        state = fold(codec.decode_stored(x) for x in stored)
+        # The events the fork itself wrote, known by their derived ids.
+        copies = {
+            uuid.UUID(derived_id(fork_id, "copy", x.metadata.causation_id))
+            for x in stored
+            if x.metadata.causation_id
+        }
+        copied = sum(1 for x in stored if x.event_id in copies)
+        closed = uuid.UUID(derived_id(fork_id, "interrupted"))
+        interrupted = next((x.data.get("turn_id", "") for x in stored if x.event_id == closed), "")
+        return ForkResult(
+            state=state,
+            source_version=int(version) if isinstance(version, int) else 0,
+            prefix_version=1 + copied,
+            interrupted_turn_id=str(interrupted),
+        )
 
     async def verify(
         self, conversation_id: str, *, tenant: str | None = ev.DEFAULT_TENANT

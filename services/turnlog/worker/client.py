@@ -75,6 +75,8 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+#: Seconds `EngineClient.served_models` waits for a worker's GetModelInfo.
+MODEL_INFO_TIMEOUT_S = 5.0
 #: Seconds calls still running on a replaced channel (new credentials) get to finish.
 REPLACED_CHANNEL_GRACE_S = 10.0
 
@@ -284,6 +286,9 @@ class WorkerConnection:
         self.reported_load = 0
         self.draining = False
         self._closed = False
+        #: The model this worker serves, as its GetModelInfo names it (None
+        #: until asked, and again after it was found unreachable).
+        self.served_model: str | None = None
 
     def _open_channel(self, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
         self._channel_credentials = credentials
@@ -396,11 +401,13 @@ class WorkerConnection:
             raise status.error_from_rpc(e) from e
 
     async def model_info(self) -> engine_pb2.GetModelInfoResponse:
-        """Facts about the served model."""
+        """Facts about the served model (also remembered in `served_model`)."""
         try:
-            return await self._unary_stub().GetModelInfo(engine_pb2.GetModelInfoRequest())
+            info = await self._unary_stub().GetModelInfo(engine_pb2.GetModelInfoRequest())
         except grpc.aio.AioRpcError as e:
             raise status.error_from_rpc(e) from e
+        self.served_model = info.model
+        return info
 
     async def get_load(self, timeout_s: float | None = None) -> engine_pb2.GetLoadResponse:
         """The worker's load; also refreshes `healthy`, `reported_load` and `draining`."""
@@ -408,6 +415,7 @@ class WorkerConnection:
             load = await self._unary_stub().GetLoad(engine_pb2.GetLoadRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
             self.healthy = False
+            self.served_model = None  # it may come back with another model
             raise status.error_from_rpc(e) from e
         self.healthy = not load.draining
         self.draining = load.draining
@@ -515,19 +523,52 @@ class EngineClient:
         # time; in-flight counts are current, so take the larger of the two.
         return max(worker.in_flight, worker.reported_load)
 
+    async def served_models(self) -> frozenset[str]:
+        """The models the reachable workers serve (GetModelInfo, asked once per worker).
+
+        A worker not asked yet (or found unreachable since) is asked now; one
+        that does not answer counts for nothing.
+        """
+
+        async def ask(worker: WorkerConnection) -> None:
+            # A worker that does not answer soon (a silent network) counts for nothing.
+            with contextlib.suppress(errors.TurnlogError, TimeoutError):
+                async with asyncio.timeout(MODEL_INFO_TIMEOUT_S):
+                    await worker.model_info()
+
+        await asyncio.gather(*(ask(w) for w in self.workers if w.served_model is None))
+        return frozenset(w.served_model for w in self.workers if w.served_model is not None)
+
     def pick_worker(
-        self, affinity_key: str | None = None, *, exclude: Sequence[WorkerConnection] = ()
+        self,
+        affinity_key: str | None = None,
+        *,
+        exclude: Sequence[WorkerConnection] = (),
+        model: str = "",
     ) -> WorkerConnection:
-        """The worker for a request: the conversation's own while healthy, else least loaded."""
+        """The worker for a request: the conversation's own while healthy, else least loaded.
+
+        With `model`, only a worker known to serve it (`served_models`).
+
+        Raises:
+            EngineUnavailableError: no worker serves `model` now.
+        """
+        pool = self.workers
+        if model:
+            pool = [w for w in self.workers if w.served_model == model]
+            if not pool:
+                raise errors.EngineUnavailableError(
+                    "no connected engine worker serves the model", metadata={"model": model}
+                )
         if affinity_key is not None:
             bound = self._affinity.get(affinity_key)
-            if bound is not None and bound.healthy and bound not in exclude:
+            if bound is not None and bound.healthy and bound not in exclude and bound in pool:
                 self._affinity.move_to_end(affinity_key)
                 return bound
-        candidates = [w for w in self.workers if w.healthy and w not in exclude]
+        candidates = [w for w in pool if w.healthy and w not in exclude]
         if not candidates:
             # Nobody known healthy: try anyone (the stream reconnects), the excluded last.
-            candidates = [w for w in self.workers if w not in exclude] or list(self.workers)
+            candidates = [w for w in pool if w not in exclude] or list(pool)
         offset = next(self._round_robin)
         n = len(candidates)
         rotated = [candidates[(offset + i) % n] for i in range(n)]
@@ -540,9 +581,16 @@ class EngineClient:
         return chosen
 
     def generate(
-        self, start: engine_pb2.StartGeneration, *, affinity_key: str | None = None
+        self,
+        start: engine_pb2.StartGeneration,
+        *,
+        affinity_key: str | None = None,
+        model: str = "",
     ) -> PooledRequestStream:
         """Run one request on a chosen worker, retrying before the first token.
+
+        `model`: only on a worker that serves it (known from `served_models`);
+        empty: any worker.
 
         Returns an async iterator of `GenerationDelta`s ending with one
         `GenerationDone`. Iterating raises a `turnlog.errors.TurnlogError`
@@ -552,7 +600,7 @@ class EngineClient:
         """
         if not start.request_id:
             start.request_id = uuid.uuid4().hex
-        return PooledRequestStream(self, start, affinity_key)
+        return PooledRequestStream(self, start, affinity_key, model)
 
     def _any_worker(self) -> WorkerConnection:
         return self.pick_worker(None)
@@ -597,9 +645,14 @@ class PooledRequestStream:
     """
 
     def __init__(
-        self, client: EngineClient, start: engine_pb2.StartGeneration, affinity_key: str | None
+        self,
+        client: EngineClient,
+        start: engine_pb2.StartGeneration,
+        affinity_key: str | None,
+        model: str = "",
     ) -> None:
         self.request_id = start.request_id
+        self._model = model
         self._client = client
         self._start = start
         self._key = affinity_key
@@ -623,7 +676,9 @@ class PooledRequestStream:
         if self._current is not None or self._finished:
             return
         try:
-            self.worker = self._client.pick_worker(self._key, exclude=self._tried)
+            self.worker = self._client.pick_worker(
+                self._key, exclude=self._tried, model=self._model
+            )
             self._current = self.worker.generate(self._start)
         except errors.TurnlogError:
             self.worker = None
@@ -634,7 +689,9 @@ class PooledRequestStream:
         while True:
             try:
                 if self._current is None:
-                    self.worker = self._client.pick_worker(self._key, exclude=self._tried)
+                    self.worker = self._client.pick_worker(
+                        self._key, exclude=self._tried, model=self._model
+                    )
                     self._current = self.worker.generate(self._start)
                 event = await self._current.__anext__()
             except StopAsyncIteration:

@@ -178,7 +178,13 @@ type CreateConversationRequest struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// Client-chosen idempotency key (a UUID is recommended); at most 128.
+	// Client-chosen idempotency key (a UUID is recommended); at most 128. A
+	// retry returns the conversation it created. Its content is the settings
+	// the request records: conversation_id, system_prompt, defaults, tools,
+	// guardrail_profile and labels; the same request_id with any of them
+	// different is ALREADY_EXISTS (REQUEST_ID_REUSED, originalId: the
+	// conversation's id) and records nothing. (With conversation_id set, the
+	// request_id is checked against that conversation only.)
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Optional client-chosen id; the service picks one when empty. 1-63
 	// letters, digits, - or _, starting with a letter or digit.
@@ -677,7 +683,10 @@ type CompactConversationRequest struct {
 
 	// "conversations/{conversation_id}".
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	// Client-chosen idempotency key.
+	// Client-chosen idempotency key; a retry returns the same unit. It shares
+	// the conversation's turn request ids: one that started a turn (any
+	// TurnInput) is ALREADY_EXISTS (REQUEST_ID_REUSED, originalId: that
+	// turn's id) and records nothing.
 	RequestId string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Fail with ABORTED unless the conversation is at this version.
 	ExpectedVersion *int64 `protobuf:"varint,3,opt,name=expected_version,json=expectedVersion,proto3,oneof" json:"expected_version,omitempty"`
@@ -870,7 +879,13 @@ type TurnInput struct {
 
 	// "conversations/{conversation_id}".
 	Conversation string `protobuf:"bytes,1,opt,name=conversation,proto3" json:"conversation,omitempty"`
-	// Client-chosen idempotency key of the turn; at most 128.
+	// Client-chosen idempotency key of the turn, within its conversation; at
+	// most 128. A retry watches (or returns) the same turn and never
+	// generates twice. Its content is content and options (expected_version
+	// is a precondition, not content): the same request_id with another
+	// message or other options, or one a CompactConversation used, is
+	// ALREADY_EXISTS (REQUEST_ID_REUSED, originalId: the turn's id) and
+	// records nothing.
 	RequestId string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// The user's message: not blank, at most 1,000,000.
 	Content string `protobuf:"bytes,3,opt,name=content,proto3" json:"content,omitempty"`
@@ -2973,7 +2988,11 @@ type ForkConversationRequest struct {
 	Version *int64 `protobuf:"varint,2,opt,name=version,proto3,oneof" json:"version,omitempty"`
 	// Optional id of the new conversation; derived from request_id when empty.
 	ForkConversationId string `protobuf:"bytes,3,opt,name=fork_conversation_id,json=forkConversationId,proto3" json:"fork_conversation_id,omitempty"`
-	// Idempotency key: a retry returns the same fork.
+	// Idempotency key: a retry returns the same fork, even after the source
+	// moved on. Its content is the source (name) and version (a retry may
+	// leave version unset): another source, or another version, is
+	// ALREADY_EXISTS (REQUEST_ID_REUSED, originalId: the fork's id) and
+	// records nothing.
 	RequestId string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 }
 

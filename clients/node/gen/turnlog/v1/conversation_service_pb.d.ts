@@ -49,7 +49,13 @@ export declare const file_turnlog_v1_conversation_service: GenFile;
  */
 export declare type CreateConversationRequest = Message<"turnlog.v1.CreateConversationRequest"> & {
   /**
-   * Client-chosen idempotency key (a UUID is recommended); at most 128.
+   * Client-chosen idempotency key (a UUID is recommended); at most 128. A
+   * retry returns the conversation it created. Its content is the settings
+   * the request records: conversation_id, system_prompt, defaults, tools,
+   * guardrail_profile and labels; the same request_id with any of them
+   * different is ALREADY_EXISTS (REQUEST_ID_REUSED, originalId: the
+   * conversation's id) and records nothing. (With conversation_id set, the
+   * request_id is checked against that conversation only.)
    *
    * @generated from field: string request_id = 1;
    */
@@ -318,7 +324,10 @@ export declare type CompactConversationRequest = Message<"turnlog.v1.CompactConv
   name: string;
 
   /**
-   * Client-chosen idempotency key.
+   * Client-chosen idempotency key; a retry returns the same unit. It shares
+   * the conversation's turn request ids: one that started a turn (any
+   * TurnInput) is ALREADY_EXISTS (REQUEST_ID_REUSED, originalId: that
+   * turn's id) and records nothing.
    *
    * @generated from field: string request_id = 2;
    */
@@ -414,7 +423,13 @@ export declare type TurnInput = Message<"turnlog.v1.TurnInput"> & {
   conversation: string;
 
   /**
-   * Client-chosen idempotency key of the turn; at most 128.
+   * Client-chosen idempotency key of the turn, within its conversation; at
+   * most 128. A retry watches (or returns) the same turn and never
+   * generates twice. Its content is content and options (expected_version
+   * is a precondition, not content): the same request_id with another
+   * message or other options, or one a CompactConversation used, is
+   * ALREADY_EXISTS (REQUEST_ID_REUSED, originalId: the turn's id) and
+   * records nothing.
    *
    * @generated from field: string request_id = 2;
    */
@@ -1488,7 +1503,11 @@ export declare type ForkConversationRequest = Message<"turnlog.v1.ForkConversati
   forkConversationId: string;
 
   /**
-   * Idempotency key: a retry returns the same fork.
+   * Idempotency key: a retry returns the same fork, even after the source
+   * moved on. Its content is the source (name) and version (a retry may
+   * leave version unset): another source, or another version, is
+   * ALREADY_EXISTS (REQUEST_ID_REUSED, originalId: the fork's id) and
+   * records nothing.
    *
    * @generated from field: string request_id = 4;
    */

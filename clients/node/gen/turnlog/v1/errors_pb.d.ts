@@ -74,9 +74,12 @@ export declare const ErrorDetailSchema: GenMessage<ErrorDetail>;
  * ErrorReason lists every reason the service puts in a google.rpc.ErrorInfo
  * (domain "turnlog.dev") or an ErrorDetail: the reason string is the value's
  * name, exactly (so the values carry no ERROR_REASON_ prefix, as in
- * google.api.ErrorReason). Each value says the status code it comes with
- * and its metadata keys. Clients should treat a reason they do not know by
- * its status code.
+ * google.api.ErrorReason). Each value's comment starts with the status code
+ * it comes with and whether a retry may succeed ("retryable": the same
+ * request again, after a backoff), then says when it happens, and ends with
+ * its metadata keys (every ErrorInfo also carries `retryable`, "true" or
+ * "false"). docs/errors.md is a table made from these comments. Clients
+ * should treat a reason they do not know by its status code.
  *
  * @generated from enum turnlog.v1.ErrorReason
  */
@@ -89,12 +92,386 @@ export enum ErrorReason {
   ERROR_REASON_UNSPECIFIED = 0,
 
   /**
-   * INVALID_ARGUMENT: a field breaks a documented limit; a
-   * google.rpc.BadRequest lists each bad field.
+   * INVALID_ARGUMENT, not retryable. A field breaks a documented limit (the
+   * limits are on the fields, listed in docs/validation.md); a
+   * google.rpc.BadRequest lists each bad field. Metadata: fields (the first
+   * five paths, comma-separated), moreViolations (when more than twenty).
    *
    * @generated from enum value: INVALID_REQUEST = 1;
    */
   INVALID_REQUEST = 1,
+
+  /**
+   * INTERNAL, not retryable. A bug: the service failed for a cause it did
+   * not expect; the message says nothing more. Metadata: none.
+   *
+   * @generated from enum value: INTERNAL = 2;
+   */
+  INTERNAL = 2,
+
+  /**
+   * INVALID_ARGUMENT, not retryable. The request is malformed in a way the
+   * field limits do not catch (an unknown guardrail profile or server tool,
+   * a page token that is not one of ours). Metadata: field (the bad field's
+   * path, when there is one), tool.
+   *
+   * @generated from enum value: INVALID_ARGUMENT = 3;
+   */
+  INVALID_ARGUMENT = 3,
+
+  /**
+   * INVALID_ARGUMENT, not retryable. A request body does not parse as the
+   * RPC's request message. Metadata: messageType.
+   *
+   * @generated from enum value: MALFORMED_MESSAGE = 4;
+   */
+  MALFORMED_MESSAGE = 4,
+
+  /**
+   * INVALID_ARGUMENT, not retryable. A field recorded as given (a system
+   * prompt, a label, a tool definition, a stop string) would be changed by a
+   * sanitize guardrail, so it is refused rather than rewritten. Metadata:
+   * field, guardrail, guardrailProfile.
+   *
+   * @generated from enum value: FIELD_REFUSED_BY_GUARDRAIL = 5;
+   */
+  FIELD_REFUSED_BY_GUARDRAIL = 5,
+
+  /**
+   * INVALID_ARGUMENT, not retryable. The prompt plus the reply's minimum
+   * room do not fit the model's context even with old turns left out.
+   * Metadata: promptTokens, maxTokens, maxContextTokens, policy,
+   * minReplyTokens.
+   *
+   * @generated from enum value: CONTEXT_LENGTH_EXCEEDED = 6;
+   */
+  CONTEXT_LENGTH_EXCEEDED = 6,
+
+  /**
+   * INVALID_ARGUMENT, not retryable. ImportConversation: the file is not a
+   * turnlog JSONL export (bad header, a line that is not an event).
+   * Metadata: line (1-based).
+   *
+   * @generated from enum value: INVALID_EXPORT_FILE = 7;
+   */
+  INVALID_EXPORT_FILE = 7,
+
+  /**
+   * INVALID_ARGUMENT, not retryable. ImportConversation: the file's events
+   * are not one whole conversation stream whose hashes verify. Metadata:
+   * version (the first bad event's version, 0 for the file as a whole).
+   *
+   * @generated from enum value: IMPORT_REJECTED = 8;
+   */
+  IMPORT_REJECTED = 8,
+
+  /**
+   * NOT_FOUND, not retryable. The conversation, turn, version or request
+   * does not exist, or belongs to another tenant (answered exactly alike).
+   * Metadata: conversation, turnId, requestId or version (what was looked
+   * for).
+   *
+   * @generated from enum value: NOT_FOUND = 9;
+   */
+  NOT_FOUND = 9,
+
+  /**
+   * ALREADY_EXISTS, not retryable. The resource to create exists already and
+   * this is not a retry of the request that made it (a conversation id or
+   * fork id taken, a replica name held). Metadata: conversation or instance.
+   *
+   * @generated from enum value: ALREADY_EXISTS = 10;
+   */
+  ALREADY_EXISTS = 10,
+
+  /**
+   * ALREADY_EXISTS, not retryable. A request_id was used before with
+   * different content; a retry must repeat its request exactly (each
+   * request_id field says what content means for its RPC). Metadata:
+   * originalId (the conversation, turn or fork the first request made).
+   *
+   * @generated from enum value: REQUEST_ID_REUSED = 11;
+   */
+  REQUEST_ID_REUSED = 11,
+
+  /**
+   * ALREADY_EXISTS, not retryable. ImportConversation: the stored history of
+   * the file's conversation differs from the file's. Metadata: streamId,
+   * version, conversation.
+   *
+   * @generated from enum value: HISTORY_DIVERGED = 12;
+   */
+  HISTORY_DIVERGED = 12,
+
+  /**
+   * FAILED_PRECONDITION, not retryable. The request is valid but the
+   * resource's state does not allow it. Metadata: none.
+   *
+   * @generated from enum value: FAILED_PRECONDITION = 13;
+   */
+  FAILED_PRECONDITION = 13,
+
+  /**
+   * FAILED_PRECONDITION, retryable. Another turn of the conversation is
+   * running (one turn at a time); retry when it has ended. Metadata: turnId
+   * (the running turn) or conversation.
+   *
+   * @generated from enum value: TURN_IN_PROGRESS = 14;
+   */
+  TURN_IN_PROGRESS = 14,
+
+  /**
+   * FAILED_PRECONDITION, not retryable. The conversation is archived and
+   * takes no turns (UnarchiveConversation first). Metadata: conversation.
+   *
+   * @generated from enum value: CONVERSATION_ARCHIVED = 15;
+   */
+  CONVERSATION_ARCHIVED = 15,
+
+  /**
+   * FAILED_PRECONDITION, not retryable. The turn is not running in the
+   * replica that was asked (it ended, or runs elsewhere). Metadata: turnId,
+   * callId.
+   *
+   * @generated from enum value: TURN_NOT_RUNNING = 16;
+   */
+  TURN_NOT_RUNNING = 16,
+
+  /**
+   * FAILED_PRECONDITION, not retryable. A tool result answers a call the
+   * turn does not await (unknown, answered already with another result, or
+   * the turn ended); nothing is recorded. Metadata: turnId, callId.
+   *
+   * @generated from enum value: TOOL_CALL_NOT_AWAITED = 17;
+   */
+  TOOL_CALL_NOT_AWAITED = 17,
+
+  /**
+   * FAILED_PRECONDITION, not retryable. A turn would offer client-side tools
+   * but was started by SendMessage, which cannot deliver their calls: use
+   * StreamTurn or Converse. Metadata: conversation, tools (the client-side
+   * tools' names, comma-separated).
+   *
+   * @generated from enum value: CLIENT_TOOLS_NEED_STREAM = 18;
+   */
+  CLIENT_TOOLS_NEED_STREAM = 18,
+
+  /**
+   * FAILED_PRECONDITION, not retryable. The turn's model (its own, the
+   * conversation's default or the service's) is served by no connected
+   * worker; nothing is recorded. Metadata: model, servedModels (the models
+   * the workers serve, comma-separated).
+   *
+   * @generated from enum value: MODEL_NOT_SERVED = 19;
+   */
+  MODEL_NOT_SERVED = 19,
+
+  /**
+   * FAILED_PRECONDITION, not retryable. The conversation's prompt no longer
+   * fits the model's context and its context policy is DISABLED. Metadata:
+   * promptTokens, maxTokens, maxContextTokens, policy.
+   *
+   * @generated from enum value: CONTEXT_EXHAUSTED = 20;
+   */
+  CONTEXT_EXHAUSTED = 20,
+
+  /**
+   * FAILED_PRECONDITION, not retryable. CompactConversation: the window
+   * holds no turn to summarize; nothing is recorded. Metadata: conversation.
+   *
+   * @generated from enum value: NOTHING_TO_COMPACT = 21;
+   */
+  NOTHING_TO_COMPACT = 21,
+
+  /**
+   * ABORTED, not retryable. expected_version is not the stream's version
+   * (someone else wrote first): read again and decide again. Metadata:
+   * streamId, expectedVersion, actualVersion.
+   *
+   * @generated from enum value: VERSION_CONFLICT = 22;
+   */
+  VERSION_CONFLICT = 22,
+
+  /**
+   * ABORTED, not retryable. An event id is stored already with other
+   * content or in another stream. Metadata: eventId or streamId.
+   *
+   * @generated from enum value: DUPLICATE_EVENT = 23;
+   */
+  DUPLICATE_EVENT = 23,
+
+  /**
+   * DATA_LOSS, not retryable. Stored history fails verification (a broken
+   * hash chain, a version gap, an edited migration). Metadata: none.
+   *
+   * @generated from enum value: INTEGRITY_VIOLATION = 24;
+   */
+  INTEGRITY_VIOLATION = 24,
+
+  /**
+   * UNAVAILABLE, retryable. The database cannot be reached or refused the
+   * operation for a transient cause. Metadata: turnId (inside a turn).
+   *
+   * @generated from enum value: STORAGE_UNAVAILABLE = 25;
+   */
+  STORAGE_UNAVAILABLE = 25,
+
+  /**
+   * UNAVAILABLE, retryable. No engine worker can take the request (none
+   * configured, none reachable, or one failed mid-request). Metadata:
+   * grpcCode, turnId, phase.
+   *
+   * @generated from enum value: ENGINE_UNAVAILABLE = 26;
+   */
+  ENGINE_UNAVAILABLE = 26,
+
+  /**
+   * INTERNAL, not retryable. A worker failed a request for a cause internal
+   * to it. Metadata: none.
+   *
+   * @generated from enum value: ENGINE_INTERNAL = 27;
+   */
+  ENGINE_INTERNAL = 27,
+
+  /**
+   * UNIMPLEMENTED, not retryable. The served model cannot do this (e.g.
+   * embeddings from a generative model). Metadata: model.
+   *
+   * @generated from enum value: UNSUPPORTED_BY_MODEL = 28;
+   */
+  UNSUPPORTED_BY_MODEL = 28,
+
+  /**
+   * UNIMPLEMENTED, not retryable. ExportConversation: the format asked for
+   * is not built. Metadata: none.
+   *
+   * @generated from enum value: EXPORT_FORMAT_UNAVAILABLE = 29;
+   */
+  EXPORT_FORMAT_UNAVAILABLE = 29,
+
+  /**
+   * CANCELLED, not retryable. The caller cancelled the operation. Metadata:
+   * none.
+   *
+   * @generated from enum value: CANCELLED = 30;
+   */
+  CANCELLED = 30,
+
+  /**
+   * DEADLINE_EXCEEDED, retryable. The operation ran past its deadline.
+   * Metadata: none.
+   *
+   * @generated from enum value: DEADLINE_EXCEEDED = 31;
+   */
+  DEADLINE_EXCEEDED = 31,
+
+  /**
+   * DEADLINE_EXCEEDED, not retryable. In a failed turn's error (phase
+   * tool): the client did not answer a client-side tool call within the
+   * service's timeout. Metadata: callId, timeoutS.
+   *
+   * @generated from enum value: CLIENT_TOOL_TIMEOUT = 44;
+   */
+  CLIENT_TOOL_TIMEOUT = 44,
+
+  /**
+   * UNAUTHENTICATED, not retryable. The credential does not verify (a cause
+   * not named by a CREDENTIAL_ reason). Metadata: none.
+   *
+   * @generated from enum value: UNAUTHENTICATED = 32;
+   */
+  UNAUTHENTICATED = 32,
+
+  /**
+   * UNAUTHENTICATED, not retryable. The call carries no credential (no
+   * bearer token, API key or client certificate). Metadata: none.
+   *
+   * @generated from enum value: CREDENTIAL_MISSING = 33;
+   */
+  CREDENTIAL_MISSING = 33,
+
+  /**
+   * UNAUTHENTICATED, not retryable. The credential cannot be parsed (not a
+   * JWT, not an API key). Metadata: none.
+   *
+   * @generated from enum value: CREDENTIAL_MALFORMED = 34;
+   */
+  CREDENTIAL_MALFORMED = 34,
+
+  /**
+   * UNAUTHENTICATED, not retryable. The credential does not verify: a bad
+   * signature, an unknown key, an unknown or removed API key. Metadata:
+   * none.
+   *
+   * @generated from enum value: CREDENTIAL_INVALID = 35;
+   */
+  CREDENTIAL_INVALID = 35,
+
+  /**
+   * UNAUTHENTICATED, not retryable. The credential's lifetime is over (or
+   * has not begun); a live stream ends with it. Metadata: none.
+   *
+   * @generated from enum value: CREDENTIAL_EXPIRED = 36;
+   */
+  CREDENTIAL_EXPIRED = 36,
+
+  /**
+   * UNAUTHENTICATED, not retryable. The token's issuer is not trusted.
+   * Metadata: none.
+   *
+   * @generated from enum value: CREDENTIAL_WRONG_ISSUER = 37;
+   */
+  CREDENTIAL_WRONG_ISSUER = 37,
+
+  /**
+   * UNAUTHENTICATED, not retryable. The token is meant for another audience.
+   * Metadata: none.
+   *
+   * @generated from enum value: CREDENTIAL_WRONG_AUDIENCE = 38;
+   */
+  CREDENTIAL_WRONG_AUDIENCE = 38,
+
+  /**
+   * PERMISSION_DENIED, not retryable. The caller may not do this. Metadata:
+   * none.
+   *
+   * @generated from enum value: PERMISSION_DENIED = 39;
+   */
+  PERMISSION_DENIED = 39,
+
+  /**
+   * PERMISSION_DENIED, not retryable. The credential lacks the scope the RPC
+   * needs. Metadata: requiredScope.
+   *
+   * @generated from enum value: SCOPE_MISSING = 40;
+   */
+  SCOPE_MISSING = 40,
+
+  /**
+   * PERMISSION_DENIED, not retryable. ImportConversation: the file's
+   * conversation belongs to another tenant than the caller's (an
+   * administrator may import it). Metadata: none.
+   *
+   * @generated from enum value: IMPORT_TENANT_MISMATCH = 41;
+   */
+  IMPORT_TENANT_MISMATCH = 41,
+
+  /**
+   * RESOURCE_EXHAUSTED, retryable. A limit is reached; a google.rpc.RetryInfo
+   * says when to retry. Metadata: retryAfterMs.
+   *
+   * @generated from enum value: RESOURCE_EXHAUSTED = 42;
+   */
+  RESOURCE_EXHAUSTED = 42,
+
+  /**
+   * RESOURCE_EXHAUSTED, retryable. The tenant's request rate or running
+   * turns are at their limit; a google.rpc.RetryInfo says when to retry.
+   * Metadata: limit (requests_per_second or running_turns), retryAfterMs.
+   *
+   * @generated from enum value: TENANT_LIMIT_EXCEEDED = 43;
+   */
+  TENANT_LIMIT_EXCEEDED = 43,
 }
 
 /**

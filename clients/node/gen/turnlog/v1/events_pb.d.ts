@@ -475,6 +475,15 @@ export declare type TurnStartedEvent = Message<"turnlog.v1.TurnStartedEvent"> & 
    * @generated from field: bool compaction_only = 8;
    */
   compactionOnly: boolean;
+
+  /**
+   * A digest of the request's content (message, options, kind), so that a
+   * request_id reused with other content is told from a retry (empty in
+   * turns recorded before it was).
+   *
+   * @generated from field: string request_digest = 9;
+   */
+  requestDigest: string;
 };
 
 /**
@@ -1062,7 +1071,7 @@ export declare type TurnFailedEvent = Message<"turnlog.v1.TurnFailedEvent"> & {
   failedAtUs: bigint;
 
   /**
-   * The kind of error.
+   * The error's reason (an ErrorReason name; INTERNAL for a bug).
    *
    * @generated from field: string error_kind = 3;
    */
@@ -1081,6 +1090,20 @@ export declare type TurnFailedEvent = Message<"turnlog.v1.TurnFailedEvent"> & {
    * @generated from field: bool retryable = 5;
    */
   retryable: boolean;
+
+  /**
+   * What went wrong, safe to show (empty in events recorded before it was).
+   *
+   * @generated from field: string message = 6;
+   */
+  message: string;
+
+  /**
+   * The reason's metadata (lowerCamel keys, as listed at its ErrorReason).
+   *
+   * @generated from field: map<string, string> metadata = 7;
+   */
+  metadata: { [key: string]: string };
 };
 
 /**
