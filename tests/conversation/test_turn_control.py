@@ -319,6 +319,8 @@ async def test_an_unanswered_client_tool_fails_the_turn_after_the_timeout(
         ended = rest[-1].turn_ended.turn
         assert ended.status == pb.TURN_STATUS_FAILED
         assert "CLIENT_TOOL_TIMEOUT" in ended.outcome_reason
+        assert ended.error.reason == "CLIENT_TOOL_TIMEOUT"
+        assert ended.error.metadata["callId"] == seen[-1].tool_execution_started.call.call_id
         [finished] = [e for e in rest if e.HasField("tool_execution_finished")]
         assert finished.tool_execution_finished.execution.error
         # The log is consistent: the call has its outcome, the turn its end,
