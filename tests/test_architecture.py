@@ -178,3 +178,11 @@ def test_exports_exist(module: str) -> None:
     loaded = importlib.import_module(module)
     missing = [n for n in getattr(loaded, "__all__", ()) if not hasattr(loaded, n)]
     assert missing == []
+
+
+def test_test_file_names_are_unique() -> None:
+    """pytest imports test files by their base name (rootdir import mode): two alike fail collection."""
+    seen: dict[str, list[str]] = {}
+    for path in sorted((Path(__file__).parent).rglob("test_*.py")):
+        seen.setdefault(path.name, []).append(str(path.relative_to(Path(__file__).parent)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}
