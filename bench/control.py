@@ -21,8 +21,8 @@ each side, not counted), every run on a new conversation created outside
 its timing; within a repetition both sides run once, in an order that
 rotates from repetition to repetition (bench/paired.py):
 
-(a) cancel: the turn streams slowly (a scripted reply of thousands of
-    tokens, --token-delay-ms apart); once its first text delta has been
+(a) cancel: the turn streams slowly (a scripted reply of about 10 s,
+    tokens --token-delay-ms apart); once its first text delta has been
     read, `CancelTurn` is sent; the figure is call sent -> response
     received (the service answers once the turn has ended, so the response
     says CANCELLED; checked, as is the stream's own end).
@@ -31,6 +31,10 @@ rotates from repetition to repetition (bench/paired.py):
     `SubmitToolResults` is sent; call sent -> response received (the
     service answers once the result is recorded in the log; the stream's
     `tool_execution_finished` and COMPLETED end are checked after).
+    For the other side, `other_delivery`: from the moment B starts posting
+    the letter to the moment A's turn control applies it (the hop itself;
+    the rest of "other" is B's load of the conversation and B following
+    the log until the outcome is recorded there).
 (c) ratios other/same, paired: within each repetition, other's latency
     over same's; the median, min and max of those per-run ratios
     (`cancel_other_vs_same`, `tool_results_other_vs_same`).
@@ -38,8 +42,16 @@ rotates from repetition to repetition (bench/paired.py):
     whose letters are inserted without their NOTIFY, as if the
     notification were lost; A finds the letter only at its next poll of
     the mailbox (`TurnControl.poll_interval_s`, 2 s by default): `CancelTurn`
-    through C, call -> response. Expect up to one poll interval more than
-    "other"; when exactly depends on when A's receiver last woke.
+    through C, call -> response. A's receiver polls once it has had no
+    notification for the poll interval; here each letter is posted just
+    after the poll that took the previous one, so expect close to a whole
+    interval (the worst case while the channel is quiet).
+
+--pause-ms waits that long between seeing the turn run and sending the
+control call. With 0 (the default) the call comes within milliseconds of
+the turn's latest append, inside the event store's 50 ms NOTIFY coalescing
+window (storage/postgres.py), which B then waits out; 100 shows the hop
+without it.
 
 The path each side took is checked, not assumed: every replica's mailbox
 counts the letters it posts, and the JSON's `letters_posted` must show none
@@ -105,7 +117,12 @@ _POST_WITHOUT_NOTIFY = (
 
 
 def script(token_delay_ms: int) -> dict[str, Any]:
-    """A reply that streams for minutes (so it is still running when cancelled), and a tool call."""
+    """A slow reply (so a turn is still running when cancelled), and a client tool call.
+
+    The slow reply is cut at the service's default max_tokens: about 500
+    tokens, so about 10 s at the default 20 ms a token; a cancel comes
+    within milliseconds of the first one, or within the 2 s poll in (d).
+    """
     return {
         "model": "scripted-bench-control",
         "replies": [
