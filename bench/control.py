@@ -171,7 +171,7 @@ class Replica:
     name: str
     app: ConversationApplication
     mailbox: CountingMailbox
-    stub: sgrpc.ConversationServiceStub
+    stub: sgrpc.ConversationServiceAsyncStub
     applied: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -257,14 +257,14 @@ async def replica(
 # -- one measured call ------------------------------------------------------------------
 
 
-async def _conversation(stub: sgrpc.ConversationServiceStub, *, client_tool: bool) -> str:
+async def _conversation(stub: sgrpc.ConversationServiceAsyncStub, *, client_tool: bool) -> str:
     tools = [pb.ToolDefinition(name="lookup", client_side=True)] if client_tool else []
     created = await stub.CreateConversation(spb.CreateConversationRequest(tools=tools))
     return str(created.conversation.name)
 
 
 async def _started(
-    stub: sgrpc.ConversationServiceStub, name: str, content: str, until: str
+    stub: sgrpc.ConversationServiceAsyncStub, name: str, content: str, until: str
 ) -> tuple[Any, spb.TurnEvent]:
     """A StreamTurn, read up to its first event of kind `until` (returned)."""
     call = stub.StreamTurn(
