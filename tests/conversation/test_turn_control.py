@@ -499,6 +499,42 @@ async def test_a_lost_notification_only_delays_the_letter(
         await _rest(stream)
 
 
+async def test_a_lost_notification_is_found_while_other_notices_keep_coming(
+    replicas: tuple[Replica, Replica], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The poll runs every interval, not only after an interval with no notice at all."""
+    from turnlog.storage import mailbox_postgres
+
+    a, b = replicas
+    monkeypatch.setattr(
+        mailbox_postgres,
+        "_POST",
+        "INSERT INTO turnlog.turn_mailbox (turn_id, body) VALUES (%s, %s) RETURNING letter_id, %s",
+    )
+    a.app.control.poll_interval_s = 0.5
+
+    async def chatter() -> None:  # notices for a turn nobody runs, more often than the poll
+        async with await psycopg.AsyncConnection.connect(store_url(a.store), autocommit=True) as c:
+            while True:
+                await c.execute("SELECT pg_notify('turnlog_turn_control', 'someone-else')")
+                await asyncio.sleep(0.1)
+
+    noise = asyncio.create_task(chatter())
+    try:
+        async with a.served.stub() as on_a, b.served.stub() as on_b:
+            name = await _conversation(on_a)
+            stream, seen = await _start_stream(on_a, name, "long story", "text_delta")
+            cancelled = await on_b.CancelTurn(
+                spb.CancelTurnRequest(conversation=name, turn_id=seen[0].turn_id), timeout=20
+            )
+            assert cancelled.turn.status == pb.TURN_STATUS_CANCELLED
+            await _rest(stream)
+    finally:
+        noise.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await noise
+
+
 async def test_replicas_sharing_an_in_memory_mailbox(
     store: PostgresEventStore, engine: EngineClient
 ) -> None:

@@ -347,11 +347,18 @@ class TurnControl:
         """Woken by the mailbox (or its poll timeout): take this process's letters and apply them."""
         assert self.mailbox is not None
         mailbox = self.mailbox
-        last_expiry = time.monotonic()
+        last_expiry = last_sweep = time.monotonic()
         while True:
             notice = await mailbox.wait(self.poll_interval_s)
             here = set(self.running.turns)
-            wanted = here if notice.everything else here & notice.turn_ids
+            # Every poll interval all of this process's turns are looked at,
+            # even while notices for other turns keep coming: a letter whose
+            # NOTIFY was lost waits one interval at most (not until the
+            # channel falls quiet, which on a busy cluster it never does).
+            sweep = notice.everything or time.monotonic() - last_sweep >= self.poll_interval_s
+            if sweep:
+                last_sweep = time.monotonic()
+            wanted = here if sweep else here & notice.turn_ids
             try:
                 for letter in await mailbox.take(wanted) if wanted else ():
                     self.apply(letter)
