@@ -113,9 +113,13 @@ def test_the_wheel_carries_the_client_and_turnlog_v1_only(tmp_path: Path) -> Non
     unpacked = tmp_path / "unpacked"
     zipfile.ZipFile(wheel).extractall(unpacked)
     golden = REPO / "tests" / "history" / "golden" / "plain.jsonl"
+    # The repository's source roots (not the whole checkout: the virtual
+    # environment may live inside it, as .venv does).
+    sources = tuple(str(REPO / d) for d in ("gen", "services", "storage", "clients", "tests"))
     probe = f"""
 import sys
-sys.path = [{str(unpacked)!r}] + [p for p in sys.path if not p.startswith({str(REPO)!r}) and p != '']
+roots = {sources!r}
+sys.path = [{str(unpacked)!r}] + [p for p in sys.path if not p.startswith(roots) and p != '']
 import turnlog_client
 from turnlog_client import verify_export
 [report] = verify_export({str(golden)!r})
