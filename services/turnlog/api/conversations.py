@@ -173,11 +173,11 @@ class ConversationRpcs(TenantAccess):
             page_size=page_size(
                 request.page_size, default=DEFAULT_TURNS_PAGE, maximum=MAX_TURNS_PAGE
             ),
-            page_token=request.page_token,
+            cursor=page_tokens.cursor_of(request),
         )
         return spb.ListTurnsResponse(
             turns=[turn_message(t) for t in page.items],
-            next_page_token=page.next_page_token,
+            next_page_token=page_tokens.token_for(request, page.next_cursor),
             total_size=page.total_size,
         )
 
@@ -191,13 +191,13 @@ class ConversationRpcs(TenantAccess):
             page_size=page_size(
                 request.page_size, default=DEFAULT_MESSAGES_PAGE, maximum=MAX_MESSAGES_PAGE
             ),
-            page_token=request.page_token,
+            cursor=page_tokens.cursor_of(request),
             turn_id=request.turn_id,
             newest_first=request.newest_first,
         )
         return spb.ListMessagesResponse(
             messages=[chat_message(m) for m in page.items],
-            next_page_token=page.next_page_token,
+            next_page_token=page_tokens.token_for(request, page.next_cursor),
             total_size=page.total_size,
         )
 

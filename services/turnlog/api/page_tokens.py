@@ -5,9 +5,9 @@ returned it (`page_size` and `view` may change). A list RPC keeps its own
 cursor (an opaque string); `token_for` wraps it with a fingerprint of the
 request's other fields and `cursor_of` unwraps it, refusing a token whose
 fingerprint differs, or that is not one of ours, with `PageTokenError`
-(INVALID_ARGUMENT, reason INVALID_REQUEST, field `page_token`): the same
-refusal as `conversation.paging`'s scoped tokens (ListTurns, ListMessages).
-A handler calls `cursor_of(request)` before it reads and
+(INVALID_ARGUMENT, reason INVALID_REQUEST, field `page_token`). Every list
+RPC uses it (ListConversations, ReadEvents, ListTurns, ListMessages), so
+they all refuse alike. A handler calls `cursor_of(request)` before it reads and
 `token_for(request, next_cursor)` on the way out; sizes are coerced by
 `conversation.paging.page_size`.
 """

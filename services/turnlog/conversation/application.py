@@ -478,16 +478,16 @@ class ConversationApplication:
         *,
         tenant: str | None = ev.DEFAULT_TENANT,
         page_size: int,
-        page_token: str = "",
+        cursor: str = "",
     ) -> Page[Turn]:
-        """A page of the conversation's turns, oldest first.
+        """A page of the conversation's turns, oldest first, from `cursor` ("": the first).
 
         Raises:
             NotFoundError: No such conversation of `tenant`.
-            InvalidArgumentError: A malformed page token, or one of another conversation.
+            PageTokenError: A cursor that is not one of `page_of`'s.
         """
         state = await self.load(conversation_id, tenant=tenant)
-        return page_of(state.turns, size=page_size, token=page_token, scope={"c": conversation_id})
+        return page_of(state.turns, size=page_size, cursor=cursor)
 
     async def list_messages(
         self,
@@ -495,7 +495,7 @@ class ConversationApplication:
         *,
         tenant: str | None = ev.DEFAULT_TENANT,
         page_size: int,
-        page_token: str = "",
+        cursor: str = "",
         turn_id: str = "",
         newest_first: bool = False,
     ) -> Page[Message]:
@@ -503,7 +503,7 @@ class ConversationApplication:
 
         Raises:
             NotFoundError: No such conversation of `tenant`, or no such turn.
-            InvalidArgumentError: A malformed page token, or one of another query.
+            PageTokenError: A cursor that is not one of `page_of`'s.
         """
         state = await self.load(conversation_id, tenant=tenant)
         if turn_id:
@@ -514,13 +514,7 @@ class ConversationApplication:
             messages: Sequence[Message] = [m for m in state.messages if m.turn_id == turn_id]
         else:
             messages = messages_with_system(state)
-        return page_of(
-            messages,
-            size=page_size,
-            token=page_token,
-            scope={"c": conversation_id, "t": turn_id},
-            newest_first=newest_first,
-        )
+        return page_of(messages, size=page_size, cursor=cursor, newest_first=newest_first)
 
     # -- recovery ----------------------------------------------------------------
 

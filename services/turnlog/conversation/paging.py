@@ -1,16 +1,17 @@
-"""Page tokens and page sizes of the list RPCs (AIP-158), one scheme for all of them.
+"""Paging for the list RPCs (AIP-158): page sizes, and pages over a folded conversation.
 
-A page token is opaque to clients: URL-safe base64 (unpadded) of a small
-JSON object. It holds where the next page starts and the *scope* of the
-request that made it (the fields other than page_size and view), so that a
-token used with other fields is refused (`INVALID_ARGUMENT` on page_token)
-instead of silently paging through something else. `ReadEvents`
-(`turnlog.history.service`) and `ListTurns`/`ListMessages` (here) use it.
+- `page_size`: 0 is the RPC's default, above its maximum is the maximum.
+- `page_of`: one page of a conversation's messages or turns. Those lists only
+  ever grow at the end, so a position (an index, counted from the oldest)
+  stays valid while the conversation grows, and paging in either direction
+  returns every item once, with no gap or repeat, even while new ones
+  arrive. The position travels as the page's *cursor* (the index as text).
+- `make_token`/`read_token`: an opaque cursor of several values (ReadEvents'
+  position in the log, `turnlog.history.service`).
 
-The lists here page over a folded conversation: its messages and turns only
-ever grow at the end, so a position (an index, counted from the oldest) stays
-valid while the conversation grows, and paging in either direction returns
-every item once, with no gap or repeat, even while new ones arrive.
+A cursor is never a client's page token by itself: `turnlog.api.page_tokens`
+binds it to the whole request that made it, so every list RPC refuses a
+token reused with other fields alike.
 """
 
 from __future__ import annotations
@@ -25,12 +26,9 @@ from turnlog import errors
 
 T = TypeVar("T")
 
-#: A JSON value a page token's scope may hold.
-Scope = Mapping[str, object]
-
 
 def make_token(payload: Mapping[str, object]) -> str:
-    """The opaque page token of `payload` (a JSON object)."""
+    """The opaque cursor of `payload` (a JSON object)."""
     raw = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -55,11 +53,6 @@ def _malformed() -> errors.PageTokenError:
     return errors.PageTokenError("malformed page token")
 
 
-def other_query() -> errors.PageTokenError:
-    """The refusal of a token made for a request with other fields."""
-    return errors.PageTokenError("the page token was made for another query")
-
-
 def page_size(requested: int, *, default: int, maximum: int) -> int:
     """AIP-158's page size: 0 is `default`, above `maximum` is `maximum`.
 
@@ -70,10 +63,10 @@ def page_size(requested: int, *, default: int, maximum: int) -> int:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Page(Generic[T]):
-    """One page of a list: its items, the next page's token ("" on the last) and the total."""
+    """One page of a list: its items, the next page's cursor ("" on the last) and the total."""
 
     items: tuple[T, ...]
-    next_page_token: str
+    next_cursor: str
     total_size: int
 
 
@@ -81,30 +74,26 @@ def page_of(
     items: Sequence[T],
     *,
     size: int,
-    token: str,
-    scope: Scope,
+    cursor: str = "",
     newest_first: bool = False,
 ) -> Page[T]:
     """One page of `items` (oldest first as given; `newest_first` reverses the order).
 
-    The token records the index (counted from the oldest item) where the
-    next page starts and `scope`; only that slice of `items` is copied.
+    `cursor` is "" for the first page, else a previous page's `next_cursor`:
+    the index (counted from the oldest item) where the page starts; only
+    that slice of `items` is copied.
 
     Raises:
-        InvalidArgumentError: a malformed token, or one made for another scope.
+        PageTokenError: a cursor that is not such an index.
     """
     total = len(items)
     # `start` is where this page begins: an index for oldest first, the index
     # one past the first item for newest first (so 0 means "nothing left").
     start = total if newest_first else 0
-    if token:
-        saved = read_token(token)
-        if saved.get("s") != dict(scope) or saved.get("n") != newest_first:
-            raise other_query()
-        at = saved.get("i")
-        if type(at) is not int or not 0 <= at <= total:
+    if cursor:
+        if not cursor.isdigit() or int(cursor) > total:
             raise _malformed()
-        start = at
+        start = int(cursor)
     if newest_first:
         end = max(start - size, 0)
         chunk = tuple(reversed(items[end:start]))
@@ -113,8 +102,7 @@ def page_of(
         end = min(start + size, total)
         chunk = tuple(items[start:end])
         more, next_start = end < total, end
-    next_token = make_token({"s": dict(scope), "n": newest_first, "i": next_start}) if more else ""
-    return Page(items=chunk, next_page_token=next_token, total_size=total)
+    return Page(items=chunk, next_cursor=str(next_start) if more else "", total_size=total)
 
 
-__all__ = ["Page", "make_token", "other_query", "page_of", "page_size", "read_token"]
+__all__ = ["Page", "make_token", "page_of", "page_size", "read_token"]
