@@ -6,8 +6,11 @@ The examples' default prompts are the script's cues (see `SCRIPT`).
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFORMANCE_DIR = ROOT / "clients" / "conformance"
@@ -56,3 +59,17 @@ class GoPrograms:
 
     example: Path
     conformance: Path
+
+
+NODE_CLIENT = ROOT / "clients" / "node"
+
+
+def node_executable() -> str:
+    """`node`, with the Node client package's modules installed; fails the test otherwise."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not installed (Node 20+ is part of the test environment)")
+    modules = NODE_CLIENT / "node_modules"
+    if not all((modules / p).is_dir() for p in ("@connectrpc/connect-node", "@bufbuild/protobuf")):
+        pytest.fail("clients/node has no node_modules: run `make clients-node-install`")
+    return node

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
-from live_service import Service
+from live_service import NODE_CLIENT, Service, node_executable
 from worker_processes import WorkerProcess, start_scripted_worker
 
 from turnlog.auth.channel import credentialed_channel
@@ -33,23 +32,12 @@ from turnlog.v1 import conversation_service_pb2_grpc as sgrpc
 from turnlog.v1 import history_pb2 as hpb
 
 ROOT = Path(__file__).resolve().parents[2]
-NODE_CLIENT = ROOT / "clients" / "node"
 QUICKSTART = NODE_CLIENT / "examples" / "quickstart.mjs"
 SCRIPT = NODE_CLIENT / "examples" / "quickstart-script.json"
 #: Events the example reads before it cuts the connection: past the turn's
 #: start and request guardrail decisions, into the streamed text.
 CUT_AFTER = 8
 PAGE_SIZE = 10
-
-
-def node_executable() -> str:
-    """`node`, with the client package's modules installed; fails the test otherwise."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not installed (Node 20+ is part of the test environment)")
-    if not (NODE_CLIENT / "node_modules" / "@connectrpc" / "connect-node").is_dir():
-        pytest.fail("clients/node has no node_modules: run `make clients-node-install`")
-    return node
 
 
 @pytest.fixture

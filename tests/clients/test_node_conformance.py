@@ -15,30 +15,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import pytest
+from live_service import NODE_CLIENT, node_executable
 
 from turnlog.v1 import conversation_service_pb2 as spb
 
 ROOT = Path(__file__).resolve().parents[2]
-NODE_CLIENT = ROOT / "clients" / "node"
 CONFORMANCE = ROOT / "clients" / "conformance"
 GOLDEN = sorted((CONFORMANCE / "golden").glob("*.binpb"))
-
-
-def node_executable() -> str:
-    """`node`, with the client package's modules installed; fails the test otherwise."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not installed (Node 20+ is part of the test environment)")
-    if not (NODE_CLIENT / "node_modules" / "@bufbuild" / "protobuf").is_dir():
-        pytest.fail("clients/node has no node_modules: run `make clients-node-install`")
-    return node
 
 
 def compare_module() -> ModuleType:
