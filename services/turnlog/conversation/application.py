@@ -304,10 +304,8 @@ class ConversationApplication:
             TurnInProgressError: A turn is running.
         """
         state = await self.load(conversation_id, tenant=tenant)
-        if expected_version is not None and expected_version != state.version:
-            raise errors.VersionConflictError(
-                stream_id(conversation_id), expected_version, state.version
-            )
+        if (stale := _stale(state, expected_version)) is not None:
+            raise stale
         if state.archived:
             return state
         if state.open_turn is not None:
@@ -341,10 +339,8 @@ class ConversationApplication:
             VersionConflictError: `expected_version` is not the current version.
         """
         state = await self.load(conversation_id, tenant=tenant)
-        if expected_version is not None and expected_version != state.version:
-            raise errors.VersionConflictError(
-                stream_id(conversation_id), expected_version, state.version
-            )
+        if (stale := _stale(state, expected_version)) is not None:
+            raise stale
         if not state.archived:
             return state
         # No turn runs in an archived conversation, so nothing can slip in
@@ -394,10 +390,8 @@ class ConversationApplication:
                             metadata={"originalId": _update_event_id(cid, command.request_id)},
                         )
                     return await self.load(cid, tenant=command.tenant, version=earlier.version)
-            if command.expected_version is not None and command.expected_version != state.version:
-                raise errors.VersionConflictError(
-                    stream_id(cid), command.expected_version, state.version
-                )
+            if (stale := _stale(state, command.expected_version)) is not None:
+                raise stale
             if not changes_anything(state, event):
                 return state
             if state.open_turn is not None:
@@ -853,6 +847,13 @@ def _check_owner(live: turn.RunningTurn | None, tenant: str, turn_id: str) -> No
         )
 
 
+def _stale(state: ConversationState, expected: int | None) -> errors.VersionConflictError | None:
+    """The refusal of a command that expected another version than `state`'s, if it did."""
+    if expected is None or expected == state.version:
+        return None
+    return errors.VersionConflictError(stream_id(state.conversation_id), expected, state.version)
+
+
 def _turn_of(state: ConversationState, turn_id: str) -> Turn:
     found = state.turn(turn_id)
     if found is None:
@@ -946,8 +947,8 @@ def _refusal(
             "the conversation has client-side tools: run its turns with StreamTurn or Converse",
             metadata={"conversation": cid, "tools": ",".join(client_tools)[:256]},
         )
-    if command.expected_version is not None and command.expected_version != state.version:
-        return errors.VersionConflictError(stream_id(cid), command.expected_version, state.version)
+    if (stale := _stale(state, command.expected_version)) is not None:
+        return stale
     if state.open_turn is not None:
         return errors.TurnInProgressError(
             "another turn of this conversation is running",

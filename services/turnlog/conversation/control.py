@@ -28,6 +28,7 @@ from typing import Any
 
 from turnlog import errors
 from turnlog.conversation.options import ServiceDefaults
+from turnlog.conversation.projection import TERMINAL_EVENTS
 from turnlog.conversation.repository import ConversationRepository
 from turnlog.conversation.running import RunningTurns
 from turnlog.conversation.turn import ToolOutcome, check_tool_outcome
@@ -52,14 +53,6 @@ LETTER_TTL_S = 3600.0
 POLL_INTERVAL_S = 2.0
 #: How often each replica deletes letters older than `LETTER_TTL_S`.
 EXPIRY_INTERVAL_S = 60.0
-
-_TERMINAL = (
-    ev.TurnCompleted,
-    ev.TurnFailed,
-    ev.TurnCancelled,
-    ev.TurnBlocked,
-    ev.TurnInterrupted,
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,7 +107,7 @@ class _CallsReader:
             self.answered = {}
         elif isinstance(event, ev.ToolCallCompleted | ev.ToolCallFailed):
             self.answered[event.call_id] = event
-        elif isinstance(event, _TERMINAL):
+        elif isinstance(event, TERMINAL_EVENTS):
             self.ended = event
 
     def calls(self) -> _Calls:

@@ -225,11 +225,6 @@ class ImportOutcome:
     already_present: int
 
 
-# ReadEvents' page tokens: the list RPCs' one scheme (a token bound to its query).
-_token = make_token
-_untoken = read_token
-
-
 #: The stream recording administrators' cross-tenant reads (not a conversation:
 #: no conversation read returns it).
 ADMIN_READS_STREAM = "admin-reads"
@@ -289,7 +284,7 @@ class HistoryService:
         scope = {"c": query.conversation_id or "", "t": types}
         after_version, after_position = query.after_version, query.after_position
         if page_token:
-            saved = _untoken(page_token)
+            saved = read_token(page_token)
             if {"c": saved.get("c"), "t": saved.get("t")} != scope:
                 raise errors.PageTokenError("the page token was made for another query")
             try:
@@ -326,7 +321,7 @@ class HistoryService:
                     after_version = selected[count].stream_version - 1
                 elif batch:
                     after_version = batch[-1].stream_version
-            token = _token({**scope, "a": after_version}) if more or full else ""
+            token = make_token({**scope, "a": after_version}) if more or full else ""
             return EventPage(events=tuple(collected), next_page_token=token)
         event_filter = EventFilter(
             types=query.types, stream_prefix=STREAM_PREFIX, tenant=query.tenant
@@ -348,7 +343,7 @@ class HistoryService:
             else:
                 after_position = page.next_position
                 reached_end = page.reached_end
-        token = "" if reached_end else _token({**scope, "a": str(after_position)})
+        token = "" if reached_end else make_token({**scope, "a": str(after_position)})
         return EventPage(events=tuple(collected), next_page_token=token)
 
     async def subscribe(
