@@ -52,6 +52,7 @@ def test_go_agrees_with_python(go_programs: GoPrograms, tmp_path: Path) -> None:
     # The agreement covers something: every chain intact, every event typed.
     for summary in summaries.values():
         assert summary["chain"]["intact"]
+        assert summary["events"]
         assert all(e["hash_ok"] and e["typed"] is not None for e in summary["events"])
 
 
@@ -100,6 +101,7 @@ def test_go_sees_a_deleted_event(go_programs: GoPrograms, tmp_path: Path) -> Non
 
     path, tampered = _tampered(tmp_path, "tools", delete)
     [summary] = go_summaries(go_programs, [path], tmp_path / "go").values()
+    assert summary["events"]
     assert all(e["hash_ok"] for e in summary["events"])
     assert summary["chain"]["intact"] is False
     assert compare.compare_summary(reference.summarize("tools", tampered), summary) == []

@@ -140,6 +140,7 @@ def test_example_runs_every_step(go_programs: GoPrograms, service: Service) -> N
     assert stream["sequences"] == list(range(1, CUT_AFTER + 1))
     assert resume["turn_id"] == stream["turn_id"]
     assert resume["after_sequence"] == CUT_AFTER
+    assert resume["sequences"]
     assert resume["sequences"] == list(
         range(CUT_AFTER + 1, CUT_AFTER + 1 + len(resume["sequences"]))
     )
@@ -199,7 +200,7 @@ def test_example_reports_status_and_reason(go_programs: GoPrograms, service: Ser
     [line] = lines
     assert line["step"] == "invalid_request"
     assert line["error"]["code"] == "Unauthenticated"
-    assert line["error"]["reason"]
+    assert line["error"]["reason"] == "CREDENTIAL_MALFORMED"
     assert line["error"]["domain"] == "turnlog.dev"
     assert "not-a-valid-token" not in json.dumps(line)
 

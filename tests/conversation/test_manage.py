@@ -505,7 +505,8 @@ async def test_unarchive_then_a_turn_runs(stub: Stub) -> None:
     name = await create(stub)
     active = await stub.UnarchiveConversation(spb.UnarchiveConversationRequest(name=name))
     assert active.conversation.version == 1  # an active one: nothing recorded
-    await listed(stub, spb.ListConversationsRequest(), until=lambda names: name in names)
+    shown = await listed(stub, spb.ListConversationsRequest(), until=lambda names: name in names)
+    assert name in [c.name for c in shown]
     await stub.ArchiveConversation(spb.ArchiveConversationRequest(name=name))
     error = await refused(send(stub, name, "hello", "t1"))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
