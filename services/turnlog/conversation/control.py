@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,7 +237,10 @@ class TurnControl:
         reader = _CallsReader(turn_id, frozenset(t.name for t in state.tools if t.client_side))
         letter_id: int | None = None
         try:
-            async with contextlib.aclosing(self._turn_events(state, turn)) as events:
+            follow = self.repository.follow(
+                state.conversation_id, after_version=turn.start_version - 1
+            )
+            async with contextlib.aclosing(follow) as events:
                 # The turn so far, as of `state` (the catch-up part of the follow).
                 for _ in range(state.version - turn.start_version + 1):
                     reader.apply(await anext(events))
@@ -311,15 +314,6 @@ class TurnControl:
             },
         }
         return await mailbox.post(turn_id, json.dumps(body))
-
-    async def _turn_events(
-        self, state: ConversationState, turn: Turn
-    ) -> AsyncGenerator[ev.Event, None]:
-        async with contextlib.aclosing(
-            self.repository.follow(state.conversation_id, after_version=turn.start_version - 1)
-        ) as events:
-            async for event in events:
-                yield event
 
     # -- the receiving side ----------------------------------------------------------
 
