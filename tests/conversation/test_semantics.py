@@ -380,8 +380,9 @@ async def test_a_model_no_worker_serves_is_refused_before_anything_is_recorded(
         assert error_reason(refused.value) == "MODEL_NOT_SERVED"
     assert await log_digest(database_url) == before
     # The served model, named or not, runs; the log records the model that generated.
-    await send(stub, name, "hello", options=pb.TurnDefaults(model=MODEL))
-    await send(stub, other, "hello", options=pb.TurnDefaults(model=MODEL))
+    for ran in (name, other):
+        sent = await send(stub, ran, "hello", options=pb.TurnDefaults(model=MODEL))
+        assert sent.turn.status == pb.TURN_STATUS_COMPLETED
 
 
 async def test_the_log_records_the_model_that_generated(
